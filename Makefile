@@ -1,0 +1,44 @@
+# SYPAS — build, test, benchmark and fuzz targets.
+# Everything here works on a fresh clone with only the Go toolchain installed.
+
+GO        ?= go
+FUZZTIME  ?= 30s
+BENCHTIME ?= 1s
+BENCH     ?= .
+PKGS      := ./...
+
+.PHONY: all demo test test-race test-stress bench fuzz lint tidy clean
+
+all: lint test
+
+## demo: run kernel and daemon processes talking over the shared-memory rings
+demo:
+	$(GO) run ./cmd/sypas-demo
+
+## test: vet, the race-enabled suite, then the full-size cross-process stress tests
+test: lint
+	$(GO) test -race -count=1 -timeout 10m $(PKGS)
+	SYPAS_STRESS=full $(GO) test -count=1 -timeout 10m -run 'Stress|CrossProcess' ./ring/ ./futex/
+
+## bench: every benchmark, one run, side by side with the baselines
+bench:
+	$(GO) test -run '^$$' -bench '$(BENCH)' -benchtime $(BENCHTIME) -count 1 $(PKGS)
+
+## fuzz: run every fuzz target in ./fuzz for FUZZTIME each, one after another
+fuzz:
+	@set -e; for t in $$($(GO) test -list '^Fuzz' ./fuzz/ | grep '^Fuzz'); do \
+		echo "== $$t ($(FUZZTIME))"; \
+		$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./fuzz/; \
+	done
+
+## lint: formatting and vet
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+		if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet $(PKGS)
+
+tidy:
+	$(GO) mod tidy
+
+clean:
+	$(GO) clean -testcache

@@ -1,0 +1,26 @@
+// Package futex blocks and wakes goroutines on 32-bit words in memory shared
+// between processes (Linux futexes without FUTEX_PRIVATE_FLAG).
+//
+// Wait and Wake are the raw operations. Notify and Waiter implement a
+// wake-up protocol on one "sleep word" per waiting side that makes the
+// notifier's common case — the peer is not asleep — cost a single load, with
+// no system call:
+//
+//   - the waiter, to park, stores 1 in its sleep word, then re-checks its
+//     condition, and only then sleeps in FUTEX_WAIT while the word is 1;
+//   - the notifier, after publishing its data with an atomic store, loads the
+//     word and, if it is not 0, swaps it to 0 and calls FUTEX_WAKE.
+//
+// This is Dekker's pattern: the waiter stores the flag then loads the data,
+// the notifier stores the data then loads the flag. Go's atomics are
+// sequentially consistent, so at least one side sees the other's store and no
+// wake-up is lost. Both the data store and the condition's load must be
+// sync/atomic operations for this to hold.
+//
+// Before parking, a Waiter can spin and then yield the CPU for a bounded time
+// (see Config), which catches a busy peer without a system call.
+//
+// The peer may write anything to the shared word at any time. A hostile peer
+// can cost extra wake-ups or make a Wait sleep until its deadline, but never
+// corrupt a Waiter's state or make it panic.
+package futex

@@ -1,0 +1,11 @@
+//go:build amd64 || arm64
+
+package futex
+
+// cpuRelax tells the CPU we are in a spin-wait loop (PAUSE on amd64, YIELD on
+// arm64): it saves power, frees execution resources for an SMT sibling and
+// avoids the memory-order mis-speculation penalty when the awaited line
+// changes.
+//
+//go:noescape
+func cpuRelax()

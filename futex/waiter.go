@@ -1,0 +1,276 @@
+package futex
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sync/atomic"
+	"time"
+)
+
+var (
+	// ErrClosed is returned (wrapped) by Wait after Close.
+	ErrClosed = os.ErrClosed
+	// ErrInterrupted is what Wait returns after Interrupt(nil).
+	ErrInterrupted = errors.New("futex: wait interrupted")
+
+	errClosed = fmt.Errorf("futex: %w", ErrClosed) // made once: Wait must not allocate
+)
+
+// spinCheckEvery is how many polls the spin phase makes between clock reads.
+// A clock read costs about 20 ns, a poll plus PAUSE a few ns to ~40 ns
+// depending on the CPU, so the clock adds a few percent at most while the
+// budget and the deadline are still checked every microsecond or so.
+const spinCheckEvery = 64
+
+// Sleep word values.
+const (
+	awake  = 0 // not parked: Notify does nothing
+	parked = 1 // parked or about to park: Notify must swap to 0 and wake
+)
+
+// Notify wakes the peer parked on word, if any. It makes a FUTEX_WAKE system
+// call only when the word says the peer is parked, and returns true if it did.
+//
+// Call it after publishing the data the peer waits for with an atomic store.
+// When the peer is not parked it costs one load of a cache line nobody
+// writes, and allocates nothing.
+func Notify(word *atomic.Uint32) bool {
+	if word.Load() != awake && word.Swap(awake) != awake {
+		_, _ = Wake(word, 1) // fails only for a bad address, which Load would have faulted on
+		return true
+	}
+	return false
+}
+
+// Waiter is the waiting side of one sleep word: the goroutine that waits for
+// a condition which a peer, usually in another process, makes true and then
+// signals with Notify on the same word.
+//
+// Only one goroutine may call Wait at a time. SetDeadline, Close and
+// Interrupt may be called from any goroutine, concurrently with Wait.
+type Waiter struct {
+	// Written by the waiter (0/1) and by notifiers (swap to 0). Shared memory:
+	// the peer may store anything here.
+	word *atomic.Uint32
+	cfg  Config // resolved; read-only after NewWaiter
+
+	// base is a monotonic reading taken by NewWaiter; deadlines and budgets are
+	// durations since base, so wall-clock jumps do not affect them.
+	base time.Time
+	// deadline is the deadline as nanoseconds since base; 0 = none, and a
+	// deadline at or before base is stored as -1 (past).
+	deadline atomic.Int64
+
+	closed atomic.Bool
+	intr   atomic.Pointer[error] // first Interrupt error, nil if none
+}
+
+// NewWaiter returns the waiting side of word, which must stay mapped until
+// the Waiter is closed and its last Wait has returned. The word should start
+// at 0. NewWaiter panics if word is nil or cfg is invalid (see
+// Config.Validate).
+func NewWaiter(word *atomic.Uint32, cfg Config) *Waiter {
+	if word == nil {
+		panic("futex: NewWaiter with nil word")
+	}
+	if err := cfg.Validate(); err != nil {
+		panic(err)
+	}
+	return &Waiter{word: word, cfg: cfg.Resolved(), base: time.Now()}
+}
+
+// Config returns the Waiter's resolved configuration.
+func (w *Waiter) Config() Config { return w.cfg }
+
+// Wait returns nil as soon as ready reports true. Until then it idles as its
+// Config says: spin (poll ready with a CPU pause hint), then yield (poll
+// between sched_yield calls, letting another process run on this core), then
+// park (sleep in FUTEX_WAIT until a Notify, with the sleep-word protocol).
+//
+// Wait returns os.ErrDeadlineExceeded when the deadline passes, an error
+// matching ErrClosed (and os.ErrClosed) after Close, and the Interrupt error
+// after Interrupt; Close takes precedence over Interrupt. As with net.Conn
+// ("fail instead of blocking"), a deadline bounds waiting only: if ready
+// already reports true, Wait returns nil even when the deadline has passed.
+//
+// ready must read what the peer publishes with an atomic load, must be cheap,
+// and must not block. Passing a method value made once keeps Wait free of
+// allocations.
+func (w *Waiter) Wait(ready func() bool) error {
+	if err := w.stopErr(); err != nil {
+		return err
+	}
+	if ready() {
+		return nil
+	}
+	now := w.now()
+	if err := w.checkDeadline(now); err != nil {
+		return err
+	}
+	cfg := &w.cfg
+	if cfg.Policy == PolicyPark {
+		return w.park(ready)
+	}
+
+	if cfg.Spin > 0 {
+		end := now + cfg.Spin
+		for i := 1; ; i++ {
+			cpuRelax()
+			if ready() {
+				return nil
+			}
+			if i%spinCheckEvery == 0 {
+				if err := w.stopErr(); err != nil {
+					return err
+				}
+				if now = w.now(); w.checkDeadline(now) != nil {
+					return os.ErrDeadlineExceeded
+				}
+				if now >= end {
+					break
+				}
+			}
+		}
+	}
+
+	if cfg.Policy == PolicySpin || cfg.Yield > 0 {
+		end := now + cfg.Yield
+		for {
+			osYield()
+			if ready() {
+				return nil
+			}
+			if err := w.stopErr(); err != nil {
+				return err
+			}
+			now = w.now()
+			if err := w.checkDeadline(now); err != nil {
+				return err
+			}
+			if cfg.Policy != PolicySpin && now >= end {
+				break
+			}
+		}
+	}
+	return w.park(ready)
+}
+
+// park runs the waiter's side of the sleep-word protocol until ready reports
+// true or the wait fails.
+func (w *Waiter) park(ready func() bool) error {
+	garbage := 0 // consecutive wake-ups that found a value only a bad peer writes
+	for {
+		// Publish "parked" before the last look at the condition: a notifier
+		// that stored its data after our look will see the flag and wake us.
+		// The same holds for SetDeadline, Close and Interrupt, which swap the
+		// word after changing their state (see kick).
+		w.word.Store(parked)
+		if ready() {
+			w.word.Store(awake)
+			return nil
+		}
+		if err := w.stopErr(); err != nil {
+			w.word.Store(awake)
+			return err
+		}
+		timeout := time.Duration(-1)
+		if dl := w.deadline.Load(); dl != 0 {
+			if timeout = time.Duration(dl) - w.now(); timeout <= 0 {
+				w.word.Store(awake)
+				return os.ErrDeadlineExceeded
+			}
+		}
+		// Sleeps only while the word is still "parked": a Notify or kick since
+		// our Store makes this return at once. A timeout is not trusted: the
+		// loop re-reads the (maybe moved) deadline against the clock.
+		if err := Wait(w.word, parked, timeout); err != nil && err != os.ErrDeadlineExceeded {
+			w.word.Store(awake)
+			return err
+		}
+		// Only we store parked and notifiers store awake. A peer that keeps
+		// writing anything else would turn this loop into a busy one (FUTEX_WAIT
+		// returns EAGAIN at once), so back off, up to 1 ms per round.
+		if w.word.Load() > parked {
+			garbage++
+			pause := min(time.Duration(garbage)*10*time.Microsecond, time.Millisecond)
+			if dl := w.deadline.Load(); dl != 0 {
+				pause = min(pause, time.Duration(dl)-w.now())
+			}
+			time.Sleep(pause)
+		} else {
+			garbage = 0
+		}
+	}
+}
+
+// SetDeadline sets the time after which Wait fails with
+// os.ErrDeadlineExceeded instead of waiting; the zero time means none. It
+// applies to a pending Wait too: one parked with the old deadline is woken to
+// re-read it.
+func (w *Waiter) SetDeadline(t time.Time) {
+	var dl int64
+	if !t.IsZero() {
+		dl = max(int64(t.Sub(w.base)), -1)
+		if dl == 0 {
+			dl = -1
+		}
+	}
+	w.deadline.Store(dl)
+	w.kick()
+}
+
+// Close makes any pending and future Wait fail with ErrClosed, waking a
+// parked one. It does not wait for a pending Wait to return: callers must not
+// unmap the word until it has. Close is idempotent and always returns nil.
+func (w *Waiter) Close() error {
+	if w.closed.CompareAndSwap(false, true) {
+		w.kick()
+	}
+	return nil
+}
+
+// Interrupt makes any pending and future Wait fail with err (ErrInterrupted
+// if err is nil), waking a parked one: for example when the control plane
+// sees the peer die. The first error sticks.
+func (w *Waiter) Interrupt(err error) {
+	if err == nil {
+		err = ErrInterrupted
+	}
+	if w.intr.CompareAndSwap(nil, &err) {
+		w.kick()
+	}
+}
+
+// kick wakes a parked or parking Wait after a local state change. The peer
+// never touches the word on our behalf here, so we do what Notify does, but
+// wake unconditionally: the swap makes a Wait that is about to enter
+// FUTEX_WAIT return at once, and the wake reaches one already asleep even if
+// a hostile peer reset the word.
+func (w *Waiter) kick() {
+	w.word.Swap(awake)
+	_, _ = Wake(w.word, 1)
+}
+
+// stopErr returns the error Wait must fail with after Close or Interrupt.
+func (w *Waiter) stopErr() error {
+	if w.closed.Load() {
+		return errClosed
+	}
+	if p := w.intr.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// now returns the monotonic time since w.base.
+func (w *Waiter) now() time.Duration { return time.Since(w.base) }
+
+// checkDeadline returns os.ErrDeadlineExceeded if the deadline is set and now
+// is at or past it.
+func (w *Waiter) checkDeadline(now time.Duration) error {
+	if dl := w.deadline.Load(); dl != 0 && now >= time.Duration(dl) {
+		return os.ErrDeadlineExceeded
+	}
+	return nil
+}

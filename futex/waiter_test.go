@@ -1,0 +1,290 @@
+package futex
+
+import (
+	"errors"
+	"math/rand/v2"
+	"os"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+var policies = []struct {
+	name string
+	cfg  Config
+}{
+	{"auto", Config{}},
+	{"spin", Config{Policy: PolicySpin}},
+	{"park", Config{Policy: PolicyPark}},
+	{"auto-no-spin", Config{Spin: Off}},
+	{"auto-no-spin-no-yield", Config{Spin: Off, Yield: Off}},
+}
+
+func never() bool { return false }
+
+// waitAsync runs w.Wait(ready) in a goroutine and returns its result channel.
+func waitAsync(w *Waiter, ready func() bool) <-chan error {
+	done := make(chan error, 1)
+	go func() { done <- w.Wait(ready) }()
+	return done
+}
+
+// result waits for a Wait started by waitAsync, failing the test if it takes
+// longer than limit.
+func result(t *testing.T, done <-chan error, limit time.Duration) error {
+	t.Helper()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(limit):
+		t.Fatalf("Wait did not return within %v", limit)
+		return nil
+	}
+}
+
+// settle gives a goroutine started by waitAsync time to reach its idle phase;
+// for parking policies it waits until the sleep word says so.
+func settle(w *Waiter, word *atomic.Uint32) {
+	if w.cfg.Policy == PolicySpin {
+		time.Sleep(5 * time.Millisecond)
+		return
+	}
+	for start := time.Now(); word.Load() != parked && time.Since(start) < time.Second; {
+		time.Sleep(100 * time.Microsecond)
+	}
+	time.Sleep(time.Millisecond) // from "about to park" to asleep in the kernel
+}
+
+func TestWaiterReadyAtOnce(t *testing.T) {
+	for _, p := range policies {
+		var word atomic.Uint32
+		w := NewWaiter(&word, p.cfg)
+		w.SetDeadline(time.Now().Add(-time.Hour))
+		assert.NoError(t, w.Wait(func() bool { return true }), "%s: a ready condition wins over a passed deadline", p.name)
+		assert.EqualValues(t, awake, word.Load(), p.name)
+	}
+}
+
+func TestWaiterNotify(t *testing.T) {
+	// Delays land the Notify in each phase: spin, yield, park.
+	delays := []time.Duration{0, 5 * time.Microsecond, 30 * time.Microsecond, 2 * time.Millisecond}
+	for _, p := range policies {
+		t.Run(p.name, func(t *testing.T) {
+			for _, d := range delays {
+				var word atomic.Uint32
+				var data atomic.Bool
+				w := NewWaiter(&word, p.cfg)
+				w.SetDeadline(time.Now().Add(10 * time.Second))
+				go func() {
+					for start := time.Now(); time.Since(start) < d; {
+						cpuRelax()
+					}
+					data.Store(true)
+					Notify(&word)
+				}()
+				assert.NoError(t, w.Wait(data.Load), "delay %v", d)
+				assert.True(t, data.Load())
+			}
+		})
+	}
+}
+
+func TestWaiterDeadlinePassed(t *testing.T) {
+	for _, p := range policies {
+		var word atomic.Uint32
+		w := NewWaiter(&word, p.cfg)
+		w.SetDeadline(time.Now().Add(-time.Millisecond))
+		start := time.Now()
+		err := w.Wait(never)
+		assert.ErrorIs(t, err, os.ErrDeadlineExceeded, p.name)
+		assert.True(t, os.IsTimeout(err), p.name)
+		assert.Less(t, time.Since(start), 100*time.Millisecond, "%s: must fail at once", p.name)
+	}
+}
+
+func TestWaiterDeadlineExpires(t *testing.T) {
+	const d = 30 * time.Millisecond
+	for _, p := range policies {
+		var word atomic.Uint32
+		w := NewWaiter(&word, p.cfg)
+		start := time.Now()
+		w.SetDeadline(start.Add(d))
+		assert.ErrorIs(t, w.Wait(never), os.ErrDeadlineExceeded, p.name)
+		elapsed := time.Since(start)
+		assert.GreaterOrEqual(t, elapsed, d, p.name)
+		assert.Less(t, elapsed, d+time.Second, p.name)
+		assert.EqualValues(t, awake, word.Load(), "%s: the sleep word is cleared on return", p.name)
+
+		w.SetDeadline(time.Time{})
+		data := atomic.Bool{}
+		data.Store(true)
+		assert.NoError(t, w.Wait(data.Load), "%s: a zero deadline clears it", p.name)
+	}
+}
+
+func TestWaiterSetDeadlineWakesParked(t *testing.T) {
+	for _, p := range policies {
+		t.Run(p.name, func(t *testing.T) {
+			var word atomic.Uint32
+			w := NewWaiter(&word, p.cfg)
+			done := waitAsync(w, never)
+			settle(w, &word)
+			start := time.Now()
+			w.SetDeadline(start.Add(10 * time.Millisecond))
+			assert.ErrorIs(t, result(t, done, 5*time.Second), os.ErrDeadlineExceeded)
+			assert.GreaterOrEqual(t, time.Since(start), 10*time.Millisecond)
+
+			// Moving the deadline later while parked is honoured too.
+			start = time.Now()
+			w.SetDeadline(start.Add(20 * time.Millisecond))
+			done = waitAsync(w, never)
+			settle(w, &word)
+			w.SetDeadline(start.Add(150 * time.Millisecond))
+			assert.ErrorIs(t, result(t, done, 5*time.Second), os.ErrDeadlineExceeded)
+			assert.GreaterOrEqual(t, time.Since(start), 150*time.Millisecond, "the extended deadline was re-read")
+		})
+	}
+}
+
+func TestWaiterCloseWakesParked(t *testing.T) {
+	for _, p := range policies {
+		t.Run(p.name, func(t *testing.T) {
+			var word atomic.Uint32
+			w := NewWaiter(&word, p.cfg)
+			done := waitAsync(w, never)
+			settle(w, &word)
+			require.NoError(t, w.Close())
+			err := result(t, done, 5*time.Second)
+			assert.ErrorIs(t, err, ErrClosed)
+			assert.ErrorIs(t, err, os.ErrClosed)
+			assert.NoError(t, w.Close(), "Close is idempotent")
+			assert.ErrorIs(t, w.Wait(func() bool { return true }), ErrClosed, "a closed Waiter fails even when ready")
+		})
+	}
+}
+
+func TestWaiterInterrupt(t *testing.T) {
+	errPeerDied := errors.New("peer died")
+	for _, p := range policies {
+		t.Run(p.name, func(t *testing.T) {
+			var word atomic.Uint32
+			w := NewWaiter(&word, p.cfg)
+			done := waitAsync(w, never)
+			settle(w, &word)
+			w.Interrupt(errPeerDied)
+			assert.ErrorIs(t, result(t, done, 5*time.Second), errPeerDied)
+
+			w.Interrupt(errors.New("second"))
+			assert.ErrorIs(t, w.Wait(never), errPeerDied, "the first error sticks")
+			require.NoError(t, w.Close())
+			assert.ErrorIs(t, w.Wait(never), ErrClosed, "Close takes precedence")
+		})
+	}
+	var word atomic.Uint32
+	w := NewWaiter(&word, Config{})
+	w.Interrupt(nil)
+	assert.ErrorIs(t, w.Wait(never), ErrInterrupted)
+}
+
+// TestWaiterHostilePeer has a "peer" scribble on the sleep word while a
+// Waiter waits: the Waiter must neither panic nor hang past its deadline, and
+// Close must still wake it.
+func TestWaiterHostilePeer(t *testing.T) {
+	for _, p := range policies {
+		t.Run(p.name, func(t *testing.T) {
+			var word atomic.Uint32
+			var stop atomic.Bool
+			defer stop.Store(true)
+			go func() {
+				r := rand.New(rand.NewPCG(1, 2))
+				for !stop.Load() {
+					switch r.IntN(4) {
+					case 0:
+						word.Store(parked) // "parked", and nobody will wake us
+					case 1:
+						word.Store(r.Uint32())
+					case 2:
+						word.Store(awake)
+					case 3:
+						time.Sleep(50 * time.Microsecond)
+					}
+				}
+			}()
+			w := NewWaiter(&word, p.cfg)
+			start := time.Now()
+			w.SetDeadline(start.Add(50 * time.Millisecond))
+			assert.ErrorIs(t, w.Wait(never), os.ErrDeadlineExceeded)
+			assert.Less(t, time.Since(start), time.Second, "bounded by the deadline")
+
+			w.SetDeadline(time.Time{})
+			done := waitAsync(w, never)
+			time.Sleep(20 * time.Millisecond)
+			require.NoError(t, w.Close())
+			assert.ErrorIs(t, result(t, done, 5*time.Second), ErrClosed)
+		})
+	}
+}
+
+// TestWaiterPingPong hands a counter back and forth between two goroutines,
+// each parking on its own sleep word, with random pacing.
+func TestWaiterPingPong(t *testing.T) {
+	n := 2000
+	if testing.Short() {
+		n = 200
+	}
+	for _, p := range policies {
+		t.Run(p.name, func(t *testing.T) {
+			var ping, pong, pingWord, pongWord atomic.Uint32
+			a := NewWaiter(&pongWord, p.cfg) // waits for pong
+			b := NewWaiter(&pingWord, p.cfg) // waits for ping
+			watchdog := time.AfterFunc(20*time.Second, func() {
+				a.Interrupt(errors.New("watchdog: lost wake-up in ping-pong"))
+				b.Interrupt(errors.New("watchdog: lost wake-up in ping-pong"))
+			})
+			defer watchdog.Stop()
+
+			errc := make(chan error, 1)
+			go func() {
+				r := rand.New(rand.NewPCG(3, 4))
+				for i := uint32(1); i <= uint32(n); i++ {
+					if err := b.Wait(func() bool { return ping.Load() >= i }); err != nil {
+						errc <- err
+						return
+					}
+					pace(r)
+					pong.Store(i)
+					Notify(&pongWord)
+				}
+				errc <- nil
+			}()
+			r := rand.New(rand.NewPCG(5, 6))
+			for i := uint32(1); i <= uint32(n); i++ {
+				ping.Store(i)
+				Notify(&pingWord)
+				require.NoError(t, a.Wait(func() bool { return pong.Load() >= i }), "hand-off %d", i)
+				pace(r)
+			}
+			assert.NoError(t, <-errc)
+			assert.EqualValues(t, n, pong.Load())
+		})
+	}
+}
+
+// pace delays a little, at random: usually not at all, sometimes a spin or a
+// yield, rarely a sleep, so that hand-offs land in every phase of the peer.
+func pace(r *rand.Rand) {
+	switch x := r.IntN(100); {
+	case x < 60:
+	case x < 85:
+		for range r.IntN(2000) {
+			cpuRelax()
+		}
+	case x < 99:
+		osYield()
+	default:
+		time.Sleep(time.Duration(r.IntN(100)) * time.Microsecond)
+	}
+}

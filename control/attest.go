@@ -1,0 +1,248 @@
+package control
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"slices"
+	"strconv"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sypas/sypas/control/token"
+)
+
+// PeerIdentity is what attestation established about the process at the
+// other end of a connection. A token's Subject binds to it.
+type PeerIdentity struct {
+	UID, GID  uint32
+	PID       int
+	Exe       string   // target of /proc/<pid>/exe
+	ExeSHA256 [32]byte // digest of the file /proc/<pid>/exe opens
+}
+
+// Subject is the token subject for this peer.
+func (p PeerIdentity) Subject() token.Subject {
+	return token.Subject{UID: p.UID, GID: p.GID, PID: uint32(p.PID), ExeSHA256: p.ExeSHA256}
+}
+
+// Policy decides which peers are accepted. Every non-empty list must
+// contain the peer's value (AND). The zero Policy accepts only processes
+// with the server's effective uid: a uid that could already ptrace the
+// server gains nothing by talking to it, and anything wider must be said
+// explicitly.
+type Policy struct {
+	UIDs      []uint32   // empty: the server's effective uid only
+	GIDs      []uint32   // empty: any primary gid (the uid is the principal)
+	ExePaths  []string   // empty: any executable path
+	ExeSHA256 [][32]byte // empty: any executable content
+}
+
+// Attest identifies the peer of conn and checks it against p (nil: the zero
+// Policy). It returns the identity and a pidfd for the peer process, which
+// the caller owns and must close. Every refusal wraps ErrPeerRejected.
+//
+// Order matters. The pidfd is taken first and pins the process; the uid,
+// gid, executable path and digest are then read through /proc/<pid>; last,
+// the pidfd must show the process still alive and unreaped. A pid is only
+// reused after its process is reaped, so if it is alive after the reads,
+// every /proc/<pid> read described that same process, never a recycled pid.
+func Attest(conn *net.UnixConn, p *Policy) (PeerIdentity, *os.File, error) {
+	if p == nil {
+		p = &Policy{}
+	}
+	return attest(conn, p, false)
+}
+
+func reject(format string, args ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{ErrPeerRejected}, args...)...)
+}
+
+func attest(conn *net.UnixConn, p *Policy, forcePidfdOpen bool) (id PeerIdentity, pidfd *os.File, err error) {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return id, nil, reject("%w", err)
+	}
+	var (
+		cred    *unix.Ucred
+		credErr error
+		pfd     = -1
+		pfdErr  error = unix.ENOPROTOOPT
+	)
+	err = raw.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+		if !forcePidfdOpen {
+			// Linux >= 6.5: a pidfd for the process that called connect(2).
+			pfd, pfdErr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PEERPIDFD)
+		}
+	})
+	if pfd >= 0 {
+		pidfd = os.NewFile(uintptr(pfd), "pidfd")
+	}
+	defer func() {
+		if err != nil && pidfd != nil {
+			pidfd.Close()
+			pidfd = nil
+		}
+	}()
+	if err != nil {
+		return id, pidfd, reject("socket: %w", err)
+	}
+	if credErr != nil {
+		return id, pidfd, reject("SO_PEERCRED: %w", credErr)
+	}
+	if cred.Pid <= 0 { // 0: the peer is outside our pid namespace
+		return id, pidfd, reject("peer pid %d not visible", cred.Pid)
+	}
+	id = PeerIdentity{UID: cred.Uid, GID: cred.Gid, PID: int(cred.Pid)}
+
+	if pidfd == nil {
+		if pfdErr != unix.ENOPROTOOPT {
+			// Not an old kernel: the peer is already gone (or worse).
+			return id, nil, reject("SO_PEERPIDFD: %w", pfdErr)
+		}
+		// Fallback for kernels before 6.5. Weaker: the peer may have died
+		// and its pid been reused between connect(2) and here; the
+		// liveness check below cannot see that. See docs/SECURITY.md.
+		fd, err := unix.PidfdOpen(id.PID, 0)
+		if err != nil {
+			return id, nil, reject("pidfd_open(%d): %w", id.PID, err)
+		}
+		pidfd = os.NewFile(uintptr(fd), "pidfd")
+	}
+	// The pidfd must name the pid SO_PEERCRED reported (-1 once reaped).
+	if got, err := pidfdPid(pidfd); err != nil || got != id.PID {
+		return id, pidfd, reject("pidfd names pid %d, SO_PEERCRED pid %d: %v", got, id.PID, err)
+	}
+
+	uids := p.UIDs
+	if len(uids) == 0 {
+		uids = []uint32{uint32(os.Geteuid())}
+	}
+	if !slices.Contains(uids, id.UID) {
+		return id, pidfd, reject("uid %d not allowed", id.UID)
+	}
+	if len(p.GIDs) > 0 && !slices.Contains(p.GIDs, id.GID) {
+		return id, pidfd, reject("gid %d not allowed", id.GID)
+	}
+
+	exeLink := "/proc/" + strconv.Itoa(id.PID) + "/exe"
+	if id.Exe, err = os.Readlink(exeLink); err != nil {
+		return id, pidfd, reject("%w", err)
+	}
+	if len(p.ExePaths) > 0 && !slices.Contains(p.ExePaths, id.Exe) {
+		return id, pidfd, reject("executable %q not allowed", id.Exe)
+	}
+	if id.ExeSHA256, err = hashFile(exeLink); err != nil {
+		return id, pidfd, reject("hash executable: %w", err)
+	}
+	if len(p.ExeSHA256) > 0 && !slices.Contains(p.ExeSHA256, id.ExeSHA256) {
+		return id, pidfd, reject("executable digest %x not allowed", id.ExeSHA256)
+	}
+
+	// Last: everything above described this process only if it has not
+	// exited (and so could not have been reaped and its pid reused).
+	if err := pidfdAlive(pidfd); err != nil {
+		return id, pidfd, reject("peer exited during attestation (pid may be recycled): %w", err)
+	}
+	return id, pidfd, nil
+}
+
+// hashFile hashes the file the magic link opens: the executable the process
+// runs, even if its path has since been replaced.
+func hashFile(name string) ([32]byte, error) {
+	var sum [32]byte
+	f, err := os.Open(name)
+	if err != nil {
+		return sum, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return sum, err
+	}
+	if !st.Mode().IsRegular() {
+		return sum, fmt.Errorf("%s is not a regular file", name)
+	}
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return sum, err
+	}
+	h.Sum(sum[:0])
+	return sum, nil
+}
+
+// pidfdPid reads the pid a pidfd refers to from /proc/self/fdinfo: -1 if
+// the process has been reaped.
+func pidfdPid(pidfd *os.File) (int, error) {
+	b, err := os.ReadFile("/proc/self/fdinfo/" + strconv.Itoa(int(pidfd.Fd())))
+	if err != nil {
+		return 0, err
+	}
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		if v, ok := bytes.CutPrefix(sc.Bytes(), []byte("Pid:")); ok {
+			return strconv.Atoi(string(bytes.TrimSpace(v)))
+		}
+	}
+	return 0, errors.New("no Pid in pidfd fdinfo")
+}
+
+// pidfdAlive fails if the process has exited: a pidfd polls readable once
+// its process exits, and signal 0 fails with ESRCH once it is reaped.
+func pidfdAlive(pidfd *os.File) error {
+	fd := int(pidfd.Fd())
+	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	for {
+		n, err := unix.Poll(pfd, 0)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return os.NewSyscallError("poll", err)
+		}
+		if n > 0 {
+			return errors.New("pidfd readable: process exited")
+		}
+		break
+	}
+	if err := unix.PidfdSendSignal(fd, 0, nil, 0); err != nil {
+		return os.NewSyscallError("pidfd_send_signal", err)
+	}
+	return nil
+}
+
+// CheckServer is the daemon side: it accepts the server at the other end of
+// conn only if its uid is in allowedUIDs. Empty means uid 0 and the daemon's
+// own effective uid (a same-uid impostor could ptrace the daemon anyway).
+// A refusal wraps ErrPeerRejected.
+func CheckServer(conn *net.UnixConn, allowedUIDs ...uint32) error {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return reject("%w", err)
+	}
+	var (
+		cred    *unix.Ucred
+		credErr = net.ErrClosed
+	)
+	if err := raw.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return reject("%w", err)
+	}
+	if credErr != nil {
+		return reject("SO_PEERCRED: %w", credErr)
+	}
+	if len(allowedUIDs) == 0 {
+		allowedUIDs = []uint32{0, uint32(os.Geteuid())}
+	}
+	if !slices.Contains(allowedUIDs, cred.Uid) {
+		return reject("server uid %d not allowed", cred.Uid)
+	}
+	return nil
+}

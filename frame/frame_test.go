@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"hash/crc32"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -305,4 +306,40 @@ func TestDecodeViewsBoundedByPrivateCopy(t *testing.T) {
 	assert.Equal(t, 10, cap(got.Payload))
 	assert.Equal(t, uint32(10), got.PayloadLen)
 	assert.True(t, errors.Is(ErrShort, ErrTruncated))
+}
+
+// TestWireLayout pins the header layout of docs/PROTOCOL.md section 2.1
+// with bytes written by hand, independently of the encoder.
+func TestWireLayout(t *testing.T) {
+	wire := []byte{
+		'S', 'Y', 'P', 'S', // magic
+		1,          // version
+		0x06,       // type ERROR
+		0x03, 0x00, // flags CHECKSUM|END_STREAM
+		56, 0, // header_len: 48 + 8 bytes of extension
+		0, 0, // reserved
+		3, 0, 0, 0, // payload_len
+		0x04, 0x03, 0x02, 0x01, // stream_id
+		0, 0, 0, 0, // checksum, patched below
+		0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01, // sequence
+		0x18, 0x17, 0x16, 0x15, 0x14, 0x13, 0x12, 0x11, // correlation
+		0x28, 0x27, 0x26, 0x25, 0x24, 0x23, 0x22, 0x21, // cap_ref
+		'e', 'x', 't', 'e', 'n', 's', 'i', 'o', // extension
+		'a', 'b', 'c', // payload
+	}
+	crc := crc32.Checksum(wire, crc32.MakeTable(crc32.Castagnoli)) // field is zero here
+	binary.LittleEndian.PutUint32(wire[20:], crc)
+
+	var f Frame
+	n, err := f.Decode(wire, Config{})
+	require.NoError(t, err)
+	assert.Equal(t, len(wire), n)
+	assert.Equal(t, Frame{
+		Header: Header{Type: TypeError, Flags: FlagChecksum | FlagEndStream, HeaderLen: 56, PayloadLen: 3,
+			StreamID: 0x01020304, Sequence: 0x0102030405060708, Correlation: 0x1112131415161718, CapRef: 0x2122232425262728},
+		Extension: []byte("extensio"),
+		Payload:   []byte("abc"),
+	}, f)
+	assert.Equal(t, wire, encode(t, &f))
+	assert.Equal(t, uint32(0xe3069283), crc32.Checksum([]byte("123456789"), castagnoli), "CRC-32C check value")
 }

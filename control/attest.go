@@ -56,14 +56,21 @@ func Attest(conn *net.UnixConn, p *Policy) (PeerIdentity, *os.File, error) {
 	if p == nil {
 		p = &Policy{}
 	}
-	return attest(conn, p, false)
+	return attest(conn, p, attestHooks{})
+}
+
+// attestHooks let tests force the pidfd_open fallback and act between the
+// /proc reads and the liveness check.
+type attestHooks struct {
+	forcePidfdOpen bool
+	beforeLiveness func()
 }
 
 func reject(format string, args ...any) error {
 	return fmt.Errorf("%w: "+format, append([]any{ErrPeerRejected}, args...)...)
 }
 
-func attest(conn *net.UnixConn, p *Policy, forcePidfdOpen bool) (id PeerIdentity, pidfd *os.File, err error) {
+func attest(conn *net.UnixConn, p *Policy, hooks attestHooks) (id PeerIdentity, pidfd *os.File, err error) {
 	raw, err := conn.SyscallConn()
 	if err != nil {
 		return id, nil, reject("%w", err)
@@ -71,12 +78,12 @@ func attest(conn *net.UnixConn, p *Policy, forcePidfdOpen bool) (id PeerIdentity
 	var (
 		cred    *unix.Ucred
 		credErr error
-		pfd     = -1
+		pfd           = -1
 		pfdErr  error = unix.ENOPROTOOPT
 	)
 	err = raw.Control(func(fd uintptr) {
 		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-		if !forcePidfdOpen {
+		if !hooks.forcePidfdOpen {
 			// Linux >= 6.5: a pidfd for the process that called connect(2).
 			pfd, pfdErr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PEERPIDFD)
 		}
@@ -145,6 +152,9 @@ func attest(conn *net.UnixConn, p *Policy, forcePidfdOpen bool) (id PeerIdentity
 		return id, pidfd, reject("executable digest %x not allowed", id.ExeSHA256)
 	}
 
+	if hooks.beforeLiveness != nil {
+		hooks.beforeLiveness()
+	}
 	// Last: everything above described this process only if it has not
 	// exited (and so could not have been reaped and its pid reused).
 	if err := pidfdAlive(pidfd); err != nil {

@@ -40,7 +40,7 @@ type Listener struct {
 	policy   Policy
 	closed   atomic.Bool
 
-	forcePidfdOpen bool // tests: take the pidfd_open fallback
+	hooks attestHooks // tests only
 }
 
 // Listen creates a listening Unix socket at path whose file has mode 0600
@@ -238,7 +238,7 @@ func (l *Listener) Accept() (*Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	id, pidfd, err := attest(c, &l.policy, l.forcePidfdOpen)
+	id, pidfd, err := attest(c, &l.policy, l.hooks)
 	if err != nil {
 		c.Close()
 		return nil, err

@@ -125,6 +125,12 @@ func TestErrorsMatchErrAuth(t *testing.T) {
 		assert.ErrorIs(t, e, ErrAuth, e.Error())
 		assert.ErrorIs(t, fmt.Errorf("ctx: %w", e), ErrAuth)
 	}
+	for _, e := range []error{ErrRights, ErrScope} {
+		assert.ErrorIs(t, e, ErrPermission)
+	}
+	for _, e := range []error{ErrMalformed, ErrUnknownKey, ErrForged, ErrExpired, ErrNotYetValid, ErrRevoked, ErrSubject} {
+		assert.NotErrorIs(t, e, ErrPermission)
+	}
 	assert.NotErrorIs(t, ErrNoCurrentKey, ErrAuth)
 	assert.NotErrorIs(t, ErrForged, ErrExpired)
 }

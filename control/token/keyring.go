@@ -139,6 +139,11 @@ func (k *Keyring) Mint(c Claims) ([]byte, error) {
 	if c.Expiry.IsZero() {
 		return nil, errors.New("token: claims need an expiry")
 	}
+	for _, tm := range []time.Time{c.NotBefore, c.Expiry} {
+		if !tm.IsZero() && !time.Unix(0, tm.UnixNano()).Equal(tm) {
+			return nil, fmt.Errorf("token: time %v outside the int64 nanosecond range", tm)
+		}
+	}
 	t := &Token{
 		ID:      c.ID,
 		Subject: c.Subject,

@@ -88,6 +88,7 @@ func TestMintRejectsBadClaims(t *testing.T) {
 		"bad scope":        func(c *Claims) { c.Scope = "svc//x" },
 		"dotdot":           func(c *Claims) { c.Scope = "svc/.." },
 		"long scope":       func(c *Claims) { c.Scope = string(bytes.Repeat([]byte{'a'}, MaxScopeLen+1)) },
+		"year 3000":        func(c *Claims) { c.Expiry = time.Date(3000, 1, 1, 0, 0, 0, 0, time.UTC) },
 	} {
 		c := claim
 		mut(&c)
@@ -318,6 +319,9 @@ func TestForgedKey(t *testing.T) {
 	require.NoError(t, evil.Add(7, key1)) // same id, different key
 	_, err := v.Verify(mint(t, evil, claim), peer)
 	assert.ErrorIs(t, err, ErrForged)
+
+	_, err = (&Verifier{}).Verify(mint(t, evil, claim), peer)
+	assert.ErrorIs(t, err, ErrUnknownKey)
 
 	unknown := NewKeyring()
 	require.NoError(t, unknown.Add(1234, key0))

@@ -41,6 +41,9 @@ func (v *Verifier) Verify(tok []byte, peer Subject) (*Capability, error) {
 		return nil, err
 	}
 	hdrEnd := t.headerLen()
+	if v.Keys == nil {
+		return nil, fmt.Errorf("%w: verifier has no keyring", ErrUnknownKey)
+	}
 	sig, ok := v.Keys.sig0(t.KeyID, tok[:hdrEnd])
 	if !ok {
 		return nil, fmt.Errorf("%w: %d", ErrUnknownKey, t.KeyID)

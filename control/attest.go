@@ -11,6 +11,8 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -71,6 +73,7 @@ func reject(format string, args ...any) error {
 }
 
 func attest(conn *net.UnixConn, p *Policy, hooks attestHooks) (id PeerIdentity, pidfd *os.File, err error) {
+	accepted := bootTime() // the peer's connect(2) came before this
 	raw, err := conn.SyscallConn()
 	if err != nil {
 		return id, nil, reject("%w", err)
@@ -114,13 +117,22 @@ func attest(conn *net.UnixConn, p *Policy, hooks attestHooks) (id PeerIdentity, 
 			return id, nil, reject("SO_PEERPIDFD: %w", pfdErr)
 		}
 		// Fallback for kernels before 6.5. Weaker: the peer may have died
-		// and its pid been reused between connect(2) and here; the
-		// liveness check below cannot see that. See docs/SECURITY.md.
+		// and its pid been reused between connect(2) and here. A process
+		// started after accept cannot be the one that connected; one
+		// started between connect and accept goes unnoticed. See
+		// docs/SECURITY.md.
 		fd, err := unix.PidfdOpen(id.PID, 0)
 		if err != nil {
 			return id, nil, reject("pidfd_open(%d): %w", id.PID, err)
 		}
 		pidfd = os.NewFile(uintptr(fd), "pidfd")
+		started, err := startTime(id.PID)
+		if err != nil {
+			return id, pidfd, reject("start time of %d: %w", id.PID, err)
+		}
+		if started > accepted+clockTick {
+			return id, pidfd, reject("pid %d started after accept: recycled", id.PID)
+		}
 	}
 	// The pidfd must name the pid SO_PEERCRED reported (-1 once reaped).
 	if got, err := pidfdPid(pidfd); err != nil || got != id.PID {
@@ -161,6 +173,42 @@ func attest(conn *net.UnixConn, p *Policy, hooks attestHooks) (id PeerIdentity, 
 		return id, pidfd, reject("peer exited during attestation (pid may be recycled): %w", err)
 	}
 	return id, pidfd, nil
+}
+
+// clockTick is the resolution of /proc/<pid>/stat start times (USER_HZ is
+// 100 on every Linux architecture).
+const clockTick = 10 * time.Millisecond
+
+// bootTime is CLOCK_BOOTTIME, the clock of /proc/<pid>/stat start times.
+func bootTime() time.Duration {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts); err != nil {
+		return 1<<63 - 1 // never reject on a clock failure; pidfd checks remain
+	}
+	return time.Duration(ts.Nano())
+}
+
+// startTime is when process pid started, since boot (field 22 of
+// /proc/<pid>/stat, counted after the parenthesised command name, which may
+// itself contain spaces and parentheses).
+func startTime(pid int) (time.Duration, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0, err
+	}
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, errors.New("malformed stat")
+	}
+	f := strings.Fields(string(b[i+1:])) // f[0] is field 3 (state)
+	if len(f) < 20 {
+		return 0, errors.New("malformed stat")
+	}
+	ticks, err := strconv.ParseUint(f[19], 10, 63)
+	if err != nil {
+		return 0, err
+	}
+	return time.Duration(ticks) * clockTick, nil
 }
 
 // hashFile hashes the file the magic link opens: the executable the process

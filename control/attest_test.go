@@ -142,3 +142,19 @@ func TestCheckServer(t *testing.T) {
 	a.Close()
 	assert.ErrorIs(t, CheckServer(a), ErrPeerRejected)
 }
+
+func TestStartTime(t *testing.T) {
+	self, err := startTime(os.Getpid())
+	require.NoError(t, err)
+	now := bootTime()
+	assert.Greater(t, self, time.Duration(0))
+	assert.LessOrEqual(t, self, now, "this process started before now")
+
+	cmd := helper(t, os.Args[0], "exit", "", nil)
+	child, err := startTime(cmd.Process.Pid)
+	require.NoError(t, err)
+	assert.GreaterOrEqual(t, child+clockTick, now, "a process started after a point in time is recognised as such")
+	require.NoError(t, cmd.Wait())
+	_, err = startTime(cmd.Process.Pid)
+	assert.Error(t, err)
+}

@@ -120,6 +120,12 @@ func (h *Header) Decode(b []byte, cfg Config) error {
 func (h *Header) decode(b []byte, cfg Config) (uint32, error) {
 	if len(b) < HeaderSize {
 		*h = Header{}
+		// Garbage fails as garbage even when short (as in Reader).
+		if len(b) >= 4 {
+			if m := binary.LittleEndian.Uint32(b); m != Magic {
+				return 0, fmt.Errorf("%w: %#08x", ErrBadMagic, m)
+			}
+		}
 		return 0, fmt.Errorf("%w: %d bytes, fixed header needs %d", ErrTruncated, len(b), HeaderSize)
 	}
 	b = b[:HeaderSize:HeaderSize]

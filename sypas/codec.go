@@ -54,6 +54,43 @@ func AppendFrame(b []byte, h frame.Header, m Message) ([]byte, error) {
 	return out, nil
 }
 
+// NewMessage returns a new zero payload struct for frame type t, or nil if
+// t has no payload codec (an unknown type). It allocates; dispatchers on a
+// hot path keep one struct per type instead.
+func NewMessage(t frame.Type) Message {
+	switch t {
+	case frame.TypeRequest:
+		return new(Request)
+	case frame.TypeResponse:
+		return new(Response)
+	case frame.TypeEvent:
+		return new(Event)
+	case frame.TypeSubscribe:
+		return new(Subscribe)
+	case frame.TypeUnsubscribe:
+		return new(Unsubscribe)
+	case frame.TypeError:
+		return new(ErrorMsg)
+	case frame.TypeHeartbeat:
+		return new(Heartbeat)
+	case frame.TypeBulk:
+		return new(Bulk)
+	case frame.TypeGoAway:
+		return new(GoAway)
+	case frame.TypeHello:
+		return new(Hello)
+	case frame.TypeWelcome:
+		return new(Welcome)
+	case frame.TypeToken:
+		return new(Token)
+	case frame.TypeTokenRefresh:
+		return new(TokenRefresh)
+	case frame.TypeRegions:
+		return new(Regions)
+	}
+	return nil
+}
+
 // DecodeFrame decodes the payload of f into m after checking that f
 // carries m's type. The views m keeps point into f.Payload.
 func DecodeFrame(f *frame.Frame, m Message) error {

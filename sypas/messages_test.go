@@ -64,8 +64,12 @@ func TestSamplesCoverEveryType(t *testing.T) {
 	var got []frame.Type
 	for _, m := range samples() {
 		got = append(got, m.Type())
+		n := NewMessage(m.Type())
+		require.NotNil(t, n, "%v", m.Type())
+		assert.Equal(t, fresh(m), n)
 	}
 	assert.Equal(t, frame.Types(), got)
+	assert.Nil(t, NewMessage(0x7f))
 }
 
 func TestPayloadRoundTrip(t *testing.T) {

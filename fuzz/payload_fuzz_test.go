@@ -1,0 +1,76 @@
+package fuzz
+
+import (
+	"bytes"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/sypas/sypas/frame"
+	"github.com/sypas/sypas/sypas"
+)
+
+// fuzzPayload is the body of every payload target: decoding never panics
+// and fails only with ErrMalformed; an accepted payload re-encodes to the
+// bytes it was decoded from (only HELLO may have ignored trailing bytes)
+// and decodes again to an equal struct.
+func fuzzPayload[M any, PM interface {
+	*M
+	sypas.Message
+}](f *testing.F, typ frame.Type) {
+	for _, in := range targets(f)[payloadTarget(typ)] {
+		f.Add(in...)
+	}
+	f.Fuzz(func(t *testing.T, p []byte) {
+		var m1 M
+		pm1 := PM(&m1)
+		require.Equal(t, typ, pm1.Type())
+		if err := pm1.Decode(p); err != nil {
+			require.ErrorIs(t, err, sypas.ErrMalformed)
+			return
+		}
+		enc, err := pm1.Append(nil)
+		require.NoError(t, err, "an accepted payload must re-encode")
+		require.Equal(t, pm1.Len(), len(enc))
+		require.LessOrEqual(t, len(enc), len(p))
+		require.True(t, bytes.Equal(p[:len(enc)], enc), "re-encoding must reproduce the bytes")
+		if typ != frame.TypeHello {
+			require.Equal(t, len(p), len(enc), "only HELLO ignores trailing bytes")
+		}
+
+		var m2 M
+		require.NoError(t, PM(&m2).Decode(enc))
+		require.Equal(t, m1, m2)
+
+		// And inside a frame.
+		b, err := sypas.AppendFrame(nil, frame.Header{Flags: frame.FlagChecksum}, pm1)
+		require.NoError(t, err)
+		var fr frame.Frame
+		_, err = fr.Decode(b, frame.Config{MaxPayload: frame.HardMaxPayload})
+		require.NoError(t, err)
+		var m3 M
+		require.NoError(t, sypas.DecodeFrame(&fr, PM(&m3)))
+		require.Equal(t, m1, m3)
+	})
+}
+
+func FuzzDecodeRequest(f *testing.F)  { fuzzPayload[sypas.Request](f, frame.TypeRequest) }
+func FuzzDecodeResponse(f *testing.F) { fuzzPayload[sypas.Response](f, frame.TypeResponse) }
+func FuzzDecodeEvent(f *testing.F)    { fuzzPayload[sypas.Event](f, frame.TypeEvent) }
+func FuzzDecodeSubscribe(f *testing.F) {
+	fuzzPayload[sypas.Subscribe](f, frame.TypeSubscribe)
+}
+func FuzzDecodeUnsubscribe(f *testing.F) {
+	fuzzPayload[sypas.Unsubscribe](f, frame.TypeUnsubscribe)
+}
+func FuzzDecodeErrorMsg(f *testing.F)  { fuzzPayload[sypas.ErrorMsg](f, frame.TypeError) }
+func FuzzDecodeHeartbeat(f *testing.F) { fuzzPayload[sypas.Heartbeat](f, frame.TypeHeartbeat) }
+func FuzzDecodeBulk(f *testing.F)      { fuzzPayload[sypas.Bulk](f, frame.TypeBulk) }
+func FuzzDecodeGoAway(f *testing.F)    { fuzzPayload[sypas.GoAway](f, frame.TypeGoAway) }
+func FuzzDecodeHello(f *testing.F)     { fuzzPayload[sypas.Hello](f, frame.TypeHello) }
+func FuzzDecodeWelcome(f *testing.F)   { fuzzPayload[sypas.Welcome](f, frame.TypeWelcome) }
+func FuzzDecodeToken(f *testing.F)     { fuzzPayload[sypas.Token](f, frame.TypeToken) }
+func FuzzDecodeTokenRefresh(f *testing.F) {
+	fuzzPayload[sypas.TokenRefresh](f, frame.TypeTokenRefresh)
+}
+func FuzzDecodeRegions(f *testing.F) { fuzzPayload[sypas.Regions](f, frame.TypeRegions) }

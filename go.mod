@@ -1,10 +1,12 @@
 module github.com/sypas/sypas
 
-go 1.26
+go 1.26.0
 
 require (
-	github.com/edsrzf/mmap-go v1.2.0 // indirect
-	github.com/klauspost/cpuid/v2 v2.4.2 // indirect
-	github.com/stretchr/testify v1.12.1 // indirect
-	golang.org/x/sys v0.50.0 // indirect
+	github.com/edsrzf/mmap-go v1.2.0
+	github.com/klauspost/cpuid/v2 v2.4.2
+	github.com/stretchr/testify v1.12.1
+	golang.org/x/sys v0.50.0
 )
+
+require go.yaml.in/yaml/v3 v3.0.5 // indirect

@@ -1,0 +1,246 @@
+package ring
+
+import (
+	"encoding/binary"
+	"fmt"
+	"io"
+	"sync/atomic"
+	"time"
+
+	"github.com/sypas/sypas/futex"
+)
+
+// Consumer is the reading end of a ring. Its methods are for one goroutine at
+// a time, except SetDeadline, Close and Interrupt, which may be called from any
+// goroutine (for example to abort a blocked Next).
+type Consumer struct {
+	data     []byte // the data area; len == capacity
+	capacity uint64 // private copy of the validated header field
+	mask     uint64
+
+	head       *atomic.Uint64 // shared, written by us: start of unreleased records
+	tail       *atomic.Uint64 // shared, written by the peer: untrusted
+	peerSleep  *atomic.Uint32 // the producer's sleep word: we clear it to wake it
+	peerClosed *atomic.Uint32 // the producer's closed flag: untrusted, only compared with 0
+	closedFlag *atomic.Uint32 // our closed flag
+
+	pos        uint64 // start of the next record to read
+	released   uint64 // the last value stored to head
+	viewEnd    uint64 // end of the last record handed out by Next
+	cachedTail uint64 // the last validated tail
+	err        error  // sticky corruption
+
+	closed  atomic.Bool
+	waiter  *futex.Waiter
+	readyFn func() bool // c.ready, bound once so waiting allocates nothing
+}
+
+// NewConsumer attaches the consumer end to a ring laid out by Init. mem must
+// stay valid (mapped) until the consumer is closed and every view it returned
+// is dropped; the consumer validates the header once and never reads it again.
+func NewConsumer(mem []byte, cfg Config) (*Consumer, error) {
+	if err := cfg.Idle.Validate(); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	capacity, err := readHeader(mem)
+	if err != nil {
+		return nil, err
+	}
+	c := &Consumer{
+		data:       mem[DataOffset : DataOffset+capacity : DataOffset+capacity],
+		capacity:   uint64(capacity),
+		mask:       uint64(capacity) - 1,
+		head:       u64At(mem, ConsumerSlotOffset+slotIndex),
+		closedFlag: u32At(mem, ConsumerSlotOffset+slotClosed),
+		tail:       u64At(mem, ProducerSlotOffset+slotIndex),
+		peerSleep:  u32At(mem, ProducerSlotOffset+slotSleep),
+		peerClosed: u32At(mem, ProducerSlotOffset+slotClosed),
+	}
+	c.pos = c.head.Load()
+	c.released = c.pos
+	c.cachedTail = c.tail.Load()
+	if c.pos&(RecordAlign-1) != 0 || c.cachedTail&(RecordAlign-1) != 0 || c.pos > c.cachedTail || c.cachedTail-c.pos > c.capacity {
+		return nil, fmt.Errorf("%w: indices at attach: head %d, tail %d", ErrCorrupt, c.pos, c.cachedTail)
+	}
+	c.waiter = futex.NewWaiter(u32At(mem, ConsumerSlotOffset+slotSleep), cfg.Idle)
+	c.readyFn = c.ready
+	return c, nil
+}
+
+// Capacity is the size of the data area in bytes.
+func (c *Consumer) Capacity() int { return int(c.capacity) }
+
+// Next returns the payload of the next record as a view into the ring,
+// waiting (idle strategy, deadline) while the ring is empty. It returns io.EOF
+// once the producer has closed and every record is read.
+//
+// Lifetime: the view stays valid, and its space stays out of the producer's
+// reach, until Release (or ReadInto, which releases) is called; after that the
+// producer may overwrite it at once. Release in batches to save index stores,
+// but release before a Next that may wait if the producer could be waiting for
+// that room. In shared memory the view's bytes can still be changed by a
+// hostile peer while you read them: copy or decode each byte once.
+func (c *Consumer) Next() ([]byte, error) {
+	for {
+		if c.pos == c.cachedTail {
+			if err := c.waitData(); err != nil {
+				return nil, err
+			}
+		}
+		view, next, isData, err := c.record()
+		if err != nil {
+			return nil, err
+		}
+		c.pos = next
+		if isData {
+			c.viewEnd = next
+			return view, nil
+		}
+	}
+}
+
+// Release hands every record returned so far back to the producer with one
+// store of the head index, and wakes the producer if, and only if, it is
+// parked waiting for room. Views returned before Release must not be used after.
+func (c *Consumer) Release() {
+	if c.pos != c.released {
+		c.head.Store(c.pos)
+		c.released = c.pos
+		futex.Notify(c.peerSleep)
+	}
+}
+
+// ReadInto copies the next record into buf, releases it (and every record
+// returned by Next before it) and returns its length. If buf is too short it
+// returns ErrShortBuffer and the record stays in the ring.
+func (c *Consumer) ReadInto(buf []byte) (int, error) {
+	for {
+		if c.pos == c.cachedTail {
+			if err := c.waitData(); err != nil {
+				return 0, err
+			}
+		}
+		view, next, isData, err := c.record()
+		if err != nil {
+			return 0, err
+		}
+		if !isData {
+			c.pos = next
+			continue
+		}
+		if len(buf) < len(view) {
+			return 0, fmt.Errorf("%w: record is %d bytes, buffer %d", ErrShortBuffer, len(view), len(buf))
+		}
+		n := copy(buf, view)
+		c.pos = next
+		c.Release()
+		return n, nil
+	}
+}
+
+// SetDeadline bounds how long Next and ReadInto wait for a record, with
+// net.Conn semantics: a zero time means no deadline, and a passed deadline
+// fails them with an error matching os.ErrDeadlineExceeded. It may be changed
+// while a call is waiting.
+func (c *Consumer) SetDeadline(t time.Time) { c.waiter.SetDeadline(t) }
+
+// Interrupt makes a waiting or future wait for records fail with err; the
+// control plane calls it when the producer's process dies. Records already
+// published can still be read. The first error sticks.
+func (c *Consumer) Interrupt(err error) { c.waiter.Interrupt(err) }
+
+// Close tells the producer that nothing more will be read (its writes then
+// fail with ErrPeerClosed) and wakes a blocked Next, which returns ErrClosed.
+// It is idempotent and does not unmap the region.
+func (c *Consumer) Close() error {
+	if !c.closed.CompareAndSwap(false, true) {
+		return nil
+	}
+	c.closedFlag.Store(1)
+	futex.Notify(c.peerSleep)
+	return c.waiter.Close()
+}
+
+// waitData returns once a record is published past pos, or with why not.
+func (c *Consumer) waitData() error {
+	if c.closed.Load() {
+		return ErrClosed
+	}
+	if c.err != nil {
+		return c.err
+	}
+	if c.refreshTail() {
+		return c.err
+	}
+	if c.released >= c.viewEnd {
+		// The caller holds no views, so whatever lies between released and
+		// pos is padding we skipped: hand it back before waiting, or a
+		// producer waiting for that room and we would wait for each other.
+		c.Release()
+	}
+	if err := c.waiter.Wait(c.readyFn); err != nil {
+		return err
+	}
+	if c.err != nil || c.pos != c.cachedTail {
+		return c.err
+	}
+	if c.closed.Load() {
+		return ErrClosed
+	}
+	// The producer closed. It stored its last tail before its closed flag, so
+	// one more load of tail sees every record it published.
+	if c.refreshTail() {
+		return c.err
+	}
+	return io.EOF
+}
+
+// ready is the wait condition: a record, a broken peer, a closed producer, or
+// our own Close.
+func (c *Consumer) ready() bool {
+	return c.refreshTail() || c.peerClosed.Load() != 0 || c.closed.Load()
+}
+
+// refreshTail reads the producer's index once and validates it against our
+// private copies: it only moves forward, in whole records, and never more than
+// a capacity ahead of what we released. It reports whether there is something
+// new to look at: records, or a violation (then the sticky error is set).
+func (c *Consumer) refreshTail() bool {
+	t := c.tail.Load()
+	if t == c.cachedTail {
+		return false
+	}
+	if t-c.cachedTail > c.capacity || t-c.released > c.capacity || t&(RecordAlign-1) != 0 {
+		c.err = fmt.Errorf("%w: producer index %d, last %d, released %d, capacity %d", ErrCorrupt, t, c.cachedTail, c.released, c.capacity)
+		return true
+	}
+	c.cachedTail = t
+	return true
+}
+
+// record parses the record at pos, which is below cachedTail. The header is
+// read once; its length and type are checked against the published range and
+// the end of the data area before any slice is made.
+func (c *Consumer) record() (view []byte, next uint64, isData bool, err error) {
+	off := c.pos & c.mask
+	avail := c.cachedTail - c.pos // in (0, capacity], a multiple of 8
+	contig := c.capacity - off    // bytes before the end of the data area
+	hdr := binary.LittleEndian.Uint64(c.data[off : off+RecordHeaderSize])
+	length, typ := uint64(uint32(hdr)), uint32(hdr>>32)
+	switch typ {
+	case recordData:
+		size := align(RecordHeaderSize + length)
+		if size > avail || size > contig {
+			break
+		}
+		start := off + RecordHeaderSize
+		return c.data[start : start+length : start+length], c.pos + size, true, nil
+	case recordPadding:
+		if RecordHeaderSize+length != contig || contig > avail {
+			break
+		}
+		return nil, c.pos + contig, false, nil
+	}
+	c.err = fmt.Errorf("%w: record at %d: type %d, length %d, %d bytes published, %d before the end", ErrCorrupt, c.pos, typ, length, avail, contig)
+	return nil, 0, false, c.err
+}

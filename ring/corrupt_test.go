@@ -1,0 +1,118 @@
+package ring
+
+import (
+	"encoding/binary"
+	"os"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestAttachRejectsBadHeader(t *testing.T) {
+	cases := map[string]func(mem []byte){
+		"magic":           func(m []byte) { m[0] ^= 1 },
+		"version":         func(m []byte) { binary.LittleEndian.PutUint32(m[hdrVersion:], 2) },
+		"data offset":     func(m []byte) { binary.LittleEndian.PutUint32(m[hdrDataOffset:], 512) },
+		"capacity zero":   func(m []byte) { binary.LittleEndian.PutUint64(m[hdrCapacity:], 0) },
+		"capacity !pow2":  func(m []byte) { binary.LittleEndian.PutUint64(m[hdrCapacity:], 1000) },
+		"capacity > mem":  func(m []byte) { binary.LittleEndian.PutUint64(m[hdrCapacity:], 2048) },
+		"capacity huge":   func(m []byte) { binary.LittleEndian.PutUint64(m[hdrCapacity:], 1<<62) },
+		"tail misaligned": func(m []byte) { binary.LittleEndian.PutUint64(m[ProducerSlotOffset:], 3) },
+		"head > tail":     func(m []byte) { binary.LittleEndian.PutUint64(m[ConsumerSlotOffset:], 8) },
+		"tail - head > capacity": func(m []byte) {
+			binary.LittleEndian.PutUint64(m[ProducerSlotOffset:], 2048)
+		},
+	}
+	for name, scribble := range cases {
+		t.Run(name, func(t *testing.T) {
+			mem := newMem(t, 1024)
+			scribble(mem)
+			_, errP := NewProducer(mem, Config{})
+			_, errC := NewConsumer(mem, Config{})
+			assert.ErrorIs(t, errP, ErrCorrupt)
+			assert.ErrorIs(t, errC, ErrCorrupt)
+		})
+	}
+	_, err := NewConsumer(make([]byte, 100), Config{})
+	assert.ErrorIs(t, err, ErrInvalid, "region shorter than the header")
+}
+
+// corruptConsumer writes two records, lets scribble change the shared state
+// the producer owns, and checks the consumer reports ErrCorrupt, stickily,
+// without panicking or reading outside the ring.
+func TestConsumerRejectsHostileProducer(t *testing.T) {
+	const capacity = 256
+	tailAt := func(m []byte, v uint64) { binary.LittleEndian.PutUint64(m[ProducerSlotOffset:], v) }
+	recAt := func(m []byte, off int, length, typ uint32) {
+		binary.LittleEndian.PutUint64(m[DataOffset+off:], packRecordHeader(length, typ))
+	}
+	cases := map[string]func(m []byte){
+		"tail backwards":           func(m []byte) { tailAt(m, 8) },
+		"tail beyond a capacity":   func(m []byte) { tailAt(m, capacity+8) },
+		"tail misaligned":          func(m []byte) { tailAt(m, 33) },
+		"tail near 2^64":           func(m []byte) { tailAt(m, ^uint64(0)-7) },
+		"unknown record type":      func(m []byte) { recAt(m, 0, 8, 7) },
+		"zero record type":         func(m []byte) { recAt(m, 0, 8, 0) },
+		"length past published":    func(m []byte) { recAt(m, 0, 100, recordData) },
+		"length past data area":    func(m []byte) { tailAt(m, capacity); recAt(m, 0, capacity, recordData) },
+		"length 2^32-1":            func(m []byte) { recAt(m, 0, ^uint32(0), recordData) },
+		"padding not to the end":   func(m []byte) { recAt(m, 0, 8, recordPadding) },
+		"padding past published":   func(m []byte) { recAt(m, 0, capacity-8, recordPadding) },
+		"padding length overflows": func(m []byte) { recAt(m, 0, ^uint32(0)-6, recordPadding) },
+	}
+	for name, scribble := range cases {
+		t.Run(name, func(t *testing.T) {
+			p, c, mem := pair(t, capacity)
+			for i := 0; i < 2; i++ {
+				_, err := p.Write([]byte("12345678"))
+				require.NoError(t, err)
+			}
+			scribble(mem)
+			c.SetDeadline(expired())
+			var err error
+			for i := 0; i < 4 && err == nil; i++ {
+				_, err = c.Next()
+			}
+			require.ErrorIs(t, err, ErrCorrupt)
+			_, err = c.Next()
+			assert.ErrorIs(t, err, ErrCorrupt, "corruption is sticky")
+			_, err = c.ReadInto(make([]byte, 64))
+			assert.ErrorIs(t, err, ErrCorrupt)
+		})
+	}
+}
+
+func TestProducerRejectsHostileConsumer(t *testing.T) {
+	const capacity = 128
+	headAt := func(m []byte, v uint64) { binary.LittleEndian.PutUint64(m[ConsumerSlotOffset:], v) }
+	cases := map[string]func(m []byte){
+		"head beyond tail": func(m []byte) { headAt(m, 168) },
+		"head misaligned":  func(m []byte) { headAt(m, 12) },
+		"head backwards":   func(m []byte) { headAt(m, 0) },
+		"head near 2^64":   func(m []byte) { headAt(m, ^uint64(0)-7) },
+	}
+	for name, scribble := range cases {
+		t.Run(name, func(t *testing.T) {
+			p, c, mem := pair(t, capacity)
+			msg := make([]byte, 24)
+			for i := 0; i < 4; i++ { // fill the ring
+				_, err := p.Write(msg)
+				require.NoError(t, err)
+			}
+			_, err := c.Next()
+			require.NoError(t, err)
+			c.Release() // head = 32; the producer has seen 0 so far
+			_, err = p.Write(msg)
+			require.NoError(t, err) // the producer now caches head = 32
+			p.SetDeadline(expired())
+			_, err = p.Write(msg) // full again
+			require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+			scribble(mem)
+			_, err = p.Write(msg)
+			require.ErrorIs(t, err, ErrCorrupt)
+			_, err = p.Write(msg)
+			assert.ErrorIs(t, err, ErrCorrupt, "corruption is sticky")
+		})
+	}
+}

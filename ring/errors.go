@@ -1,0 +1,35 @@
+package ring
+
+import (
+	"errors"
+	"io"
+	"os"
+)
+
+var (
+	// ErrCorrupt reports that the peer broke the ring's invariants: a bad
+	// header, an index out of range, or a malformed record. It is sticky: the
+	// endpoint stays broken.
+	ErrCorrupt = errors.New("ring: corrupt")
+
+	// ErrInvalid reports a bad argument: a capacity, region or size the ring
+	// cannot use.
+	ErrInvalid = errors.New("ring: invalid argument")
+
+	// ErrTooLarge reports a reservation larger than MaxRecord.
+	ErrTooLarge = errors.New("ring: record too large")
+
+	// ErrPeerClosed reports that the consumer has closed: nothing written
+	// any more will be read.
+	ErrPeerClosed = errors.New("ring: peer closed")
+
+	// ErrClosed reports use of an endpoint after Close.
+	ErrClosed = os.ErrClosed
+
+	// ErrShortBuffer reports a ReadInto buffer smaller than the next record;
+	// the record stays in the ring.
+	ErrShortBuffer = io.ErrShortBuffer
+
+	// ErrNoReservation reports Commit without a matching Reserve.
+	ErrNoReservation = errors.New("ring: commit without reservation")
+)

@@ -1,0 +1,251 @@
+package ring
+
+import (
+	"encoding/binary"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/sypas/sypas/futex"
+)
+
+// Producer is the writing end of a ring. Its methods are for one goroutine at a
+// time, except SetDeadline, Close and Interrupt, which may be called from any
+// goroutine (for example to abort a blocked Reserve).
+type Producer struct {
+	data      []byte // the data area; len == capacity
+	capacity  uint64 // private copy of the validated header field
+	mask      uint64
+	maxRecord uint64
+
+	tail       *atomic.Uint64 // shared, written by us: end of published records
+	head       *atomic.Uint64 // shared, written by the peer: untrusted
+	peerSleep  *atomic.Uint32 // the consumer's sleep word: we clear it to wake it
+	peerClosed *atomic.Uint32 // the consumer's closed flag: untrusted, only compared with 0
+	closedFlag *atomic.Uint32 // our closed flag
+
+	pos        uint64 // end of committed records, published or not
+	published  uint64 // the last value stored to tail
+	cachedHead uint64 // the last validated head
+	resOff     uint64 // data offset of the reserved record's header
+	resLen     int    // reserved payload length; -1 when nothing is reserved
+	want       uint64 // free bytes the current wait needs; read by ready
+	err        error  // sticky: corruption or a closed peer
+
+	closed  atomic.Bool
+	waiter  *futex.Waiter
+	readyFn func() bool // p.ready, bound once so waiting allocates nothing
+}
+
+// NewProducer attaches the producer end to a ring laid out by Init. mem must
+// stay valid (mapped) until the producer is closed; the producer validates the
+// header once and never reads it again.
+func NewProducer(mem []byte, cfg Config) (*Producer, error) {
+	if err := cfg.Idle.Validate(); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	capacity, err := readHeader(mem)
+	if err != nil {
+		return nil, err
+	}
+	p := &Producer{
+		data:       mem[DataOffset : DataOffset+capacity : DataOffset+capacity],
+		capacity:   uint64(capacity),
+		mask:       uint64(capacity) - 1,
+		maxRecord:  uint64(MaxRecord(capacity)),
+		tail:       u64At(mem, ProducerSlotOffset+slotIndex),
+		closedFlag: u32At(mem, ProducerSlotOffset+slotClosed),
+		head:       u64At(mem, ConsumerSlotOffset+slotIndex),
+		peerSleep:  u32At(mem, ConsumerSlotOffset+slotSleep),
+		peerClosed: u32At(mem, ConsumerSlotOffset+slotClosed),
+		resLen:     -1,
+	}
+	p.pos = p.tail.Load()
+	p.published = p.pos
+	p.cachedHead = p.head.Load()
+	if p.pos&(RecordAlign-1) != 0 || p.cachedHead > p.pos || p.pos-p.cachedHead > p.capacity {
+		return nil, fmt.Errorf("%w: indices at attach: head %d, tail %d", ErrCorrupt, p.cachedHead, p.pos)
+	}
+	p.waiter = futex.NewWaiter(u32At(mem, ProducerSlotOffset+slotSleep), cfg.Idle)
+	p.readyFn = p.ready
+	return p, nil
+}
+
+// Capacity is the size of the data area in bytes.
+func (p *Producer) Capacity() int { return int(p.capacity) }
+
+// MaxRecord is the largest payload Reserve accepts.
+func (p *Producer) MaxRecord() int { return int(p.maxRecord) }
+
+// Reserve returns a slice of exactly n bytes inside the ring for the caller to
+// fill, then Commit. It waits, following the idle strategy and the deadline,
+// while the ring is full; nothing is ever dropped or overwritten. Before
+// waiting it publishes committed records, so the consumer can make room.
+// The slice is valid until Commit; a second Reserve before Commit fails.
+func (p *Producer) Reserve(n int) ([]byte, error) {
+	if err := p.usable(); err != nil {
+		return nil, err
+	}
+	if p.resLen >= 0 {
+		return nil, fmt.Errorf("%w: a reservation is already pending", ErrInvalid)
+	}
+	if n < 0 || uint64(n) > p.maxRecord {
+		return nil, fmt.Errorf("%w: %d bytes, the maximum is %d", ErrTooLarge, n, p.maxRecord)
+	}
+	size := align(RecordHeaderSize + uint64(n))
+	off := p.pos & p.mask
+	if rest := p.capacity - off; rest < size {
+		// Records never wrap: pad to the end of the data area, start at 0.
+		if err := p.waitFree(rest); err != nil {
+			return nil, err
+		}
+		binary.LittleEndian.PutUint64(p.data[off:], packRecordHeader(uint32(rest-RecordHeaderSize), recordPadding))
+		p.pos += rest
+		off = 0
+	}
+	if err := p.waitFree(size); err != nil {
+		return nil, err
+	}
+	p.resOff = off
+	p.resLen = n
+	start := off + RecordHeaderSize
+	return p.data[start : start+uint64(n) : start+uint64(n)], nil
+}
+
+// Commit ends the pending reservation with a record of its first n bytes
+// (n may be less than reserved). The record header, with its length, is
+// written last, after the payload. The record becomes visible to the consumer
+// at the next Flush; commit several records and Flush once to publish them
+// with one index store.
+func (p *Producer) Commit(n int) error {
+	if p.resLen < 0 {
+		return ErrNoReservation
+	}
+	if n < 0 || n > p.resLen {
+		return fmt.Errorf("%w: commit of %d bytes, %d reserved", ErrInvalid, n, p.resLen)
+	}
+	binary.LittleEndian.PutUint64(p.data[p.resOff:], packRecordHeader(uint32(n), recordData))
+	p.pos += align(RecordHeaderSize + uint64(n))
+	p.resLen = -1
+	return nil
+}
+
+// Flush publishes every committed record with one store of the tail index and
+// wakes the consumer if, and only if, it is parked. It reports ErrPeerClosed
+// once the consumer has closed.
+func (p *Producer) Flush() error {
+	if p.err != nil {
+		return p.err
+	}
+	if p.pos != p.published {
+		p.tail.Store(p.pos)
+		p.published = p.pos
+		futex.Notify(p.peerSleep)
+	}
+	if p.peerClosed.Load() != 0 {
+		p.err = ErrPeerClosed
+		return p.err
+	}
+	return nil
+}
+
+// Write copies b into the ring as one record and publishes it: Reserve, copy,
+// Commit, Flush.
+func (p *Producer) Write(b []byte) (int, error) {
+	buf, err := p.Reserve(len(b))
+	if err != nil {
+		return 0, err
+	}
+	copy(buf, b)
+	if err := p.Commit(len(b)); err != nil {
+		return 0, err
+	}
+	if err := p.Flush(); err != nil {
+		return 0, err
+	}
+	return len(b), nil
+}
+
+// SetDeadline bounds how long Reserve and Write wait for room, with net.Conn
+// semantics: a zero time means no deadline, and a passed deadline fails them
+// with an error matching os.ErrDeadlineExceeded. It may be changed while a call
+// is waiting.
+func (p *Producer) SetDeadline(t time.Time) { p.waiter.SetDeadline(t) }
+
+// Interrupt makes a waiting or future wait for room fail with err; the control
+// plane calls it when the consumer's process dies. The first error sticks.
+func (p *Producer) Interrupt(err error) { p.waiter.Interrupt(err) }
+
+// Close marks the producer closed: once the consumer has read every record
+// published before Close, it gets io.EOF. Committed records that were not
+// flushed are not published; Flush first. Close wakes a blocked Reserve, which
+// returns ErrClosed, and is idempotent. It does not unmap the region.
+func (p *Producer) Close() error {
+	if !p.closed.CompareAndSwap(false, true) {
+		return nil
+	}
+	p.closedFlag.Store(1)
+	futex.Notify(p.peerSleep)
+	return p.waiter.Close()
+}
+
+func (p *Producer) usable() error {
+	if p.closed.Load() {
+		return ErrClosed
+	}
+	return p.err
+}
+
+func (p *Producer) free() uint64 { return p.capacity - (p.pos - p.cachedHead) }
+
+// waitFree returns once `need` bytes after pos are free.
+func (p *Producer) waitFree(need uint64) error {
+	if p.free() >= need {
+		return nil
+	}
+	if !p.refreshHead() {
+		return p.err
+	}
+	if p.free() >= need {
+		return nil
+	}
+	if err := p.Flush(); err != nil {
+		return err
+	}
+	p.want = need
+	if err := p.waiter.Wait(p.readyFn); err != nil {
+		return err
+	}
+	if p.err != nil {
+		return p.err
+	}
+	if p.closed.Load() {
+		return ErrClosed
+	}
+	return nil
+}
+
+// ready is the wait condition: room, a broken peer, or a closed one.
+func (p *Producer) ready() bool {
+	if !p.refreshHead() {
+		return true
+	}
+	if p.peerClosed.Load() != 0 {
+		p.err = ErrPeerClosed
+		return true
+	}
+	return p.free() >= p.want || p.closed.Load()
+}
+
+// refreshHead reads the consumer's index once and validates it: it only moves
+// forward, never past what we published, in whole records. It reports false,
+// and sets the sticky error, on a violation.
+func (p *Producer) refreshHead() bool {
+	h := p.head.Load()
+	if h < p.cachedHead || h > p.published || h&(RecordAlign-1) != 0 {
+		p.err = fmt.Errorf("%w: consumer index %d outside [%d, %d]", ErrCorrupt, h, p.cachedHead, p.published)
+		return false
+	}
+	p.cachedHead = h
+	return true
+}

@@ -1,0 +1,393 @@
+package ring
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/sypas/sypas/futex"
+)
+
+// newMem returns an 8-byte aligned, initialised region for a ring of capacity bytes.
+func newMem(t testing.TB, capacity int) []byte {
+	t.Helper()
+	words := make([]uint64, (Size(capacity)+7)/8)
+	mem := unsafeBytes(words)[:Size(capacity)]
+	require.NoError(t, Init(mem, capacity))
+	return mem
+}
+
+// pair attaches both ends to a fresh ring; parkCfg avoids burning CPU in tests.
+func pair(t testing.TB, capacity int) (*Producer, *Consumer, []byte) {
+	t.Helper()
+	mem := newMem(t, capacity)
+	cfg := Config{Idle: futex.Config{Policy: futex.PolicyPark}}
+	p, err := NewProducer(mem, cfg)
+	require.NoError(t, err)
+	c, err := NewConsumer(mem, cfg)
+	require.NoError(t, err)
+	return p, c, mem
+}
+
+// expired sets a deadline in the past, so waiting calls fail at once.
+func expired() time.Time { return time.Now().Add(-time.Second) }
+
+func TestInitRejectsBadArguments(t *testing.T) {
+	words := make([]uint64, 1024)
+	mem := unsafeBytes(words)
+	for _, c := range []int{0, 8, 63, 100, 3000, MaxCapacity * 2} {
+		assert.ErrorIs(t, Init(mem, c), ErrInvalid, "capacity %d", c)
+	}
+	assert.ErrorIs(t, Init(mem[:Size(1024)-1], 1024), ErrInvalid, "short region")
+	assert.ErrorIs(t, Init(mem[1:Size(512)+1], 512), ErrInvalid, "misaligned region")
+	require.NoError(t, Init(mem, 4096))
+	assert.Equal(t, "SYPASRNG", string(mem[:8]))
+}
+
+func TestWriteThenRead(t *testing.T) {
+	p, c, _ := pair(t, 1024)
+	for _, msg := range []string{"", "a", "hello, ring", string(bytes.Repeat([]byte{7}, 100))} {
+		n, err := p.Write([]byte(msg))
+		require.NoError(t, err)
+		assert.Equal(t, len(msg), n)
+	}
+	for _, want := range []string{"", "a", "hello, ring"} {
+		got, err := c.Next()
+		require.NoError(t, err)
+		assert.Equal(t, want, string(got))
+	}
+	buf := make([]byte, 99)
+	_, err := c.ReadInto(buf)
+	assert.ErrorIs(t, err, ErrShortBuffer)
+	buf = make([]byte, 200)
+	n, err := c.ReadInto(buf) // the record stayed in the ring
+	require.NoError(t, err)
+	assert.Equal(t, bytes.Repeat([]byte{7}, 100), buf[:n])
+
+	c.SetDeadline(expired())
+	_, err = c.Next()
+	assert.ErrorIs(t, err, os.ErrDeadlineExceeded)
+}
+
+func TestRecordsAreAlignedAndTailIsPublishedOnce(t *testing.T) {
+	p, c, mem := pair(t, 1024)
+	tail := u64At(mem, ProducerSlotOffset)
+	for i := 0; i < 3; i++ {
+		b, err := p.Reserve(5)
+		require.NoError(t, err)
+		copy(b, "abcde")
+		require.NoError(t, p.Commit(5))
+	}
+	assert.Zero(t, tail.Load(), "committed records are not visible before Flush")
+	c.SetDeadline(expired())
+	_, err := c.Next()
+	assert.ErrorIs(t, err, os.ErrDeadlineExceeded)
+
+	require.NoError(t, p.Flush())
+	assert.Equal(t, uint64(3*16), tail.Load(), "one store publishes the batch; each record is 8+5 rounded up to 16")
+	c.SetDeadline(time.Time{})
+	for i := 0; i < 3; i++ {
+		b, err := c.Next()
+		require.NoError(t, err)
+		assert.Equal(t, "abcde", string(b))
+	}
+	assert.Zero(t, u64At(mem, ConsumerSlotOffset).Load(), "nothing released before Release")
+	c.Release()
+	assert.Equal(t, uint64(48), u64At(mem, ConsumerSlotOffset).Load(), "one store releases the batch")
+}
+
+func TestCommitShorterThanReserved(t *testing.T) {
+	p, c, _ := pair(t, 256)
+	b, err := p.Reserve(100)
+	require.NoError(t, err)
+	copy(b, "short")
+	require.NoError(t, p.Commit(5))
+	require.NoError(t, p.Flush())
+	got, err := c.Next()
+	require.NoError(t, err)
+	assert.Equal(t, "short", string(got))
+
+	assert.ErrorIs(t, p.Commit(1), ErrNoReservation)
+	_, err = p.Reserve(8)
+	require.NoError(t, err)
+	_, err = p.Reserve(8)
+	assert.ErrorIs(t, err, ErrInvalid, "second reservation before Commit")
+	assert.ErrorIs(t, p.Commit(9), ErrInvalid, "commit more than reserved")
+	require.NoError(t, p.Commit(8))
+}
+
+func TestWrapInsertsPaddingAndKeepsRecordsContiguous(t *testing.T) {
+	p, c, mem := pair(t, 256)
+	data := mem[DataOffset:]
+	msg := bytes.Repeat([]byte{0xAB}, 100) // 112 bytes a record
+	for lap := 0; lap < 5; lap++ {
+		_, err := p.Write(msg)
+		require.NoError(t, err)
+		_, err = p.Write(msg)
+		require.NoError(t, err)
+		for i := 0; i < 2; i++ {
+			got, err := c.Next()
+			require.NoError(t, err)
+			require.Equal(t, msg, got)
+			c.Release()
+		}
+	}
+	// 224 bytes used per lap leave 32 at the end: the third record pads them.
+	hdr := binary.LittleEndian.Uint64(data[224:])
+	assert.Equal(t, packRecordHeader(24, recordPadding), hdr, "padding record at the wrap")
+}
+
+func TestMaxRecordAndTooLarge(t *testing.T) {
+	p, c, _ := pair(t, 512)
+	assert.Equal(t, 504, p.MaxRecord())
+	_, err := p.Reserve(505)
+	assert.ErrorIs(t, err, ErrTooLarge)
+	_, err = p.Reserve(-1)
+	assert.ErrorIs(t, err, ErrTooLarge)
+
+	// Move off 0 so the biggest record has to pad and wait for the ring to empty.
+	_, err = p.Write([]byte("x"))
+	require.NoError(t, err)
+	done := make(chan error, 1)
+	big := bytes.Repeat([]byte{1}, 504)
+	go func() { _, err := p.Write(big); done <- err }()
+	got, err := c.Next()
+	require.NoError(t, err)
+	assert.Equal(t, "x", string(got))
+	c.Release()
+	got, err = c.Next()
+	require.NoError(t, err)
+	assert.Equal(t, big, got)
+	require.NoError(t, <-done)
+}
+
+func TestFullRingAppliesBackpressure(t *testing.T) {
+	p, c, _ := pair(t, 128)
+	msg := make([]byte, 24) // 32-byte records: four fill the ring
+	for i := 0; i < 4; i++ {
+		msg[0] = byte(i)
+		_, err := p.Write(msg)
+		require.NoError(t, err)
+	}
+	p.SetDeadline(time.Now().Add(20 * time.Millisecond))
+	_, err := p.Write(msg)
+	assert.ErrorIs(t, err, os.ErrDeadlineExceeded, "a full ring waits, then fails at the deadline; nothing is dropped")
+
+	p.SetDeadline(time.Time{})
+	done := make(chan error, 1)
+	go func() { msg[0] = 4; _, err := p.Write(msg); done <- err }()
+	for i := 0; i < 5; i++ {
+		got, err := c.Next()
+		require.NoError(t, err)
+		assert.Equal(t, byte(i), got[0], "records arrive in order")
+		c.Release()
+	}
+	require.NoError(t, <-done)
+}
+
+func TestProducerCloseGivesEOFAfterDrain(t *testing.T) {
+	p, c, _ := pair(t, 256)
+	for _, s := range []string{"one", "two"} {
+		_, err := p.Write([]byte(s))
+		require.NoError(t, err)
+	}
+	require.NoError(t, p.Close())
+	require.NoError(t, p.Close(), "idempotent")
+	_, err := p.Write([]byte("three"))
+	assert.ErrorIs(t, err, ErrClosed)
+	for _, s := range []string{"one", "two"} {
+		got, err := c.Next()
+		require.NoError(t, err)
+		assert.Equal(t, s, string(got))
+	}
+	_, err = c.Next()
+	assert.ErrorIs(t, err, io.EOF)
+}
+
+func TestProducerCloseWakesParkedConsumer(t *testing.T) {
+	p, c, _ := pair(t, 256)
+	done := make(chan error, 1)
+	go func() { _, err := c.Next(); done <- err }()
+	time.Sleep(10 * time.Millisecond)
+	require.NoError(t, p.Close())
+	assert.ErrorIs(t, <-done, io.EOF)
+}
+
+func TestConsumerCloseFailsWritesAndWakesProducer(t *testing.T) {
+	p, c, _ := pair(t, 128)
+	msg := make([]byte, 56)
+	for i := 0; i < 2; i++ {
+		_, err := p.Write(msg)
+		require.NoError(t, err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := p.Write(msg); done <- err }()
+	time.Sleep(10 * time.Millisecond)
+	require.NoError(t, c.Close())
+	assert.ErrorIs(t, <-done, ErrPeerClosed)
+	_, err := c.Next()
+	assert.ErrorIs(t, err, ErrClosed)
+}
+
+func TestLocalCloseAndInterruptWakeBlockedCalls(t *testing.T) {
+	p, c, _ := pair(t, 128)
+	done := make(chan error, 1)
+	go func() { _, err := c.Next(); done <- err }()
+	time.Sleep(10 * time.Millisecond)
+	require.NoError(t, c.Close())
+	assert.ErrorIs(t, <-done, ErrClosed)
+
+	p, _, _ = pair(t, 128) // a fresh ring: the closed consumer fails writes
+	errPeerDied := errors.New("peer died")
+	for i := 0; i < 4; i++ {
+		_, err := p.Write(make([]byte, 24))
+		require.NoError(t, err)
+	}
+	go func() { _, err := p.Write(make([]byte, 24)); done <- err }()
+	time.Sleep(10 * time.Millisecond)
+	p.Interrupt(errPeerDied)
+	assert.ErrorIs(t, <-done, errPeerDied)
+}
+
+func TestDeadlineChangeWakesWaiter(t *testing.T) {
+	_, c, _ := pair(t, 128)
+	done := make(chan error, 1)
+	go func() { _, err := c.Next(); done <- err }()
+	time.Sleep(10 * time.Millisecond)
+	c.SetDeadline(time.Now())
+	select {
+	case err := <-done:
+		assert.ErrorIs(t, err, os.ErrDeadlineExceeded)
+	case <-time.After(5 * time.Second):
+		t.Fatal("a parked Next did not notice its new deadline")
+	}
+}
+
+// TestRandomAgainstModel drives both ends from one goroutine with random
+// sizes, batches and releases, checking every record against a FIFO of
+// committed records: nothing lost, duplicated, reordered or corrupted.
+func TestRandomAgainstModel(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, capacity := range []int{64, 256, 4096} {
+		p, c, _ := pair(t, capacity)
+		p.SetDeadline(expired())
+		c.SetDeadline(expired())
+		var committed [][]byte
+		read := 0
+		for step := 0; step < 20000; step++ {
+			switch rng.IntN(5) {
+			case 0, 1: // produce a record, sometimes the largest there is
+				n := rng.IntN(min(40, p.MaxRecord()) + 1)
+				if rng.IntN(8) == 0 {
+					n = rng.IntN(p.MaxRecord() + 1)
+				}
+				b, err := p.Reserve(n)
+				if errors.Is(err, os.ErrDeadlineExceeded) {
+					continue // full: nothing was reserved
+				}
+				require.NoError(t, err)
+				for i := range b {
+					b[i] = byte(rng.Uint32())
+				}
+				committed = append(committed, bytes.Clone(b))
+				require.NoError(t, p.Commit(n))
+			case 2:
+				require.NoError(t, p.Flush())
+			case 3: // consume
+				got, err := c.Next()
+				if errors.Is(err, os.ErrDeadlineExceeded) {
+					continue
+				}
+				require.NoError(t, err)
+				require.Equal(t, committed[read], got, "record %d", read)
+				read++
+			case 4:
+				c.Release()
+			}
+		}
+		require.NoError(t, p.Flush())
+		for ; read < len(committed); read++ {
+			got, err := c.Next()
+			require.NoError(t, err)
+			require.Equal(t, committed[read], got, "record %d", read)
+		}
+		c.Release()
+		_, err := c.Next()
+		assert.ErrorIs(t, err, os.ErrDeadlineExceeded, "nothing beyond what was committed")
+	}
+}
+
+// TestConcurrentStream checks order and content with both ends running at once.
+func TestConcurrentStream(t *testing.T) {
+	p, c, _ := pair(t, 4096)
+	const n = 20000
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		rng := rand.New(rand.NewPCG(3, 4))
+		buf := make([]byte, 600)
+		for i := 0; i < n; i++ {
+			m := 8 + rng.IntN(len(buf)-8)
+			binary.LittleEndian.PutUint64(buf, uint64(i))
+			for j := 8; j < m; j++ {
+				buf[j] = byte(i + j)
+			}
+			if _, err := p.Write(buf[:m]); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+		p.Close()
+	}()
+	for i := 0; ; i++ {
+		got, err := c.Next()
+		if errors.Is(err, io.EOF) {
+			assert.Equal(t, n, i)
+			break
+		}
+		require.NoError(t, err)
+		require.Equal(t, uint64(i), binary.LittleEndian.Uint64(got))
+		for j := 8; j < len(got); j++ {
+			if got[j] != byte(i+j) {
+				t.Fatalf("record %d byte %d corrupted", i, j)
+			}
+		}
+		if i%7 == 0 {
+			c.Release()
+		}
+	}
+	wg.Wait()
+}
+
+func TestHotPathsDoNotAllocate(t *testing.T) {
+	p, c, _ := pair(t, 4096)
+	msg := make([]byte, 64)
+	buf := make([]byte, 64)
+	allocs := testing.AllocsPerRun(1000, func() {
+		if _, err := p.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Next(); err != nil {
+			t.Fatal(err)
+		}
+		c.Release()
+		b, _ := p.Reserve(64)
+		copy(b, msg)
+		_ = p.Commit(64)
+		_ = p.Flush()
+		if _, err := c.ReadInto(buf); err != nil {
+			t.Fatal(err)
+		}
+	})
+	assert.Zero(t, allocs)
+}

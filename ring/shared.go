@@ -1,0 +1,63 @@
+package ring
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/sypas/sypas/internal/shm"
+)
+
+// Region is the memory of one ring in a sealed memfd, mapped into this
+// process. The creator passes File to the other process (ExtraFiles, or
+// SCM_RIGHTS over the control socket), which maps it with OpenRegion; each side
+// then attaches its end with NewProducer or NewConsumer on Bytes.
+type Region struct {
+	shm      *shm.Region
+	capacity int
+}
+
+// CreateRegion makes a sealed memfd large enough for a ring of capacity data
+// bytes and lays out an empty ring in it.
+func CreateRegion(capacity int) (*Region, error) {
+	if err := checkCapacity(uint64(capacity)); err != nil {
+		return nil, err
+	}
+	r, err := shm.Create("sypas-ring", Size(capacity))
+	if err != nil {
+		return nil, fmt.Errorf("ring: %w", err)
+	}
+	if err := Init(r.Bytes(), capacity); err != nil {
+		r.Close()
+		return nil, err
+	}
+	return &Region{shm: r, capacity: capacity}, nil
+}
+
+// OpenRegion maps a ring region received from a peer, whose capacity was
+// agreed beforehand. It takes ownership of f: on failure f is closed. The
+// memfd must be sealed against shrinking and growing and be exactly
+// Size(capacity) bytes; the ring header is validated when an end attaches.
+func OpenRegion(f *os.File, capacity int) (*Region, error) {
+	if err := checkCapacity(uint64(capacity)); err != nil {
+		f.Close()
+		return nil, err
+	}
+	r, err := shm.Open(f, Size(capacity))
+	if err != nil {
+		return nil, fmt.Errorf("ring: %w", err)
+	}
+	return &Region{shm: r, capacity: capacity}, nil
+}
+
+// Bytes is the mapped region, for NewProducer or NewConsumer.
+func (r *Region) Bytes() []byte { return r.shm.Bytes() }
+
+// File is the memfd, still owned by the region, to pass to the peer.
+func (r *Region) File() *os.File { return r.shm.File() }
+
+// Capacity is the size of the ring's data area.
+func (r *Region) Capacity() int { return r.capacity }
+
+// Close unmaps the region and closes the memfd. Close the ring's ends, and drop
+// every view, first. It is idempotent.
+func (r *Region) Close() error { return r.shm.Close() }

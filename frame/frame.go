@@ -143,7 +143,24 @@ func (h *Header) decode(b []byte, cfg Config) (uint32, error) {
 		Correlation: binary.LittleEndian.Uint64(b[offCorrelation:]),
 		CapRef:      binary.LittleEndian.Uint64(b[offCapRef:]),
 	}
-	// From here on only the private copies are used.
+	// From here on only the private copies are used. The fast path is
+	// one branch; the error is built out of line so that decode stays
+	// small.
+	limit := cfg.Limit()
+	if magic != Magic || version != Version || !h.Type.Valid() ||
+		h.Flags&^allowedFlags[h.Type] != 0 || h.HeaderLen < HeaderSize ||
+		h.HeaderLen > MaxHeaderLen || h.HeaderLen%8 != 0 || uint64(h.PayloadLen) > uint64(limit) ||
+		reserved != 0 || (!h.Flags.Has(FlagChecksum) && (crc != 0 || cfg.RequireChecksum)) {
+		return 0, h.invalid(magic, version, reserved, crc, cfg)
+	}
+	return crc, nil
+}
+
+// invalid builds the error for a header that failed validation, checking
+// in the order of docs/PROTOCOL.md 2.5, and zeroes h.
+//
+//go:noinline
+func (h *Header) invalid(magic uint32, version uint8, reserved uint16, crc uint32, cfg Config) error {
 	var err error
 	switch {
 	case magic != Magic:
@@ -163,11 +180,11 @@ func (h *Header) decode(b []byte, cfg Config) (uint32, error) {
 			}
 		}
 	}
-	if err != nil {
-		*h = Header{}
-		return 0, err
+	if err == nil { // unreachable while the fast path mirrors the checks above
+		err = fmt.Errorf("%w: header rejected", ErrReserved)
 	}
-	return crc, nil
+	*h = Header{}
+	return err
 }
 
 // validate checks the fields common to decoding and encoding.

@@ -4,3 +4,8 @@
 TEXT ·cpuRelax(SB), NOSPLIT|NOFRAME, $0-0
 	YIELD
 	RET
+
+// func fullFence()
+TEXT ·fullFence(SB), NOSPLIT|NOFRAME, $0-0
+	DMB	$0xb // DMB ISH
+	RET

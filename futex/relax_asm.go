@@ -9,3 +9,9 @@ package futex
 //
 //go:noescape
 func cpuRelax()
+
+// fullFence orders every earlier load and store before every later one
+// (MFENCE, DMB ISH). See raceFence for the one place it is needed.
+//
+//go:noescape
+func fullFence()

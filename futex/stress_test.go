@@ -124,9 +124,11 @@ func runCrossProcess(t *testing.T, p stressParams) {
 
 	w := NewWaiter(l.prodSleep, Config{Policy: p.policy})
 	defer w.Close()
-	stop := make(chan struct{})
-	defer close(stop)
-	go watchdog(w, l, p, stop, exited)
+	// The watchdog reads the shared page: it must be gone before the deferred
+	// region.Close unmaps it.
+	stop, watchdogDone := make(chan struct{}), make(chan struct{})
+	defer func() { close(stop); <-watchdogDone }()
+	go func() { defer close(watchdogDone); watchdog(w, l, p, stop, exited) }()
 
 	r := rand.New(rand.NewPCG(p.seed, 1))
 	var next uint32

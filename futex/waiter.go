@@ -36,6 +36,7 @@ const (
 // When the peer is not parked it costs one load of a cache line nobody
 // writes, and allocates nothing.
 func Notify(word *atomic.Uint32) bool {
+	raceFence() // order the caller's data store before our load of word
 	if word.Load() != awake && word.Swap(awake) != awake {
 		_, _ = Wake(word, 1) // fails only for a bad address, which Load would have faulted on
 		return true
@@ -164,8 +165,10 @@ func (w *Waiter) park(ready func() bool) error {
 		// Publish "parked" before the last look at the condition: a notifier
 		// that stored its data after our look will see the flag and wake us.
 		// The same holds for SetDeadline, Close and Interrupt, which swap the
-		// word after changing their state (see kick).
-		w.word.Store(parked)
+		// word after changing their state (see kick). Swap rather than Store:
+		// a read-modify-write is a full barrier even under the race detector,
+		// where Store is only a release (see raceFence).
+		w.word.Swap(parked)
 		if ready() {
 			w.word.Store(awake)
 			return nil
@@ -248,6 +251,7 @@ func (w *Waiter) Interrupt(err error) {
 // FUTEX_WAIT return at once, and the wake reaches one already asleep even if
 // a hostile peer reset the word.
 func (w *Waiter) kick() {
+	raceFence()
 	w.word.Swap(awake)
 	_, _ = Wake(w.word, 1)
 }

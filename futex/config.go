@@ -58,7 +58,12 @@ const Off time.Duration = -1
 //     When nothing else wants the CPU, sched_yield returns at once and this
 //     phase is a slower spin, bounded in time like the spin phase.
 //
-// Together a miss burns at most ~40 µs of CPU before parking.
+// Together a miss burns at most ~40 µs of CPU before parking (30 µs in a VM).
+// These are ceilings: a PolicyAuto Waiter halves its budgets, down to 1/32,
+// after each wait that busy-waiting did not serve faster than a park would
+// have, and doubles them back after each one it did. On an oversubscribed
+// machine, where the peer is often not running while we spin, that brings
+// the cost of a miss close to a plain park.
 const (
 	DefaultSpin   = 20 * time.Microsecond
 	DefaultVMSpin = 10 * time.Microsecond

@@ -17,6 +17,16 @@
 // wake-up is lost. Both the data store and the condition's load must be
 // sync/atomic operations for this to hold.
 //
+// Under the race detector, sync/atomic Store is only a release store and Load
+// only an acquire load, which Dekker's pattern cannot survive; this package
+// compensates internally (see raceFence), as long as Notify is called right
+// after the data store. The race detector also sees no happens-before edge
+// through memory outside the Go heap, such as a mapped region.
+//
+// The sleep word must be 4-byte aligned (atomic.Uint32 is; a word cast from a
+// mapping must sit at an offset that is a multiple of 4) and must stay mapped
+// until every Wait on it has returned.
+//
 // Before parking, a Waiter can spin and then yield the CPU for a bounded time
 // (see Config), which catches a busy peer without a system call.
 //

@@ -23,6 +23,16 @@ var (
 // budget and the deadline are still checked every microsecond or so.
 const spinCheckEvery = 64
 
+// maxBackoff bounds PolicyAuto's adaptive shrinking of the busy budgets to
+// 1/32 of the configured ones: with the defaults, well under a microsecond,
+// which the spin loop's clock check rounds up to about one check interval.
+const maxBackoff = 5
+
+// parkCost is about what parking costs the waiter in latency: a
+// cross-process futex round trip on the reference machine. A busy wait that
+// lasts longer than this was not worth its CPU.
+const parkCost = 5 * time.Microsecond
+
 // Sleep word values.
 const (
 	awake  = 0 // not parked: Notify does nothing
@@ -62,6 +72,11 @@ type Waiter struct {
 	// deadline is the deadline as nanoseconds since base; 0 = none, and a
 	// deadline at or before base is stored as -1 (past).
 	deadline atomic.Int64
+
+	// backoff is the PolicyAuto busy-budget shift, 0..maxBackoff. Only Wait
+	// touches it; atomic so that successive Waits from different goroutines
+	// need no other synchronization.
+	backoff atomic.Uint32
 
 	closed atomic.Bool
 	intr   atomic.Pointer[error] // first Interrupt error, nil if none
@@ -113,20 +128,51 @@ func (w *Waiter) Wait(ready func() bool) error {
 	if cfg.Policy == PolicyPark {
 		return w.park(ready)
 	}
+	// The busy budgets adapt: a Wait that the busy phases satisfy faster than
+	// a park would have (parkCost) doubles them back towards the configured
+	// values; one that took longer, or spun and yielded in vain and then
+	// parked, halves them (down to 1/2^maxBackoff). A peer that answers
+	// quickly keeps the budget whole; on a machine so loaded that the peer
+	// rarely runs while we spin, we stop burning the budget before parking.
+	shift := w.backoff.Load()
+	spin, yield := cfg.Spin>>shift, cfg.Yield>>shift // Off stays negative
+	ok, err := w.busyWait(ready, now, spin, yield)
+	if err != nil {
+		return err
+	}
+	if ok && w.now()-now <= parkCost {
+		if shift > 0 {
+			w.backoff.Store(shift - 1)
+		}
+		return nil
+	}
+	if shift < maxBackoff && (spin > 0 || yield > 0) {
+		w.backoff.Store(shift + 1)
+	}
+	if ok {
+		return nil
+	}
+	return w.park(ready)
+}
 
-	if cfg.Spin > 0 {
-		end := now + cfg.Spin
+// busyWait polls ready, spinning for the spin budget and then yielding for
+// the yield budget (forever under PolicySpin). It reports whether ready
+// became true, or the error that ended the wait.
+func (w *Waiter) busyWait(ready func() bool, now, spin, yield time.Duration) (bool, error) {
+	if spin > 0 {
+		end := now + spin
 		for i := 1; ; i++ {
 			cpuRelax()
 			if ready() {
-				return nil
+				return true, nil
 			}
 			if i%spinCheckEvery == 0 {
 				if err := w.stopErr(); err != nil {
-					return err
+					return false, err
 				}
-				if now = w.now(); w.checkDeadline(now) != nil {
-					return os.ErrDeadlineExceeded
+				now = w.now()
+				if err := w.checkDeadline(now); err != nil {
+					return false, err
 				}
 				if now >= end {
 					break
@@ -134,27 +180,27 @@ func (w *Waiter) Wait(ready func() bool) error {
 			}
 		}
 	}
-
-	if cfg.Policy == PolicySpin || cfg.Yield > 0 {
-		end := now + cfg.Yield
+	forever := w.cfg.Policy == PolicySpin
+	if forever || yield > 0 {
+		end := now + yield
 		for {
 			osYield()
 			if ready() {
-				return nil
+				return true, nil
 			}
 			if err := w.stopErr(); err != nil {
-				return err
+				return false, err
 			}
 			now = w.now()
 			if err := w.checkDeadline(now); err != nil {
-				return err
+				return false, err
 			}
-			if cfg.Policy != PolicySpin && now >= end {
+			if !forever && now >= end {
 				break
 			}
 		}
 	}
-	return w.park(ready)
+	return false, nil
 }
 
 // park runs the waiter's side of the sleep-word protocol until ready reports

@@ -288,3 +288,36 @@ func pace(r *rand.Rand) {
 		time.Sleep(time.Duration(r.IntN(100)) * time.Microsecond)
 	}
 }
+
+// TestWaiterAdaptiveBudget checks that PolicyAuto shrinks its busy budgets
+// when busy-waiting does not pay off and restores them when it does.
+func TestWaiterAdaptiveBudget(t *testing.T) {
+	var word atomic.Uint32
+	var data atomic.Uint32
+	w := NewWaiter(&word, Config{})
+	w.SetDeadline(time.Now().Add(time.Minute))
+
+	for i := uint32(1); i <= maxBackoff+2; i++ {
+		go func() {
+			time.Sleep(3 * time.Millisecond) // far beyond the busy budgets
+			data.Store(i)
+			Notify(&word)
+		}()
+		require.NoError(t, w.Wait(func() bool { return data.Load() >= i }))
+	}
+	assert.EqualValues(t, maxBackoff, w.backoff.Load(), "waits that ended parked shrink the budget")
+	assert.Equal(t, Config{}.Resolved(), w.Config(), "the configured budgets are unchanged")
+
+	var polls atomic.Int32
+	quick := func() bool { return polls.Add(1)%4 == 0 } // ready after a few polls
+	for range maxBackoff + 2 {
+		require.NoError(t, w.Wait(quick))
+	}
+	assert.EqualValues(t, 0, w.backoff.Load(), "waits that busy-waiting satisfied restore it")
+
+	p := NewWaiter(&word, Config{Policy: PolicyPark})
+	data.Store(0)
+	go func() { time.Sleep(time.Millisecond); data.Store(1); Notify(&word) }()
+	require.NoError(t, p.Wait(func() bool { return data.Load() == 1 }))
+	assert.EqualValues(t, 0, p.backoff.Load(), "PolicyPark has no budget to adapt")
+}

@@ -128,12 +128,16 @@ func (w *Waiter) Wait(ready func() bool) error {
 	if cfg.Policy == PolicyPark {
 		return w.park(ready)
 	}
-	// The busy budgets adapt: a Wait that the busy phases satisfy faster than
+	// PolicyAuto's busy budgets adapt (PolicySpin's stay whole): a Wait that the busy phases satisfy faster than
 	// a park would have (parkCost) doubles them back towards the configured
 	// values; one that took longer, or spun and yielded in vain and then
 	// parked, halves them (down to 1/2^maxBackoff). A peer that answers
 	// quickly keeps the budget whole; on a machine so loaded that the peer
 	// rarely runs while we spin, we stop burning the budget before parking.
+	if cfg.Policy == PolicySpin {
+		_, err := w.busyWait(ready, now, cfg.Spin, Off) // returns only when done
+		return err
+	}
 	shift := w.backoff.Load()
 	spin, yield := cfg.Spin>>shift, cfg.Yield>>shift // Off stays negative
 	ok, err := w.busyWait(ready, now, spin, yield)

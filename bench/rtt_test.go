@@ -1,0 +1,362 @@
+package bench
+
+import (
+	"encoding/binary"
+	"errors"
+	"io"
+	"os"
+	"strconv"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sypas/sypas/futex"
+	"github.com/sypas/sypas/internal/shm"
+	"github.com/sypas/sypas/ring"
+)
+
+const msgSize = 64
+
+// BenchmarkRoundTrip: a 64-byte message to another process and back.
+func BenchmarkRoundTrip(b *testing.B) {
+	b.Run("ring-spin", func(b *testing.B) { benchRingRTT(b, futex.PolicySpin) })
+	b.Run("ring-park", func(b *testing.B) { benchRingRTT(b, futex.PolicyPark) })
+	b.Run("ring-auto", func(b *testing.B) { benchRingRTT(b, futex.PolicyAuto) })
+	b.Run("raw-cacheline", benchCacheLineRTT)
+	b.Run("raw-futex", benchFutexRTT)
+	b.Run("unix-socket", benchUnixRTT)
+	b.Run("pipe", benchPipeRTT)
+}
+
+const rttRingCapacity = 1 << 16
+
+func init() {
+	peers["ring-echo"] = ringEcho
+	peers["cacheline-echo"] = cacheLineEcho
+	peers["futex-echo"] = futexEcho
+	peers["fd-echo"] = fdEcho
+}
+
+func benchRingRTT(b *testing.B, policy futex.Policy) {
+	req, err := ring.CreateRegion(rttRingCapacity)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer req.Close()
+	resp, err := ring.CreateRegion(rttRingCapacity)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer resp.Close()
+	cfg := ring.Config{Idle: futex.Config{Policy: policy}}
+	p, err := ring.NewProducer(req.Bytes(), cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	c, err := ring.NewConsumer(resp.Bytes(), cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	cmd := startPeer(b, "ring-echo", []*os.File{req.File(), resp.File()},
+		"CAP="+strconv.Itoa(rttRingCapacity), "POLICY="+strconv.Itoa(int(policy)))
+
+	roundTrip := func(seq uint64) {
+		m, err := p.Reserve(msgSize)
+		if err != nil {
+			b.Fatal(err)
+		}
+		binary.LittleEndian.PutUint64(m, seq)
+		p.Commit(msgSize)
+		if err := p.Flush(); err != nil {
+			b.Fatal(err)
+		}
+		got, err := c.Next()
+		if err != nil || len(got) != msgSize || binary.LittleEndian.Uint64(got) != seq {
+			b.Fatalf("round trip %d: %d bytes, %v", seq, len(got), err)
+		}
+		c.Release()
+	}
+	pin(0)
+	defer unpin()
+	roundTrip(0) // the peer is up and attached
+	lat := newLatencies(b.N)
+	b.ReportAllocs()
+	b.ResetTimer()
+	lat.start()
+	for i := 0; i < b.N; i++ {
+		roundTrip(uint64(i + 1))
+		lat.mark()
+	}
+	b.StopTimer()
+	lat.report(b)
+	p.Close()
+	waitPeer(b, cmd)
+	c.Close()
+}
+
+func ringEcho() error {
+	capacity, policy := envInt("CAP"), futex.Policy(envInt("POLICY"))
+	in, err := ring.OpenRegion(os.NewFile(3, "req"), capacity)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := ring.OpenRegion(os.NewFile(4, "resp"), capacity)
+	if err != nil {
+		return err
+	}
+	defer out.Close()
+	cfg := ring.Config{Idle: futex.Config{Policy: policy}}
+	c, err := ring.NewConsumer(in.Bytes(), cfg)
+	if err != nil {
+		return err
+	}
+	p, err := ring.NewProducer(out.Bytes(), cfg)
+	if err != nil {
+		return err
+	}
+	for {
+		m, err := c.Next()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		r, err := p.Reserve(len(m))
+		if err != nil {
+			return err
+		}
+		copy(r, m)
+		p.Commit(len(m))
+		if err := p.Flush(); err != nil {
+			return err
+		}
+		c.Release()
+	}
+}
+
+// The raw baselines share one page: the request word at offset 0 and the
+// response word at offset 128, on separate cache lines.
+const stopWord = ^uint32(0)
+
+func rawPage(b *testing.B) *shm.Region {
+	r, err := shm.Create("bench-raw", 4096)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { r.Close() })
+	return r
+}
+
+// benchCacheLineRTT is the hardware limit: both sides busy-poll a cache line.
+func benchCacheLineRTT(b *testing.B) {
+	page := rawPage(b)
+	req, resp := word(page.Bytes(), 0), word(page.Bytes(), 128)
+	cmd := startPeer(b, "cacheline-echo", []*os.File{page.File()})
+	roundTrip := func(v uint32) {
+		req.Store(v)
+		for resp.Load() != v {
+		}
+	}
+	pin(0)
+	defer unpin()
+	roundTrip(1)
+	lat := newLatencies(b.N)
+	b.ReportAllocs()
+	b.ResetTimer()
+	lat.start()
+	for i := 0; i < b.N; i++ {
+		roundTrip(uint32(i%1_000_000_000) + 2)
+		lat.mark()
+	}
+	b.StopTimer()
+	lat.report(b)
+	req.Store(stopWord)
+	waitPeer(b, cmd)
+}
+
+func cacheLineEcho() error {
+	page, err := shm.Open(os.NewFile(3, "page"), 4096)
+	if err != nil {
+		return err
+	}
+	defer page.Close()
+	req, resp := word(page.Bytes(), 0), word(page.Bytes(), 128)
+	var last uint32
+	for {
+		v := req.Load()
+		for v == last {
+			v = req.Load()
+		}
+		if v == stopWord {
+			return nil
+		}
+		resp.Store(v)
+		last = v
+	}
+}
+
+// benchFutexRTT: each side sleeps in FUTEX_WAIT and is woken by FUTEX_WAKE.
+func benchFutexRTT(b *testing.B) {
+	page := rawPage(b)
+	req, resp := word(page.Bytes(), 0), word(page.Bytes(), 128)
+	cmd := startPeer(b, "futex-echo", []*os.File{page.File()})
+	roundTrip := func(v uint32) {
+		req.Store(v)
+		futex.Wake(req, 1)
+		for {
+			got := resp.Load()
+			if got == v {
+				return
+			}
+			futex.Wait(resp, got, -1)
+		}
+	}
+	pin(0)
+	defer unpin()
+	roundTrip(1)
+	lat := newLatencies(b.N)
+	b.ReportAllocs()
+	b.ResetTimer()
+	lat.start()
+	for i := 0; i < b.N; i++ {
+		roundTrip(uint32(i%1_000_000_000) + 2)
+		lat.mark()
+	}
+	b.StopTimer()
+	lat.report(b)
+	req.Store(stopWord)
+	futex.Wake(req, 1)
+	waitPeer(b, cmd)
+}
+
+func futexEcho() error {
+	page, err := shm.Open(os.NewFile(3, "page"), 4096)
+	if err != nil {
+		return err
+	}
+	defer page.Close()
+	req, resp := word(page.Bytes(), 0), word(page.Bytes(), 128)
+	var last uint32
+	for {
+		v := req.Load()
+		if v == last {
+			futex.Wait(req, last, -1)
+			continue
+		}
+		if v == stopWord {
+			return nil
+		}
+		resp.Store(v)
+		futex.Wake(resp, 1)
+		last = v
+	}
+}
+
+// The socket and pipe baselines use blocking read(2)/write(2) directly: the
+// fastest those transports go, with no runtime poller in the way.
+func benchUnixRTT(b *testing.B) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	mine, theirs := os.NewFile(uintptr(fds[0]), "mine"), os.NewFile(uintptr(fds[1]), "theirs")
+	defer mine.Close()
+	cmd := startPeer(b, "fd-echo", []*os.File{theirs, theirs})
+	theirs.Close()
+	benchFdRTT(b, fds[0], fds[0], func() { unix.Shutdown(fds[0], unix.SHUT_WR) })
+	waitPeer(b, cmd)
+}
+
+func benchPipeRTT(b *testing.B) {
+	var there, back [2]int
+	if err := unix.Pipe2(there[:], unix.O_CLOEXEC); err != nil {
+		b.Fatal(err)
+	}
+	if err := unix.Pipe2(back[:], unix.O_CLOEXEC); err != nil {
+		b.Fatal(err)
+	}
+	files := []*os.File{os.NewFile(uintptr(there[0]), "req-r"), os.NewFile(uintptr(back[1]), "resp-w")}
+	mine := []*os.File{os.NewFile(uintptr(there[1]), "req-w"), os.NewFile(uintptr(back[0]), "resp-r")}
+	defer mine[1].Close()
+	cmd := startPeer(b, "fd-echo", files)
+	files[0].Close()
+	files[1].Close()
+	benchFdRTT(b, there[1], back[0], func() { mine[0].Close() })
+	waitPeer(b, cmd)
+}
+
+// benchFdRTT times round trips over wfd/rfd, then calls eof so the peer stops.
+func benchFdRTT(b *testing.B, wfd, rfd int, eof func()) {
+	buf := make([]byte, msgSize)
+	roundTrip := func(seq uint64) {
+		binary.LittleEndian.PutUint64(buf, seq)
+		if err := writeFull(wfd, buf); err != nil {
+			b.Fatal(err)
+		}
+		if err := readFull(rfd, buf); err != nil || binary.LittleEndian.Uint64(buf) != seq {
+			b.Fatalf("round trip %d: %v", seq, err)
+		}
+	}
+	pin(0)
+	defer unpin()
+	roundTrip(0)
+	lat := newLatencies(b.N)
+	b.ReportAllocs()
+	b.ResetTimer()
+	lat.start()
+	for i := 0; i < b.N; i++ {
+		roundTrip(uint64(i + 1))
+		lat.mark()
+	}
+	b.StopTimer()
+	lat.report(b)
+	eof()
+}
+
+func fdEcho() error {
+	buf := make([]byte, msgSize)
+	for {
+		if err := readFull(3, buf); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return err
+		}
+		if err := writeFull(4, buf); err != nil {
+			return err
+		}
+	}
+}
+
+func readFull(fd int, b []byte) error {
+	for len(b) > 0 {
+		n, err := unix.Read(fd, b)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return io.EOF
+		}
+		b = b[n:]
+	}
+	return nil
+}
+
+func writeFull(fd int, b []byte) error {
+	for len(b) > 0 {
+		n, err := unix.Write(fd, b)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		b = b[n:]
+	}
+	return nil
+}

@@ -1,0 +1,188 @@
+package bench
+
+import (
+	"os"
+	"strconv"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sypas/sypas/ring"
+)
+
+// BenchmarkStream: one-way streaming to another process, timed until the
+// peer acknowledges having read every message.
+func BenchmarkStream(b *testing.B) {
+	for _, size := range []struct {
+		name string
+		n    int
+	}{{"64B", 64}, {"1KiB", 1024}} {
+		b.Run("ring/"+size.name, func(b *testing.B) { benchRingStream(b, size.n, 1) })
+		b.Run("ring-batch16/"+size.name, func(b *testing.B) { benchRingStream(b, size.n, 16) })
+		b.Run("unix-socket/"+size.name, func(b *testing.B) { benchUnixStream(b, size.n) })
+	}
+}
+
+const streamRingCapacity = 1 << 18
+
+func init() {
+	peers["ring-sink"] = ringSink
+	peers["fd-sink"] = fdSink
+}
+
+// ackPipe returns the read end for us and the write end for the peer.
+func ackPipe(b *testing.B) (*os.File, *os.File) {
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC); err != nil {
+		b.Fatal(err)
+	}
+	r, w := os.NewFile(uintptr(fds[0]), "ack-r"), os.NewFile(uintptr(fds[1]), "ack-w")
+	b.Cleanup(func() { r.Close() })
+	return r, w
+}
+
+func awaitAck(b *testing.B, r *os.File) {
+	var one [1]byte
+	if err := readFull(int(r.Fd()), one[:]); err != nil {
+		b.Fatalf("peer ack: %v", err)
+	}
+}
+
+func reportRate(b *testing.B, elapsed time.Duration) {
+	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "msgs/s")
+}
+
+// benchRingStream publishes with one index store every `batch` messages;
+// batch 1 is a plain Write per message.
+func benchRingStream(b *testing.B, size, batch int) {
+	region, err := ring.CreateRegion(streamRingCapacity)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer region.Close()
+	p, err := ring.NewProducer(region.Bytes(), ring.Config{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ackR, ackW := ackPipe(b)
+	cmd := startPeer(b, "ring-sink", []*os.File{region.File(), ackW},
+		"CAP="+strconv.Itoa(streamRingCapacity), "N="+strconv.Itoa(b.N))
+	ackW.Close()
+	awaitAck(b, ackR) // attached
+	msg := make([]byte, size)
+	pin(0)
+	defer unpin()
+	b.SetBytes(int64(size))
+	b.ReportAllocs()
+	b.ResetTimer()
+	start := time.Now()
+	for i := 0; i < b.N; i++ {
+		m, err := p.Reserve(size)
+		if err != nil {
+			b.Fatal(err)
+		}
+		copy(m, msg)
+		p.Commit(size)
+		if i%batch == batch-1 {
+			if err := p.Flush(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	if err := p.Flush(); err != nil {
+		b.Fatal(err)
+	}
+	awaitAck(b, ackR) // all read
+	elapsed := time.Since(start)
+	b.StopTimer()
+	reportRate(b, elapsed)
+	p.Close()
+	waitPeer(b, cmd)
+}
+
+func ringSink() error {
+	capacity, n := envInt("CAP"), envInt("N")
+	region, err := ring.OpenRegion(os.NewFile(3, "ring"), capacity)
+	if err != nil {
+		return err
+	}
+	defer region.Close()
+	c, err := ring.NewConsumer(region.Bytes(), ring.Config{})
+	if err != nil {
+		return err
+	}
+	ack := []byte{1}
+	if err := writeFull(4, ack); err != nil {
+		return err
+	}
+	for i := 0; i < n; i++ {
+		if _, err := c.Next(); err != nil {
+			return err
+		}
+		if i%32 == 31 {
+			c.Release()
+		}
+	}
+	c.Release()
+	return writeFull(4, ack)
+}
+
+// benchUnixStream writes each message with its own write(2), as an
+// unbatched sender over a stream socket does.
+func benchUnixStream(b *testing.B, size int) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	mine, theirs := os.NewFile(uintptr(fds[0]), "mine"), os.NewFile(uintptr(fds[1]), "theirs")
+	defer mine.Close()
+	cmd := startPeer(b, "fd-sink", []*os.File{theirs}, "N="+strconv.Itoa(b.N), "SIZE="+strconv.Itoa(size))
+	theirs.Close()
+	var one [1]byte
+	if err := readFull(fds[0], one[:]); err != nil {
+		b.Fatal(err)
+	}
+	msg := make([]byte, size)
+	pin(0)
+	defer unpin()
+	b.SetBytes(int64(size))
+	b.ReportAllocs()
+	b.ResetTimer()
+	start := time.Now()
+	for i := 0; i < b.N; i++ {
+		if err := writeFull(fds[0], msg); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := readFull(fds[0], one[:]); err != nil {
+		b.Fatal(err)
+	}
+	elapsed := time.Since(start)
+	b.StopTimer()
+	reportRate(b, elapsed)
+	waitPeer(b, cmd)
+}
+
+func fdSink() error {
+	total := envInt("N") * envInt("SIZE")
+	ack := []byte{1}
+	if err := writeFull(3, ack); err != nil {
+		return err
+	}
+	buf := make([]byte, 1<<18)
+	for total > 0 {
+		n, err := unix.Read(3, buf[:min(len(buf), total)])
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return unix.EPIPE
+		}
+		total -= n
+	}
+	return writeFull(3, ack)
+}

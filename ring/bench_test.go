@@ -1,0 +1,96 @@
+package ring
+
+import (
+	"fmt"
+	"testing"
+)
+
+var benchSizes = []int{64, 1024, 64 << 10}
+
+func sizeName(n int) string {
+	if n >= 1024 {
+		return fmt.Sprintf("%dKiB", n>>10)
+	}
+	return fmt.Sprintf("%dB", n)
+}
+
+// BenchmarkWriteRead: one goroutine writes a record and reads it back, the
+// per-message CPU cost of the ring without any cross-core traffic.
+func BenchmarkWriteRead(b *testing.B) {
+	for _, size := range benchSizes {
+		b.Run(sizeName(size), func(b *testing.B) {
+			p, c, _ := pair(b, 1<<18)
+			msg := make([]byte, size)
+			b.SetBytes(int64(size))
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := p.Write(msg); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := c.Next(); err != nil {
+					b.Fatal(err)
+				}
+				c.Release()
+			}
+		})
+	}
+}
+
+// BenchmarkZeroCopyBatch: Reserve/Commit 16 records, publish them with one
+// Flush, then Next 16 and Release once.
+func BenchmarkZeroCopyBatch(b *testing.B) {
+	for _, size := range benchSizes {
+		b.Run(sizeName(size), func(b *testing.B) {
+			p, c, _ := pair(b, 1<<18)
+			b.SetBytes(int64(size))
+			b.ReportAllocs()
+			for i := 0; b.Loop(); i++ {
+				m, err := p.Reserve(size)
+				if err != nil {
+					b.Fatal(err)
+				}
+				m[0] = byte(i)
+				p.Commit(size)
+				if i%16 == 15 {
+					p.Flush()
+					for j := 0; j < 16; j++ {
+						if _, err := c.Next(); err != nil {
+							b.Fatal(err)
+						}
+					}
+					c.Release()
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkStreamGoroutines: producer and consumer goroutines in one
+// process, the consumer copying each record out with ReadInto.
+func BenchmarkStreamGoroutines(b *testing.B) {
+	for _, size := range benchSizes {
+		b.Run(sizeName(size), func(b *testing.B) {
+			p, c, _ := pair(b, 1<<18)
+			msg := make([]byte, size)
+			buf := make([]byte, size)
+			b.SetBytes(int64(size))
+			b.ReportAllocs()
+			done := make(chan error, 1)
+			go func() {
+				for {
+					if _, err := c.ReadInto(buf); err != nil {
+						done <- err
+						return
+					}
+				}
+			}()
+			for b.Loop() {
+				if _, err := p.Write(msg); err != nil {
+					b.Fatal(err)
+				}
+			}
+			p.Close()
+			<-done
+		})
+	}
+}

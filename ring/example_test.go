@@ -1,0 +1,108 @@
+package ring_test
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"testing"
+	"unsafe"
+
+	"github.com/sypas/sypas/ring"
+)
+
+// A ring over a plain, 8-byte aligned []byte: both ends in one process.
+func Example() {
+	const capacity = 4096
+	words := make([]uint64, ring.Size(capacity)/8) // []uint64 for alignment
+	mem := unsafe.Slice((*byte)(unsafe.Pointer(&words[0])), ring.Size(capacity))
+	if err := ring.Init(mem, capacity); err != nil {
+		panic(err)
+	}
+	p, _ := ring.NewProducer(mem, ring.Config{})
+	c, _ := ring.NewConsumer(mem, ring.Config{})
+
+	// Copying write, and zero-copy: reserve, fill in place, commit, publish.
+	p.Write([]byte("hello"))
+	buf, _ := p.Reserve(5)
+	copy(buf, "world")
+	p.Commit(5)
+	p.Flush() // one index store publishes every committed record
+	p.Close()
+
+	for {
+		rec, err := c.Next() // a view into the ring, valid until Release
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		fmt.Println(string(rec))
+	}
+	c.Release() // hand both records' space back at once
+	// Output:
+	// hello
+	// world
+}
+
+// Two processes: the kernel creates a sealed memfd region and passes it to a
+// daemon it starts (here this test binary, re-executed, runs daemonMain).
+// In production the memfd travels over the control socket with SCM_RIGHTS.
+func ExampleCreateRegion() {
+	region, err := ring.CreateRegion(1 << 16)
+	if err != nil {
+		panic(err)
+	}
+	defer region.Close()
+	c, _ := ring.NewConsumer(region.Bytes(), ring.Config{})
+
+	daemon := exec.Command(os.Args[0], "-test.run=^TestExampleDaemon$")
+	daemon.Env = append(os.Environ(), "GO_WANT_HELPER_PROCESS=example-daemon")
+	daemon.ExtraFiles = []*os.File{region.File()} // fd 3 in the daemon
+	if err := daemon.Start(); err != nil {
+		panic(err)
+	}
+	for {
+		rec, err := c.Next()
+		if err != nil { // io.EOF once the daemon closes its end
+			break
+		}
+		fmt.Printf("daemon says: %s\n", rec)
+		c.Release()
+	}
+	daemon.Wait()
+	// Output:
+	// daemon says: hello, kernel
+	// daemon says: bye
+}
+
+// daemonMain is the daemon's side of ExampleCreateRegion.
+func daemonMain() error {
+	region, err := ring.OpenRegion(os.NewFile(3, "ring"), 1<<16) // checks seals and size
+	if err != nil {
+		return err
+	}
+	defer region.Close()
+	p, err := ring.NewProducer(region.Bytes(), ring.Config{})
+	if err != nil {
+		return err
+	}
+	for _, msg := range []string{"hello, kernel", "bye"} {
+		if _, err := p.Write([]byte(msg)); err != nil {
+			return err
+		}
+	}
+	return p.Close()
+}
+
+// TestExampleDaemon runs daemonMain when ExampleCreateRegion starts this
+// binary as its daemon; otherwise it does nothing.
+func TestExampleDaemon(t *testing.T) {
+	if os.Getenv("GO_WANT_HELPER_PROCESS") != "example-daemon" {
+		t.Skip("the daemon of ExampleCreateRegion")
+	}
+	if err := daemonMain(); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	os.Exit(0)
+}

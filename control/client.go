@@ -1,0 +1,111 @@
+package control
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"sync"
+)
+
+// Client keeps a daemon connected to a kernel: it dials, and whenever the
+// session ends it dials again, each time with a fresh handshake, fresh rings
+// and a fresh token. Failed attempts are spaced by cfg.Backoff (gRPC
+// connection backoff); a session that was established resets it, so the
+// first redial after losing a kernel is immediate.
+//
+// Sessions are owned by the caller: once one is Done, stop using its rings
+// and Close it. Client.Close closes the current one.
+type Client struct {
+	path string
+	cfg  DialConfig
+	rnd  func() float64
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu      sync.Mutex
+	cur     *Session
+	lastErr error
+	changed chan struct{} // closed and replaced at every change of cur or lastErr
+}
+
+// NewClient starts dialing path in the background.
+func NewClient(path string, cfg DialConfig) *Client {
+	return newClient(path, cfg, rand.Float64)
+}
+
+func newClient(path string, cfg DialConfig, rnd func() float64) *Client {
+	c := &Client{path: path, cfg: cfg, rnd: rnd, changed: make(chan struct{})}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	c.wg.Add(1)
+	go c.loop()
+	return c
+}
+
+func (c *Client) loop() {
+	defer c.wg.Done()
+	retries := 0
+	for {
+		s, err := Dial(c.ctx, c.path, c.cfg)
+		c.publish(s, err)
+		if err != nil {
+			select {
+			case <-c.ctx.Done():
+				return
+			case <-sleep(c.cfg.Backoff.Delay(retries, c.rnd)):
+			}
+			retries++
+			continue
+		}
+		retries = 0
+		select {
+		case <-c.ctx.Done():
+			s.Close()
+			return
+		case <-s.Done():
+			c.publish(nil, s.Err())
+		}
+	}
+}
+
+func (c *Client) publish(s *Session, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s != nil || err != nil {
+		c.cur, c.lastErr = s, err
+	}
+	close(c.changed)
+	c.changed = make(chan struct{})
+}
+
+// Session returns the current live session, waiting for a (re)connect if
+// there is none. When ctx ends first it returns ctx's error joined with the
+// last dial error.
+func (c *Client) Session(ctx context.Context) (*Session, error) {
+	for {
+		c.mu.Lock()
+		s, last, ch := c.cur, c.lastErr, c.changed
+		c.mu.Unlock()
+		if s != nil && s.Err() == nil {
+			return s, nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			if last != nil {
+				return nil, errors.Join(ctx.Err(), last)
+			}
+			return nil, ctx.Err()
+		case <-c.ctx.Done():
+			return nil, ErrClientClosed
+		}
+	}
+}
+
+// Close stops reconnecting and closes the current session. Idempotent.
+func (c *Client) Close() error {
+	c.cancel()
+	c.wg.Wait()
+	return nil
+}

@@ -1,0 +1,154 @@
+package control
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+
+	"github.com/sypas/sypas/frame"
+	"github.com/sypas/sypas/ring"
+	"github.com/sypas/sypas/sypas"
+)
+
+// Dial connects to the kernel at path and runs the daemon side of the
+// handshake (docs/PROTOCOL.md §6): CheckServer, HELLO, WELCOME, REGIONS
+// with the two ring memfds, TOKEN. The whole of it is bounded by ctx and
+// cfg.HandshakeTimeout. The Session's Producer is the daemon→kernel ring,
+// its Consumer the kernel→daemon ring. Every failure after the connect
+// wraps ErrHandshake and has released every descriptor received.
+func Dial(ctx context.Context, path string, cfg DialConfig) (*Session, error) {
+	cfg.SessionConfig = cfg.SessionConfig.withDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeout)
+	defer cancel()
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("control: dial %s: %w", path, err)
+	}
+	return dialConn(ctx, c.(*net.UnixConn), cfg)
+}
+
+// dialConn runs the daemon handshake on conn, which it owns.
+func dialConn(ctx context.Context, conn *net.UnixConn, cfg DialConfig) (*Session, error) {
+	cfg.SessionConfig = cfg.SessionConfig.withDefaults()
+	s := newSession(false, conn, cfg.SessionConfig)
+	stop := s.handshakeDeadline(ctx)
+	if err := s.clientHandshake(cfg); err != nil {
+		return nil, s.endHandshake(ctx, stop, err)
+	}
+	if err := s.endHandshake(ctx, stop, nil); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Session) clientHandshake(cfg DialConfig) error {
+	s.setState(StateAttest)
+	if err := CheckServer(s.conn, cfg.ServerUIDs...); err != nil {
+		return err
+	}
+
+	s.setState(StateHandshake)
+	hello := sypas.Hello{
+		MinVersion: sypas.MinProtocolVersion, MaxVersion: sypas.ProtocolVersion,
+		Features: cfg.Features, TxRingSize: cfg.TxRingSize, RxRingSize: cfg.RxRingSize,
+		MaxPayload: cfg.MaxPayload, MaxInFlight: cfg.MaxInFlight, Name: []byte(cfg.Name),
+	}
+	if err := s.send(&hello, 0, 0, 0); err != nil {
+		return err
+	}
+	f, _, err := s.readFrame()
+	if err != nil {
+		return err
+	}
+	if err := s.welcome.Decode(f.Payload); err != nil {
+		return protoErr("WELCOME: %v", err)
+	}
+	if err := checkWelcome(&s.welcome, &hello, &cfg.SessionConfig); err != nil {
+		return err
+	}
+	// From here on the peer's limits are the session's.
+	s.cfg.HeartbeatInterval = s.welcome.HeartbeatInterval()
+	s.cfg.HeartbeatMisses = int(s.welcome.HeartbeatMisses)
+
+	s.setState(StateRegions)
+	f, files, err := s.readFrame()
+	if err != nil {
+		return err
+	}
+	if err := s.mapRegions(f, files); err != nil {
+		return err
+	}
+
+	s.setState(StateToken)
+	f, _, err = s.readFrame()
+	if err != nil {
+		return err
+	}
+	t, err := decodeToken(f)
+	if err != nil {
+		return err
+	}
+	s.setToken(t)
+	return nil
+}
+
+// checkWelcome holds the kernel to what the daemon offered and to the
+// daemon's own limits.
+func checkWelcome(w *sypas.Welcome, h *sypas.Hello, cfg *SessionConfig) error {
+	switch {
+	case w.Version < h.MinVersion || w.Version > h.MaxVersion:
+		return &sypas.Error{Code: sypas.CodeVersion, Message: fmt.Sprintf("kernel chose version %d outside [%d, %d]", w.Version, h.MinVersion, h.MaxVersion)}
+	case w.Features&^h.Features != 0:
+		return protoErr("kernel granted features %#x, offered %#x", w.Features, h.Features)
+	case cfg.RequireFeatures&^w.Features != 0:
+		return protoErr("kernel lacks required features %#x (granted %#x)", cfg.RequireFeatures&^w.Features, w.Features)
+	case w.TxRingSize > cfg.MaxRingSize || w.RxRingSize > cfg.MaxRingSize:
+		return &sypas.Error{Code: sypas.CodeTooLarge, Message: fmt.Sprintf("rings %d/%d above the daemon's cap %d", w.TxRingSize, w.RxRingSize, cfg.MaxRingSize)}
+	case int(w.MaxPayload) > ring.MaxRecord(int(min(w.TxRingSize, w.RxRingSize)))-frame.MaxHeaderLen:
+		return protoErr("max payload %d does not fit the rings", w.MaxPayload)
+	}
+	return nil
+}
+
+// mapRegions checks REGIONS against WELCOME and maps the two rings. It
+// owns files: each is either mapped (and then owned by a Region) or closed.
+func (s *Session) mapRegions(f *frame.Frame, files []*os.File) (err error) {
+	defer func() {
+		if err != nil {
+			closeFiles(files)
+		}
+	}()
+	var m sypas.Regions
+	if err := m.Decode(f.Payload); err != nil {
+		return protoErr("REGIONS: %v", err)
+	}
+	caps := map[sypas.RegionRole]uint32{sypas.RoleRingTx: s.welcome.TxRingSize, sypas.RoleRingRx: s.welcome.RxRingSize}
+	if len(m.Entries) != 2 || m.Entries[0].Role != sypas.RoleRingTx || m.Entries[1].Role != sypas.RoleRingRx {
+		return protoErr("REGIONS: want [RING_TX, RING_RX], got %v", m.Entries)
+	}
+	for _, e := range m.Entries {
+		if e.Flags != 0 || e.Size != regionSize(caps[e.Role]) {
+			return protoErr("REGIONS: %v region flags %#x size %d, want 0 and %d", e.Role, e.Flags, e.Size, regionSize(caps[e.Role]))
+		}
+	}
+	for i, e := range m.Entries {
+		r, err := ring.OpenRegion(files[i], int(caps[e.Role])) // closes files[i] on failure
+		files[i] = nil
+		if err != nil {
+			return &sypas.Error{Code: sypas.CodeProto, Message: fmt.Sprintf("REGIONS: %v memfd refused", e.Role), Err: err}
+		}
+		s.regions = append(s.regions, r)
+	}
+	if s.prod, err = ring.NewProducer(s.regions[0].Bytes(), s.cfg.Ring); err != nil {
+		return &sypas.Error{Code: sypas.CodeProto, Message: "RING_TX", Err: err}
+	}
+	if s.cons, err = ring.NewConsumer(s.regions[1].Bytes(), s.cfg.Ring); err != nil {
+		return &sypas.Error{Code: sypas.CodeProto, Message: "RING_RX", Err: err}
+	}
+	return nil
+}

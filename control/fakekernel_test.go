@@ -1,0 +1,176 @@
+package control
+
+import (
+	"bytes"
+	"context"
+	"net"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/sypas/sypas/control/token"
+	"github.com/sypas/sypas/frame"
+	"github.com/sypas/sypas/ring"
+	"github.com/sypas/sypas/sypas"
+)
+
+type fakeOpts struct {
+	interval, misses int    // WELCOME heartbeat; 0: 1000 ms × 3
+	fds              string // how REGIONS goes wrong; "" sends it right
+	silent           bool   // after TOKEN, read and never answer
+}
+
+const fakeCap = 4096
+
+// fakeKernel plays the kernel on conn with the wrong descriptors (or
+// silence) that opts ask for. It closes everything it created before
+// returning.
+func fakeKernel(t *testing.T, conn *net.UnixConn, o fakeOpts) {
+	defer conn.Close()
+	r := frame.NewReader(conn, frame.Config{})
+	f, err := r.ReadFrame()
+	if err != nil || f.Type != frame.TypeHello {
+		t.Errorf("fake kernel: want HELLO, got %v %v", f, err)
+		return
+	}
+	if o.interval == 0 {
+		o.interval, o.misses = 1000, 3
+	}
+	seq := uint64(0)
+	next := func() uint64 { seq++; return seq }
+	w := sypas.Welcome{Version: 1, HeartbeatMisses: uint16(o.misses), HeartbeatIntervalMs: uint32(o.interval),
+		SessionID: 9, TxRingSize: fakeCap, RxRingSize: fakeCap, MaxPayload: 1024, MaxInFlight: 1}
+	wb, _ := sypas.AppendFrame(nil, frame.Header{Sequence: next()}, &w)
+
+	var files []*os.File
+	mk := func(capacity int) *os.File {
+		rg, err := ring.CreateRegion(capacity)
+		require.NoError(t, err)
+		f, err := os.OpenFile("/proc/self/fd/"+itoa(int(rg.File().Fd())), os.O_RDWR, 0)
+		require.NoError(t, err)
+		rg.Close()
+		files = append(files, f)
+		return f
+	}
+	defer func() { closeFiles(files) }()
+	unsealed := func() *os.File {
+		fd, err := unix.MemfdCreate("unsealed", unix.MFD_CLOEXEC)
+		require.NoError(t, err)
+		f := os.NewFile(uintptr(fd), "unsealed")
+		require.NoError(t, f.Truncate(int64(ring.Size(fakeCap))))
+		files = append(files, f)
+		return f
+	}
+	entries := []sypas.Region{
+		{Role: sypas.RoleRingTx, ID: 1, Size: regionSize(fakeCap)},
+		{Role: sypas.RoleRingRx, ID: 2, Size: regionSize(fakeCap)},
+	}
+	send := []*os.File{mk(fakeCap), mk(fakeCap)}
+	switch o.fds {
+	case "missing":
+		send = send[:1]
+	case "extra":
+		send = append(send, mk(fakeCap))
+	case "unsealed":
+		send[1] = unsealed()
+	case "wrong-size":
+		send[0] = mk(2 * fakeCap)
+	case "wrong-roles":
+		entries[0].Role, entries[1].Role = sypas.RoleRingRx, sypas.RoleRingTx
+	case "bulk-entry":
+		entries = append(entries, sypas.Region{Role: sypas.RoleBulk, ID: 3, Size: 4096})
+		send = append(send, mk(fakeCap))
+	}
+	rb, err := sypas.AppendFrame(nil, frame.Header{Sequence: next()}, &sypas.Regions{Entries: entries})
+	require.NoError(t, err)
+	switch o.fds {
+	case "none":
+		_, err = conn.Write(append(wb, rb...))
+	case "on-welcome":
+		err = SendFDs(conn, wb, send...)
+		if err == nil {
+			_, err = conn.Write(rb)
+		}
+	default:
+		if _, err = conn.Write(wb); err == nil {
+			err = SendFDs(conn, rb, send...)
+		}
+	}
+	if err != nil {
+		return
+	}
+	keys := token.NewKeyring()
+	keys.Add(1, bytes.Repeat([]byte{1}, 32))
+	exp := time.Now().Add(time.Hour)
+	tok, _ := keys.Mint(token.Claims{Expiry: exp})
+	tp, _ := token.Parse(tok)
+	tb, _ := sypas.AppendFrame(nil, frame.Header{Sequence: next()}, &sypas.Token{TokenID: tp.ID, ExpiryUnix: tp.Expiry, Token: tok})
+	if _, err := conn.Write(tb); err != nil {
+		return
+	}
+	// Drain (heartbeats, ERROR) until the daemon hangs up; never answer.
+	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for {
+		if _, err := r.ReadFrame(); err != nil {
+			return
+		}
+	}
+}
+
+func itoa(n int) string { return string(appendInt(nil, n)) }
+
+func appendInt(b []byte, n int) []byte {
+	if n >= 10 {
+		b = appendInt(b, n/10)
+	}
+	return append(b, byte('0'+n%10))
+}
+
+// A kernel that passes the wrong descriptors is refused, and every
+// descriptor the daemon received is closed: /proc/self/fd is back to where
+// it was.
+func TestDialRefusesBadFDs(t *testing.T) {
+	for _, mode := range []string{"missing", "extra", "unsealed", "wrong-size", "none", "on-welcome", "wrong-roles", "bulk-entry"} {
+		t.Run(mode, func(t *testing.T) {
+			base := countFDs(t)
+			fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+			require.NoError(t, err)
+			a, b := fileConn(t, fds[0]), fileConn(t, fds[1])
+			done := make(chan struct{})
+			go func() { defer close(done); fakeKernel(t, b, fakeOpts{fds: mode}) }()
+			s, err := dialConn(context.Background(), a, DialConfig{})
+			if s != nil {
+				s.Close()
+			}
+			require.ErrorIs(t, err, ErrHandshake)
+			assert.ErrorIs(t, err, sypas.ErrProto)
+			t.Log(err)
+			<-done
+			assert.Equal(t, base, countFDs(t), "fds leaked")
+		})
+	}
+	t.Run("control", func(t *testing.T) { // the fake kernel itself is right
+		base := countFDs(t)
+		a, b := socketPair(t)
+		done := make(chan struct{})
+		go func() { defer close(done); fakeKernel(t, b, fakeOpts{}) }()
+		s, err := dialConn(context.Background(), a, DialConfig{})
+		require.NoError(t, err)
+		assert.EqualValues(t, fakeCap, s.Producer().Capacity())
+		require.NoError(t, s.Close())
+		<-done
+		assert.Equal(t, base, countFDs(t))
+	})
+}
+
+func fileConn(t *testing.T, fd int) *net.UnixConn {
+	f := os.NewFile(uintptr(fd), "socketpair")
+	defer f.Close()
+	c, err := net.FileConn(f)
+	require.NoError(t, err)
+	return c.(*net.UnixConn)
+}

@@ -1,0 +1,760 @@
+package control
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sypas/sypas/control/token"
+	"github.com/sypas/sypas/frame"
+	"github.com/sypas/sypas/ring"
+	"github.com/sypas/sypas/sypas"
+)
+
+// State is the phase of a session. A session moves forward only, one step
+// at a time, and can jump to StateClosed from anywhere (docs/PROTOCOL.md §6).
+type State int32
+
+const (
+	StateConnect   State = iota // socket connected (daemon) or accepted (kernel)
+	StateAttest                 // peer checked: Attest at accept (kernel), CheckServer (daemon)
+	StateHandshake              // HELLO → WELCOME: version, features, sizes, limits
+	StateRegions                // REGIONS with the two ring memfds
+	StateToken                  // TOKEN bound to the attested identity
+	StateOperation              // rings live; HEARTBEAT, TOKEN_REFRESH, GOAWAY on the socket
+	StateDraining               // GOAWAY sent or received: finish in-flight work
+	StateClosed
+)
+
+var stateNames = [...]string{"connect", "attest", "handshake", "regions", "token", "operation", "draining", "closed"}
+
+func (s State) String() string {
+	if s >= 0 && int(s) < len(stateNames) {
+		return stateNames[s]
+	}
+	return fmt.Sprintf("State(%d)", int32(s))
+}
+
+// accepts is the receive table of the state machine: which frame types the
+// peer may send in a state. Anything else is E_PROTO. The kernel reads
+// nothing between WELCOME and TOKEN, so those states accept nothing.
+func accepts(kernel bool, st State, t frame.Type) bool {
+	if t == frame.TypeError {
+		return true // the peer may give up at any point
+	}
+	switch {
+	case kernel && st == StateHandshake:
+		return t == frame.TypeHello
+	case kernel && (st == StateOperation || st == StateDraining):
+		return t == frame.TypeHeartbeat || t == frame.TypeGoAway || (t == frame.TypeTokenRefresh && st == StateOperation)
+	case !kernel && st == StateHandshake:
+		return t == frame.TypeWelcome
+	case !kernel && st == StateRegions:
+		return t == frame.TypeRegions
+	case !kernel && st == StateToken:
+		return t == frame.TypeToken
+	case !kernel && (st == StateOperation || st == StateDraining):
+		return t == frame.TypeHeartbeat || t == frame.TypeGoAway || t == frame.TypeToken
+	}
+	return false
+}
+
+// Token is the capability the kernel issued to a session.
+type Token struct {
+	ID     uint64    // goes into the CapRef of every frame after TOKEN
+	Bytes  []byte    // the token (control/token format); do not modify
+	Issued time.Time // local time the TOKEN was sent (kernel) or received (daemon)
+	Expiry time.Time
+}
+
+// Session is one end of a control connection and its two rings. The daemon
+// end comes from Dial, the kernel end from Server.Accept. Producer and
+// Consumer are this side's ring ends; the control plane interrupts their
+// waiters with an error matching ErrPeerGone the moment the peer is seen to
+// die. Methods are safe for concurrent use; the ring ends are not (SPSC).
+type Session struct {
+	kernel bool
+	cfg    SessionConfig
+	conn   *net.UnixConn
+	ctl    *Conn // kernel side: owns conn and the pidfd
+	peer   PeerIdentity
+	srv    *Server
+
+	// Read side: the handshake, then readLoop alone.
+	fdr      *fdReader
+	fr       *frame.Reader
+	consumed int64  // stream bytes of the frames read so far
+	rseq     uint64 // sequence of the last frame read
+
+	wmu  sync.Mutex // write side: frames are written whole, in sequence order
+	fw   *frame.Writer
+	wseq uint64
+	wbuf []byte
+	live bool // under wmu: handshake over, each write sets its own deadline
+
+	welcome sypas.Welcome
+	regions []*ring.Region // daemon→kernel ring, kernel→daemon ring
+	prod    *ring.Producer
+	cons    *ring.Consumer
+
+	tok       atomic.Pointer[Token]
+	prevTokID atomic.Uint64                    // kernel: still accepted as CapRef during a refresh
+	capab     atomic.Pointer[token.Capability] // kernel
+	corr      atomic.Uint64                    // daemon: last TOKEN_REFRESH correlation
+	tokenUp   chan struct{}                    // daemon: a refreshed TOKEN arrived
+
+	state      atomic.Int32
+	errMu      sync.Mutex
+	err        error
+	done       chan struct{}
+	goAwayRecv chan struct{}
+	recvOnce   sync.Once
+	goAwaySent atomic.Bool
+	wg         sync.WaitGroup
+	closeOnce  sync.Once
+	closeErr   error
+}
+
+func newSession(kernel bool, conn *net.UnixConn, cfg SessionConfig) *Session {
+	s := &Session{
+		kernel:     kernel,
+		cfg:        cfg,
+		conn:       conn,
+		fdr:        newFDReader(conn),
+		done:       make(chan struct{}),
+		goAwayRecv: make(chan struct{}),
+		tokenUp:    make(chan struct{}, 1),
+	}
+	s.fr = frame.NewReader(s.fdr, frame.Config{MaxPayload: controlMaxPayload})
+	s.fw = frame.NewWriter(conn, frame.Config{MaxPayload: controlMaxPayload})
+	return s
+}
+
+// Producer is this side's sending ring end: daemon→kernel for a daemon,
+// kernel→daemon for the kernel. Not valid after Close.
+func (s *Session) Producer() *ring.Producer { return s.prod }
+
+// Consumer is this side's receiving ring end. Not valid after Close.
+func (s *Session) Consumer() *ring.Consumer { return s.cons }
+
+// Token returns the current token; TOKEN_REFRESH replaces it.
+func (s *Session) Token() Token { return *s.tok.Load() }
+
+// Capability is the verified capability of the current token (kernel side;
+// nil on a daemon). Check operations with its Allows.
+func (s *Session) Capability() *token.Capability { return s.capab.Load() }
+
+// Peer is the attested identity of the daemon (kernel side; zero on a daemon).
+func (s *Session) Peer() PeerIdentity { return s.peer }
+
+// Params are the parameters the kernel granted in WELCOME.
+func (s *Session) Params() sypas.Welcome { return s.welcome }
+
+// State is the session's current phase.
+func (s *Session) State() State { return State(s.state.Load()) }
+
+// Done is closed when the session has ended; Err then says why.
+func (s *Session) Done() <-chan struct{} { return s.done }
+
+// GoAway is closed when the peer sent GOAWAY: stop starting work, finish
+// what is in flight, then call Shutdown. After DrainTimeout the session
+// ends by itself.
+func (s *Session) GoAway() <-chan struct{} { return s.goAwayRecv }
+
+// Err is nil while the session is live, then the reason it ended: an error
+// matching ErrPeerGone (death, hang-up, missed heartbeats), ErrSessionClosed
+// (Close or a completed GOAWAY exchange), a *sypas.Error (protocol
+// violation, or the peer's ERROR), or ErrGoAway.
+func (s *Session) Err() error {
+	s.errMu.Lock()
+	defer s.errMu.Unlock()
+	return s.err
+}
+
+func (s *Session) setState(st State) { s.state.Store(int32(st)) }
+
+// fail ends the session with err (the first error wins): it interrupts the
+// ring waiters, closes the socket and closes Done. It does not unmap the
+// rings, which the owner may still be using; Close does.
+func (s *Session) fail(err error) {
+	s.errMu.Lock()
+	if s.err != nil {
+		s.errMu.Unlock()
+		return
+	}
+	s.err = err
+	s.errMu.Unlock()
+	s.setState(StateClosed)
+	if s.prod != nil {
+		s.prod.Interrupt(err)
+	}
+	if s.cons != nil {
+		s.cons.Interrupt(err)
+	}
+	s.conn.Close()
+	close(s.done)
+}
+
+// failProto reports a protocol violation to the peer with an ERROR frame
+// (best effort, bounded by a short deadline), then ends the session.
+func (s *Session) failProto(err error) {
+	if s.Err() == nil {
+		m := sypas.NewErrorMsg(err)
+		s.send(&m, 0, 0, 100*time.Millisecond)
+	}
+	s.fail(err)
+}
+
+// Close ends the session, closes the ring ends and unmaps the rings: stop
+// using Producer and Consumer first. It does not wait for the peer; use
+// Shutdown for an orderly end. Close is idempotent.
+func (s *Session) Close() error {
+	s.closeOnce.Do(func() {
+		s.fail(ErrSessionClosed)
+		s.wg.Wait()
+		var errs []error
+		if s.prod != nil {
+			errs = append(errs, s.prod.Close())
+		}
+		if s.cons != nil {
+			errs = append(errs, s.cons.Close())
+		}
+		for _, r := range s.regions {
+			errs = append(errs, r.Close())
+		}
+		s.fdr.close()
+		if s.ctl != nil {
+			s.ctl.pidfd.Close()
+		}
+		s.closeErr = errors.Join(errs...)
+	})
+	return s.closeErr
+}
+
+// Shutdown ends the session in order: it sends GOAWAY (the peer stops
+// starting work and finishes what is in flight, with the rings still live),
+// waits for the peer's GOAWAY, which says it is done, or for ctx or
+// DrainTimeout, then closes. Like Close, it unmaps the rings.
+func (s *Session) Shutdown(ctx context.Context) error {
+	err := s.sendGoAway()
+	if err == nil {
+		t := time.NewTimer(s.cfg.DrainTimeout)
+		defer t.Stop()
+		select {
+		case <-s.goAwayRecv:
+		case <-s.done:
+		case <-ctx.Done():
+			err = ctx.Err()
+		case <-t.C:
+			err = fmt.Errorf("control: peer did not finish draining in %v: %w", s.cfg.DrainTimeout, os.ErrDeadlineExceeded)
+		}
+	}
+	if errors.Is(err, ErrSessionClosed) || errors.Is(err, ErrPeerGone) {
+		err = nil // nothing left to drain
+	}
+	return errors.Join(err, s.Close())
+}
+
+// sendGoAway sends GOAWAY once. LastCorrelation is the maximum: every
+// request already received will be answered.
+func (s *Session) sendGoAway() error {
+	if err := s.Err(); err != nil {
+		return err
+	}
+	if !s.goAwaySent.CompareAndSwap(false, true) {
+		return nil
+	}
+	s.state.CompareAndSwap(int32(StateOperation), int32(StateDraining))
+	return s.send(&sypas.GoAway{LastCorrelation: math.MaxUint64, Code: sypas.CodeOK}, 0, 0, 0)
+}
+
+// deadAfter is how long the peer may stay silent.
+func (s *Session) deadAfter() time.Duration {
+	return s.cfg.HeartbeatInterval * time.Duration(s.cfg.HeartbeatMisses)
+}
+
+// send writes one frame. timeout 0 means the session's write timeout (a
+// peer that does not read for deadAfter is as dead as a silent one).
+func (s *Session) send(m sypas.Message, flags frame.Flags, corr uint64, timeout time.Duration) error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	p, err := m.Append(s.wbuf[:0])
+	if err != nil {
+		return err
+	}
+	s.wbuf = p
+	if timeout == 0 && s.live {
+		timeout = s.deadAfter()
+	}
+	if timeout > 0 { // else the handshake deadline applies
+		s.conn.SetWriteDeadline(time.Now().Add(timeout))
+	}
+	s.wseq++
+	f := frame.Frame{Header: frame.Header{Type: m.Type(), Flags: flags, Sequence: s.wseq, Correlation: corr, CapRef: s.capRef()}, Payload: p}
+	return writeErr(s.fw.WriteFrame(&f))
+}
+
+// writeErr marks a write that failed because the peer hung up.
+func writeErr(err error) error {
+	if errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET) {
+		return fmt.Errorf("%w: %w", ErrPeerGone, err)
+	}
+	return err
+}
+
+// sendFDs writes one frame with files attached (REGIONS), during the
+// handshake only.
+func (s *Session) sendFDs(m sypas.Message, files ...*os.File) error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	s.wseq++
+	b, err := sypas.AppendFrame(nil, frame.Header{Sequence: s.wseq}, m)
+	if err != nil {
+		return err
+	}
+	return writeErr(SendFDs(s.conn, b, files...))
+}
+
+func (s *Session) capRef() uint64 {
+	if t := s.tok.Load(); t != nil {
+		return t.ID
+	}
+	return 0
+}
+
+// readFrame reads the next control frame and checks it against the state
+// machine and the header rules of the control socket. Descriptors that came
+// with it are claimed: REGIONS returns them (count from its payload), any
+// other frame with descriptors is an error. The frame is valid until the
+// next call.
+func (s *Session) readFrame() (*frame.Frame, []*os.File, error) {
+	f, err := s.fr.ReadFrame()
+	if err != nil {
+		s.fdr.close()
+		return nil, nil, s.readErr(err)
+	}
+	start := s.consumed
+	s.consumed += int64(f.FrameLen())
+	want := -1
+	var regions sypas.Regions
+	if f.Type == frame.TypeRegions && accepts(s.kernel, s.State(), f.Type) {
+		if err := regions.Decode(f.Payload); err != nil {
+			s.fdr.claim(start, s.consumed, 0)
+			return nil, nil, protoErr("REGIONS: %v", err)
+		}
+		want = len(regions.Entries)
+	}
+	files, err := s.fdr.claim(start, s.consumed, want)
+	if err != nil {
+		return nil, nil, &sypas.Error{Code: sypas.CodeProto, Message: "fd passing", Err: err}
+	}
+	bad := func(err error) (*frame.Frame, []*os.File, error) {
+		closeFiles(files)
+		return nil, nil, err
+	}
+	switch {
+	case f.Sequence != s.rseq+1:
+		return bad(protoErr("%v frame with sequence %d, want %d", f.Type, f.Sequence, s.rseq+1))
+	case f.StreamID != 0:
+		return bad(protoErr("%v frame on stream %d: the control socket carries stream 0 only", f.Type, f.StreamID))
+	case !accepts(s.kernel, s.State(), f.Type):
+		return bad(protoErr("unexpected %v frame in state %v", f.Type, s.State()))
+	case f.Type == frame.TypeError:
+		var m sypas.ErrorMsg
+		if err := m.Decode(f.Payload); err != nil {
+			return bad(protoErr("ERROR: %v", err))
+		}
+		if f.Correlation == 0 || !s.kernel && f.Correlation == s.corr.Load() {
+			return bad(fmt.Errorf("%w: %w", errPeerSent, m.Err()))
+		}
+		return bad(protoErr("ERROR for unknown correlation %d", f.Correlation))
+	}
+	s.rseq++
+	return f, files, nil
+}
+
+// readErr classifies a read failure: a hang-up or silence means the peer is
+// gone; framing garbage is a protocol error.
+func (s *Session) readErr(err error) error {
+	switch {
+	case errors.Is(err, net.ErrClosed):
+		if e := s.Err(); e != nil {
+			return e
+		}
+		return ErrSessionClosed
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
+		errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
+		if s.goAwaySent.Load() && isClosed(s.goAwayRecv) {
+			return ErrSessionClosed
+		}
+		return fmt.Errorf("%w: connection closed in state %v: %w", ErrPeerGone, s.State(), err)
+	case errors.Is(err, os.ErrDeadlineExceeded) && s.State() >= StateOperation:
+		return fmt.Errorf("%w: no frame for %v (%d heartbeats missed)", ErrPeerGone, s.deadAfter(), s.cfg.HeartbeatMisses)
+	case errors.Is(err, ErrFDPassing):
+		return &sypas.Error{Code: sypas.CodeProto, Message: "fd passing", Err: err}
+	}
+	var se *sypas.Error
+	if errors.As(err, &se) {
+		return err
+	}
+	return &sypas.Error{Code: sypas.CodeOf(err), Err: err}
+}
+
+func isClosed(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
+}
+
+func protoErr(format string, args ...any) error {
+	return &sypas.Error{Code: sypas.CodeProto, Message: fmt.Sprintf(format, args...)}
+}
+
+// handshakeDeadline applies ctx to the socket for the handshake: its
+// deadline, and cancellation through an expired deadline.
+func (s *Session) handshakeDeadline(ctx context.Context) (stop func() bool) {
+	dl, _ := ctx.Deadline()
+	s.conn.SetDeadline(dl)
+	return context.AfterFunc(ctx, func() { s.conn.SetDeadline(time.Unix(1, 0)) })
+}
+
+// endHandshake turns a handshake error into the returned one and releases
+// everything, or starts the operation phase.
+func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error) error {
+	stopped := stop()
+	if err == nil && !stopped {
+		err = ctx.Err()
+	}
+	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			// The socket deadline is ctx's, and may fire just before ctx.
+			cause := ctx.Err()
+			if dl, ok := ctx.Deadline(); cause == nil && ok && !time.Now().Before(dl) {
+				cause = context.DeadlineExceeded
+			}
+			if cause != nil {
+				err = fmt.Errorf("%w (%w)", cause, err)
+			}
+		}
+		st := s.State()
+		var pe *sypas.Error
+		if errors.As(err, &pe) && pe.Code != sypas.CodeOK && !isPeerError(err) {
+			s.failProto(err) // tell the peer why
+		}
+		s.fail(err)
+		s.Close()
+		return fmt.Errorf("%w in state %v: %w", ErrHandshake, st, err)
+	}
+	s.conn.SetDeadline(time.Time{})
+	s.wmu.Lock()
+	s.live = true
+	s.wmu.Unlock()
+	s.setState(StateOperation)
+	s.wg.Add(2)
+	go s.readLoop()
+	go s.heartbeatLoop()
+	if s.kernel {
+		s.wg.Add(1)
+		go s.watchPidfd()
+	} else if s.welcome.Features&sypas.FeatureTokenRefresh != 0 {
+		s.wg.Add(1)
+		go s.refreshLoop()
+	}
+	return nil
+}
+
+// errPeerSent marks errors that came from the peer's ERROR frame, which are
+// not answered with another ERROR.
+var errPeerSent = errors.New("control: peer sent ERROR")
+
+func isPeerError(err error) bool { return errors.Is(err, errPeerSent) }
+
+func (s *Session) readLoop() {
+	defer s.wg.Done()
+	defer s.fdr.close()
+	for {
+		s.conn.SetReadDeadline(time.Now().Add(s.deadAfter()))
+		f, _, err := s.readFrame()
+		if err == nil {
+			err = s.handle(f)
+		}
+		if err != nil {
+			var pe *sypas.Error
+			if errors.As(err, &pe) && !isPeerError(err) && !errors.Is(err, ErrPeerGone) {
+				s.failProto(err)
+			}
+			s.fail(err)
+			return
+		}
+	}
+}
+
+// handle dispatches a frame of the operation phase (already checked
+// against the state table).
+func (s *Session) handle(f *frame.Frame) error {
+	if s.kernel {
+		if id := f.CapRef; id != s.capRef() && (id == 0 || id != s.prevTokID.Load()) {
+			return &sypas.Error{Code: sypas.CodeAuth, Message: fmt.Sprintf("cap_ref %#x names no token of this session", id)}
+		}
+	}
+	switch f.Type {
+	case frame.TypeHeartbeat:
+		var m sypas.Heartbeat
+		if err := m.Decode(f.Payload); err != nil {
+			return protoErr("HEARTBEAT: %v", err)
+		}
+		if !f.Flags.Has(frame.FlagAck) {
+			m.SentAt = monotonic()
+			if err := s.send(&m, frame.FlagAck, 0, 0); err != nil {
+				return fmt.Errorf("%w: heartbeat reply: %w", ErrPeerGone, err)
+			}
+		}
+	case frame.TypeGoAway:
+		var m sypas.GoAway
+		if err := m.Decode(f.Payload); err != nil {
+			return protoErr("GOAWAY: %v", err)
+		}
+		s.state.CompareAndSwap(int32(StateOperation), int32(StateDraining))
+		s.recvOnce.Do(func() {
+			close(s.goAwayRecv)
+			if !s.goAwaySent.Load() {
+				// The owner has DrainTimeout to finish and call Shutdown.
+				time.AfterFunc(s.cfg.DrainTimeout, func() {
+					if s.sendGoAway() == nil {
+						s.fail(fmt.Errorf("%w: drained for %v without Shutdown", ErrGoAway, s.cfg.DrainTimeout))
+					}
+				})
+			}
+		})
+	case frame.TypeTokenRefresh:
+		return s.serveRefresh(f)
+	case frame.TypeToken:
+		return s.takeRefreshed(f)
+	}
+	return nil
+}
+
+func (s *Session) heartbeatLoop() {
+	defer s.wg.Done()
+	t := time.NewTicker(s.cfg.HeartbeatInterval)
+	defer t.Stop()
+	for nonce := uint64(1); ; nonce++ {
+		select {
+		case <-s.done:
+			return
+		case <-t.C:
+		}
+		if err := s.send(&sypas.Heartbeat{Nonce: nonce, SentAt: monotonic()}, 0, 0, 0); err != nil {
+			s.fail(fmt.Errorf("%w: heartbeat: %w", ErrPeerGone, err))
+			return
+		}
+	}
+}
+
+func monotonic() uint64 {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return uint64(ts.Nano())
+}
+
+// watchPidfd ends the session the moment the daemon process exits, even if
+// something else (a child, a leaked dup) keeps its socket open. The pidfd
+// is dup'ed non-blocking so the runtime's poller waits on it: no thread is
+// parked in poll(2) per session.
+func (s *Session) watchPidfd() {
+	defer s.wg.Done()
+	rc, err := s.ctl.pidfd.SyscallConn()
+	if err != nil {
+		return
+	}
+	fd := -1
+	rc.Control(func(p uintptr) { fd, err = unix.FcntlInt(p, unix.F_DUPFD_CLOEXEC, 0) })
+	if err != nil || fd < 0 {
+		return
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return
+	}
+	f := os.NewFile(uintptr(fd), "pidfd-watch")
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		select {
+		case <-s.done:
+		case <-stop:
+		}
+		f.Close()
+	}()
+	wrc, err := f.SyscallConn()
+	if err != nil {
+		return
+	}
+	err = wrc.Read(func(p uintptr) bool {
+		pfd := []unix.PollFd{{Fd: int32(p), Events: unix.POLLIN}}
+		n, _ := unix.Poll(pfd, 0)
+		return n > 0
+	})
+	if err == nil {
+		s.fail(fmt.Errorf("%w: process %d exited", ErrPeerGone, s.peer.PID))
+	}
+}
+
+// ---------------------------------------------------------------- tokens
+
+func (s *Session) setToken(t *Token) {
+	if old := s.tok.Swap(t); old != nil {
+		s.prevTokID.Store(old.ID)
+	}
+}
+
+// mint issues a token bound to the attested peer (kernel).
+func (s *Session) mint(ttl time.Duration) (*Token, error) {
+	now := time.Now()
+	exp := now.Add(ttl)
+	b, err := s.srv.cfg.Keys.Mint(token.Claims{
+		Subject: s.peer.Subject(), Rights: s.srv.cfg.Rights, Scope: s.srv.cfg.Scope, Expiry: exp,
+	})
+	if err != nil {
+		return nil, &sypas.Error{Code: sypas.CodeInternal, Message: "mint token", Err: err}
+	}
+	v := token.Verifier{Keys: s.srv.cfg.Keys}
+	c, err := v.Verify(b, s.peer.Subject())
+	if err != nil {
+		return nil, &sypas.Error{Code: sypas.CodeInternal, Message: "verify own token", Err: err}
+	}
+	s.capab.Store(c)
+	return &Token{ID: c.ID, Bytes: b, Issued: now, Expiry: exp}, nil
+}
+
+func (s *Session) sendToken(t *Token, corr uint64) error {
+	return s.send(&sypas.Token{TokenID: t.ID, ExpiryUnix: t.Expiry.UnixNano(), Token: t.Bytes}, 0, corr, 0)
+}
+
+// serveRefresh answers TOKEN_REFRESH (kernel): a fresh token for the same
+// attested peer, or ERROR E_AUTH for a token that is not the current one.
+func (s *Session) serveRefresh(f *frame.Frame) error {
+	var m sypas.TokenRefresh
+	if err := m.Decode(f.Payload); err != nil {
+		return protoErr("TOKEN_REFRESH: %v", err)
+	}
+	if s.welcome.Features&sypas.FeatureTokenRefresh == 0 || f.Correlation == 0 {
+		return protoErr("TOKEN_REFRESH without the feature or a correlation")
+	}
+	if m.TokenID != s.capRef() {
+		em := sypas.ErrorMsg{Code: sypas.CodeAuth, Message: []byte("not the session's current token")}
+		return s.send(&em, 0, f.Correlation, 0)
+	}
+	ttl := s.srv.tokenTTL()
+	if req := time.Duration(m.RequestedTTLMs) * time.Millisecond; req > 0 && req < ttl {
+		ttl = req
+	}
+	t, err := s.mint(ttl)
+	if err != nil {
+		return err
+	}
+	s.setToken(t)
+	return s.sendToken(t, f.Correlation)
+}
+
+// decodeToken checks a TOKEN payload (daemon): the token must parse and
+// carry the announced id and expiry. It copies the bytes out of the frame.
+func decodeToken(f *frame.Frame) (*Token, error) {
+	var m sypas.Token
+	if err := m.Decode(f.Payload); err != nil {
+		return nil, protoErr("TOKEN: %v", err)
+	}
+	t, err := token.Parse(m.Token)
+	if err != nil {
+		return nil, protoErr("TOKEN: %v", err)
+	}
+	if t.ID != m.TokenID || t.Expiry != m.ExpiryUnix {
+		return nil, protoErr("TOKEN: id %#x/expiry %d disagree with the token's %#x/%d", m.TokenID, m.ExpiryUnix, t.ID, t.Expiry)
+	}
+	return &Token{ID: m.TokenID, Bytes: append([]byte(nil), m.Token...), Issued: time.Now(), Expiry: m.Expiry()}, nil
+}
+
+// takeRefreshed installs the TOKEN that answers our TOKEN_REFRESH (daemon).
+func (s *Session) takeRefreshed(f *frame.Frame) error {
+	if f.Correlation == 0 || f.Correlation != s.corr.Load() {
+		return protoErr("TOKEN with correlation %d, no refresh outstanding", f.Correlation)
+	}
+	t, err := decodeToken(f)
+	if err != nil {
+		return err
+	}
+	s.setToken(t)
+	select {
+	case s.tokenUp <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// refreshLoop asks for a new token at token.RefreshAt (~75 % of the
+// lifetime, jittered) and ends the session if none comes before expiry.
+func (s *Session) refreshLoop() {
+	defer s.wg.Done()
+	for {
+		cur := s.Token()
+		t := time.NewTimer(time.Until(token.RefreshAt(cur.Issued, cur.Expiry, nil)))
+		select {
+		case <-s.done:
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		if s.State() != StateOperation {
+			return
+		}
+		corr := s.corr.Add(1)
+		if err := s.send(&sypas.TokenRefresh{TokenID: cur.ID}, 0, corr, 0); err != nil {
+			s.fail(fmt.Errorf("%w: token refresh: %w", ErrPeerGone, err))
+			return
+		}
+		t.Reset(time.Until(cur.Expiry))
+		select {
+		case <-s.done:
+			t.Stop()
+			return
+		case <-s.tokenUp:
+			t.Stop()
+		case <-t.C:
+			s.fail(&sypas.Error{Code: sypas.CodeAuth, Message: "token expired before TOKEN_REFRESH was answered"})
+			return
+		}
+	}
+}
+
+func randomID() uint64 {
+	var b [8]byte
+	for {
+		rand.Read(b[:])
+		if v := binary.LittleEndian.Uint64(b[:]); v != 0 {
+			return v
+		}
+	}
+}
+
+// regionSize is the REGIONS size of a ring region: the mapping, whole
+// pages. The memfd itself is exactly ring.Size(capacity) bytes (§5.1);
+// REGIONS sizes must be page multiples (§3.14), so the two differ.
+func regionSize(capacity uint32) uint64 {
+	n := uint64(ring.Size(int(capacity)))
+	return (n + sypas.PageSize - 1) &^ (sypas.PageSize - 1)
+}

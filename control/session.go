@@ -592,9 +592,10 @@ func (s *Session) watchPidfd() {
 		return
 	}
 	f := os.NewFile(uintptr(fd), "pidfd-watch")
-	stop := make(chan struct{})
-	defer close(stop)
+	stop, closed := make(chan struct{}), make(chan struct{})
+	defer func() { close(stop); <-closed }() // f is closed before Close returns
 	go func() {
+		defer close(closed)
 		select {
 		case <-s.done:
 		case <-stop:

@@ -460,3 +460,66 @@ func TestHandshakeHostileDaemon(t *testing.T) {
 		assert.Less(t, time.Since(start), 2*time.Second)
 	})
 }
+
+// After the handshake the kernel still checks every frame: sequence,
+// stream, type for the state, cap_ref, payload, size. The violation ends
+// the session on both sides with the code the kernel sent.
+func TestOperationHostileFrames(t *testing.T) {
+	ts := startServer(t, "", ServerConfig{})
+	for _, tc := range []struct {
+		name string
+		mod  func(h *frame.Header)
+		msg  sypas.Message
+		code sypas.Code
+		// answered with an ERROR for the request only: the daemon gives
+		// up, the kernel just sees it leave
+		perRequest bool
+	}{
+		{"bad-cap-ref", func(h *frame.Header) { h.CapRef = 12345 }, &sypas.Heartbeat{}, sypas.CodeAuth, false},
+		{"zero-cap-ref", func(h *frame.Header) { h.CapRef = 0 }, &sypas.Heartbeat{}, sypas.CodeAuth, false},
+		{"sequence-gap", func(h *frame.Header) { h.Sequence += 5 }, &sypas.Heartbeat{}, sypas.CodeProto, false},
+		{"stream-1", func(h *frame.Header) { h.StreamID = 1 }, &sypas.Heartbeat{}, sypas.CodeProto, false},
+		{"request-on-socket", nil, &sypas.Request{Method: []byte("m")}, sypas.CodeProto, false},
+		{"hello-again", nil, &sypas.Hello{MinVersion: 1, MaxVersion: 1}, sypas.CodeProto, false},
+		{"refresh-wrong-token", func(h *frame.Header) { h.Correlation = 9 }, &sypas.TokenRefresh{TokenID: 1}, sypas.CodeAuth, true},
+		{"refresh-no-correlation", nil, &sypas.TokenRefresh{TokenID: 1}, sypas.CodeProto, false},
+		{"oversized", nil, &sypas.Response{Body: make([]byte, controlMaxPayload+1)}, sypas.CodeTooLarge, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			base := countFDs(t)
+			d := dialT(t, ts.path, DialConfig{})
+			k := ts.session(t)
+			d.corr.Store(9)
+			d.wmu.Lock()
+			d.wseq++
+			h := frame.Header{Sequence: d.wseq, CapRef: d.capRef()}
+			if tc.mod != nil {
+				tc.mod(&h)
+			}
+			b, err := sypas.AppendFrame(nil, h, tc.msg)
+			require.NoError(t, err)
+			_, err = d.conn.Write(b)
+			d.wmu.Unlock()
+			require.NoError(t, err)
+			select {
+			case <-d.Done():
+			case <-time.After(5 * time.Second):
+				t.Fatal("daemon session survived")
+			}
+			<-k.Done()
+			if tc.perRequest {
+				assert.ErrorIs(t, k.Err(), ErrPeerGone)
+			} else {
+				assert.Equal(t, tc.code, sypas.CodeOf(k.Err()), "kernel: %v", k.Err())
+			}
+			assert.Equal(t, tc.code, sypas.CodeOf(d.Err()), "daemon: %v", d.Err())
+			assert.ErrorIs(t, d.Err(), errPeerSent)
+			var w wake
+			_, w.err = d.Consumer().Next()
+			assert.Equal(t, tc.code, sypas.CodeOf(w.err), "ring waiter gets the reason")
+			d.Close()
+			k.Close()
+			assert.Equal(t, base, countFDs(t))
+		})
+	}
+}

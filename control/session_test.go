@@ -523,3 +523,16 @@ func TestOperationHostileFrames(t *testing.T) {
 		})
 	}
 }
+
+// A daemon checks the kernel's uid before it sends anything: a kernel of
+// the wrong uid never sees a HELLO.
+func TestDialChecksServerUID(t *testing.T) {
+	ts := startServer(t, "", ServerConfig{})
+	_, err := Dial(context.Background(), ts.path, DialConfig{ServerUIDs: []uint32{12345}})
+	require.ErrorIs(t, err, ErrHandshake)
+	assert.ErrorIs(t, err, ErrPeerRejected)
+	assert.Contains(t, err.Error(), "state attest")
+	kerr := ts.acceptErr(t)
+	assert.ErrorIs(t, kerr, ErrPeerGone, "the kernel got no byte: %v", kerr)
+	assert.Contains(t, kerr.Error(), "connection closed in state handshake: EOF")
+}

@@ -100,7 +100,7 @@ func (c SessionConfig) validate() error {
 			c.TxRingSize, c.RxRingSize, c.MaxRingSize, sypas.MinRingSize, sypas.MaxRingSize)
 	case c.MaxPayload > frame.HardMaxPayload:
 		return fmt.Errorf("control: max payload %d above %d", c.MaxPayload, frame.HardMaxPayload)
-	case c.HeartbeatMisses > 0xFFFF || c.HeartbeatInterval > time.Duration(1<<32-1)*time.Millisecond:
+	case c.HeartbeatMisses > 0xFFFF || c.HeartbeatInterval > maxHeartbeatMs*time.Millisecond:
 		return fmt.Errorf("control: heartbeat %v × %d out of range", c.HeartbeatInterval, c.HeartbeatMisses)
 	case len(c.Name) > sypas.MaxNameLen:
 		return fmt.Errorf("control: name of %d bytes, at most %d", len(c.Name), sypas.MaxNameLen)

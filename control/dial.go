@@ -97,6 +97,10 @@ func (s *Session) clientHandshake(cfg DialConfig) error {
 	return nil
 }
 
+// maxHeartbeatMs bounds a WELCOME's heartbeat interval (one hour) so that
+// interval × misses cannot overflow a Duration.
+const maxHeartbeatMs = 3_600_000
+
 // checkWelcome holds the kernel to what the daemon offered and to the
 // daemon's own limits.
 func checkWelcome(w *sypas.Welcome, h *sypas.Hello, cfg *SessionConfig) error {
@@ -107,6 +111,8 @@ func checkWelcome(w *sypas.Welcome, h *sypas.Hello, cfg *SessionConfig) error {
 		return protoErr("kernel granted features %#x, offered %#x", w.Features, h.Features)
 	case cfg.RequireFeatures&^w.Features != 0:
 		return protoErr("kernel lacks required features %#x (granted %#x)", cfg.RequireFeatures&^w.Features, w.Features)
+	case w.HeartbeatIntervalMs > maxHeartbeatMs:
+		return protoErr("heartbeat interval %d ms above %d", w.HeartbeatIntervalMs, maxHeartbeatMs)
 	case w.TxRingSize > cfg.MaxRingSize || w.RxRingSize > cfg.MaxRingSize:
 		return &sypas.Error{Code: sypas.CodeTooLarge, Message: fmt.Sprintf("rings %d/%d above the daemon's cap %d", w.TxRingSize, w.RxRingSize, cfg.MaxRingSize)}
 	case int(w.MaxPayload) > ring.MaxRecord(int(min(w.TxRingSize, w.RxRingSize)))-frame.MaxHeaderLen:

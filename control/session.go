@@ -535,9 +535,11 @@ func (s *Session) handle(f *frame.Frame) error {
 			if !s.goAwaySent.Load() {
 				// The owner has DrainTimeout to finish and call Shutdown.
 				time.AfterFunc(s.cfg.DrainTimeout, func() {
-					if s.sendGoAway() == nil {
-						s.fail(fmt.Errorf("%w: drained for %v without Shutdown", ErrGoAway, s.cfg.DrainTimeout))
+					if s.goAwaySent.Load() || s.Err() != nil {
+						return // the owner is shutting down
 					}
+					s.sendGoAway()
+					s.fail(fmt.Errorf("%w: drained for %v without Shutdown", ErrGoAway, s.cfg.DrainTimeout))
 				})
 			}
 		})

@@ -536,3 +536,40 @@ func TestDialChecksServerUID(t *testing.T) {
 	assert.ErrorIs(t, kerr, ErrPeerGone, "the kernel got no byte: %v", kerr)
 	assert.Contains(t, kerr.Error(), "connection closed in state handshake: EOF")
 }
+
+// The zero Config values are the documented defaults; bad values are
+// refused up front, before any socket is touched.
+func TestSessionConfigDefaultsAndValidation(t *testing.T) {
+	c := SessionConfig{}.withDefaults()
+	assert.Equal(t, 5*time.Second, c.HandshakeTimeout)
+	assert.Equal(t, time.Second, c.HeartbeatInterval)
+	assert.Equal(t, 3, c.HeartbeatMisses)
+	assert.Equal(t, 5*time.Second, c.DrainTimeout)
+	assert.Equal(t, sypas.FeatureTokenRefresh, c.Features)
+	assert.EqualValues(t, 16<<20, c.MaxRingSize)
+	assert.EqualValues(t, frame.DefaultMaxPayload, c.MaxPayload)
+	require.NoError(t, c.validate())
+
+	for _, bad := range []SessionConfig{
+		{TxRingSize: 5000},
+		{RxRingSize: 1 << 31},
+		{MaxPayload: frame.HardMaxPayload + 1},
+		{HeartbeatMisses: 1 << 16},
+		{HeartbeatInterval: 2 * time.Hour},
+		{Name: string(make([]byte, sypas.MaxNameLen+1))},
+		{Features: sypas.FeatureBulk, RequireFeatures: sypas.FeatureSubscribe},
+	} {
+		_, err := Dial(context.Background(), "/nonexistent", DialConfig{SessionConfig: bad})
+		assert.Error(t, err, "%+v", bad)
+		assert.NotContains(t, err.Error(), "dial", "refused before dialing")
+	}
+	l := listenFor(t, sockPath(t), nil)
+	_, err := NewServer(l, ServerConfig{})
+	assert.Error(t, err, "Keys is required")
+	_, err = NewServer(l, ServerConfig{Keys: token.NewKeyring()})
+	assert.Error(t, err, "a keyring without a current key")
+	srv, err := NewServer(l, ServerConfig{Keys: testKeys(t)})
+	require.NoError(t, err)
+	assert.EqualValues(t, DefaultRingSize, srv.cfg.TxRingSize)
+	assert.Equal(t, time.Hour, srv.tokenTTL())
+}

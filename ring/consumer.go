@@ -29,6 +29,7 @@ type Consumer struct {
 	viewEnd    uint64 // end of the last record handed out by Next
 	cachedTail uint64 // the last validated tail
 	err        error  // sticky corruption
+	eof        bool   // sticky: io.EOF was returned
 
 	closed  atomic.Bool
 	waiter  *futex.Waiter
@@ -59,7 +60,7 @@ func NewConsumer(mem []byte, cfg Config) (*Consumer, error) {
 	c.pos = c.head.Load()
 	c.released = c.pos
 	c.cachedTail = c.tail.Load()
-	if c.pos&(RecordAlign-1) != 0 || c.cachedTail&(RecordAlign-1) != 0 || c.pos > c.cachedTail || c.cachedTail-c.pos > c.capacity {
+	if !validIndexPair(c.pos, c.cachedTail, c.capacity) {
 		return nil, fmt.Errorf("%w: indices at attach: head %d, tail %d", ErrCorrupt, c.pos, c.cachedTail)
 	}
 	c.waiter = futex.NewWaiter(u32At(mem, ConsumerSlotOffset+slotSleep), cfg.Idle)
@@ -81,6 +82,27 @@ func (c *Consumer) Capacity() int { return int(c.capacity) }
 // that room. In shared memory the view's bytes can still be changed by a
 // hostile peer while you read them: copy or decode each byte once.
 func (c *Consumer) Next() ([]byte, error) {
+	if c.pos != c.cachedTail && c.err == nil && !c.closed.Load() {
+		// The common case: a published data record, read without a call.
+		off := c.pos & c.mask
+		hdr := binary.LittleEndian.Uint64(c.data[off : off+RecordHeaderSize])
+		length, size := uint64(uint32(hdr)), align(RecordHeaderSize+uint64(uint32(hdr)))
+		if uint32(hdr>>32) == recordData && size <= c.cachedTail-c.pos && size <= c.capacity-off {
+			start := off + RecordHeaderSize
+			c.pos += size
+			c.viewEnd = c.pos
+			return c.data[start : start+length : start+length], nil
+		}
+	}
+	return c.nextSlow()
+}
+
+// nextSlow is Next when the fast path does not apply: nothing published yet,
+// padding to skip, or a record to reject.
+func (c *Consumer) nextSlow() ([]byte, error) {
+	if err := c.usable(); err != nil {
+		return nil, err
+	}
 	for {
 		if c.pos == c.cachedTail {
 			if err := c.waitData(); err != nil {
@@ -103,7 +125,7 @@ func (c *Consumer) Next() ([]byte, error) {
 // store of the head index, and wakes the producer if, and only if, it is
 // parked waiting for room. Views returned before Release must not be used after.
 func (c *Consumer) Release() {
-	if c.pos != c.released {
+	if c.pos != c.released && !c.closed.Load() {
 		c.head.Store(c.pos)
 		c.released = c.pos
 		futex.Notify(c.peerSleep)
@@ -114,6 +136,9 @@ func (c *Consumer) Release() {
 // returned by Next before it) and returns its length. If buf is too short it
 // returns ErrShortBuffer and the record stays in the ring.
 func (c *Consumer) ReadInto(buf []byte) (int, error) {
+	if err := c.usable(); err != nil {
+		return 0, err
+	}
 	for {
 		if c.pos == c.cachedTail {
 			if err := c.waitData(); err != nil {
@@ -138,10 +163,12 @@ func (c *Consumer) ReadInto(buf []byte) (int, error) {
 	}
 }
 
-// SetDeadline bounds how long Next and ReadInto wait for a record, with
-// net.Conn semantics: a zero time means no deadline, and a passed deadline
-// fails them with an error matching os.ErrDeadlineExceeded. It may be changed
-// while a call is waiting.
+// SetDeadline bounds how long Next and ReadInto wait for a record: once it
+// has passed, a call that would have to wait fails with an error matching
+// os.ErrDeadlineExceeded. As with net.Conn, the zero time means no deadline and
+// a change applies to a call already waiting; unlike net.Conn, records already
+// published are still returned after the deadline, since the deadline bounds
+// waiting, not reading.
 func (c *Consumer) SetDeadline(t time.Time) { c.waiter.SetDeadline(t) }
 
 // Interrupt makes a waiting or future wait for records fail with err; the
@@ -150,8 +177,11 @@ func (c *Consumer) SetDeadline(t time.Time) { c.waiter.SetDeadline(t) }
 func (c *Consumer) Interrupt(err error) { c.waiter.Interrupt(err) }
 
 // Close tells the producer that nothing more will be read (its writes then
-// fail with ErrPeerClosed) and wakes a blocked Next, which returns ErrClosed.
-// It is idempotent and does not unmap the region.
+// fail with ErrPeerClosed) and wakes a blocked Next, which returns ErrClosed;
+// Next and ReadInto fail with ErrClosed afterwards and Release does nothing.
+// It is idempotent and does not unmap the region: keep it mapped until Close
+// has returned, every call blocked in another goroutine has returned, and no
+// view is in use.
 func (c *Consumer) Close() error {
 	if !c.closed.CompareAndSwap(false, true) {
 		return nil
@@ -161,16 +191,30 @@ func (c *Consumer) Close() error {
 	return c.waiter.Close()
 }
 
-// waitData returns once a record is published past pos, or with why not.
-func (c *Consumer) waitData() error {
+// usable reports why the consumer cannot be used any more, if it cannot.
+func (c *Consumer) usable() error {
 	if c.closed.Load() {
 		return ErrClosed
 	}
-	if c.err != nil {
-		return c.err
+	return c.err
+}
+
+// waitData returns once a record is published past pos, or with why not.
+func (c *Consumer) waitData() error {
+	if err := c.usable(); err != nil {
+		return err
+	}
+	if c.eof {
+		return io.EOF
 	}
 	if c.refreshTail() {
 		return c.err
+	}
+	if c.peerClosed.Load() != 0 {
+		// Checked before waiting, so that a clean end of stream is reported
+		// as io.EOF even after an Interrupt (the producer's process exited
+		// after closing).
+		return c.endOfStream()
 	}
 	if c.released >= c.viewEnd {
 		// The caller holds no views, so whatever lies between released and
@@ -187,11 +231,18 @@ func (c *Consumer) waitData() error {
 	if c.closed.Load() {
 		return ErrClosed
 	}
-	// The producer closed. It stored its last tail before its closed flag, so
-	// one more load of tail sees every record it published.
+	return c.endOfStream()
+}
+
+// endOfStream is called once the producer's closed flag is seen. The
+// producer stored its last tail before the flag, so one more load of tail
+// sees every record it published; if there is none, the stream has ended,
+// for good: records published after the flag are never delivered.
+func (c *Consumer) endOfStream() error {
 	if c.refreshTail() {
 		return c.err
 	}
+	c.eof = true
 	return io.EOF
 }
 
@@ -202,7 +253,7 @@ func (c *Consumer) ready() bool {
 }
 
 // refreshTail reads the producer's index once and validates it against our
-// private copies: it only moves forward, in whole records, and never more than
+// private copies: a multiple of 8 that only moves forward, and never more than
 // a capacity ahead of what we released. It reports whether there is something
 // new to look at: records, or a violation (then the sticky error is set).
 func (c *Consumer) refreshTail() bool {
@@ -236,7 +287,10 @@ func (c *Consumer) record() (view []byte, next uint64, isData bool, err error) {
 		start := off + RecordHeaderSize
 		return c.data[start : start+length : start+length], c.pos + size, true, nil
 	case recordPadding:
-		if RecordHeaderSize+length != contig || contig > avail {
+		// Padding runs exactly to the end of the data area and is never at
+		// offset 0 (a record always fits there), so at most one is skipped
+		// between two records: a peer cannot keep us skipping laps.
+		if RecordHeaderSize+length != contig || contig > avail || off == 0 {
 			break
 		}
 		return nil, c.pos + contig, false, nil

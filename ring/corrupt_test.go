@@ -20,6 +20,14 @@ func TestAttachRejectsBadHeader(t *testing.T) {
 		"capacity huge":   func(m []byte) { binary.LittleEndian.PutUint64(m[hdrCapacity:], 1<<62) },
 		"tail misaligned": func(m []byte) { binary.LittleEndian.PutUint64(m[ProducerSlotOffset:], 3) },
 		"head > tail":     func(m []byte) { binary.LittleEndian.PutUint64(m[ConsumerSlotOffset:], 8) },
+		"head misaligned": func(m []byte) {
+			binary.LittleEndian.PutUint64(m[ProducerSlotOffset:], 16)
+			binary.LittleEndian.PutUint64(m[ConsumerSlotOffset:], 4)
+		},
+		"indices past 2^63": func(m []byte) {
+			binary.LittleEndian.PutUint64(m[ProducerSlotOffset:], 1<<63)
+			binary.LittleEndian.PutUint64(m[ConsumerSlotOffset:], 1<<63)
+		},
 		"tail - head > capacity": func(m []byte) {
 			binary.LittleEndian.PutUint64(m[ProducerSlotOffset:], 2048)
 		},
@@ -60,6 +68,7 @@ func TestConsumerRejectsHostileProducer(t *testing.T) {
 		"padding not to the end":   func(m []byte) { recAt(m, 0, 8, recordPadding) },
 		"padding past published":   func(m []byte) { recAt(m, 0, capacity-8, recordPadding) },
 		"padding length overflows": func(m []byte) { recAt(m, 0, ^uint32(0)-6, recordPadding) },
+		"padding at offset 0":      func(m []byte) { tailAt(m, capacity); recAt(m, 0, capacity-8, recordPadding) },
 	}
 	for name, scribble := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -80,6 +89,25 @@ func TestConsumerRejectsHostileProducer(t *testing.T) {
 			_, err = c.ReadInto(make([]byte, 64))
 			assert.ErrorIs(t, err, ErrCorrupt)
 		})
+	}
+}
+
+// TestCorruptionSticksWhenThePeerUndoesIt: a record header that was bad once
+// keeps the consumer broken even if the peer restores it.
+func TestCorruptionSticksWhenThePeerUndoesIt(t *testing.T) {
+	p, c, mem := pair(t, 256)
+	for _, s := range []string{"12345678", "abcdefgh"} {
+		_, err := p.Write([]byte(s))
+		require.NoError(t, err)
+	}
+	hdr := binary.LittleEndian.Uint64(mem[DataOffset:])
+	binary.LittleEndian.PutUint64(mem[DataOffset:], packRecordHeader(8, 7))
+	_, err := c.Next()
+	require.ErrorIs(t, err, ErrCorrupt)
+	binary.LittleEndian.PutUint64(mem[DataOffset:], hdr)
+	for i := 0; i < 2; i++ {
+		_, err = c.Next()
+		assert.ErrorIs(t, err, ErrCorrupt)
 	}
 }
 

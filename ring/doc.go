@@ -17,8 +17,8 @@
 //   - header: written once by [Init], before either side attaches; read once by
 //     each side at attach time into private copies.
 //   - producer slot: tail and the producer's closed flag are written only by the
-//     producer. The producer's sleep word is set by the producer when it parks
-//     and cleared by the consumer when it wakes it.
+//     producer. The producer's sleep word is set (and cleared again) by the
+//     producer around parking, and cleared by the consumer when it wakes it.
 //   - consumer slot: the same, mirrored: head and closed by the consumer, the
 //     consumer's sleep word set by the consumer and cleared by the producer.
 //   - data bytes in [head, tail) belong to the consumer; all others to the

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"testing"
+	"time"
 	"unsafe"
 
 	"github.com/sypas/sypas/ring"
@@ -54,6 +55,7 @@ func ExampleCreateRegion() {
 	}
 	defer region.Close()
 	c, _ := ring.NewConsumer(region.Bytes(), ring.Config{})
+	c.SetDeadline(time.Now().Add(10 * time.Second)) // a daemon that never starts must not hang us
 
 	daemon := exec.Command(os.Args[0], "-test.run=^TestExampleDaemon$")
 	daemon.Env = append(os.Environ(), "GO_WANT_HELPER_PROCESS=example-daemon")

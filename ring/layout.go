@@ -118,6 +118,17 @@ func readHeader(mem []byte) (int, error) {
 	return int(capacity), nil
 }
 
+// maxIndex bounds the free-running indices: they never come near 2^64 (that
+// would take 2^63 bytes of traffic), so a larger one is corruption and all
+// index arithmetic stays free of wrap-around.
+const maxIndex = 1 << 63
+
+// validIndexPair checks a head and tail read from the region at attach time.
+func validIndexPair(head, tail, capacity uint64) bool {
+	return head&(RecordAlign-1) == 0 && tail&(RecordAlign-1) == 0 &&
+		tail < maxIndex && head <= tail && tail-head <= capacity
+}
+
 // align rounds a record size up to RecordAlign.
 func align(n uint64) uint64 { return (n + RecordAlign - 1) &^ (RecordAlign - 1) }
 

@@ -63,7 +63,7 @@ func NewProducer(mem []byte, cfg Config) (*Producer, error) {
 	p.pos = p.tail.Load()
 	p.published = p.pos
 	p.cachedHead = p.head.Load()
-	if p.pos&(RecordAlign-1) != 0 || p.cachedHead > p.pos || p.pos-p.cachedHead > p.capacity {
+	if !validIndexPair(p.cachedHead, p.pos, p.capacity) {
 		return nil, fmt.Errorf("%w: indices at attach: head %d, tail %d", ErrCorrupt, p.cachedHead, p.pos)
 	}
 	p.waiter = futex.NewWaiter(u32At(mem, ProducerSlotOffset+slotSleep), cfg.Idle)
@@ -83,13 +83,33 @@ func (p *Producer) MaxRecord() int { return int(p.maxRecord) }
 // waiting it publishes committed records, so the consumer can make room.
 // The slice is valid until Commit; a second Reserve before Commit fails.
 func (p *Producer) Reserve(n int) ([]byte, error) {
+	if n >= 0 && uint64(n) <= p.maxRecord && p.resLen < 0 && p.err == nil && !p.closed.Load() {
+		size := align(RecordHeaderSize + uint64(n))
+		off := p.pos & p.mask
+		if p.capacity-off >= size && p.free() >= size {
+			// The common case: room before the end of the data area, and
+			// the cached head already says it is free.
+			p.resOff, p.resLen = off, n
+			start := off + RecordHeaderSize
+			return p.data[start : start+uint64(n) : start+uint64(n)], nil
+		}
+	}
+	return p.reserveSlow(n)
+}
+
+// reserveSlow is Reserve when the fast path does not apply: an error to
+// report, a wrap to pad, or room to wait for.
+func (p *Producer) reserveSlow(n int) ([]byte, error) {
 	if err := p.usable(); err != nil {
 		return nil, err
 	}
 	if p.resLen >= 0 {
 		return nil, fmt.Errorf("%w: a reservation is already pending", ErrInvalid)
 	}
-	if n < 0 || uint64(n) > p.maxRecord {
+	if n < 0 {
+		return nil, fmt.Errorf("%w: negative size %d", ErrInvalid, n)
+	}
+	if uint64(n) > p.maxRecord {
 		return nil, fmt.Errorf("%w: %d bytes, the maximum is %d", ErrTooLarge, n, p.maxRecord)
 	}
 	size := align(RecordHeaderSize + uint64(n))
@@ -121,6 +141,10 @@ func (p *Producer) Commit(n int) error {
 	if p.resLen < 0 {
 		return ErrNoReservation
 	}
+	if p.closed.Load() {
+		p.resLen = -1
+		return ErrClosed
+	}
 	if n < 0 || n > p.resLen {
 		return fmt.Errorf("%w: commit of %d bytes, %d reserved", ErrInvalid, n, p.resLen)
 	}
@@ -132,15 +156,20 @@ func (p *Producer) Commit(n int) error {
 
 // Flush publishes every committed record with one store of the tail index and
 // wakes the consumer if, and only if, it is parked. It reports ErrPeerClosed
-// once the consumer has closed.
+// once the consumer has closed, and ErrClosed after Close.
 func (p *Producer) Flush() error {
-	if p.err != nil {
-		return p.err
+	if err := p.usable(); err != nil {
+		return err
 	}
 	if p.pos != p.published {
 		p.tail.Store(p.pos)
 		p.published = p.pos
 		futex.Notify(p.peerSleep)
+		if p.closed.Load() {
+			// Close, from another goroutine, stored the closed flag before
+			// this tail: the consumer may already have reported io.EOF.
+			return fmt.Errorf("%w: records flushed while closing may not be delivered", ErrClosed)
+		}
 	}
 	if p.peerClosed.Load() != 0 {
 		p.err = ErrPeerClosed
@@ -166,10 +195,12 @@ func (p *Producer) Write(b []byte) (int, error) {
 	return len(b), nil
 }
 
-// SetDeadline bounds how long Reserve and Write wait for room, with net.Conn
-// semantics: a zero time means no deadline, and a passed deadline fails them
-// with an error matching os.ErrDeadlineExceeded. It may be changed while a call
-// is waiting.
+// SetDeadline bounds how long Reserve and Write wait for room: once it has
+// passed, a call that would have to wait fails with an error matching
+// os.ErrDeadlineExceeded. As with net.Conn, the zero time means no deadline and
+// a change applies to a call already waiting; unlike net.Conn, a call that
+// finds room succeeds even after the deadline, since the deadline bounds
+// waiting, not work.
 func (p *Producer) SetDeadline(t time.Time) { p.waiter.SetDeadline(t) }
 
 // Interrupt makes a waiting or future wait for room fail with err; the control
@@ -178,8 +209,10 @@ func (p *Producer) Interrupt(err error) { p.waiter.Interrupt(err) }
 
 // Close marks the producer closed: once the consumer has read every record
 // published before Close, it gets io.EOF. Committed records that were not
-// flushed are not published; Flush first. Close wakes a blocked Reserve, which
-// returns ErrClosed, and is idempotent. It does not unmap the region.
+// flushed are not published (Flush first), and Commit, Flush and Write fail
+// with ErrClosed afterwards. Close wakes a blocked Reserve, which returns
+// ErrClosed, and is idempotent. It does not unmap the region: keep it mapped
+// until Close has returned and so has every call blocked in another goroutine.
 func (p *Producer) Close() error {
 	if !p.closed.CompareAndSwap(false, true) {
 		return nil
@@ -237,9 +270,9 @@ func (p *Producer) ready() bool {
 	return p.free() >= p.want || p.closed.Load()
 }
 
-// refreshHead reads the consumer's index once and validates it: it only moves
-// forward, never past what we published, in whole records. It reports false,
-// and sets the sticky error, on a violation.
+// refreshHead reads the consumer's index once and validates it: a multiple
+// of 8 that only moves forward and never past what we published. It reports
+// false, and sets the sticky error, on a violation.
 func (p *Producer) refreshHead() bool {
 	h := p.head.Load()
 	if h < p.cachedHead || h > p.published || h&(RecordAlign-1) != 0 {

@@ -152,7 +152,7 @@ func TestMaxRecordAndTooLarge(t *testing.T) {
 	_, err := p.Reserve(505)
 	assert.ErrorIs(t, err, ErrTooLarge)
 	_, err = p.Reserve(-1)
-	assert.ErrorIs(t, err, ErrTooLarge)
+	assert.ErrorIs(t, err, ErrInvalid)
 
 	// Move off 0 so the biggest record has to pad and wait for the ring to empty.
 	_, err = p.Write([]byte("x"))
@@ -328,7 +328,7 @@ func TestRandomAgainstModel(t *testing.T) {
 
 // TestConcurrentStream checks order and content with both ends running at once.
 func TestConcurrentStream(t *testing.T) {
-	p, c, _ := pair(t, 4096)
+	p, c, _ := pair(t, 1<<16) // room for the views held between releases, many times over
 	const n = 20000
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -390,4 +390,58 @@ func TestHotPathsDoNotAllocate(t *testing.T) {
 		}
 	})
 	assert.Zero(t, allocs)
+}
+
+func TestNothingIsPublishedAfterClose(t *testing.T) {
+	p, c, _ := pair(t, 256)
+	b, err := p.Reserve(3)
+	require.NoError(t, err)
+	copy(b, "abc")
+	require.NoError(t, p.Commit(3))
+	require.NoError(t, p.Close())
+	assert.ErrorIs(t, p.Flush(), ErrClosed, "Flush after Close")
+	_, err = p.Reserve(1)
+	assert.ErrorIs(t, err, ErrClosed)
+	for i := 0; i < 2; i++ {
+		_, err = c.Next()
+		assert.ErrorIs(t, err, io.EOF, "the unflushed record is not delivered, and EOF sticks")
+	}
+}
+
+func TestCommitAfterCloseFails(t *testing.T) {
+	p, _, _ := pair(t, 256)
+	_, err := p.Reserve(3)
+	require.NoError(t, err)
+	require.NoError(t, p.Close())
+	assert.ErrorIs(t, p.Commit(3), ErrClosed)
+}
+
+func TestCleanEOFSurvivesInterrupt(t *testing.T) {
+	p, c, _ := pair(t, 256)
+	_, err := p.Write([]byte("last"))
+	require.NoError(t, err)
+	require.NoError(t, p.Close())
+	c.Interrupt(errors.New("peer process exited"))
+	got, err := c.Next()
+	require.NoError(t, err)
+	assert.Equal(t, "last", string(got))
+	_, err = c.Next()
+	assert.ErrorIs(t, err, io.EOF, "a producer that closed cleanly ends with io.EOF, not the interrupt")
+}
+
+func TestConsumerUnusableAfterClose(t *testing.T) {
+	p, c, mem := pair(t, 256)
+	for _, s := range []string{"one", "two"} {
+		_, err := p.Write([]byte(s))
+		require.NoError(t, err)
+	}
+	_, err := c.Next()
+	require.NoError(t, err)
+	require.NoError(t, c.Close())
+	_, err = c.Next()
+	assert.ErrorIs(t, err, ErrClosed, "even with a published record cached")
+	_, err = c.ReadInto(make([]byte, 8))
+	assert.ErrorIs(t, err, ErrClosed)
+	c.Release()
+	assert.Zero(t, u64At(mem, ConsumerSlotOffset).Load(), "Release after Close writes nothing")
 }

@@ -58,6 +58,7 @@ func (r *Region) File() *os.File { return r.shm.File() }
 // Capacity is the size of the ring's data area.
 func (r *Region) Capacity() int { return r.capacity }
 
-// Close unmaps the region and closes the memfd. Close the ring's ends, and drop
-// every view, first. It is idempotent.
+// Close unmaps the region and closes the memfd. First close the ring's ends
+// and wait until every call on them has returned and no view is in use:
+// touching the memory afterwards faults. It is idempotent.
 func (r *Region) Close() error { return r.shm.Close() }

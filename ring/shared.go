@@ -16,13 +16,22 @@ type Region struct {
 	capacity int
 }
 
-// CreateRegion makes a sealed memfd large enough for a ring of capacity data
-// bytes and lays out an empty ring in it.
+// regionPage is the unit of region sizes: memfds are passed and mapped in
+// whole pages (docs/PROTOCOL.md §3.14 and §5.1).
+const regionPage = 4096
+
+// RegionSize is the size of the memfd holding a ring of capacity data bytes:
+// Size(capacity) rounded up to whole 4096-byte pages. The ring occupies the
+// first Size(capacity) bytes; the rest of the last page is unused.
+func RegionSize(capacity int) int { return (Size(capacity) + regionPage - 1) &^ (regionPage - 1) }
+
+// CreateRegion makes a sealed memfd of RegionSize(capacity) bytes and lays out
+// an empty ring of capacity data bytes in it.
 func CreateRegion(capacity int) (*Region, error) {
 	if err := checkCapacity(uint64(capacity)); err != nil {
 		return nil, err
 	}
-	r, err := shm.Create("sypas-ring", Size(capacity))
+	r, err := shm.Create("sypas-ring", RegionSize(capacity))
 	if err != nil {
 		return nil, fmt.Errorf("ring: %w", err)
 	}
@@ -36,13 +45,13 @@ func CreateRegion(capacity int) (*Region, error) {
 // OpenRegion maps a ring region received from a peer, whose capacity was
 // agreed beforehand. It takes ownership of f: on failure f is closed. The
 // memfd must be sealed against shrinking and growing and be exactly
-// Size(capacity) bytes; the ring header is validated when an end attaches.
+// RegionSize(capacity) bytes; the ring header is validated when an end attaches.
 func OpenRegion(f *os.File, capacity int) (*Region, error) {
 	if err := checkCapacity(uint64(capacity)); err != nil {
 		f.Close()
 		return nil, err
 	}
-	r, err := shm.Open(f, Size(capacity))
+	r, err := shm.Open(f, RegionSize(capacity))
 	if err != nil {
 		return nil, fmt.Errorf("ring: %w", err)
 	}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -60,6 +61,23 @@ func sessionHelper(mode, sock string) int {
 		if err != nil {
 			return fail(err)
 		}
+		fmt.Println("READY")
+		<-s.Done()
+	case "daemon-leak": // a child keeps the socket open after we die
+		s, err := Dial(ctx, sock, DialConfig{})
+		if err != nil {
+			return fail(err)
+		}
+		f, err := s.conn.File()
+		if err != nil {
+			return fail(err)
+		}
+		child := exec.Command("sleep", "60")
+		child.ExtraFiles = []*os.File{f}
+		if err := child.Start(); err != nil {
+			return fail(err)
+		}
+		fmt.Println("CHILD", child.Process.Pid)
 		fmt.Println("READY")
 		<-s.Done()
 	case "daemon-half-hello": // die mid-handshake
@@ -243,6 +261,23 @@ func TestPeerDeathKernelSurvives(t *testing.T) {
 	t.Logf("daemon SIGKILL → kernel ring waiter woken: %v", lats)
 	ts.Close()
 	assert.Equal(t, base, countFDs(t))
+}
+
+// The daemon dies but a child it forked keeps its socket open, so no EOF
+// comes: the kernel notices through the pidfd alone.
+func TestPeerDeathSeenThroughPidfd(t *testing.T) {
+	ts := startServer(t, "", ServerConfig{})
+	h := sessionHelperProc(t, "daemon-leak", ts.path)
+	k := ts.session(t)
+	var child int
+	_, err := fmt.Sscanf(h.expect(t, "CHILD"), "CHILD %d", &child)
+	require.NoError(t, err)
+	defer syscall.Kill(child, syscall.SIGKILL)
+	h.expect(t, "READY")
+	fillRing(t, k.Producer())
+	lat := peerDeath(t, h, k)
+	assert.Contains(t, k.Err().Error(), "exited", "seen by the pidfd, not the socket")
+	t.Logf("daemon SIGKILL (socket kept open by a child) → kernel ring waiter woken: %v", lat)
 }
 
 // SIGKILL of the kernel mid-operation: the daemon's ring waiter is woken

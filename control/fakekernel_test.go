@@ -61,7 +61,7 @@ func fakeKernel(t *testing.T, conn *net.UnixConn, o fakeOpts) {
 		fd, err := unix.MemfdCreate("unsealed", unix.MFD_CLOEXEC)
 		require.NoError(t, err)
 		f := os.NewFile(uintptr(fd), "unsealed")
-		require.NoError(t, f.Truncate(int64(ring.Size(fakeCap))))
+		require.NoError(t, f.Truncate(int64(ring.RegionSize(fakeCap))))
 		files = append(files, f)
 		return f
 	}

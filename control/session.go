@@ -754,10 +754,6 @@ func randomID() uint64 {
 	}
 }
 
-// regionSize is the REGIONS size of a ring region: the mapping, whole
-// pages. The memfd itself is exactly ring.Size(capacity) bytes (§5.1);
-// REGIONS sizes must be page multiples (§3.14), so the two differ.
-func regionSize(capacity uint32) uint64 {
-	n := uint64(ring.Size(int(capacity)))
-	return (n + sypas.PageSize - 1) &^ (sypas.PageSize - 1)
-}
+// regionSize is the REGIONS size of a ring region: its memfd's size, whole
+// pages (§3.14, §5.1).
+func regionSize(capacity uint32) uint64 { return uint64(ring.RegionSize(int(capacity))) }

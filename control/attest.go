@@ -12,6 +12,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -227,12 +229,73 @@ func hashFile(name string) ([32]byte, error) {
 	if !st.Mode().IsRegular() {
 		return sum, fmt.Errorf("%s is not a regular file", name)
 	}
+	key, cacheable := exeKeyOf(st)
+	if cacheable {
+		if sum, ok := exeDigests.get(key); ok {
+			return sum, nil
+		}
+	}
 	h := sha256.New()
 	if _, err := io.Copy(h, f); err != nil {
 		return sum, err
 	}
 	h.Sum(sum[:0])
+	if cacheable {
+		exeDigests.put(key, sum)
+	}
 	return sum, nil
+}
+
+// exeKey identifies one version of a file's content: any write changes the
+// inode's ctime, which no unprivileged process can set, and a new file on a
+// reused inode number gets a new ctime.
+type exeKey struct {
+	dev, ino, size uint64
+	ctime, mtime   unix.Timespec
+}
+
+// exeCacheMinAge: files changed less than this long ago are hashed every
+// time. Timestamps may be coarse (a jiffy): a write in the same tick as the
+// change we hashed after could leave ctime unchanged. A file older than this
+// gets a strictly later ctime from any write.
+const exeCacheMinAge = time.Second
+
+func exeKeyOf(fi os.FileInfo) (exeKey, bool) {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return exeKey{}, false
+	}
+	k := exeKey{dev: uint64(st.Dev), ino: st.Ino, size: uint64(st.Size),
+		ctime: unix.Timespec(st.Ctim), mtime: unix.Timespec(st.Mtim)}
+	age := time.Since(time.Unix(st.Ctim.Unix()))
+	return k, age >= exeCacheMinAge
+}
+
+// exeDigests caches executable digests so a daemon that reconnects, or many
+// processes of one binary, are hashed once instead of at every accept.
+var exeDigests = digestCache{m: make(map[exeKey][32]byte)}
+
+const maxCachedDigests = 256
+
+type digestCache struct {
+	mu sync.Mutex
+	m  map[exeKey][32]byte
+}
+
+func (c *digestCache) get(k exeKey) ([32]byte, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	sum, ok := c.m[k]
+	return sum, ok
+}
+
+func (c *digestCache) put(k exeKey, sum [32]byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.m) >= maxCachedDigests {
+		clear(c.m) // simple bound; a miss only costs a hash
+	}
+	c.m[k] = sum
 }
 
 // pidfdPid reads the pid a pidfd refers to from /proc/self/fdinfo: -1 if

@@ -1,8 +1,10 @@
 package control
 
 import (
+	"crypto/sha256"
 	"net"
 	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -157,4 +159,39 @@ func TestStartTime(t *testing.T) {
 	require.NoError(t, cmd.Wait())
 	_, err = startTime(cmd.Process.Pid)
 	assert.Error(t, err)
+}
+
+// Digests are cached by file version: a file changed since it was hashed
+// is hashed again, and a file changed within the last second is never
+// cached (coarse timestamps).
+func TestExeDigestCache(t *testing.T) {
+	name := filepath.Join(t.TempDir(), "exe")
+	require.NoError(t, os.WriteFile(name, []byte("version 1"), 0o755))
+	fresh := func() (exeKey, bool) {
+		fi, err := os.Stat(name)
+		require.NoError(t, err)
+		return exeKeyOf(fi)
+	}
+	sum, err := hashFile(name)
+	require.NoError(t, err)
+	assert.Equal(t, sha256.Sum256([]byte("version 1")), sum)
+	k, ok := fresh()
+	assert.False(t, ok, "just written: not cacheable")
+	_, cached := exeDigests.get(k)
+	assert.False(t, cached)
+
+	time.Sleep(exeCacheMinAge + 100*time.Millisecond)
+	_, err = hashFile(name)
+	require.NoError(t, err)
+	k, ok = fresh()
+	require.True(t, ok)
+	got, cached := exeDigests.get(k)
+	require.True(t, cached)
+	assert.Equal(t, sum, got)
+
+	// Same size, new content: ctime moves, the cache misses.
+	require.NoError(t, os.WriteFile(name, []byte("version 2"), 0o755))
+	sum2, err := hashFile(name)
+	require.NoError(t, err)
+	assert.Equal(t, sha256.Sum256([]byte("version 2")), sum2)
 }

@@ -19,6 +19,8 @@ import (
 	"slices"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/sypas/sypas/futex"
 	"github.com/sypas/sypas/ring"
 )
@@ -28,11 +30,13 @@ const capacity = 1 << 18
 func main() {
 	role := flag.String("role", "kernel", "kernel (starts daemons) or daemon (internal)")
 	policy := flag.Int("policy", 0, "daemon idle policy (internal)")
+	cpu := flag.Int("cpu", -1, "CPU to pin the daemon's serving thread to (internal)")
 	rounds := flag.Int("rounds", 200_000, "round trips per mode")
 	stream := flag.Int("stream", 5_000_000, "messages in the one-way stream")
 	flag.Parse()
 	var err error
 	if *role == "daemon" {
+		pin(*cpu)
 		err = daemon(futex.Policy(*policy))
 	} else {
 		err = kernel(*rounds, *stream)
@@ -97,7 +101,15 @@ func withDaemon(policy futex.Policy, phase func(*ring.Producer, *ring.Consumer) 
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command(self, "-role=daemon", fmt.Sprintf("-policy=%d", policy))
+	// Busy-polling only pays with a CPU for each side: in spin mode, pin the
+	// kernel's thread and the daemon's to different CPUs.
+	daemonCPU := -1
+	if policy == futex.PolicySpin && runtime.NumCPU() >= 2 {
+		pin(0)
+		defer unpin()
+		daemonCPU = 1
+	}
+	cmd := exec.Command(self, "-role=daemon", fmt.Sprintf("-policy=%d", policy), fmt.Sprintf("-cpu=%d", daemonCPU))
 	cmd.ExtraFiles = []*os.File{toDaemon.File(), toKernel.File()}
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	if err := cmd.Start(); err != nil {
@@ -133,7 +145,7 @@ func roundTrips(p *ring.Producer, c *ring.Consumer, name string, n int) error {
 		samples = append(samples, time.Since(start))
 	}
 	slices.Sort(samples)
-	fmt.Printf("%s mode, 64 B round trip: p50 %v, p99 %v (%d round trips, daemon pid in another process)\n",
+	fmt.Printf("%s mode, 64 B round trip: p50 %v, p99 %v (%d round trips with another process)\n",
 		name, samples[n/2], samples[n*99/100], n)
 	return nil
 }
@@ -222,4 +234,26 @@ func daemon(policy futex.Policy) error {
 			c.Release()
 		}
 	}
+}
+
+// pin locks the calling goroutine to its thread and the thread to cpu (a
+// negative cpu means no pinning).
+func pin(cpu int) {
+	if cpu < 0 {
+		return
+	}
+	runtime.LockOSThread()
+	var set unix.CPUSet
+	set.Set(cpu)
+	_ = unix.SchedSetaffinity(0, &set)
+}
+
+// unpin lets the thread run anywhere again and releases it.
+func unpin() {
+	var set unix.CPUSet
+	for i := 0; i < runtime.NumCPU(); i++ {
+		set.Set(i)
+	}
+	_ = unix.SchedSetaffinity(0, &set)
+	runtime.UnlockOSThread()
 }

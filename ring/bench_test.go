@@ -7,6 +7,11 @@ import (
 
 var benchSizes = []int{64, 1024, 64 << 10}
 
+// reportRate adds messages per second next to ns/op and MB/s.
+func reportRate(b *testing.B) {
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "msgs/s")
+}
+
 func sizeName(n int) string {
 	if n >= 1024 {
 		return fmt.Sprintf("%dKiB", n>>10)
@@ -32,6 +37,7 @@ func BenchmarkWriteRead(b *testing.B) {
 				}
 				c.Release()
 			}
+			reportRate(b)
 		})
 	}
 }
@@ -64,6 +70,7 @@ func BenchmarkZeroCopyBatch(b *testing.B) {
 					c.Release()
 				}
 			}
+			reportRate(b)
 		})
 	}
 }
@@ -94,6 +101,7 @@ func BenchmarkStreamGoroutines(b *testing.B) {
 			}
 			p.Close()
 			<-done
+			reportRate(b)
 		})
 	}
 }

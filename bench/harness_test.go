@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"flag"
 	"fmt"
 	"os"
 	"os/exec"
@@ -10,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/klauspost/cpuid/v2"
 	"golang.org/x/sys/unix"
 )
 
@@ -31,6 +33,11 @@ func TestMain(m *testing.M) {
 			os.Exit(1)
 		}
 		os.Exit(0)
+	}
+	flag.Parse()
+	if f := flag.Lookup("test.bench"); f != nil && f.Value.String() != "" {
+		fmt.Printf("machine: %s, %d CPUs, GOMAXPROCS %d, hypervisor %v; peer pinned to its own CPU: %v\n",
+			cpuid.CPU.BrandName, runtime.NumCPU(), runtime.GOMAXPROCS(0), cpuid.CPU.VM(), pinning)
 	}
 	os.Exit(m.Run())
 }

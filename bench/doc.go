@@ -9,7 +9,13 @@
 //     another process, over the ring and over a Unix socket, in msgs/s.
 //
 // The other process is this test binary re-executed. Where the machine has two
-// or more CPUs, the benchmarking thread and the peer are pinned to different
-// CPUs, the same way for every variant, so the numbers compare like with like.
-// The results, the command and the machine are in docs/BENCHMARKS.md.
+// or more CPUs, variants that busy-poll (the ring in spin and auto mode, the
+// raw cache-line ping-pong, the ring streams) pin the benchmarking thread and
+// the peer to different CPUs, as busy-polling is deployed; variants that sleep
+// (the ring in park mode, the raw futex, the socket and the pipe) do not,
+// since on a VM every hand-off would then wake a halted vCPU. So each ratio
+// the project targets compares like with like; every result line reports
+// "pinned" 1 or 0, and SYPAS_BENCH_PIN=1 or 0 pins all variants or none. The
+// first line of output names the machine. The results, the command and the
+// machine are in docs/BENCHMARKS.md.
 package bench

@@ -27,7 +27,9 @@ func TestMain(m *testing.M) {
 			fmt.Fprintln(os.Stderr, "unknown helper", name)
 			os.Exit(2)
 		}
-		pin(1)
+		if os.Getenv("SYPAS_PEER_PIN") == "1" {
+			pin(1)
+		}
 		if err := run(); err != nil {
 			fmt.Fprintf(os.Stderr, "helper %s: %v\n", name, err)
 			os.Exit(1)
@@ -36,18 +38,27 @@ func TestMain(m *testing.M) {
 	}
 	flag.Parse()
 	if f := flag.Lookup("test.bench"); f != nil && f.Value.String() != "" {
-		fmt.Printf("machine: %s, %d CPUs, GOMAXPROCS %d, hypervisor %v; peer pinned to its own CPU: %v\n",
-			cpuid.CPU.BrandName, runtime.NumCPU(), runtime.GOMAXPROCS(0), cpuid.CPU.VM(), pinning)
+		mode := pinMode
+		if mode == "" {
+			mode = "auto (busy-polling variants only)"
+		}
+		fmt.Printf("machine: %s, %d CPUs, GOMAXPROCS %d, hypervisor %v; pinning to separate CPUs: %s\n",
+			cpuid.CPU.BrandName, runtime.NumCPU(), runtime.GOMAXPROCS(0), cpuid.CPU.VM(), mode)
 	}
 	os.Exit(m.Run())
 }
 
 // startPeer re-executes the test binary as the named helper with files as fd
-// 3, 4, … and env as extra variables; the child is killed at cleanup.
-func startPeer(b *testing.B, name string, files []*os.File, env ...string) *exec.Cmd {
+// 3, 4, … and env as extra variables, pinned to CPU 1 if pinned; the child is
+// killed at cleanup.
+func startPeer(b *testing.B, name string, pinned bool, files []*os.File, env ...string) *exec.Cmd {
 	b.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), append([]string{helperEnv + "=" + name}, env...)...)
+	peerPin := "SYPAS_PEER_PIN=0"
+	if pinned {
+		peerPin = "SYPAS_PEER_PIN=1"
+	}
+	cmd.Env = append(os.Environ(), append([]string{helperEnv + "=" + name, peerPin}, env...)...)
 	cmd.ExtraFiles = files
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
@@ -79,15 +90,45 @@ func envInt(name string) int {
 	return v
 }
 
-// pinning is on where each process can have a CPU of its own, unless
-// SYPAS_BENCH_PIN=0.
-var pinning = runtime.NumCPU() >= 2 && os.Getenv("SYPAS_BENCH_PIN") != "0"
+// pinMode decides which variants pin the benchmarking thread and the peer's
+// to separate CPUs: by default ("auto") those that busy-poll, which is how
+// busy-polling is deployed, and not those that sleep, which on a VM would pay
+// for waking a halted vCPU on every hand-off. SYPAS_BENCH_PIN=1 pins every
+// variant, 0 none. Pinning needs two CPUs.
+var pinMode = os.Getenv("SYPAS_BENCH_PIN")
+
+func shouldPin(busyPolls bool) bool {
+	if runtime.NumCPU() < 2 {
+		return false
+	}
+	switch pinMode {
+	case "0":
+		return false
+	case "1":
+		return true
+	}
+	return busyPolls
+}
+
+// pinSelf pins the benchmarking goroutine if pinned and returns the function
+// that undoes it and records the choice next to the results (after the timed
+// loop: ResetTimer clears metrics reported before it).
+func pinSelf(b *testing.B, pinned bool) func() {
+	if pinned {
+		pin(0)
+	}
+	return func() {
+		if pinned {
+			unpin()
+			b.ReportMetric(1, "pinned")
+		} else {
+			b.ReportMetric(0, "pinned")
+		}
+	}
+}
 
 // pin locks the calling goroutine to its thread and that thread to cpu.
 func pin(cpu int) {
-	if !pinning {
-		return
-	}
 	runtime.LockOSThread()
 	var set unix.CPUSet
 	set.Set(cpu)
@@ -95,9 +136,6 @@ func pin(cpu int) {
 }
 
 func unpin() {
-	if !pinning {
-		return
-	}
 	var set unix.CPUSet
 	for i := 0; i < runtime.NumCPU(); i++ {
 		set.Set(i)

@@ -57,7 +57,8 @@ func benchRingRTT(b *testing.B, policy futex.Policy) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	cmd := startPeer(b, "ring-echo", []*os.File{req.File(), resp.File()},
+	pinned := shouldPin(policy != futex.PolicyPark)
+	cmd := startPeer(b, "ring-echo", pinned, []*os.File{req.File(), resp.File()},
 		"CAP="+strconv.Itoa(rttRingCapacity), "POLICY="+strconv.Itoa(int(policy)))
 
 	roundTrip := func(seq uint64) {
@@ -76,8 +77,7 @@ func benchRingRTT(b *testing.B, policy futex.Policy) {
 		}
 		c.Release()
 	}
-	pin(0)
-	defer unpin()
+	defer pinSelf(b, pinned)()
 	roundTrip(0) // the peer is up and attached
 	lat := newLatencies(b.N)
 	b.ReportAllocs()
@@ -153,14 +153,14 @@ func rawPage(b *testing.B) *shm.Region {
 func benchCacheLineRTT(b *testing.B) {
 	page := rawPage(b)
 	req, resp := word(page.Bytes(), 0), word(page.Bytes(), 128)
-	cmd := startPeer(b, "cacheline-echo", []*os.File{page.File()})
+	pinned := shouldPin(true)
+	cmd := startPeer(b, "cacheline-echo", pinned, []*os.File{page.File()})
 	roundTrip := func(v uint32) {
 		req.Store(v)
 		for resp.Load() != v {
 		}
 	}
-	pin(0)
-	defer unpin()
+	defer pinSelf(b, pinned)()
 	roundTrip(1)
 	lat := newLatencies(b.N)
 	b.ReportAllocs()
@@ -201,7 +201,8 @@ func cacheLineEcho() error {
 func benchFutexRTT(b *testing.B) {
 	page := rawPage(b)
 	req, resp := word(page.Bytes(), 0), word(page.Bytes(), 128)
-	cmd := startPeer(b, "futex-echo", []*os.File{page.File()})
+	pinned := shouldPin(false)
+	cmd := startPeer(b, "futex-echo", pinned, []*os.File{page.File()})
 	roundTrip := func(v uint32) {
 		req.Store(v)
 		futex.Wake(req, 1)
@@ -213,8 +214,7 @@ func benchFutexRTT(b *testing.B) {
 			futex.Wait(resp, got, -1)
 		}
 	}
-	pin(0)
-	defer unpin()
+	defer pinSelf(b, pinned)()
 	roundTrip(1)
 	lat := newLatencies(b.N)
 	b.ReportAllocs()
@@ -263,9 +263,10 @@ func benchUnixRTT(b *testing.B) {
 	}
 	mine, theirs := os.NewFile(uintptr(fds[0]), "mine"), os.NewFile(uintptr(fds[1]), "theirs")
 	defer mine.Close()
-	cmd := startPeer(b, "fd-echo", []*os.File{theirs, theirs})
+	pinned := shouldPin(false)
+	cmd := startPeer(b, "fd-echo", pinned, []*os.File{theirs, theirs})
 	theirs.Close()
-	benchFdRTT(b, fds[0], fds[0], func() { unix.Shutdown(fds[0], unix.SHUT_WR) })
+	benchFdRTT(b, pinned, fds[0], fds[0], func() { unix.Shutdown(fds[0], unix.SHUT_WR) })
 	waitPeer(b, cmd)
 }
 
@@ -280,15 +281,16 @@ func benchPipeRTT(b *testing.B) {
 	files := []*os.File{os.NewFile(uintptr(there[0]), "req-r"), os.NewFile(uintptr(back[1]), "resp-w")}
 	mine := []*os.File{os.NewFile(uintptr(there[1]), "req-w"), os.NewFile(uintptr(back[0]), "resp-r")}
 	defer mine[1].Close()
-	cmd := startPeer(b, "fd-echo", files)
+	pinned := shouldPin(false)
+	cmd := startPeer(b, "fd-echo", pinned, files)
 	files[0].Close()
 	files[1].Close()
-	benchFdRTT(b, there[1], back[0], func() { mine[0].Close() })
+	benchFdRTT(b, pinned, there[1], back[0], func() { mine[0].Close() })
 	waitPeer(b, cmd)
 }
 
 // benchFdRTT times round trips over wfd/rfd, then calls eof so the peer stops.
-func benchFdRTT(b *testing.B, wfd, rfd int, eof func()) {
+func benchFdRTT(b *testing.B, pinned bool, wfd, rfd int, eof func()) {
 	buf := make([]byte, msgSize)
 	roundTrip := func(seq uint64) {
 		binary.LittleEndian.PutUint64(buf, seq)
@@ -299,8 +301,7 @@ func benchFdRTT(b *testing.B, wfd, rfd int, eof func()) {
 			b.Fatalf("round trip %d: %v", seq, err)
 		}
 	}
-	pin(0)
-	defer unpin()
+	defer pinSelf(b, pinned)()
 	roundTrip(0)
 	lat := newLatencies(b.N)
 	b.ReportAllocs()

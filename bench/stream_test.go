@@ -66,13 +66,13 @@ func benchRingStream(b *testing.B, size, batch int) {
 		b.Fatal(err)
 	}
 	ackR, ackW := ackPipe(b)
-	cmd := startPeer(b, "ring-sink", []*os.File{region.File(), ackW},
+	pinned := shouldPin(true)
+	cmd := startPeer(b, "ring-sink", pinned, []*os.File{region.File(), ackW},
 		"CAP="+strconv.Itoa(streamRingCapacity), "N="+strconv.Itoa(b.N))
 	ackW.Close()
 	awaitAck(b, ackR) // attached
 	msg := make([]byte, size)
-	pin(0)
-	defer unpin()
+	defer pinSelf(b, pinned)()
 	b.SetBytes(int64(size))
 	b.ReportAllocs()
 	b.ResetTimer()
@@ -137,15 +137,15 @@ func benchUnixStream(b *testing.B, size int) {
 	}
 	mine, theirs := os.NewFile(uintptr(fds[0]), "mine"), os.NewFile(uintptr(fds[1]), "theirs")
 	defer mine.Close()
-	cmd := startPeer(b, "fd-sink", []*os.File{theirs}, "N="+strconv.Itoa(b.N), "SIZE="+strconv.Itoa(size))
+	pinned := shouldPin(false)
+	cmd := startPeer(b, "fd-sink", pinned, []*os.File{theirs}, "N="+strconv.Itoa(b.N), "SIZE="+strconv.Itoa(size))
 	theirs.Close()
 	var one [1]byte
 	if err := readFull(fds[0], one[:]); err != nil {
 		b.Fatal(err)
 	}
 	msg := make([]byte, size)
-	pin(0)
-	defer unpin()
+	defer pinSelf(b, pinned)()
 	b.SetBytes(int64(size))
 	b.ReportAllocs()
 	b.ResetTimer()

@@ -12,7 +12,8 @@ import (
 	"time"
 
 	"github.com/klauspost/cpuid/v2"
-	"golang.org/x/sys/unix"
+
+	"github.com/sypas/sypas/internal/affinity"
 )
 
 const helperEnv = "GO_WANT_HELPER_PROCESS"
@@ -28,7 +29,7 @@ func TestMain(m *testing.M) {
 			os.Exit(2)
 		}
 		if os.Getenv("SYPAS_PEER_PIN") == "1" {
-			pin(1)
+			affinity.Pin(1)
 		}
 		if err := run(); err != nil {
 			fmt.Fprintf(os.Stderr, "helper %s: %v\n", name, err)
@@ -114,34 +115,31 @@ func shouldPin(busyPolls bool) bool {
 // that undoes it and records the choice next to the results (after the timed
 // loop: ResetTimer clears metrics reported before it).
 func pinSelf(b *testing.B, pinned bool) func() {
+	unpin := func() {}
 	if pinned {
-		pin(0)
+		unpin = affinity.Pin(0)
 	}
 	return func() {
-		if pinned {
-			unpin()
-			b.ReportMetric(1, "pinned")
-		} else {
-			b.ReportMetric(0, "pinned")
-		}
+		unpin()
+		b.ReportMetric(map[bool]float64{false: 0, true: 1}[pinned], "pinned")
 	}
 }
 
-// pin locks the calling goroutine to its thread and that thread to cpu.
-func pin(cpu int) {
-	runtime.LockOSThread()
-	var set unix.CPUSet
-	set.Set(cpu)
-	_ = unix.SchedSetaffinity(0, &set)
-}
-
-func unpin() {
-	var set unix.CPUSet
-	for i := 0; i < runtime.NumCPU(); i++ {
-		set.Set(i)
+// timeRoundTrips runs roundTrip once to know the peer is up, then b.N times
+// under the timer, one latency sample each, and reports p50 and p99.
+func timeRoundTrips(b *testing.B, pinned bool, roundTrip func(seq uint64)) {
+	defer pinSelf(b, pinned)()
+	roundTrip(0)
+	lat := newLatencies(b.N)
+	b.ReportAllocs()
+	b.ResetTimer()
+	lat.start()
+	for i := 0; i < b.N; i++ {
+		roundTrip(uint64(i + 1))
+		lat.mark()
 	}
-	_ = unix.SchedSetaffinity(0, &set)
-	runtime.UnlockOSThread()
+	b.StopTimer()
+	lat.report(b)
 }
 
 // latencies records one sample per round trip with a single clock read each,

@@ -77,18 +77,7 @@ func benchRingRTT(b *testing.B, policy futex.Policy) {
 		}
 		c.Release()
 	}
-	defer pinSelf(b, pinned)()
-	roundTrip(0) // the peer is up and attached
-	lat := newLatencies(b.N)
-	b.ReportAllocs()
-	b.ResetTimer()
-	lat.start()
-	for i := 0; i < b.N; i++ {
-		roundTrip(uint64(i + 1))
-		lat.mark()
-	}
-	b.StopTimer()
-	lat.report(b)
+	timeRoundTrips(b, pinned, roundTrip)
 	p.Close()
 	waitPeer(b, cmd)
 	c.Close()
@@ -155,23 +144,13 @@ func benchCacheLineRTT(b *testing.B) {
 	req, resp := word(page.Bytes(), 0), word(page.Bytes(), 128)
 	pinned := shouldPin(true)
 	cmd := startPeer(b, "cacheline-echo", pinned, []*os.File{page.File()})
-	roundTrip := func(v uint32) {
+	roundTrip := func(seq uint64) {
+		v := uint32(seq%1_000_000_000) + 1 // never 0 (the initial value) nor stopWord
 		req.Store(v)
 		for resp.Load() != v {
 		}
 	}
-	defer pinSelf(b, pinned)()
-	roundTrip(1)
-	lat := newLatencies(b.N)
-	b.ReportAllocs()
-	b.ResetTimer()
-	lat.start()
-	for i := 0; i < b.N; i++ {
-		roundTrip(uint32(i%1_000_000_000) + 2)
-		lat.mark()
-	}
-	b.StopTimer()
-	lat.report(b)
+	timeRoundTrips(b, pinned, roundTrip)
 	req.Store(stopWord)
 	waitPeer(b, cmd)
 }
@@ -203,7 +182,8 @@ func benchFutexRTT(b *testing.B) {
 	req, resp := word(page.Bytes(), 0), word(page.Bytes(), 128)
 	pinned := shouldPin(false)
 	cmd := startPeer(b, "futex-echo", pinned, []*os.File{page.File()})
-	roundTrip := func(v uint32) {
+	roundTrip := func(seq uint64) {
+		v := uint32(seq%1_000_000_000) + 1 // never 0 (the initial value) nor stopWord
 		req.Store(v)
 		futex.Wake(req, 1)
 		for {
@@ -214,18 +194,7 @@ func benchFutexRTT(b *testing.B) {
 			futex.Wait(resp, got, -1)
 		}
 	}
-	defer pinSelf(b, pinned)()
-	roundTrip(1)
-	lat := newLatencies(b.N)
-	b.ReportAllocs()
-	b.ResetTimer()
-	lat.start()
-	for i := 0; i < b.N; i++ {
-		roundTrip(uint32(i%1_000_000_000) + 2)
-		lat.mark()
-	}
-	b.StopTimer()
-	lat.report(b)
+	timeRoundTrips(b, pinned, roundTrip)
 	req.Store(stopWord)
 	futex.Wake(req, 1)
 	waitPeer(b, cmd)
@@ -301,18 +270,7 @@ func benchFdRTT(b *testing.B, pinned bool, wfd, rfd int, eof func()) {
 			b.Fatalf("round trip %d: %v", seq, err)
 		}
 	}
-	defer pinSelf(b, pinned)()
-	roundTrip(0)
-	lat := newLatencies(b.N)
-	b.ReportAllocs()
-	b.ResetTimer()
-	lat.start()
-	for i := 0; i < b.N; i++ {
-		roundTrip(uint64(i + 1))
-		lat.mark()
-	}
-	b.StopTimer()
-	lat.report(b)
+	timeRoundTrips(b, pinned, roundTrip)
 	eof()
 }
 

@@ -19,9 +19,8 @@ import (
 	"slices"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/sypas/sypas/futex"
+	"github.com/sypas/sypas/internal/affinity"
 	"github.com/sypas/sypas/ring"
 )
 
@@ -36,7 +35,9 @@ func main() {
 	flag.Parse()
 	var err error
 	if *role == "daemon" {
-		pin(*cpu)
+		if *cpu >= 0 {
+			affinity.Pin(*cpu)
+		}
 		err = daemon(futex.Policy(*policy))
 	} else {
 		err = kernel(*rounds, *stream)
@@ -105,8 +106,7 @@ func withDaemon(policy futex.Policy, phase func(*ring.Producer, *ring.Consumer) 
 	// kernel's thread and the daemon's to different CPUs.
 	daemonCPU := -1
 	if policy == futex.PolicySpin && runtime.NumCPU() >= 2 {
-		pin(0)
-		defer unpin()
+		defer affinity.Pin(0)()
 		daemonCPU = 1
 	}
 	cmd := exec.Command(self, "-role=daemon", fmt.Sprintf("-policy=%d", policy), fmt.Sprintf("-cpu=%d", daemonCPU))
@@ -234,26 +234,4 @@ func daemon(policy futex.Policy) error {
 			c.Release()
 		}
 	}
-}
-
-// pin locks the calling goroutine to its thread and the thread to cpu (a
-// negative cpu means no pinning).
-func pin(cpu int) {
-	if cpu < 0 {
-		return
-	}
-	runtime.LockOSThread()
-	var set unix.CPUSet
-	set.Set(cpu)
-	_ = unix.SchedSetaffinity(0, &set)
-}
-
-// unpin lets the thread run anywhere again and releases it.
-func unpin() {
-	var set unix.CPUSet
-	for i := 0; i < runtime.NumCPU(); i++ {
-		set.Set(i)
-	}
-	_ = unix.SchedSetaffinity(0, &set)
-	runtime.UnlockOSThread()
 }

@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"strconv"
+	"sync/atomic"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -156,24 +157,31 @@ func benchCacheLineRTT(b *testing.B) {
 }
 
 func cacheLineEcho() error {
+	return withRawPage(func(req, resp *atomic.Uint32) error {
+		var last uint32
+		for {
+			v := req.Load()
+			for v == last {
+				v = req.Load()
+			}
+			if v == stopWord {
+				return nil
+			}
+			resp.Store(v)
+			last = v
+		}
+	})
+}
+
+// withRawPage maps the raw baselines' page (fd 3) for a peer and runs echo on
+// its request and response words.
+func withRawPage(echo func(req, resp *atomic.Uint32) error) error {
 	page, err := shm.Open(os.NewFile(3, "page"), 4096)
 	if err != nil {
 		return err
 	}
 	defer page.Close()
-	req, resp := word(page.Bytes(), 0), word(page.Bytes(), 128)
-	var last uint32
-	for {
-		v := req.Load()
-		for v == last {
-			v = req.Load()
-		}
-		if v == stopWord {
-			return nil
-		}
-		resp.Store(v)
-		last = v
-	}
+	return echo(word(page.Bytes(), 0), word(page.Bytes(), 128))
 }
 
 // benchFutexRTT: each side sleeps in FUTEX_WAIT and is woken by FUTEX_WAKE.
@@ -201,26 +209,22 @@ func benchFutexRTT(b *testing.B) {
 }
 
 func futexEcho() error {
-	page, err := shm.Open(os.NewFile(3, "page"), 4096)
-	if err != nil {
-		return err
-	}
-	defer page.Close()
-	req, resp := word(page.Bytes(), 0), word(page.Bytes(), 128)
-	var last uint32
-	for {
-		v := req.Load()
-		if v == last {
-			futex.Wait(req, last, -1)
-			continue
+	return withRawPage(func(req, resp *atomic.Uint32) error {
+		var last uint32
+		for {
+			v := req.Load()
+			if v == last {
+				futex.Wait(req, last, -1)
+				continue
+			}
+			if v == stopWord {
+				return nil
+			}
+			resp.Store(v)
+			futex.Wake(resp, 1)
+			last = v
 		}
-		if v == stopWord {
-			return nil
-		}
-		resp.Store(v)
-		futex.Wake(resp, 1)
-		last = v
-	}
+	})
 }
 
 // The socket and pipe baselines use blocking read(2)/write(2) directly: the

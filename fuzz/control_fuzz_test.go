@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -137,6 +138,89 @@ func FuzzDialHandshake(f *testing.F) {
 		<-served
 		require.ErrorIs(t, err, control.ErrHandshake)
 		require.False(t, errors.Is(err, os.ErrDeadlineExceeded), "hung until the deadline: %v", err)
-		require.Equal(t, base, fds(t), "fd leak")
+		// ≤, not =: in -fuzz mode the count at the start of an iteration
+		// was seen to include a few descriptors closed during it (not
+		// ours: the same inputs in a plain loop never differ).
+		require.LessOrEqual(t, fds(t), base, "fd leak")
+	})
+}
+
+// FuzzServerHandshake: a daemon that sends arbitrary bytes after connecting.
+// The kernel's Accept (attestation, then the frame-by-frame handshake reader,
+// the receive table and HELLO negotiation) never panics or hangs; it fails
+// with ErrHandshake or, for a HELLO it accepts, completes a session that
+// ends as soon as the daemon hangs up. Everything the kernel writes back is
+// well-formed frames. No descriptor leaks.
+func FuzzServerHandshake(f *testing.F) {
+	hello := func(h sypas.Hello, seq uint64) []byte {
+		b, err := sypas.AppendFrame(nil, frame.Header{Sequence: seq}, &h)
+		require.NoError(f, err)
+		return b
+	}
+	f.Add(hello(sypas.Hello{MinVersion: 1, MaxVersion: 1, Features: sypas.FeatureTokenRefresh, Name: []byte("d")}, 1))
+	f.Add(hello(sypas.Hello{MinVersion: 1, MaxVersion: 3, TxRingSize: 4096, RxRingSize: 1 << 30, MaxPayload: 1}, 1))
+	f.Add(hello(sypas.Hello{MinVersion: 2, MaxVersion: 9}, 1))
+	f.Add(hello(sypas.Hello{MinVersion: 1, MaxVersion: 1}, 2))
+	f.Add([]byte("GET / HTTP/1.1\r\n\r\n"))
+	f.Add(append(hello(sypas.Hello{MinVersion: 1, MaxVersion: 1}, 1), "0000"...))
+	f.Add([]byte{})
+
+	keys := token.NewKeyring()
+	require.NoError(f, keys.Add(1, bytes.Repeat([]byte{3}, 32)))
+	path := filepath.Join(f.TempDir(), "k.sock")
+	l, err := control.Listen(path, control.Config{})
+	require.NoError(f, err)
+	f.Cleanup(func() { l.Close() })
+	srv, err := control.NewServer(l, control.ServerConfig{Keys: keys, SessionConfig: control.SessionConfig{
+		HandshakeTimeout: 2 * time.Second, TxRingSize: 4096, RxRingSize: 4096, MaxRingSize: 8192}})
+	require.NoError(f, err)
+
+	fds := func(t *testing.T) int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		require.NoError(t, err)
+		return len(ents)
+	}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		base := fds(t)
+		c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
+		require.NoError(t, err)
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		out := make(chan []byte, 1)
+		go func() {
+			c.Write(in)
+			c.CloseWrite()
+			b, _ := io.ReadAll(c)
+			c.Close()
+			out <- b
+		}()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		s, err := srv.Accept(ctx)
+		if err == nil {
+			<-s.Done() // the daemon hung up, or sent garbage after HELLO
+			var pe *sypas.Error
+			if !errors.Is(s.Err(), control.ErrPeerGone) {
+				require.ErrorAs(t, s.Err(), &pe)
+			}
+			s.Close()
+		} else {
+			require.ErrorIs(t, err, control.ErrHandshake)
+			require.False(t, errors.Is(err, context.DeadlineExceeded), "hung: %v", err)
+		}
+		r := frame.NewReader(bytes.NewReader(<-out), frame.Config{MaxPayload: frame.HardMaxPayload})
+		for {
+			fr, err := r.ReadFrame()
+			if err == io.EOF {
+				break
+			}
+			require.NoError(t, err, "the kernel wrote a bad frame")
+			m := sypas.NewMessage(fr.Type)
+			require.NotNil(t, m)
+			require.NoError(t, sypas.DecodeFrame(fr, m), "the kernel wrote a bad %v payload", fr.Type)
+		}
+		// ≤, not =: in -fuzz mode the count at the start of an iteration
+		// was seen to include a few descriptors closed during it (not
+		// ours: the same inputs in a plain loop never differ).
+		require.LessOrEqual(t, fds(t), base, "fd leak")
 	})
 }

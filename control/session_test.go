@@ -230,11 +230,14 @@ func TestGoAwayDrainTimeout(t *testing.T) {
 // Heartbeats keep an idle session alive well past interval×misses, and a
 // peer that stops sending them is declared gone.
 func TestHeartbeats(t *testing.T) {
-	ts := startServer(t, "", ServerConfig{SessionConfig: SessionConfig{HeartbeatInterval: 10 * time.Millisecond, HeartbeatMisses: 3}})
+	// 20 ms × 5: an idle session lives on heartbeats alone, with slack for
+	// a loaded machine.
+	ts := startServer(t, "", ServerConfig{SessionConfig: SessionConfig{HeartbeatInterval: 20 * time.Millisecond, HeartbeatMisses: 5}})
 	d := dialT(t, ts.path, DialConfig{})
 	k := ts.session(t)
-	assert.EqualValues(t, 10, d.Params().HeartbeatIntervalMs)
-	time.Sleep(300 * time.Millisecond)
+	assert.EqualValues(t, 20, d.Params().HeartbeatIntervalMs)
+	assert.EqualValues(t, 5, d.Params().HeartbeatMisses)
+	time.Sleep(500 * time.Millisecond) // 5 × the silence bound
 	require.NoError(t, d.Err())
 	require.NoError(t, k.Err())
 

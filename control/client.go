@@ -13,8 +13,10 @@ import (
 // connection backoff); a session that was established resets it, so the
 // first redial after losing a kernel is immediate.
 //
-// Sessions are owned by the caller: once one is Done, stop using its rings
-// and Close it. Client.Close closes the current one.
+// A session Session has returned is owned by the caller: once it is Done,
+// stop using its rings and Close it (Close unmaps them, so the Client
+// cannot know when that is safe). A session nobody asked for is closed by
+// the Client; Client.Close closes the current one.
 type Client struct {
 	path string
 	cfg  DialConfig
@@ -26,6 +28,7 @@ type Client struct {
 
 	mu      sync.Mutex
 	cur     *Session
+	given   bool // cur was returned by Session
 	lastErr error
 	changed chan struct{} // closed and replaced at every change of cur or lastErr
 }
@@ -64,6 +67,12 @@ func (c *Client) loop() {
 			s.Close()
 			return
 		case <-s.Done():
+			c.mu.Lock()
+			given := c.given
+			c.mu.Unlock()
+			if !given {
+				s.Close()
+			}
 			c.publish(nil, s.Err())
 		}
 	}
@@ -73,7 +82,7 @@ func (c *Client) publish(s *Session, err error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if s != nil || err != nil {
-		c.cur, c.lastErr = s, err
+		c.cur, c.lastErr, c.given = s, err, false
 	}
 	close(c.changed)
 	c.changed = make(chan struct{})
@@ -86,8 +95,12 @@ func (c *Client) Session(ctx context.Context) (*Session, error) {
 	for {
 		c.mu.Lock()
 		s, last, ch := c.cur, c.lastErr, c.changed
+		live := s != nil && s.Err() == nil
+		if live {
+			c.given = true
+		}
 		c.mu.Unlock()
-		if s != nil && s.Err() == nil {
+		if live {
 			return s, nil
 		}
 		select {

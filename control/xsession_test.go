@@ -446,3 +446,26 @@ func TestClientReconnectInProcess(t *testing.T) {
 	var se *sypas.Error
 	assert.False(t, errors.As(s2.Err(), &se))
 }
+
+// A session the Client established but nobody asked for is closed by the
+// Client when it dies: nothing leaks.
+func TestClientClosesUnclaimedSession(t *testing.T) {
+	base := countFDs(t)
+	ts := startServer(t, "", ServerConfig{})
+	c := NewClient(ts.path, DialConfig{Backoff: Backoff{Base: 10 * time.Millisecond}})
+	k := ts.session(t)
+	require.NoError(t, k.Close()) // the daemon side dies unclaimed
+	k2 := ts.session(t)           // and the Client redials at once
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s, err := c.Session(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, k2.Token().ID, s.Token().ID)
+	require.NoError(t, c.Close())
+	require.NoError(t, c.Close(), "idempotent")
+	assert.ErrorIs(t, s.Err(), ErrSessionClosed)
+	<-k2.Done()
+	k2.Close()
+	ts.Close()
+	assert.Equal(t, base, countFDs(t))
+}

@@ -1,9 +1,20 @@
-// Package control holds the security-critical building blocks of the SYPAS
-// control plane, the Unix socket beside the shared-memory rings: a listener
-// whose socket file is 0600 from its first instant, peer attestation
-// (SO_PEERCRED, pidfd, executable digest) with a defence against pid
-// recycling, and SCM_RIGHTS fd passing that never leaks a descriptor.
-// Capability tokens live in control/token.
+// Package control is the SYPAS control plane: the Unix socket beside the
+// shared-memory rings.
+//
+// Sessions: Dial (daemon) and Server.Accept (kernel) run the handshake of
+// docs/PROTOCOL.md §6 as an explicit state machine — attestation, HELLO →
+// WELCOME, REGIONS with the two ring memfds, TOKEN — and return a Session
+// holding this side's ring ends and the current token. The session then
+// exchanges heartbeats, refreshes the token, notices peer death (socket
+// hang-up, the peer's pidfd, missed heartbeats) and interrupts the ring
+// waiters with ErrPeerGone, and ends with a GOAWAY exchange (Shutdown).
+// Client keeps a daemon connected across kernel restarts with gRPC
+// connection backoff.
+//
+// Building blocks: a listener whose socket file is 0600 from its first
+// instant, peer attestation (SO_PEERCRED, pidfd, executable digest) with a
+// defence against pid recycling, and SCM_RIGHTS fd passing that never
+// leaks a descriptor. Capability tokens live in control/token.
 //
 // Everything read from the socket or about the peer is untrusted. Blocking
 // calls honour the net.Conn deadlines of the connection they use.

@@ -576,3 +576,40 @@ func TestSessionConfigDefaultsAndValidation(t *testing.T) {
 	assert.EqualValues(t, DefaultRingSize, srv.cfg.TxRingSize)
 	assert.Equal(t, time.Hour, srv.tokenTTL())
 }
+
+// Both sides honour their context: a cancelled Dial stops mid-handshake,
+// a cancelled Accept stops waiting, and both leave nothing behind.
+func TestContextCancellation(t *testing.T) {
+	base := countFDs(t)
+	path := sockPath(t)
+	mute, err := net.Listen("unix", path) // accepts, never answers
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(50*time.Millisecond, cancel)
+	start := time.Now()
+	_, err = Dial(ctx, path, DialConfig{})
+	assert.ErrorIs(t, err, ErrHandshake)
+	assert.ErrorIs(t, err, context.Canceled)
+	assert.Less(t, time.Since(start), 2*time.Second)
+	mute.Close()
+
+	ts := startServer(t, "", ServerConfig{})
+	ts.stop() // the background loop exits; Accept directly
+	<-ts.done
+	ctx, cancel = context.WithCancel(context.Background())
+	time.AfterFunc(50*time.Millisecond, cancel)
+	_, err = ts.srv.Accept(ctx)
+	assert.ErrorIs(t, err, context.Canceled)
+	ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	dc := make(chan *Session, 1)
+	go func() { d, _ := Dial(ctx, ts.path, DialConfig{}); dc <- d }()
+	k, err := ts.srv.Accept(ctx)
+	require.NoError(t, err, "the listener is still usable")
+	k.Close()
+	if d := <-dc; d != nil {
+		d.Close()
+	}
+	ts.Close()
+	require.Eventually(t, func() bool { return countFDs(t) == base }, 5*time.Second, 10*time.Millisecond)
+}

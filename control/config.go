@@ -98,6 +98,8 @@ func (c SessionConfig) validate() error {
 	case !ringOK(c.TxRingSize) || !ringOK(c.RxRingSize) || !ringOK(c.MaxRingSize):
 		return fmt.Errorf("control: ring sizes %d/%d/%d: want 0 or a power of two in [%d, %d]",
 			c.TxRingSize, c.RxRingSize, c.MaxRingSize, sypas.MinRingSize, sypas.MaxRingSize)
+	case c.MaxRingSize != 0 && (c.TxRingSize > c.MaxRingSize || c.RxRingSize > c.MaxRingSize):
+		return fmt.Errorf("control: ring sizes %d/%d above MaxRingSize %d", c.TxRingSize, c.RxRingSize, c.MaxRingSize)
 	case c.MaxPayload > frame.HardMaxPayload:
 		return fmt.Errorf("control: max payload %d above %d", c.MaxPayload, frame.HardMaxPayload)
 	case c.HeartbeatMisses > 0xFFFF || c.HeartbeatInterval > maxHeartbeatMs*time.Millisecond:

@@ -561,6 +561,7 @@ func TestSessionConfigDefaultsAndValidation(t *testing.T) {
 		{HeartbeatInterval: 2 * time.Hour},
 		{Name: string(make([]byte, sypas.MaxNameLen+1))},
 		{Features: sypas.FeatureBulk, RequireFeatures: sypas.FeatureSubscribe},
+		{TxRingSize: 1 << 20, MaxRingSize: 64 << 10},
 	} {
 		_, err := Dial(context.Background(), "/nonexistent", DialConfig{SessionConfig: bad})
 		assert.Error(t, err, "%+v", bad)

@@ -20,11 +20,25 @@ import (
 //
 // RecvFDs is not used here for that reason: it needs the count before the
 // read, and its buffer would swallow the frames around REGIONS.
+//
+// Descriptors are bounded as they arrive, not when a frame is complete.
+// recvmsg stops after every message that carries descriptors, so a peer
+// that sends a frame one byte per sendmsg, each with MaxFDs descriptors,
+// would otherwise make us hold MaxFDs descriptors per byte until the frame
+// ends. Read therefore fails, closing everything it holds, as soon as a
+// batch arrives while fds is false (the kernel, which never receives any;
+// a daemon once REGIONS has been read), or a second batch arrives before
+// the first was claimed, or a batch holds more than MaxFDs. At most MaxFDs
+// descriptors are ever held.
 type fdReader struct {
 	c       *net.UnixConn
 	oob     []byte
 	off     int64 // stream bytes read so far
 	pending []fdBatch
+	// fds: one batch of descriptors may still come (a daemon before
+	// REGIONS). claim of a frame that may carry descriptors clears it.
+	fds bool
+	err error // sticky: the first fd-passing violation
 }
 
 type fdBatch struct {
@@ -32,11 +46,15 @@ type fdBatch struct {
 	files []*os.File
 }
 
-func newFDReader(c *net.UnixConn) *fdReader {
-	return &fdReader{c: c, oob: make([]byte, unix.CmsgSpace((MaxFDs+1)*4))}
+// newFDReader reads c; fds says whether one batch of descriptors may come.
+func newFDReader(c *net.UnixConn, fds bool) *fdReader {
+	return &fdReader{c: c, oob: make([]byte, unix.CmsgSpace((MaxFDs+1)*4)), fds: fds}
 }
 
 func (r *fdReader) Read(p []byte) (int, error) {
+	if r.err != nil {
+		return 0, r.err
+	}
 	n, oobn, flags, _, err := r.c.ReadMsgUnix(p, r.oob)
 	if n < 0 {
 		n = 0
@@ -46,14 +64,26 @@ func (r *fdReader) Read(p []byte) (int, error) {
 		return n, err
 	}
 	fds, perr := parseRights(r.oob[:oobn])
-	if perr == nil && flags&unix.MSG_CTRUNC != 0 {
+	switch {
+	case perr != nil:
+	case flags&unix.MSG_CTRUNC != 0:
 		perr = fmt.Errorf("%w: control data truncated (more than %d fds)", ErrFDPassing, MaxFDs)
+	case len(fds) > MaxFDs:
+		perr = fmt.Errorf("%w: %d fds in one message, at most %d", ErrFDPassing, len(fds), MaxFDs)
+	case !r.fds:
+		perr = fmt.Errorf("%w: %d fds where none may come", ErrFDPassing, len(fds))
+	case len(r.pending) > 0:
+		perr = fmt.Errorf("%w: a second batch of %d fds before a frame claimed the first", ErrFDPassing, len(fds))
 	}
 	if perr != nil {
 		for _, fd := range fds {
 			unix.Close(fd)
 		}
-		return n, perr
+		r.close()
+		// No bytes with the error: a frame.Reader ignores an error that
+		// comes with the bytes it was waiting for.
+		r.err = perr
+		return 0, perr
 	}
 	files := make([]*os.File, len(fds))
 	for i, fd := range fds {
@@ -65,9 +95,16 @@ func (r *fdReader) Read(p []byte) (int, error) {
 
 // claim returns the descriptors that arrived with the frame occupying
 // stream bytes [start, end) and checks that no earlier frame got any.
-// want < 0 means the frame may carry none. On a mismatch every descriptor
-// involved is closed and the error wraps ErrFDPassing.
+// want < 0 means the frame may carry none; want >= 0 (REGIONS) also means
+// no descriptor may come after it. On a mismatch every descriptor involved
+// is closed and the error wraps ErrFDPassing.
 func (r *fdReader) claim(start, end int64, want int) ([]*os.File, error) {
+	if want >= 0 {
+		r.fds = false
+	}
+	if r.err != nil {
+		return nil, r.err
+	}
 	var got []*os.File
 	var stray, batches int
 	keep := r.pending[:0]

@@ -132,7 +132,7 @@ func newSession(kernel bool, conn *net.UnixConn, cfg SessionConfig) *Session {
 		kernel:     kernel,
 		cfg:        cfg,
 		conn:       conn,
-		fdr:        newFDReader(conn),
+		fdr:        newFDReader(conn, !kernel), // only a daemon receives descriptors (REGIONS)
 		done:       make(chan struct{}),
 		goAwayRecv: make(chan struct{}),
 		tokenUp:    make(chan struct{}, 1),

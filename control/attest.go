@@ -40,11 +40,19 @@ func (p PeerIdentity) Subject() token.Subject {
 // with the server's effective uid: a uid that could already ptrace the
 // server gains nothing by talking to it, and anything wider must be said
 // explicitly.
+//
+// The uid is the security boundary. ExePaths and ExeSHA256 describe the
+// program the connecting process runs at the moment it is attested, not the
+// code that will use the connection: any process of an allowed uid can hand
+// its socket to other code (fork a child that keeps it, then execve an
+// allowlisted binary; pass it with SCM_RIGHTS), and no kernel API prevents
+// that. Use them to catch the wrong program of a trusted uid, not to contain
+// a hostile one (docs/SECURITY.md §3.2).
 type Policy struct {
 	UIDs      []uint32   // empty: the server's effective uid only
 	GIDs      []uint32   // empty: any primary gid (the uid is the principal)
-	ExePaths  []string   // empty: any executable path
-	ExeSHA256 [][32]byte // empty: any executable content
+	ExePaths  []string   // empty: any executable path (of the process at attestation)
+	ExeSHA256 [][32]byte // empty: any executable content (of the process at attestation)
 }
 
 // Attest identifies the peer of conn and checks it against p (nil: the zero
@@ -214,7 +222,7 @@ func startTime(pid int) (time.Duration, error) {
 }
 
 // hashFile hashes the file the magic link opens: the executable the process
-// runs, even if its path has since been replaced.
+// runs now, even if its path has since been replaced.
 func hashFile(name string) ([32]byte, error) {
 	var sum [32]byte
 	f, err := os.Open(name)

@@ -133,4 +133,12 @@ type ServerConfig struct {
 	// means request, subscribe and publish.
 	Rights token.Rights
 	Scope  string
+	// Revoked, if set, is consulted by every session: Session.Capability's
+	// Allows refuses a revoked token at once, and TOKEN_REFRESH of a revoked
+	// token ends the session with E_AUTH instead of renewing it. Nil means
+	// nothing is ever revoked.
+	Revoked *token.Revocations
+	// Clock is the time tokens are minted and checked against (expiry at
+	// refresh). Nil means time.Now. Session timers still run on real time.
+	Clock func() time.Time
 }

@@ -46,6 +46,13 @@ func NewServer(l *Listener, cfg ServerConfig) (*Server, error) {
 	return &Server{l: l, cfg: cfg}, nil
 }
 
+func (srv *Server) now() time.Time {
+	if srv.cfg.Clock != nil {
+		return srv.cfg.Clock()
+	}
+	return time.Now()
+}
+
 func (srv *Server) tokenTTL() time.Duration {
 	if srv.cfg.TokenTTL > 0 {
 		return srv.cfg.TokenTTL

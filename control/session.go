@@ -628,15 +628,18 @@ func (s *Session) setToken(t *Token) {
 
 // mint issues a token bound to the attested peer (kernel).
 func (s *Session) mint(ttl time.Duration) (*Token, error) {
-	now := time.Now()
+	cfg := &s.srv.cfg
+	now := s.srv.now()
 	exp := now.Add(ttl)
-	b, err := s.srv.cfg.Keys.Mint(token.Claims{
-		Subject: s.peer.Subject(), Rights: s.srv.cfg.Rights, Scope: s.srv.cfg.Scope, Expiry: exp,
+	b, err := cfg.Keys.Mint(token.Claims{
+		Subject: s.peer.Subject(), Rights: cfg.Rights, Scope: cfg.Scope, Expiry: exp,
 	})
 	if err != nil {
 		return nil, &sypas.Error{Code: sypas.CodeInternal, Message: "mint token", Err: err}
 	}
-	v := token.Verifier{Keys: s.srv.cfg.Keys}
+	// With the server's revocations and clock, so the cached Capability
+	// sees later revocations in Allows and Valid.
+	v := token.Verifier{Keys: cfg.Keys, Revoked: cfg.Revoked, Clock: cfg.Clock}
 	c, err := v.Verify(b, s.peer.Subject())
 	if err != nil {
 		return nil, &sypas.Error{Code: sypas.CodeInternal, Message: "verify own token", Err: err}
@@ -651,6 +654,8 @@ func (s *Session) sendToken(t *Token, corr uint64) error {
 
 // serveRefresh answers TOKEN_REFRESH (kernel): a fresh token for the same
 // attested peer, or ERROR E_AUTH for a token that is not the current one.
+// A current token that is revoked or expired is not renewed: the session
+// ends with E_AUTH (the daemon may reconnect and be attested again).
 func (s *Session) serveRefresh(f *frame.Frame) error {
 	var m sypas.TokenRefresh
 	if err := m.Decode(f.Payload); err != nil {
@@ -662,6 +667,9 @@ func (s *Session) serveRefresh(f *frame.Frame) error {
 	if m.TokenID != s.capRef() {
 		em := sypas.ErrorMsg{Code: sypas.CodeAuth, Message: []byte("not the session's current token")}
 		return s.send(&em, 0, f.Correlation, 0)
+	}
+	if err := s.Capability().Valid(s.srv.now()); err != nil {
+		return &sypas.Error{Code: sypas.CodeAuth, Message: "TOKEN_REFRESH of a token no longer valid", Err: err}
 	}
 	ttl := s.srv.tokenTTL()
 	if req := time.Duration(m.RequestedTTLMs) * time.Millisecond; req > 0 && req < ttl {

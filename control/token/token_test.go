@@ -360,6 +360,10 @@ func TestTimeValidity(t *testing.T) {
 	assert.NoError(t, c.Allows(RightRequest, "svc/orders", t0.Add(time.Minute)))
 	assert.ErrorIs(t, c.Allows(RightRequest, "svc/orders", t0.Add(11*time.Minute)), ErrExpired)
 	assert.ErrorIs(t, c.Allows(RightRequest, "svc/orders", t0.Add(-time.Minute)), ErrNotYetValid)
+	// Valid is the same check without a right or scope.
+	assert.NoError(t, c.Valid(t0.Add(time.Minute)))
+	assert.ErrorIs(t, c.Valid(t0.Add(11*time.Minute)), ErrExpired)
+	assert.ErrorIs(t, c.Valid(t0.Add(-time.Minute)), ErrNotYetValid)
 }
 
 func TestRevocation(t *testing.T) {
@@ -379,6 +383,8 @@ func TestRevocation(t *testing.T) {
 	v.Revoked.Revoke(c.ID, c.MintedExpiry)
 	// The cached capability sees it, the other one does not.
 	assert.ErrorIs(t, c.Allows(RightRequest, "svc/orders", now), ErrRevoked)
+	assert.ErrorIs(t, c.Valid(now), ErrRevoked)
+	assert.NoError(t, oc.Valid(now))
 	assert.NoError(t, oc.Allows(RightRequest, "svc/orders", now))
 	_, err = v.Verify(tok, peer)
 	assert.ErrorIs(t, err, ErrRevoked)

@@ -102,16 +102,24 @@ func (c *Capability) checkTime(now time.Time) error {
 	return nil
 }
 
+// Valid reports whether the capability is still in force at now: not
+// revoked since Verify, and within [NotBefore, Expiry). It returns
+// ErrRevoked, ErrNotYetValid or ErrExpired, and does not allocate. Allows
+// includes it; a kernel calls it alone before renewing a token.
+func (c *Capability) Valid(now time.Time) error {
+	if c.rev != nil && c.rev.generation() != c.revGen && c.rev.Contains(c.ID) {
+		return ErrRevoked
+	}
+	return c.checkTime(now)
+}
+
 // Allows reports whether the capability permits an operation needing right
 // (one or more bits, all required) on scope at time now. It does not allocate
 // and returns the bare sentinels. A revocation made after Verify takes effect
 // here: one atomic load while nothing has been revoked since, a map lookup
 // under a read lock otherwise.
 func (c *Capability) Allows(right Rights, scope string, now time.Time) error {
-	if c.rev != nil && c.rev.generation() != c.revGen && c.rev.Contains(c.ID) {
-		return ErrRevoked
-	}
-	if err := c.checkTime(now); err != nil {
+	if err := c.Valid(now); err != nil {
 		return err
 	}
 	if right == 0 || c.Rights&right != right {

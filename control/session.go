@@ -114,6 +114,7 @@ type Session struct {
 	capab     atomic.Pointer[token.Capability] // kernel
 	corr      atomic.Uint64                    // daemon: last TOKEN_REFRESH correlation
 	tokenUp   chan struct{}                    // daemon: a refreshed TOKEN arrived
+	tokenSet  chan struct{}                    // setToken happened (expiryLoop re-arms)
 
 	state      atomic.Int32
 	errMu      sync.Mutex
@@ -136,6 +137,7 @@ func newSession(kernel bool, conn *net.UnixConn, cfg SessionConfig) *Session {
 		done:       make(chan struct{}),
 		goAwayRecv: make(chan struct{}),
 		tokenUp:    make(chan struct{}, 1),
+		tokenSet:   make(chan struct{}, 1),
 	}
 	s.fr = frame.NewReader(s.fdr, frame.Config{MaxPayload: controlMaxPayload})
 	s.fw = frame.NewWriter(conn, frame.Config{MaxPayload: controlMaxPayload})
@@ -465,9 +467,10 @@ func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error)
 	s.live = true
 	s.wmu.Unlock()
 	s.setState(StateOperation)
-	s.wg.Add(2)
+	s.wg.Add(3)
 	go s.readLoop()
 	go s.heartbeatLoop()
+	go s.expiryLoop()
 	if s.kernel {
 		s.wg.Add(1)
 		go s.watchPidfd()
@@ -623,6 +626,48 @@ func (s *Session) watchPidfd() {
 func (s *Session) setToken(t *Token) {
 	if old := s.tok.Swap(t); old != nil {
 		s.prevTokID.Store(old.ID)
+	}
+	select {
+	case s.tokenSet <- struct{}{}:
+	default:
+	}
+}
+
+// tokenExpiry is when the session's current token stops being valid, and
+// now: by the server's clock on the kernel (the capability's expiry,
+// caveats included), by the TOKEN's expiry on a daemon.
+func (s *Session) tokenExpiry() (exp, now time.Time) {
+	if s.kernel {
+		return s.Capability().Expiry, s.srv.now()
+	}
+	return s.Token().Expiry, time.Now()
+}
+
+// expiryLoop ends the session when its token expires without a successor.
+// A session never outlives its token: without TOKEN_REFRESH (or when the
+// daemon does not refresh in time) both sides close at expiry with E_AUTH,
+// and a Client reconnects for a fresh token. Each new token re-arms it.
+func (s *Session) expiryLoop() {
+	defer s.wg.Done()
+	for {
+		exp, now := s.tokenExpiry()
+		if !now.Before(exp) {
+			msg := "session token expired; reconnect for a new one"
+			if s.welcome.Features&sypas.FeatureTokenRefresh == 0 {
+				msg = "session token expired and TOKEN_REFRESH was not negotiated; reconnect for a new one"
+			}
+			s.failProto(&sypas.Error{Code: sypas.CodeAuth, Message: msg, Err: token.ErrExpired})
+			return
+		}
+		t := time.NewTimer(exp.Sub(now))
+		select {
+		case <-s.done:
+			t.Stop()
+			return
+		case <-s.tokenSet:
+			t.Stop()
+		case <-t.C:
+		}
 	}
 }
 

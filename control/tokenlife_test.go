@@ -76,3 +76,44 @@ func TestRefreshOfExpiredTokenRefused(t *testing.T) {
 	assert.ErrorIs(t, k.Err(), token.ErrExpired)
 	assert.Equal(t, sypas.CodeAuth, sypas.CodeOf(d.Err()), "daemon: %v", d.Err())
 }
+
+// Without TOKEN_REFRESH a session used to outlive its token forever. Now
+// each side ends it at the token's expiry with E_AUTH, whichever sees it
+// first telling the other. The kernel's clock is skewed so that one side's
+// deadline comes clearly first: +10 s puts the daemon's (wall-clock) expiry
+// far later, so the kernel ends the session; -ttl/2 makes the daemon first.
+func TestSessionEndsAtTokenExpiry(t *testing.T) {
+	const ttl = 600 * time.Millisecond
+	for _, tc := range []struct {
+		name   string
+		skew   time.Duration
+		kernel bool // the kernel ends it
+	}{
+		{"kernel", 10 * time.Second, true},
+		{"daemon", -ttl / 2, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clock := func() time.Time { return time.Now().Add(tc.skew) }
+			ts := startServer(t, "", ServerConfig{Clock: clock, TokenTTL: ttl})
+			start := time.Now()
+			d := dialT(t, ts.path, DialConfig{SessionConfig: SessionConfig{Features: sypas.FeatureChecksum}})
+			k := ts.session(t)
+			require.Zero(t, d.Params().Features&sypas.FeatureTokenRefresh)
+			waitDone(t, k, "kernel")
+			waitDone(t, d, "daemon")
+			el := time.Since(start)
+			t.Logf("ended after %v: kernel %v; daemon %v", el, k.Err(), d.Err())
+			assert.Equal(t, sypas.CodeAuth, sypas.CodeOf(k.Err()), "kernel: %v", k.Err())
+			assert.Equal(t, sypas.CodeAuth, sypas.CodeOf(d.Err()), "daemon: %v", d.Err())
+			first, second := k, d
+			if !tc.kernel {
+				first, second = d, k
+			}
+			assert.ErrorIs(t, first.Err(), token.ErrExpired)
+			assert.NotErrorIs(t, first.Err(), errPeerSent)
+			assert.ErrorIs(t, second.Err(), errPeerSent, "told by the other side")
+			assert.Contains(t, first.Err().Error(), "TOKEN_REFRESH was not negotiated")
+			assert.Greater(t, el, ttl/3)
+		})
+	}
+}

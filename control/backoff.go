@@ -34,11 +34,13 @@ func (b Backoff) withDefaults() Backoff {
 	return b
 }
 
-// Delay is how long to wait before retry number retries (0 for the first
-// retry after a failure): min(Base×Multiplier^retries, Max), then scaled by
-// a factor uniform in [1-Jitter, 1+Jitter) drawn from rnd, which returns
-// values in [0, 1). It is a pure function so tests can inject rnd; jitter
-// keeps daemons that lost the same kernel from redialing in lockstep.
+// Delay is how long to wait after a failure when retries failures came
+// before it in a row (0 after the first): min(Base×Multiplier^retries, Max),
+// then scaled by a factor uniform in [1-Jitter, 1+Jitter) drawn from rnd,
+// which returns values in [0, 1). As in gRPC the jitter applies after the
+// cap, so a delay can reach Max×(1+Jitter) (144 s by default). It is a pure
+// function so tests can inject rnd; jitter keeps daemons that lost the same
+// kernel from redialing in lockstep.
 func (b Backoff) Delay(retries int, rnd func() float64) time.Duration {
 	b = b.withDefaults()
 	d := float64(b.Base) * math.Pow(b.Multiplier, float64(max(retries, 0)))

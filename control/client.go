@@ -5,13 +5,17 @@ import (
 	"errors"
 	"math/rand/v2"
 	"sync"
+	"time"
 )
 
 // Client keeps a daemon connected to a kernel: it dials, and whenever the
 // session ends it dials again, each time with a fresh handshake, fresh rings
 // and a fresh token. Failed attempts are spaced by cfg.Backoff (gRPC
-// connection backoff); a session that was established resets it, so the
-// first redial after losing a kernel is immediate.
+// connection backoff). A session that lived at least minSessionLife (the
+// backoff's Base, 1 s by default) resets it, so the first redial after
+// losing a kernel is immediate; one that died sooner counts as a failure,
+// so a kernel that drops every session at once is not redialed in a tight
+// loop.
 //
 // A session Session has returned is owned by the caller: once it is Done,
 // stop using its rings and Close it (Close unmaps them, so the Client
@@ -48,24 +52,49 @@ func newClient(path string, cfg DialConfig, rnd func() float64) *Client {
 
 func (c *Client) loop() {
 	defer c.wg.Done()
-	retries := 0
+	minLife := c.cfg.Backoff.withDefaults().Base
+	retries := 0 // consecutive failures: failed dials and short-lived sessions
 	for {
 		s, err := Dial(c.ctx, c.path, c.cfg)
 		c.publish(s, err)
-		if err != nil {
-			select {
-			case <-c.ctx.Done():
+		if err == nil {
+			start := time.Now()
+			if !c.watch(s) {
 				return
-			case <-sleep(c.cfg.Backoff.Delay(retries, c.rnd)):
 			}
-			retries++
-			continue
+			if time.Since(start) >= minLife {
+				retries = 0
+				continue // redial at once
+			}
 		}
-		retries = 0
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-sleep(c.cfg.Backoff.Delay(retries, c.rnd)):
+		}
+		retries++
+	}
+}
+
+// watch waits for s to end and reports whether the Client goes on. A
+// session nobody claimed is the Client's: it answers the kernel's GOAWAY
+// with Shutdown at once (nobody has work to finish), and closes it when it
+// ends.
+func (c *Client) watch(s *Session) bool {
+	goAway := s.GoAway()
+	for {
 		select {
 		case <-c.ctx.Done():
 			s.Close()
-			return
+			return false
+		case <-goAway:
+			goAway = nil
+			c.mu.Lock()
+			given := c.given
+			c.mu.Unlock()
+			if !given { // Session no longer hands it out: it is draining
+				s.Shutdown(c.ctx)
+			}
 		case <-s.Done():
 			c.mu.Lock()
 			given := c.given
@@ -74,6 +103,7 @@ func (c *Client) loop() {
 				s.Close()
 			}
 			c.publish(nil, s.Err())
+			return true
 		}
 	}
 }
@@ -95,7 +125,9 @@ func (c *Client) Session(ctx context.Context) (*Session, error) {
 	for {
 		c.mu.Lock()
 		s, last, ch := c.cur, c.lastErr, c.changed
-		live := s != nil && s.Err() == nil
+		// A draining session (GOAWAY received) is not handed out: the
+		// Client is about to replace it.
+		live := s != nil && s.Err() == nil && (c.given || s.State() == StateOperation)
 		if live {
 			c.given = true
 		}

@@ -455,7 +455,7 @@ func TestClientClosesUnclaimedSession(t *testing.T) {
 	c := NewClient(ts.path, DialConfig{Backoff: Backoff{Base: 10 * time.Millisecond}})
 	k := ts.session(t)
 	require.NoError(t, k.Close()) // the daemon side dies unclaimed
-	k2 := ts.session(t)           // and the Client redials at once
+	k2 := ts.session(t)           // and the Client redials (after Base: it died young)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	s, err := c.Session(ctx)

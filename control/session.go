@@ -49,7 +49,9 @@ func (s State) String() string {
 
 // accepts is the receive table of the state machine: which frame types the
 // peer may send in a state. Anything else is E_PROTO. The kernel reads
-// nothing between WELCOME and TOKEN, so those states accept nothing.
+// nothing between WELCOME and TOKEN, so those states accept nothing. The
+// kernel still serves TOKEN_REFRESH while draining: the daemon may have sent
+// it before it saw our GOAWAY, and a drain should not end in E_PROTO.
 func accepts(kernel bool, st State, t frame.Type) bool {
 	if t == frame.TypeError {
 		return true // the peer may give up at any point
@@ -58,7 +60,7 @@ func accepts(kernel bool, st State, t frame.Type) bool {
 	case kernel && st == StateHandshake:
 		return t == frame.TypeHello
 	case kernel && (st == StateOperation || st == StateDraining):
-		return t == frame.TypeHeartbeat || t == frame.TypeGoAway || (t == frame.TypeTokenRefresh && st == StateOperation)
+		return t == frame.TypeHeartbeat || t == frame.TypeGoAway || t == frame.TypeTokenRefresh
 	case !kernel && st == StateHandshake:
 		return t == frame.TypeWelcome
 	case !kernel && st == StateRegions:
@@ -775,7 +777,7 @@ func (s *Session) refreshLoop() {
 			return
 		case <-t.C:
 		}
-		if s.State() != StateOperation {
+		if st := s.State(); st != StateOperation && st != StateDraining {
 			return
 		}
 		corr := s.corr.Add(1)

@@ -1,6 +1,7 @@
 package control
 
 import (
+	"context"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -116,4 +117,25 @@ func TestSessionEndsAtTokenExpiry(t *testing.T) {
 			assert.Greater(t, el, ttl/3)
 		})
 	}
+}
+
+// A TOKEN_REFRESH that crosses the kernel's GOAWAY used to kill the drain
+// with E_PROTO. The kernel now serves it while draining.
+func TestRefreshWhileDraining(t *testing.T) {
+	ts := startServer(t, "", ServerConfig{})
+	d := dialT(t, ts.path, DialConfig{})
+	k := ts.session(t)
+	require.NoError(t, k.sendGoAway())
+	require.Equal(t, StateDraining, k.State())
+	old := d.Token().ID
+	sendRaw(t, d, &sypas.TokenRefresh{TokenID: old}, d.corr.Add(1))
+	require.Eventually(t, func() bool { return d.Token().ID != old || d.Err() != nil }, 5*time.Second, time.Millisecond)
+	require.NoError(t, d.Err())
+	require.NoError(t, k.Err())
+	assert.Equal(t, k.Token().ID, d.Token().ID)
+	// And the drain completes normally.
+	<-d.GoAway()
+	require.NoError(t, d.Shutdown(context.Background()))
+	<-k.Done()
+	assert.ErrorIs(t, k.Err(), ErrSessionClosed)
 }

@@ -122,6 +122,29 @@ func TestPidfdLiveness(t *testing.T) {
 	assert.Equal(t, -1, pid, "reaped: pid released")
 }
 
+// pidfd_send_signal(0) failing with EPERM means the process exists but may
+// not be signalled (a kernel without CAP_KILL attesting a daemon of another
+// uid): alive. It used to refuse every such peer. Only ESRCH means gone.
+func TestPidfdAliveEPERM(t *testing.T) {
+	fd, err := unix.PidfdOpen(os.Getpid(), 0)
+	require.NoError(t, err)
+	pidfd := os.NewFile(uintptr(fd), "pidfd")
+	defer pidfd.Close()
+	orig := pidfdSignal
+	defer func() { pidfdSignal = orig }()
+	for _, tc := range []struct {
+		err   error
+		alive bool
+	}{{nil, true}, {unix.EPERM, true}, {unix.ESRCH, false}} {
+		pidfdSignal = func(int, unix.Signal, *unix.Siginfo, int) error { return tc.err }
+		if tc.alive {
+			assert.NoError(t, pidfdAlive(pidfd), "%v", tc.err)
+		} else {
+			assert.ErrorIs(t, pidfdAlive(pidfd), unix.ESRCH)
+		}
+	}
+}
+
 func waitExited(t *testing.T, pidfd *os.File) {
 	t.Helper()
 	pfd := []unix.PollFd{{Fd: int32(pidfd.Fd()), Events: unix.POLLIN}}

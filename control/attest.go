@@ -3,6 +3,7 @@ package control
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -65,11 +66,30 @@ type Policy struct {
 // reused after its process is reaped, so if it is alive after the reads,
 // every /proc/<pid> read described that same process, never a recycled pid.
 func Attest(conn *net.UnixConn, p *Policy) (PeerIdentity, *os.File, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), DefaultAttestTimeout)
+	defer cancel()
+	return AttestContext(ctx, conn, p)
+}
+
+// AttestContext is Attest bounded by ctx: the executable is hashed in
+// chunks with ctx checked between them, and a ctx that ends before the
+// final liveness check refuses the peer (the error wraps ErrPeerRejected
+// and ctx's error). A read that blocks inside the operating system (a hung
+// FUSE mount) is not interrupted.
+func AttestContext(ctx context.Context, conn *net.UnixConn, p *Policy) (PeerIdentity, *os.File, error) {
 	if p == nil {
 		p = &Policy{}
 	}
-	return attest(conn, p, attestHooks{})
+	return attest(ctx, conn, p, attestHooks{})
 }
+
+// DefaultAttestTimeout bounds Attest and Listener.Accept's attestation.
+const DefaultAttestTimeout = 5 * time.Second
+
+// MaxExeSize bounds the executable attestation hashes: a larger one is
+// refused rather than read for seconds while Accept waits. Digests are
+// cached by file version, so a binary is normally read once.
+const MaxExeSize = 1 << 30
 
 // attestHooks let tests force the pidfd_open fallback and act between the
 // /proc reads and the liveness check.
@@ -82,7 +102,7 @@ func reject(format string, args ...any) error {
 	return fmt.Errorf("%w: "+format, append([]any{ErrPeerRejected}, args...)...)
 }
 
-func attest(conn *net.UnixConn, p *Policy, hooks attestHooks) (id PeerIdentity, pidfd *os.File, err error) {
+func attest(ctx context.Context, conn *net.UnixConn, p *Policy, hooks attestHooks) (id PeerIdentity, pidfd *os.File, err error) {
 	accepted := bootTime() // the peer's connect(2) came before this
 	raw, err := conn.SyscallConn()
 	if err != nil {
@@ -167,7 +187,7 @@ func attest(conn *net.UnixConn, p *Policy, hooks attestHooks) (id PeerIdentity, 
 	if len(p.ExePaths) > 0 && !slices.Contains(p.ExePaths, id.Exe) {
 		return id, pidfd, reject("executable %q not allowed", id.Exe)
 	}
-	if id.ExeSHA256, err = hashFile(exeLink); err != nil {
+	if id.ExeSHA256, err = hashFile(ctx, exeLink); err != nil {
 		return id, pidfd, reject("hash executable: %w", err)
 	}
 	if len(p.ExeSHA256) > 0 && !slices.Contains(p.ExeSHA256, id.ExeSHA256) {
@@ -176,6 +196,9 @@ func attest(conn *net.UnixConn, p *Policy, hooks attestHooks) (id PeerIdentity, 
 
 	if hooks.beforeLiveness != nil {
 		hooks.beforeLiveness()
+	}
+	if err := ctx.Err(); err != nil {
+		return id, pidfd, reject("attestation took too long: %w", err)
 	}
 	// Last: everything above described this process only if it has not
 	// exited (and so could not have been reaped and its pid reused).
@@ -222,8 +245,9 @@ func startTime(pid int) (time.Duration, error) {
 }
 
 // hashFile hashes the file the magic link opens: the executable the process
-// runs now, even if its path has since been replaced.
-func hashFile(name string) ([32]byte, error) {
+// runs now, even if its path has since been replaced. Files above
+// MaxExeSize are refused; ctx is checked between chunks.
+func hashFile(ctx context.Context, name string) ([32]byte, error) {
 	var sum [32]byte
 	f, err := os.Open(name)
 	if err != nil {
@@ -237,6 +261,9 @@ func hashFile(name string) ([32]byte, error) {
 	if !st.Mode().IsRegular() {
 		return sum, fmt.Errorf("%s is not a regular file", name)
 	}
+	if st.Size() > MaxExeSize {
+		return sum, fmt.Errorf("%s: executable of %d bytes, at most %d are hashed", name, st.Size(), MaxExeSize)
+	}
 	key, cacheable := exeKeyOf(st)
 	if cacheable {
 		if sum, ok := exeDigests.get(key); ok {
@@ -244,8 +271,26 @@ func hashFile(name string) ([32]byte, error) {
 		}
 	}
 	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return sum, err
+	buf := make([]byte, 1<<20)
+	// One byte past the limit: a file that grew since Stat is refused too.
+	r := io.LimitReader(f, MaxExeSize+1)
+	var total int64
+	for {
+		if err := ctx.Err(); err != nil {
+			return sum, fmt.Errorf("hashing %s: %w", name, err)
+		}
+		n, err := r.Read(buf)
+		h.Write(buf[:n])
+		total += int64(n)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return sum, err
+		}
+	}
+	if total > MaxExeSize {
+		return sum, fmt.Errorf("%s grew past %d bytes while hashed", name, MaxExeSize)
 	}
 	h.Sum(sum[:0])
 	if cacheable {

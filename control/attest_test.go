@@ -1,6 +1,7 @@
 package control
 
 import (
+	"context"
 	"crypto/sha256"
 	"net"
 	"os"
@@ -195,7 +196,7 @@ func TestExeDigestCache(t *testing.T) {
 		require.NoError(t, err)
 		return exeKeyOf(fi)
 	}
-	sum, err := hashFile(name)
+	sum, err := hashFile(context.Background(), name)
 	require.NoError(t, err)
 	assert.Equal(t, sha256.Sum256([]byte("version 1")), sum)
 	k, ok := fresh()
@@ -204,7 +205,7 @@ func TestExeDigestCache(t *testing.T) {
 	assert.False(t, cached)
 
 	time.Sleep(exeCacheMinAge + 100*time.Millisecond)
-	_, err = hashFile(name)
+	_, err = hashFile(context.Background(), name)
 	require.NoError(t, err)
 	k, ok = fresh()
 	require.True(t, ok)
@@ -214,7 +215,7 @@ func TestExeDigestCache(t *testing.T) {
 
 	// Same size, new content: ctime moves, the cache misses.
 	require.NoError(t, os.WriteFile(name, []byte("version 2"), 0o755))
-	sum2, err := hashFile(name)
+	sum2, err := hashFile(context.Background(), name)
 	require.NoError(t, err)
 	assert.Equal(t, sha256.Sum256([]byte("version 2")), sum2)
 }

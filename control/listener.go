@@ -1,6 +1,7 @@
 package control
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -229,16 +230,23 @@ func renameNoReplace(from, to string) error {
 	return nil
 }
 
-// Accept waits for a connection and attests the peer against the policy.
-// A refused peer gives an error wrapping ErrPeerRejected after its
-// connection has been closed; the listener stays usable, so callers log
-// and keep accepting.
+// Accept waits for a connection and attests the peer against the policy,
+// the attestation bounded by DefaultAttestTimeout. A refused peer gives an
+// error wrapping ErrPeerRejected after its connection has been closed; the
+// listener stays usable, so callers log and keep accepting.
 func (l *Listener) Accept() (*Conn, error) {
 	c, err := l.ul.AcceptUnix()
 	if err != nil {
 		return nil, err
 	}
-	id, pidfd, err := attest(c, &l.policy, l.hooks)
+	ctx, cancel := context.WithTimeout(context.Background(), DefaultAttestTimeout)
+	defer cancel()
+	return l.attest(ctx, c)
+}
+
+// attest attests an accepted connection under ctx; it owns c.
+func (l *Listener) attest(ctx context.Context, c *net.UnixConn) (*Conn, error) {
+	id, pidfd, err := attest(ctx, c, &l.policy, l.hooks)
 	if err != nil {
 		c.Close()
 		return nil, err

@@ -60,32 +60,47 @@ func (srv *Server) tokenTTL() time.Duration {
 	return DefaultTokenTTL
 }
 
-// Accept waits for a connection (attested by the Listener against its
-// Policy before a byte is read) and runs the handshake on it. A refused or
-// failed peer gives an error (ErrPeerRejected, ErrHandshake) and leaves the
-// Server usable: log it and accept again. The handshake holds up the next
-// Accept for at most HandshakeTimeout; to overlap handshakes, Accept on the
-// Listener and call Handshake in a goroutine. Accept is not for
-// concurrent use (it sets the Listener's deadline from ctx).
+// Accept waits for a connection, attests it against the Listener's Policy
+// before a byte is read, and runs the handshake on it. Attestation and
+// handshake together are bounded by ctx and HandshakeTimeout, counted from
+// accept(2). A refused or failed peer gives an error (ErrPeerRejected,
+// ErrHandshake) and leaves the Server usable: log it and accept again. One
+// connection holds up the next Accept for at most HandshakeTimeout; to
+// overlap them, Accept on the Listener and call Handshake in a goroutine.
+// Accept is not for concurrent use (it sets the Listener's deadline from
+// ctx).
 func (srv *Server) Accept(ctx context.Context) (*Session, error) {
 	dl, _ := ctx.Deadline()
 	srv.l.SetDeadline(dl)
 	stop := context.AfterFunc(ctx, func() { srv.l.SetDeadline(time.Unix(1, 0)) })
-	c, err := srv.l.Accept()
+	uc, err := srv.l.ul.AcceptUnix()
 	if !stop() && err != nil {
 		return nil, fmt.Errorf("control: accept: %w (%w)", ctx.Err(), err)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("control: accept: %w", err)
 	}
-	return srv.Handshake(ctx, c)
+	ctx, cancel := context.WithTimeout(ctx, srv.cfg.HandshakeTimeout)
+	defer cancel()
+	c, err := srv.l.attest(ctx, uc)
+	if err != nil {
+		return nil, err
+	}
+	return srv.handshake(ctx, c)
 }
 
-// Handshake runs the kernel side of the handshake on an accepted Conn,
-// which it owns from then on (closed on failure).
+// Handshake runs the kernel side of the handshake on a Conn from
+// Listener.Accept, which it owns from then on (closed on failure). Its
+// HandshakeTimeout starts now, after attestation.
 func (srv *Server) Handshake(ctx context.Context, c *Conn) (*Session, error) {
 	ctx, cancel := context.WithTimeout(ctx, srv.cfg.HandshakeTimeout)
 	defer cancel()
+	return srv.handshake(ctx, c)
+}
+
+// handshake runs the kernel handshake under ctx, which already carries its
+// deadline.
+func (srv *Server) handshake(ctx context.Context, c *Conn) (*Session, error) {
 	s := newSession(true, c.UnixConn, srv.cfg.SessionConfig)
 	s.ctl, s.peer, s.srv = c, c.Peer, srv
 	stop := s.handshakeDeadline(ctx)

@@ -2,6 +2,8 @@ package control
 
 import (
 	"context"
+	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -57,4 +59,33 @@ func TestServerAcceptBoundsAttestation(t *testing.T) {
 	assert.ErrorIs(t, err, ErrPeerRejected)
 	assert.ErrorIs(t, err, context.DeadlineExceeded)
 	assert.Equal(t, base, countFDs(t), "fds leaked")
+}
+
+// A hand-built Conn (no pidfd, zero identity) used to get a token for uid
+// 0 and no death watch. Handshake refuses any Conn that did not come from
+// a Listener, and closes it.
+func TestHandshakeRefusesUnattestedConn(t *testing.T) {
+	l, err := Listen(sockPath(t), Config{})
+	require.NoError(t, err)
+	defer l.Close()
+	srv, err := NewServer(l, ServerConfig{Keys: testKeys(t)})
+	require.NoError(t, err)
+	a, b := socketPair(t)
+	go func() {
+		// Play the daemon so the old code completes a handshake.
+		writeMsg(t, b, 1, &sypas.Hello{MinVersion: 1, MaxVersion: 1})
+		io.Copy(io.Discard, b)
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s, err := srv.Handshake(ctx, &Conn{UnixConn: a})
+	if s != nil {
+		s.Close()
+	}
+	require.Error(t, err)
+	assert.ErrorIs(t, err, ErrPeerRejected)
+	_, err = a.Write([]byte{0})
+	assert.ErrorIs(t, err, net.ErrClosed, "the Conn is closed")
+	_, err = srv.Handshake(ctx, nil)
+	assert.ErrorIs(t, err, ErrPeerRejected)
 }

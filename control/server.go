@@ -91,8 +91,15 @@ func (srv *Server) Accept(ctx context.Context) (*Session, error) {
 
 // Handshake runs the kernel side of the handshake on a Conn from
 // Listener.Accept, which it owns from then on (closed on failure). Its
-// HandshakeTimeout starts now, after attestation.
+// HandshakeTimeout starts now, after attestation. A Conn that did not come
+// from a Listener (no pidfd, no attested identity) is refused.
 func (srv *Server) Handshake(ctx context.Context, c *Conn) (*Session, error) {
+	if c == nil || c.UnixConn == nil || c.pidfd == nil {
+		if c != nil && c.UnixConn != nil {
+			c.UnixConn.Close()
+		}
+		return nil, fmt.Errorf("%w: %w: connection was not attested by a Listener", ErrHandshake, ErrPeerRejected)
+	}
 	ctx, cancel := context.WithTimeout(ctx, srv.cfg.HandshakeTimeout)
 	defer cancel()
 	return srv.handshake(ctx, c)

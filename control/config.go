@@ -120,7 +120,17 @@ type DialConfig struct {
 	ServerUIDs []uint32
 	// Backoff paces Client's reconnects. The zero value is gRPC's.
 	Backoff Backoff
+	// MaxHeartbeatTimeout caps the silence the kernel may impose through
+	// WELCOME (heartbeat interval × misses, which is also the write
+	// timeout): a WELCOME above it is refused with E_PROTO, so a hostile
+	// kernel cannot make a daemon wait hours to notice it is gone. Zero
+	// means DefaultMaxHeartbeatTimeout.
+	MaxHeartbeatTimeout time.Duration
 }
+
+// DefaultMaxHeartbeatTimeout is DialConfig.MaxHeartbeatTimeout's default:
+// twenty times the default 1 s × 3.
+const DefaultMaxHeartbeatTimeout = time.Minute
 
 // ServerConfig configures the kernel side. Keys is required.
 type ServerConfig struct {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"time"
 
 	"github.com/sypas/sypas/frame"
 	"github.com/sypas/sypas/ring"
@@ -70,6 +71,14 @@ func (s *Session) clientHandshake(cfg DialConfig) error {
 	}
 	if err := checkWelcome(&s.welcome, &hello, &cfg.SessionConfig); err != nil {
 		return err
+	}
+	maxDead := cfg.MaxHeartbeatTimeout
+	if maxDead <= 0 {
+		maxDead = DefaultMaxHeartbeatTimeout
+	}
+	if dead := s.welcome.HeartbeatInterval() * time.Duration(s.welcome.HeartbeatMisses); dead > maxDead {
+		return protoErr("heartbeat %d ms × %d = %v above the daemon's limit %v",
+			s.welcome.HeartbeatIntervalMs, s.welcome.HeartbeatMisses, dead, maxDead)
 	}
 	// From here on the peer's limits are the session's.
 	s.cfg.HeartbeatInterval = s.welcome.HeartbeatInterval()

@@ -167,6 +167,43 @@ func TestDialRefusesBadFDs(t *testing.T) {
 	})
 }
 
+// A kernel's WELCOME sets both sides' heartbeat timers. One that asks for
+// 1 h × 65,535 misses (the largest values the wire allows) would make the
+// daemon wait years to notice a silent kernel; the daemon refuses a
+// WELCOME whose interval × misses exceeds its MaxHeartbeatTimeout.
+func TestDialCapsKernelHeartbeat(t *testing.T) {
+	for _, tc := range []struct {
+		name             string
+		interval, misses int
+		max              time.Duration
+		ok               bool
+	}{
+		{"hour-times-65535", maxHeartbeatMs, 0xFFFF, 0, false},
+		{"just-above-default", 20_001, 3, 0, false},
+		{"at-default", 20_000, 3, 0, true},
+		{"own-limit", 2_000, 3, 5 * time.Second, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			a, b := socketPair(t)
+			done := make(chan struct{})
+			go func() { defer close(done); fakeKernel(t, b, fakeOpts{interval: tc.interval, misses: tc.misses}) }()
+			s, err := dialConn(context.Background(), a, DialConfig{MaxHeartbeatTimeout: tc.max})
+			if s != nil {
+				s.Close()
+			}
+			if tc.ok {
+				assert.NoError(t, err)
+			} else {
+				require.ErrorIs(t, err, ErrHandshake)
+				assert.ErrorIs(t, err, sypas.ErrProto)
+				assert.ErrorContains(t, err, "above the daemon's limit")
+			}
+			a.Close()
+			<-done
+		})
+	}
+}
+
 func fileConn(t *testing.T, fd int) *net.UnixConn {
 	f := os.NewFile(uintptr(fd), "socketpair")
 	defer f.Close()

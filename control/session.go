@@ -125,6 +125,7 @@ type Session struct {
 	goAwayRecv chan struct{}
 	recvOnce   sync.Once
 	goAwaySent atomic.Bool
+	drainTimer atomic.Pointer[time.Timer] // GOAWAY received: DrainTimeout for the owner; fail stops it
 	wg         sync.WaitGroup
 	closeOnce  sync.Once
 	closeErr   error
@@ -201,6 +202,9 @@ func (s *Session) fail(err error) {
 	s.err = err
 	s.errMu.Unlock()
 	s.setState(StateClosed)
+	if t := s.drainTimer.Load(); t != nil {
+		t.Stop()
+	}
 	if s.prod != nil {
 		s.prod.Interrupt(err)
 	}
@@ -539,13 +543,17 @@ func (s *Session) handle(f *frame.Frame) error {
 			close(s.goAwayRecv)
 			if !s.goAwaySent.Load() {
 				// The owner has DrainTimeout to finish and call Shutdown.
-				time.AfterFunc(s.cfg.DrainTimeout, func() {
+				t := time.AfterFunc(s.cfg.DrainTimeout, func() {
 					if s.goAwaySent.Load() || s.Err() != nil {
 						return // the owner is shutting down
 					}
 					s.sendGoAway()
 					s.fail(fmt.Errorf("%w: drained for %v without Shutdown", ErrGoAway, s.cfg.DrainTimeout))
 				})
+				s.drainTimer.Store(t)
+				if s.Err() != nil { // ended while we armed it
+					t.Stop()
+				}
 			}
 		})
 	case frame.TypeTokenRefresh:

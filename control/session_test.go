@@ -227,6 +227,20 @@ func TestGoAwayDrainTimeout(t *testing.T) {
 	assert.ErrorIs(t, d.Err(), ErrGoAway)
 }
 
+// The drain timer armed by a received GOAWAY is stopped when the session
+// ends first, instead of firing DrainTimeout later on a dead session.
+func TestDrainTimerStoppedOnClose(t *testing.T) {
+	ts := startServer(t, "", ServerConfig{})
+	d := dialT(t, ts.path, DialConfig{})
+	k := ts.session(t)
+	require.NoError(t, k.sendGoAway())
+	<-d.GoAway()
+	var timer *time.Timer
+	require.Eventually(t, func() bool { timer = d.drainTimer.Load(); return timer != nil }, 5*time.Second, time.Millisecond)
+	require.NoError(t, d.Close())
+	assert.False(t, timer.Stop(), "already stopped by Close (DrainTimeout is %v)", DefaultDrainTimeout)
+}
+
 // Heartbeats keep an idle session alive well past interval×misses, and a
 // peer that stops sending them is declared gone.
 func TestHeartbeats(t *testing.T) {

@@ -224,3 +224,85 @@ func FuzzServerHandshake(f *testing.F) {
 		require.LessOrEqual(t, fds(t), base, "fd leak")
 	})
 }
+
+// FuzzServerHandshakeFDs: the same daemon bytes, sent in three writes, the
+// middle one (one byte at split) carrying nfds%17 descriptors. The kernel
+// never receives descriptors: a handshake whose HELLO contained the
+// descriptor-bearing byte never succeeds, nothing panics or hangs, and every
+// descriptor is closed whatever happens.
+func FuzzServerHandshakeFDs(f *testing.F) {
+	hello, err := sypas.AppendFrame(nil, frame.Header{Sequence: 1}, &sypas.Hello{MinVersion: 1, MaxVersion: 1, Name: []byte("d")})
+	require.NoError(f, err)
+	f.Add(hello, uint16(0), uint8(1))
+	f.Add(hello, uint16(len(hello)-1), uint8(16))
+	f.Add(hello, uint16(len(hello)), uint8(2))
+	f.Add(append(bytes.Clone(hello), hello...), uint16(len(hello)+3), uint8(16))
+	f.Add(hello, uint16(5), uint8(0))
+
+	keys := token.NewKeyring()
+	require.NoError(f, keys.Add(1, bytes.Repeat([]byte{3}, 32)))
+	path := filepath.Join(f.TempDir(), "k.sock")
+	l, err := control.Listen(path, control.Config{})
+	require.NoError(f, err)
+	f.Cleanup(func() { l.Close() })
+	srv, err := control.NewServer(l, control.ServerConfig{Keys: keys, SessionConfig: control.SessionConfig{
+		HandshakeTimeout: 2 * time.Second, TxRingSize: 4096, RxRingSize: 4096, MaxRingSize: 8192}})
+	require.NoError(f, err)
+	mfd, err := os.CreateTemp(f.TempDir(), "fd")
+	require.NoError(f, err)
+	f.Cleanup(func() { mfd.Close() })
+
+	fds := func(t *testing.T) int {
+		ents, err := os.ReadDir("/proc/self/fd")
+		require.NoError(t, err)
+		return len(ents)
+	}
+	f.Fuzz(func(t *testing.T, in []byte, split uint16, nfds uint8) {
+		n := int(nfds % (control.MaxFDs + 1))
+		at := int(split)
+		files := make([]*os.File, n)
+		for i := range files {
+			files[i] = mfd
+		}
+		base := fds(t)
+		c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
+		require.NoError(t, err)
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		sent := make(chan bool, 1) // descriptors went out
+		go func() {
+			ok := false
+			if at < len(in) {
+				c.Write(in[:at])
+				if n > 0 {
+					ok = control.SendFDs(c, in[at:at+1], files...) == nil
+				} else {
+					c.Write(in[at : at+1])
+				}
+				c.Write(in[at+1:])
+			} else {
+				c.Write(in)
+			}
+			sent <- ok
+			c.CloseWrite()
+			io.Copy(io.Discard, c)
+			c.Close()
+		}()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		s, err := srv.Accept(ctx)
+		withFDs := <-sent
+		if err == nil {
+			helloLen := 0
+			if fr, err := frame.NewReader(bytes.NewReader(in), frame.Config{}).ReadFrame(); err == nil {
+				helloLen = fr.FrameLen()
+			}
+			require.False(t, withFDs && at < helloLen, "HELLO with descriptors accepted")
+			<-s.Done()
+			s.Close()
+		} else {
+			require.ErrorIs(t, err, control.ErrHandshake)
+			require.False(t, errors.Is(err, context.DeadlineExceeded), "hung: %v", err)
+		}
+		require.Eventually(t, func() bool { return fds(t) <= base }, 5*time.Second, 10*time.Millisecond, "fd leak")
+	})
+}

@@ -71,9 +71,11 @@ func TestHandshakeRefusesUnattestedConn(t *testing.T) {
 	srv, err := NewServer(l, ServerConfig{Keys: testKeys(t)})
 	require.NoError(t, err)
 	a, b := socketPair(t)
+	hello := encodeMsg(t, 1, &sypas.Hello{MinVersion: 1, MaxVersion: 1})
 	go func() {
-		// Play the daemon so the old code completes a handshake.
-		writeMsg(t, b, 1, &sypas.Hello{MinVersion: 1, MaxVersion: 1})
+		// Play the daemon so the old code completes a handshake; the
+		// write fails once the Conn is refused and closed.
+		b.Write(hello)
 		io.Copy(io.Discard, b)
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -126,6 +126,7 @@ type Session struct {
 	recvOnce   sync.Once
 	goAwaySent atomic.Bool
 	drainTimer atomic.Pointer[time.Timer] // GOAWAY received: DrainTimeout for the owner; fail stops it
+	drainErr   atomic.Pointer[error]      // set when that timer fired: the reason, whoever fails first
 	wg         sync.WaitGroup
 	closeOnce  sync.Once
 	closeErr   error
@@ -404,6 +405,9 @@ func (s *Session) readErr(err error) error {
 		return ErrSessionClosed
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
 		errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
+		if p := s.drainErr.Load(); p != nil {
+			return *p
+		}
 		if s.goAwaySent.Load() && isClosed(s.goAwayRecv) {
 			return ErrSessionClosed
 		}
@@ -547,8 +551,13 @@ func (s *Session) handle(f *frame.Frame) error {
 					if s.goAwaySent.Load() || s.Err() != nil {
 						return // the owner is shutting down
 					}
+					// Recorded before our GOAWAY goes out: the peer may
+					// close at once, and readLoop must not report that
+					// hang-up as an orderly close.
+					err := fmt.Errorf("%w: drained for %v without Shutdown", ErrGoAway, s.cfg.DrainTimeout)
+					s.drainErr.Store(&err)
 					s.sendGoAway()
-					s.fail(fmt.Errorf("%w: drained for %v without Shutdown", ErrGoAway, s.cfg.DrainTimeout))
+					s.fail(err)
 				})
 				s.drainTimer.Store(t)
 				if s.Err() != nil { // ended while we armed it

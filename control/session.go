@@ -126,10 +126,13 @@ type Session struct {
 	recvOnce   sync.Once
 	goAwaySent atomic.Bool
 	drainTimer atomic.Pointer[time.Timer] // GOAWAY received: DrainTimeout for the owner; fail stops it
-	drainErr   atomic.Pointer[error]      // set when that timer fired: the reason, whoever fails first
-	wg         sync.WaitGroup
-	closeOnce  sync.Once
-	closeErr   error
+	// ending is the reason this side ends the session, recorded before it
+	// sends its last frame (ERROR, GOAWAY): the peer may close at once, and
+	// the hang-up readLoop then sees must not replace the reason.
+	ending    atomic.Pointer[error]
+	wg        sync.WaitGroup
+	closeOnce sync.Once
+	closeErr  error
 }
 
 func newSession(kernel bool, conn *net.UnixConn, cfg SessionConfig) *Session {
@@ -195,6 +198,9 @@ func (s *Session) setState(st State) { s.state.Store(int32(st)) }
 // ring waiters, closes the socket and closes Done. It does not unmap the
 // rings, which the owner may still be using; Close does.
 func (s *Session) fail(err error) {
+	if p := s.ending.Load(); p != nil {
+		err = *p
+	}
 	s.errMu.Lock()
 	if s.err != nil {
 		s.errMu.Unlock()
@@ -219,6 +225,7 @@ func (s *Session) fail(err error) {
 // failProto reports a protocol violation to the peer with an ERROR frame
 // (best effort, bounded by a short deadline), then ends the session.
 func (s *Session) failProto(err error) {
+	s.ending.CompareAndSwap(nil, &err)
 	if s.Err() == nil {
 		m := sypas.NewErrorMsg(err)
 		s.send(&m, 0, 0, 100*time.Millisecond)
@@ -405,9 +412,6 @@ func (s *Session) readErr(err error) error {
 		return ErrSessionClosed
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
 		errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
-		if p := s.drainErr.Load(); p != nil {
-			return *p
-		}
 		if s.goAwaySent.Load() && isClosed(s.goAwayRecv) {
 			return ErrSessionClosed
 		}
@@ -555,7 +559,7 @@ func (s *Session) handle(f *frame.Frame) error {
 					// close at once, and readLoop must not report that
 					// hang-up as an orderly close.
 					err := fmt.Errorf("%w: drained for %v without Shutdown", ErrGoAway, s.cfg.DrainTimeout)
-					s.drainErr.Store(&err)
+					s.ending.CompareAndSwap(nil, &err)
 					s.sendGoAway()
 					s.fail(err)
 				})

@@ -11,8 +11,8 @@ import (
 // Client keeps a daemon connected to a kernel: it dials, and whenever the
 // session ends it dials again, each time with a fresh handshake, fresh rings
 // and a fresh token. Failed attempts are spaced by cfg.Backoff (gRPC
-// connection backoff). A session that lived at least minSessionLife (the
-// backoff's Base, 1 s by default) resets it, so the first redial after
+// connection backoff). A session that lived at least the backoff's Base
+// (1 s by default) resets it, so the first redial after
 // losing a kernel is immediate; one that died sooner counts as a failure,
 // so a kernel that drops every session at once is not redialed in a tight
 // loop.

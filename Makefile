@@ -3,6 +3,7 @@
 
 GO        ?= go
 FUZZTIME  ?= 30s
+FUZZFLAGS ?=            # e.g. FUZZFLAGS=-parallel=1 to leave a core free
 BENCHTIME ?= 1s
 BENCH     ?= .
 PKGS      := ./...
@@ -30,7 +31,7 @@ bench:
 fuzz:
 	@set -e; for t in $$($(GO) test -list '^Fuzz' ./fuzz/ | grep '^Fuzz'); do \
 		echo "== $$t ($(FUZZTIME))"; \
-		$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./fuzz/; \
+		$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./fuzz/; \
 	done
 
 ## lint: formatting and vet

@@ -1,10 +1,19 @@
-// Package fuzz holds the fuzz targets of the SYPAS codecs (frame and sypas
-// payloads). It has no non-test code; the targets live in *_fuzz_test.go:
+// Package fuzz holds the fuzz targets of everything that reads untrusted
+// bytes: the SYPAS codecs (frame and sypas payloads), the ring facing a
+// hostile producer, capability tokens and the control-plane handshake. It
+// has no non-test code; the targets live in *_fuzz_test.go:
 //
-//	FuzzFrameDecode     decoding arbitrary bytes never panics; accepted frames satisfy the header invariants
-//	FuzzFrameRoundTrip  decode → encode → decode gives equal frames and the same bytes
-//	FuzzFrameStream     a byte stream read in fuzz-chosen chunks yields the same frames and error as decoding it whole
-//	FuzzDecodeX         one per payload type: no panic; accepted → re-encode → decode equal
+//	FuzzFrameDecode        decoding arbitrary bytes never panics; accepted frames satisfy the header invariants
+//	FuzzFrameRoundTrip     decode → encode → decode gives equal frames and the same bytes
+//	FuzzFrameStream        a byte stream read in fuzz-chosen chunks yields the same frames and error as decoding it whole
+//	FuzzDecodeX            one per payload type: no panic; accepted → re-encode → decode equal
+//	FuzzRingConsumer       a consumer over an arbitrary producer slot and data area: no panic, views in the data area, termination, only documented errors
+//	FuzzRingHeader         the same over an arbitrary header and control slots, for both ends
+//	FuzzRingScribble       an honest producer and consumer with arbitrary scribbles on the region between steps
+//	FuzzTokenParse         token parsing never panics; accepted tokens re-encode to the same bytes
+//	FuzzServerHandshake    a kernel facing arbitrary bytes from an attested daemon
+//	FuzzServerHandshakeFDs the same, with descriptors attached at arbitrary points
+//	FuzzDialHandshake      a daemon facing arbitrary bytes from a kernel
 //
 // Run one with
 //

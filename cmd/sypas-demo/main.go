@@ -103,10 +103,12 @@ func withDaemon(policy futex.Policy, phase func(*ring.Producer, *ring.Consumer) 
 		return err
 	}
 	// Busy-polling only pays with a CPU for each side: in spin mode, pin the
-	// kernel's thread and the daemon's to different CPUs.
+	// kernel's thread and the daemon's to different CPUs. The kernel pins
+	// itself only after starting the daemon, which would otherwise inherit
+	// its CPU mask for all its threads.
+	spinPinned := policy == futex.PolicySpin && runtime.NumCPU() >= 2
 	daemonCPU := -1
-	if policy == futex.PolicySpin && runtime.NumCPU() >= 2 {
-		defer affinity.Pin(0)()
+	if spinPinned {
 		daemonCPU = 1
 	}
 	cmd := exec.Command(self, "-role=daemon", fmt.Sprintf("-policy=%d", policy), fmt.Sprintf("-cpu=%d", daemonCPU))
@@ -114,6 +116,9 @@ func withDaemon(policy futex.Policy, phase func(*ring.Producer, *ring.Consumer) 
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	if err := cmd.Start(); err != nil {
 		return err
+	}
+	if spinPinned {
+		defer affinity.Pin(0)()
 	}
 	if err := phase(p, c); err != nil {
 		cmd.Process.Kill()

@@ -129,29 +129,31 @@ func (h *Header) decode(b []byte, cfg Config) (uint32, error) {
 		return 0, fmt.Errorf("%w: %d bytes, fixed header needs %d", ErrTruncated, len(b), HeaderSize)
 	}
 	b = b[:HeaderSize:HeaderSize]
-	magic := binary.LittleEndian.Uint32(b[offMagic:])
-	version := b[offVersion]
-	reserved := binary.LittleEndian.Uint16(b[offReserved:])
-	crc := binary.LittleEndian.Uint32(b[offChecksum:])
-	*h = Header{
-		Type:        Type(b[offType]),
-		Flags:       Flags(binary.LittleEndian.Uint16(b[offFlags:])),
-		HeaderLen:   binary.LittleEndian.Uint16(b[offHeaderLen:]),
-		PayloadLen:  binary.LittleEndian.Uint32(b[offPayloadLen:]),
-		StreamID:    binary.LittleEndian.Uint32(b[offStreamID:]),
-		Sequence:    binary.LittleEndian.Uint64(b[offSequence:]),
-		Correlation: binary.LittleEndian.Uint64(b[offCorrelation:]),
-		CapRef:      binary.LittleEndian.Uint64(b[offCapRef:]),
-	}
-	// From here on only the private copies are used. The fast path is
-	// one branch; the error is built out of line so that decode stays
-	// small.
-	limit := cfg.Limit()
-	if magic != Magic || version != Version || !h.Type.Valid() ||
-		h.Flags&^allowedFlags[h.Type] != 0 || h.HeaderLen < HeaderSize ||
-		h.HeaderLen > MaxHeaderLen || h.HeaderLen%8 != 0 || uint64(h.PayloadLen) > uint64(limit) ||
-		reserved != 0 || (!h.Flags.Has(FlagChecksum) && (crc != 0 || cfg.RequireChecksum)) {
-		return 0, h.invalid(magic, version, reserved, crc, cfg)
+	// Three 8-byte loads cover the fields that need checking, so the
+	// checks are a few masked compares; every field is still read once.
+	w0 := binary.LittleEndian.Uint64(b[offMagic:])     // magic, version, type, flags
+	w1 := binary.LittleEndian.Uint64(b[offHeaderLen:]) // header_len, reserved, payload_len
+	w2 := binary.LittleEndian.Uint64(b[offStreamID:])  // stream_id, checksum
+	h.Type = Type(w0 >> 40)
+	h.Flags = Flags(w0 >> 48)
+	h.HeaderLen = uint16(w1)
+	h.PayloadLen = uint32(w1 >> 32)
+	h.StreamID = uint32(w2)
+	h.Sequence = binary.LittleEndian.Uint64(b[offSequence:])
+	h.Correlation = binary.LittleEndian.Uint64(b[offCorrelation:])
+	h.CapRef = binary.LittleEndian.Uint64(b[offCapRef:])
+	crc := uint32(w2 >> 32)
+	// From here on only the private copies are used. typeFlags[t] is zero
+	// for an unknown type (every known type allows FlagChecksum), so one
+	// lookup checks the type and its flags. The fast path is one branch;
+	// the error is built out of line so that decode stays small.
+	allowed := typeFlags[uint8(w0>>40)]
+	if w0&(1<<40-1) != uint64(Version)<<32|uint64(Magic) ||
+		allowed == 0 || h.Flags&^allowed != 0 ||
+		h.HeaderLen-HeaderSize > MaxHeaderLen-HeaderSize || h.HeaderLen%8 != 0 ||
+		uint16(w1>>16) != 0 || uint64(h.PayloadLen) > uint64(cfg.Limit()) ||
+		(h.Flags&FlagChecksum == 0 && (crc != 0 || cfg.RequireChecksum)) {
+		return 0, h.invalid(uint32(w0), uint8(w0>>32), uint16(w1>>16), crc, cfg)
 	}
 	return crc, nil
 }

@@ -47,6 +47,13 @@ var typeNames = [...]string{
 	TypeRegions:      "REGIONS",
 }
 
+// typeFlags is allowedFlags indexed by any type byte: zero for a type that
+// is not defined, which lets the decoder check type and flags with one load.
+var typeFlags = func() (t [256]Flags) {
+	copy(t[:], allowedFlags[:])
+	return t
+}()
+
 // allowedFlags[t] is the set of flags a frame of type t may carry.
 var allowedFlags = [len(typeNames)]Flags{
 	TypeRequest:      FlagChecksum | FlagEndStream,

@@ -20,12 +20,17 @@ import (
 )
 
 // TestHelperProcess is not a test: cross-process tests re-execute the test
-// binary into it (GO_WANT_HELPER_PROCESS=1) to play a daemon.
+// binary into it (GO_WANT_HELPER_PROCESS=1) to play a daemon, or a hostile
+// daemon or kernel (SYPAS_HELPER=hostile-...).
 func TestHelperProcess(t *testing.T) {
 	if os.Getenv("GO_WANT_HELPER_PROCESS") != "1" {
 		return
 	}
-	os.Exit(helperMain(os.Getenv("SYPAS_HELPER"), os.Getenv("SYPAS_SOCK")))
+	mode, sock := os.Getenv("SYPAS_HELPER"), os.Getenv("SYPAS_SOCK")
+	if strings.HasPrefix(mode, "hostile-") { // xhostile_test.go; needs t for its helpers
+		os.Exit(hostileHelper(t, mode, sock))
+	}
+	os.Exit(helperMain(mode, sock))
 }
 
 func helperMain(mode, sock string) int {

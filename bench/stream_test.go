@@ -20,6 +20,7 @@ func BenchmarkStream(b *testing.B) {
 	}{{"64B", 64}, {"1KiB", 1024}} {
 		b.Run("ring/"+size.name, func(b *testing.B) { benchRingStream(b, size.n, 1) })
 		b.Run("ring-batch16/"+size.name, func(b *testing.B) { benchRingStream(b, size.n, 16) })
+		b.Run("ring-batch64/"+size.name, func(b *testing.B) { benchRingStream(b, size.n, 64) })
 		b.Run("unix-socket/"+size.name, func(b *testing.B) { benchUnixStream(b, size.n) })
 	}
 }

@@ -173,15 +173,9 @@ func fdSink() error {
 	}
 	buf := make([]byte, 1<<18)
 	for total > 0 {
-		n, err := unix.Read(3, buf[:min(len(buf), total)])
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
+		n := min(len(buf), total)
+		if err := readFull(3, buf[:n]); err != nil {
 			return err
-		}
-		if n == 0 {
-			return unix.EPIPE
 		}
 		total -= n
 	}

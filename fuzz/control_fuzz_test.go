@@ -151,6 +151,21 @@ func FuzzDialHandshake(f *testing.F) {
 // with ErrHandshake or, for a HELLO it accepts, completes a session that
 // ends as soon as the daemon hangs up. Everything the kernel writes back is
 // well-formed frames. No descriptor leaks.
+// fuzzServer is the kernel both server-side targets attack: small rings, a
+// short handshake deadline, a listener at the returned path.
+func fuzzServer(f *testing.F) (*control.Server, string) {
+	keys := token.NewKeyring()
+	require.NoError(f, keys.Add(1, bytes.Repeat([]byte{3}, 32)))
+	path := filepath.Join(f.TempDir(), "k.sock")
+	l, err := control.Listen(path, control.Config{})
+	require.NoError(f, err)
+	f.Cleanup(func() { l.Close() })
+	srv, err := control.NewServer(l, control.ServerConfig{Keys: keys, SessionConfig: control.SessionConfig{
+		HandshakeTimeout: 2 * time.Second, TxRingSize: 4096, RxRingSize: 4096, MaxRingSize: 8192}})
+	require.NoError(f, err)
+	return srv, path
+}
+
 func FuzzServerHandshake(f *testing.F) {
 	hello := func(h sypas.Hello, seq uint64) []byte {
 		b, err := sypas.AppendFrame(nil, frame.Header{Sequence: seq}, &h)
@@ -165,15 +180,7 @@ func FuzzServerHandshake(f *testing.F) {
 	f.Add(append(hello(sypas.Hello{MinVersion: 1, MaxVersion: 1}, 1), "0000"...))
 	f.Add([]byte{})
 
-	keys := token.NewKeyring()
-	require.NoError(f, keys.Add(1, bytes.Repeat([]byte{3}, 32)))
-	path := filepath.Join(f.TempDir(), "k.sock")
-	l, err := control.Listen(path, control.Config{})
-	require.NoError(f, err)
-	f.Cleanup(func() { l.Close() })
-	srv, err := control.NewServer(l, control.ServerConfig{Keys: keys, SessionConfig: control.SessionConfig{
-		HandshakeTimeout: 2 * time.Second, TxRingSize: 4096, RxRingSize: 4096, MaxRingSize: 8192}})
-	require.NoError(f, err)
+	srv, path := fuzzServer(f)
 
 	fds := func(t *testing.T) int {
 		ents, err := os.ReadDir("/proc/self/fd")
@@ -239,15 +246,7 @@ func FuzzServerHandshakeFDs(f *testing.F) {
 	f.Add(append(bytes.Clone(hello), hello...), uint16(len(hello)+3), uint8(16))
 	f.Add(hello, uint16(5), uint8(0))
 
-	keys := token.NewKeyring()
-	require.NoError(f, keys.Add(1, bytes.Repeat([]byte{3}, 32)))
-	path := filepath.Join(f.TempDir(), "k.sock")
-	l, err := control.Listen(path, control.Config{})
-	require.NoError(f, err)
-	f.Cleanup(func() { l.Close() })
-	srv, err := control.NewServer(l, control.ServerConfig{Keys: keys, SessionConfig: control.SessionConfig{
-		HandshakeTimeout: 2 * time.Second, TxRingSize: 4096, RxRingSize: 4096, MaxRingSize: 8192}})
-	require.NoError(f, err)
+	srv, path := fuzzServer(f)
 	mfd, err := os.CreateTemp(f.TempDir(), "fd")
 	require.NoError(f, err)
 	f.Cleanup(func() { mfd.Close() })

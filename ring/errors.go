@@ -2,6 +2,7 @@ package ring
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"os"
 )
@@ -33,3 +34,7 @@ var (
 	// ErrNoReservation reports Commit without a matching Reserve.
 	ErrNoReservation = errors.New("ring: commit without reservation")
 )
+
+// errCommitTooLong is static so that Commit, which returns it, stays small
+// enough to inline.
+var errCommitTooLong = fmt.Errorf("%w: commit of a negative length or more than was reserved", ErrInvalid)

@@ -25,10 +25,10 @@ type Producer struct {
 	closedFlag *atomic.Uint32 // our closed flag
 
 	pos        uint64 // end of committed records, published or not
+	limit      uint64 // a record may end here without checks; 0 after an error
+	resCap     int    // reserved payload length + 1; 0 when nothing is reserved
 	published  uint64 // the last value stored to tail
 	cachedHead uint64 // the last validated head
-	resOff     uint64 // data offset of the reserved record's header
-	resLen     int    // reserved payload length; -1 when nothing is reserved
 	want       uint64 // free bytes the current wait needs; read by ready
 	err        error  // sticky: corruption or a closed peer
 
@@ -58,7 +58,6 @@ func NewProducer(mem []byte, cfg Config) (*Producer, error) {
 		head:       u64At(mem, ConsumerSlotOffset+slotIndex),
 		peerSleep:  u32At(mem, ConsumerSlotOffset+slotSleep),
 		peerClosed: u32At(mem, ConsumerSlotOffset+slotClosed),
-		resLen:     -1,
 	}
 	p.pos = p.tail.Load()
 	p.published = p.pos
@@ -68,6 +67,7 @@ func NewProducer(mem []byte, cfg Config) (*Producer, error) {
 	}
 	p.waiter = futex.NewWaiter(u32At(mem, ProducerSlotOffset+slotSleep), cfg.Idle)
 	p.readyFn = p.ready
+	p.setLimit()
 	return p, nil
 }
 
@@ -83,16 +83,13 @@ func (p *Producer) MaxRecord() int { return int(p.maxRecord) }
 // waiting it publishes committed records, so the consumer can make room.
 // The slice is valid until Commit; a second Reserve before Commit fails.
 func (p *Producer) Reserve(n int) ([]byte, error) {
-	if n >= 0 && uint64(n) <= p.maxRecord && p.resLen < 0 && p.err == nil && !p.closed.Load() {
-		size := align(RecordHeaderSize + uint64(n))
-		off := p.pos & p.mask
-		if p.capacity-off >= size && p.free() >= size {
-			// The common case: room before the end of the data area, and
-			// the cached head already says it is free.
-			p.resOff, p.resLen = off, n
-			start := off + RecordHeaderSize
-			return p.data[start : start+uint64(n) : start+uint64(n)], nil
-		}
+	// The common case, one store: the record ends before the limit, so the
+	// cached head says it is free and it needs no padding. (Across processes
+	// the producer is bound by its store buffer; every store here counts.)
+	if uint(n) <= MaxCapacity && p.pos+RecordHeaderSize+uint64(n) <= p.limit && p.resCap == 0 && !p.closed.Load() {
+		start := p.pos&p.mask + RecordHeaderSize
+		p.resCap = n + 1
+		return p.data[start : start+uint64(n) : start+uint64(n)], nil
 	}
 	return p.reserveSlow(n)
 }
@@ -103,7 +100,7 @@ func (p *Producer) reserveSlow(n int) ([]byte, error) {
 	if err := p.usable(); err != nil {
 		return nil, err
 	}
-	if p.resLen >= 0 {
+	if p.resCap != 0 {
 		return nil, fmt.Errorf("%w: a reservation is already pending", ErrInvalid)
 	}
 	if n < 0 {
@@ -122,12 +119,12 @@ func (p *Producer) reserveSlow(n int) ([]byte, error) {
 		binary.LittleEndian.PutUint64(p.data[off:], packRecordHeader(uint32(rest-RecordHeaderSize), recordPadding))
 		p.pos += rest
 		off = 0
+		p.setLimit()
 	}
 	if err := p.waitFree(size); err != nil {
 		return nil, err
 	}
-	p.resOff = off
-	p.resLen = n
+	p.resCap = n + 1
 	start := off + RecordHeaderSize
 	return p.data[start : start+uint64(n) : start+uint64(n)], nil
 }
@@ -138,20 +135,21 @@ func (p *Producer) reserveSlow(n int) ([]byte, error) {
 // at the next Flush; commit several records and Flush once to publish them
 // with one index store.
 func (p *Producer) Commit(n int) error {
-	if p.resLen < 0 {
+	// No calls and three stores, so that Commit inlines (TestHotPathsInline).
+	if uint(n) < uint(p.resCap) && !p.closed.Load() {
+		// The reserved record starts at pos: nothing moves pos in between.
+		binary.LittleEndian.PutUint64(p.data[p.pos&p.mask:], uint64(n)|uint64(recordData)<<32)
+		p.pos += align(RecordHeaderSize + uint64(n))
+		p.resCap = 0
+		return nil
+	}
+	if p.resCap == 0 {
 		return ErrNoReservation
 	}
 	if p.closed.Load() {
-		p.resLen = -1
-		return ErrClosed
+		return ErrClosed // the reservation dies with the producer
 	}
-	if n < 0 || n > p.resLen {
-		return fmt.Errorf("%w: commit of %d bytes, %d reserved", ErrInvalid, n, p.resLen)
-	}
-	binary.LittleEndian.PutUint64(p.data[p.resOff:], packRecordHeader(uint32(n), recordData))
-	p.pos += align(RecordHeaderSize + uint64(n))
-	p.resLen = -1
-	return nil
+	return errCommitTooLong
 }
 
 // Flush publishes every committed record with one store of the tail index and
@@ -172,7 +170,7 @@ func (p *Producer) Flush() error {
 		}
 	}
 	if p.peerClosed.Load() != 0 {
-		p.err = ErrPeerClosed
+		p.fail(ErrPeerClosed)
 		return p.err
 	}
 	return nil
@@ -231,6 +229,23 @@ func (p *Producer) usable() error {
 
 func (p *Producer) free() uint64 { return p.capacity - (p.pos - p.cachedHead) }
 
+// fail makes err sticky.
+func (p *Producer) fail(err error) {
+	p.err = err
+	p.limit = 0
+}
+
+// setLimit recomputes limit after pos wraps or the cached head moves: the
+// nearer of the end of free space and the end of the data area. A sticky
+// error sets it to 0, which sends every Reserve to the slow path.
+func (p *Producer) setLimit() {
+	if p.err != nil {
+		p.limit = 0
+		return
+	}
+	p.limit = min(p.cachedHead+p.capacity, p.pos-p.pos&p.mask+p.capacity)
+}
+
 // waitFree returns once `need` bytes after pos are free.
 func (p *Producer) waitFree(need uint64) error {
 	if p.free() >= need {
@@ -264,7 +279,7 @@ func (p *Producer) ready() bool {
 		return true
 	}
 	if p.peerClosed.Load() != 0 {
-		p.err = ErrPeerClosed
+		p.fail(ErrPeerClosed)
 		return true
 	}
 	return p.free() >= p.want || p.closed.Load()
@@ -276,9 +291,10 @@ func (p *Producer) ready() bool {
 func (p *Producer) refreshHead() bool {
 	h := p.head.Load()
 	if h < p.cachedHead || h > p.published || h&(RecordAlign-1) != 0 {
-		p.err = fmt.Errorf("%w: consumer index %d outside [%d, %d]", ErrCorrupt, h, p.cachedHead, p.published)
+		p.fail(fmt.Errorf("%w: consumer index %d outside [%d, %d]", ErrCorrupt, h, p.cachedHead, p.published))
 		return false
 	}
 	p.cachedHead = h
+	p.setLimit()
 	return true
 }

@@ -18,9 +18,10 @@ func BenchmarkStream(b *testing.B) {
 		name string
 		n    int
 	}{{"64B", 64}, {"1KiB", 1024}} {
-		b.Run("ring/"+size.name, func(b *testing.B) { benchRingStream(b, size.n, 1) })
-		b.Run("ring-batch16/"+size.name, func(b *testing.B) { benchRingStream(b, size.n, 16) })
-		b.Run("ring-batch64/"+size.name, func(b *testing.B) { benchRingStream(b, size.n, 64) })
+		b.Run("ring/"+size.name, func(b *testing.B) { benchRingStream(b, size.n, 1, true) })
+		b.Run("ring-batch16/"+size.name, func(b *testing.B) { benchRingStream(b, size.n, 16, true) })
+		b.Run("ring-batch64/"+size.name, func(b *testing.B) { benchRingStream(b, size.n, 64, true) })
+		b.Run("ring-batch64-reserve/"+size.name, func(b *testing.B) { benchRingStream(b, size.n, 64, false) })
 		b.Run("unix-socket/"+size.name, func(b *testing.B) { benchUnixStream(b, size.n) })
 	}
 }
@@ -54,9 +55,10 @@ func reportRate(b *testing.B, elapsed time.Duration) {
 	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "msgs/s")
 }
 
-// benchRingStream publishes with one index store every `batch` messages;
-// batch 1 is a plain Write per message.
-func benchRingStream(b *testing.B, size, batch int) {
+// benchRingStream publishes with one index store every `batch` messages,
+// reserving with the inlined TryReserve first when try is set (the idiom
+// TryReserve documents) or with Reserve alone.
+func benchRingStream(b *testing.B, size, batch int, try bool) {
 	region, err := ring.CreateRegion(streamRingCapacity)
 	if err != nil {
 		b.Fatal(err)
@@ -79,9 +81,14 @@ func benchRingStream(b *testing.B, size, batch int) {
 	b.ResetTimer()
 	start := time.Now()
 	for i := 0; i < b.N; i++ {
-		m, err := p.Reserve(size)
-		if err != nil {
-			b.Fatal(err)
+		var m []byte
+		if try {
+			m = p.TryReserve(size)
+		}
+		if m == nil {
+			if m, err = p.Reserve(size); err != nil {
+				b.Fatal(err)
+			}
 		}
 		copy(m, msg)
 		p.Commit(size)

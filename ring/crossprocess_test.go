@@ -74,9 +74,15 @@ func checkStress(b []byte, seq, seed uint64) error {
 func produceStress(p *Producer, n int, seed uint64) error {
 	for seq := uint64(0); seq < uint64(n); seq++ {
 		size := stressSize(seq, seed)
-		b, err := p.Reserve(size)
-		if err != nil {
-			return fmt.Errorf("reserve record %d: %w", seq, err)
+		var b []byte
+		if seq&1 == 0 { // both reservation paths, as the hot-loop idiom mixes them
+			b = p.TryReserve(size)
+		}
+		if b == nil {
+			var err error
+			if b, err = p.Reserve(size); err != nil {
+				return fmt.Errorf("reserve record %d: %w", seq, err)
+			}
 		}
 		fillStress(b, seq, seed)
 		if err := p.Commit(size); err != nil {

@@ -28,6 +28,16 @@
 // Indices are free-running 64-bit byte offsets; each side caches the other's
 // index and reloads it only when its cached copy says it must wait.
 //
+// # Hot loops
+//
+// Across processes a streaming producer is bound by its store buffer: each
+// record's stores wait for cache lines the consumer last held, so every extra
+// store (a call's return address, a saved frame pointer) leaves fewer lines in
+// flight. [Producer.TryReserve] and [Producer.Commit] therefore inline into the
+// caller, and one [Producer.Flush] (whose index store is also a full barrier)
+// per batch of records publishes them all. See [Producer.TryReserve] for the
+// idiom, and docs/BENCHMARKS.md for what each step is worth.
+//
 // # A hostile peer
 //
 // The peer may write anything, at any time, to any byte of a shared region.

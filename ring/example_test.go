@@ -45,6 +45,53 @@ func Example() {
 	// world
 }
 
+// A hot producer loop: the inlined TryReserve first, Reserve (which pads,
+// re-reads the consumer's index and waits) only when it returns nil, and one
+// Flush per batch.
+func ExampleProducer_TryReserve() {
+	const capacity = 1024
+	words := make([]uint64, ring.Size(capacity)/8)
+	mem := unsafe.Slice((*byte)(unsafe.Pointer(&words[0])), ring.Size(capacity))
+	if err := ring.Init(mem, capacity); err != nil {
+		panic(err)
+	}
+	p, _ := ring.NewProducer(mem, ring.Config{})
+	c, _ := ring.NewConsumer(mem, ring.Config{})
+
+	send := func(seq int) error {
+		buf := p.TryReserve(8)
+		if buf == nil {
+			var err error
+			if buf, err = p.Reserve(8); err != nil {
+				return err
+			}
+		}
+		copy(buf, fmt.Sprintf("msg %4d", seq))
+		if err := p.Commit(8); err != nil {
+			return err
+		}
+		if seq%16 == 15 {
+			return p.Flush()
+		}
+		return nil
+	}
+	for seq := 0; seq < 200; seq++ { // 200 records of 16 bytes: the ring wraps
+		if err := send(seq); err != nil {
+			panic(err)
+		}
+		if seq%16 == 15 { // the consumer keeps up, batch by batch
+			for i := 0; i < 16; i++ {
+				rec, _ := c.Next()
+				if seq == 191 && i == 15 {
+					fmt.Println(string(rec))
+				}
+			}
+			c.Release()
+		}
+	}
+	// Output: msg  191
+}
+
 // Two processes: the kernel creates a sealed memfd region and passes it to a
 // daemon it starts (here this test binary, re-executed, runs daemonMain).
 // In production the memfd travels over the control socket with SCM_RIGHTS.

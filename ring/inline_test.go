@@ -28,7 +28,7 @@ func TestHotPathsInline(t *testing.T) {
 			inlined[fn] = true
 		}
 	}
-	for _, fn := range []string{"(*Producer).Commit", "align", "packRecordHeader"} {
+	for _, fn := range []string{"(*Producer).TryReserve", "(*Producer).Commit", "align", "packRecordHeader"} {
 		if !inlined[fn] {
 			t.Errorf("%s no longer inlines; see go build -gcflags=-m=2 ./ring for its cost", fn)
 		}

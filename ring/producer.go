@@ -83,15 +83,38 @@ func (p *Producer) MaxRecord() int { return int(p.maxRecord) }
 // waiting it publishes committed records, so the consumer can make room.
 // The slice is valid until Commit; a second Reserve before Commit fails.
 func (p *Producer) Reserve(n int) ([]byte, error) {
-	// The common case, one store: the record ends before the limit, so the
-	// cached head says it is free and it needs no padding. (Across processes
-	// the producer is bound by its store buffer; every store here counts.)
+	// The common case: the record ends before the limit, so the cached head
+	// says it is free and it needs no padding.
+	if buf := p.TryReserve(n); buf != nil {
+		return buf, nil
+	}
+	return p.reserveSlow(n)
+}
+
+// TryReserve is Reserve for hot loops: it inlines into the caller, makes no
+// call and one store, and never waits. It returns nil whenever Reserve would
+// have more to do than hand out room already known to be free (pad at the
+// end of the data area, re-read the consumer's index, wait, or report an
+// error); call Reserve then:
+//
+//	buf := p.TryReserve(n)
+//	if buf == nil {
+//		if buf, err = p.Reserve(n); err != nil {
+//			return err
+//		}
+//	}
+//
+// Across processes the producer is bound by its store buffer, where the call
+// to Reserve costs stores of its own: TryReserve streams 64-byte messages about
+// a fifth faster (docs/BENCHMARKS.md). A non-nil result is exactly n bytes,
+// even for n = 0, and follows Reserve's rules.
+func (p *Producer) TryReserve(n int) []byte {
 	if uint(n) <= MaxCapacity && p.pos+RecordHeaderSize+uint64(n) <= p.limit && p.resCap == 0 && !p.closed.Load() {
 		start := p.pos&p.mask + RecordHeaderSize
 		p.resCap = n + 1
-		return p.data[start : start+uint64(n) : start+uint64(n)], nil
+		return p.data[start : start+uint64(n) : start+uint64(n)]
 	}
-	return p.reserveSlow(n)
+	return nil
 }
 
 // reserveSlow is Reserve when the fast path does not apply: an error to
@@ -179,9 +202,12 @@ func (p *Producer) Flush() error {
 // Write copies b into the ring as one record and publishes it: Reserve, copy,
 // Commit, Flush.
 func (p *Producer) Write(b []byte) (int, error) {
-	buf, err := p.Reserve(len(b))
-	if err != nil {
-		return 0, err
+	buf := p.TryReserve(len(b))
+	if buf == nil {
+		var err error
+		if buf, err = p.Reserve(len(b)); err != nil {
+			return 0, err
+		}
 	}
 	copy(buf, b)
 	if err := p.Commit(len(b)); err != nil {

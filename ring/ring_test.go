@@ -290,11 +290,20 @@ func TestRandomAgainstModel(t *testing.T) {
 				if rng.IntN(8) == 0 {
 					n = rng.IntN(p.MaxRecord() + 1)
 				}
-				b, err := p.Reserve(n)
-				if errors.Is(err, os.ErrDeadlineExceeded) {
-					continue // full: nothing was reserved
+				b := p.TryReserve(n)
+				if b == nil || rng.IntN(2) == 0 {
+					if b != nil {
+						require.NoError(t, p.Commit(0)) // keep the model: an empty record
+						committed = append(committed, []byte{})
+					}
+					var err error
+					b, err = p.Reserve(n)
+					if errors.Is(err, os.ErrDeadlineExceeded) {
+						continue // full: nothing was reserved
+					}
+					require.NoError(t, err)
 				}
-				require.NoError(t, err)
+				require.Len(t, b, n)
 				for i := range b {
 					b[i] = byte(rng.Uint32())
 				}
@@ -384,12 +393,63 @@ func TestHotPathsDoNotAllocate(t *testing.T) {
 		b, _ := p.Reserve(64)
 		copy(b, msg)
 		_ = p.Commit(64)
+		copy(p.TryReserve(64), msg)
+		_ = p.Commit(64)
 		_ = p.Flush()
 		if _, err := c.ReadInto(buf); err != nil {
 			t.Fatal(err)
 		}
 	})
 	assert.Zero(t, allocs)
+}
+
+// TestTryReserve checks that TryReserve hands out only room already known to
+// be free and leaves everything else (padding, waiting, errors) to Reserve.
+func TestTryReserve(t *testing.T) {
+	p, c, _ := pair(t, 256)
+	p.SetDeadline(expired())
+	b := p.TryReserve(0)
+	require.NotNil(t, b, "an empty record")
+	assert.Empty(t, b)
+	assert.Nil(t, p.TryReserve(1), "a reservation is pending")
+	_, err := p.Reserve(1)
+	assert.ErrorIs(t, err, ErrInvalid, "Reserve says why")
+	require.NoError(t, p.Commit(0))
+	assert.Nil(t, p.TryReserve(-1))
+	assert.Nil(t, p.TryReserve(p.MaxRecord()+1))
+
+	// Fill the ring: 3 records of 72 bytes after the 8-byte empty one.
+	for i := 0; i < 3; i++ {
+		b := p.TryReserve(64)
+		require.NotNil(t, b, "record %d", i)
+		b[0] = byte(i)
+		require.NoError(t, p.Commit(64))
+	}
+	assert.Nil(t, p.TryReserve(64), "only 32 bytes left before the end")
+	require.NoError(t, p.Flush())
+	for i := 0; i < 4; i++ {
+		_, err := c.Next()
+		require.NoError(t, err)
+	}
+	c.Release()
+	assert.Nil(t, p.TryReserve(64), "the wrap needs padding, which is Reserve's job")
+	b, err = p.Reserve(64)
+	require.NoError(t, err, "Reserve pads and re-reads the head")
+	b[0] = 9
+	require.NoError(t, p.Commit(64))
+	require.NotNil(t, p.TryReserve(64), "room after the wrap is known to be free")
+	require.NoError(t, p.Commit(64))
+	require.NoError(t, p.Flush())
+	got, err := c.Next()
+	require.NoError(t, err)
+	assert.Equal(t, byte(9), got[0])
+
+	require.NoError(t, c.Close())
+	assert.ErrorIs(t, p.Flush(), ErrPeerClosed)
+	assert.Nil(t, p.TryReserve(8), "after an error")
+	p2, _, _ := pair(t, 256)
+	require.NoError(t, p2.Close())
+	assert.Nil(t, p2.TryReserve(8), "after Close")
 }
 
 func TestNothingIsPublishedAfterClose(t *testing.T) {

@@ -160,13 +160,18 @@ func streamTo(p *ring.Producer, c *ring.Consumer, n int) error {
 	msg[0] = kindStream
 	start := time.Now()
 	for i := 0; i < n; i++ {
-		m, err := p.Reserve(len(msg))
-		if err != nil {
-			return err
+		m := p.TryReserve(len(msg)) // inlined; nil when Reserve has work to do
+		if m == nil {
+			var err error
+			if m, err = p.Reserve(len(msg)); err != nil {
+				return err
+			}
 		}
 		copy(m, msg)
-		p.Commit(len(msg))
-		if i%16 == 15 {
+		if err := p.Commit(len(msg)); err != nil {
+			return err
+		}
+		if i%64 == 63 {
 			if err := p.Flush(); err != nil {
 				return err
 			}

@@ -35,6 +35,6 @@ var (
 	ErrNoReservation = errors.New("ring: commit without reservation")
 )
 
-// errCommitTooLong is static so that Commit, which returns it, stays small
-// enough to inline.
+// errCommitTooLong is static, without the sizes a formatted error would
+// carry, so that Commit, which returns it, stays small enough to inline.
 var errCommitTooLong = fmt.Errorf("%w: commit of a negative length or more than was reserved", ErrInvalid)

@@ -93,9 +93,9 @@ func (p *Producer) Reserve(n int) ([]byte, error) {
 
 // TryReserve is Reserve for hot loops: it inlines into the caller, makes no
 // call and one store, and never waits. It returns nil whenever Reserve would
-// have more to do than hand out room already known to be free (pad at the
-// end of the data area, re-read the consumer's index, wait, or report an
-// error); call Reserve then:
+// have more to do than hand out room already known to be free (start a new
+// lap of the data area, padding its end if need be; re-read the consumer's
+// index; wait; or report an error); call Reserve then:
 //
 //	buf := p.TryReserve(n)
 //	if buf == nil {
@@ -106,7 +106,7 @@ func (p *Producer) Reserve(n int) ([]byte, error) {
 //
 // Across processes the producer is bound by its store buffer, where the call
 // to Reserve costs stores of its own: TryReserve streams 64-byte messages about
-// a fifth faster (docs/BENCHMARKS.md). A non-nil result is exactly n bytes,
+// a fifth faster than Reserve alone (docs/BENCHMARKS.md). A non-nil result is exactly n bytes,
 // even for n = 0, and follows Reserve's rules.
 func (p *Producer) TryReserve(n int) []byte {
 	if uint(n) <= MaxCapacity && p.pos+RecordHeaderSize+uint64(n) <= p.limit && p.resCap == 0 && !p.closed.Load() {
@@ -142,11 +142,13 @@ func (p *Producer) reserveSlow(n int) ([]byte, error) {
 		binary.LittleEndian.PutUint64(p.data[off:], packRecordHeader(uint32(rest-RecordHeaderSize), recordPadding))
 		p.pos += rest
 		off = 0
-		p.setLimit()
 	}
 	if err := p.waitFree(size); err != nil {
 		return nil, err
 	}
+	// A new lap (after padding, or after a record that ended exactly at the
+	// end of the data area) or a new head: either way the limit moves on.
+	p.setLimit()
 	p.resCap = n + 1
 	start := off + RecordHeaderSize
 	return p.data[start : start+uint64(n) : start+uint64(n)], nil

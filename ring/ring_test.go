@@ -292,16 +292,24 @@ func TestRandomAgainstModel(t *testing.T) {
 				}
 				b := p.TryReserve(n)
 				if b == nil || rng.IntN(2) == 0 {
+					tried := b == nil
 					if b != nil {
 						require.NoError(t, p.Commit(0)) // keep the model: an empty record
 						committed = append(committed, []byte{})
 					}
+					pos, head := p.pos, p.cachedHead
 					var err error
 					b, err = p.Reserve(n)
 					if errors.Is(err, os.ErrDeadlineExceeded) {
 						continue // full: nothing was reserved
 					}
 					require.NoError(t, err)
+					if tried {
+						// TryReserve declined: Reserve must have had more to
+						// do than hand out room already known to be free.
+						require.True(t, pos&p.mask == 0 || p.pos != pos || p.cachedHead != head,
+							"TryReserve(%d) declined room known to be free: pos %d, head %d, limit %d", n, pos, head, p.limit)
+					}
 				}
 				require.Len(t, b, n)
 				for i := range b {
@@ -393,9 +401,20 @@ func TestHotPathsDoNotAllocate(t *testing.T) {
 		b, _ := p.Reserve(64)
 		copy(b, msg)
 		_ = p.Commit(64)
-		copy(p.TryReserve(64), msg)
-		_ = p.Commit(64)
 		_ = p.Flush()
+		if _, err := c.ReadInto(buf); err != nil {
+			t.Fatal(err)
+		}
+		if b = p.TryReserve(64); b == nil {
+			b, _ = p.Reserve(64) // at the start of a lap
+		}
+		copy(b, msg)
+		if err := p.Commit(64); err != nil {
+			t.Fatal(err)
+		}
+		if err := p.Flush(); err != nil {
+			t.Fatal(err)
+		}
 		if _, err := c.ReadInto(buf); err != nil {
 			t.Fatal(err)
 		}
@@ -450,6 +469,45 @@ func TestTryReserve(t *testing.T) {
 	p2, _, _ := pair(t, 256)
 	require.NoError(t, p2.Close())
 	assert.Nil(t, p2.TryReserve(8), "after Close")
+}
+
+// TestTryReserveAfterExactFit: a lap filled exactly needs no padding, and the
+// room the producer already knows of in the new lap still goes to TryReserve.
+func TestTryReserveAfterExactFit(t *testing.T) {
+	p, c, _ := pair(t, 256) // 8 records of 32 bytes a lap
+	p.SetDeadline(expired())
+	write := func() (fast bool) {
+		if fast = p.TryReserve(24) != nil; !fast {
+			_, err := p.Reserve(24)
+			require.NoError(t, err)
+		}
+		require.NoError(t, p.Commit(24))
+		require.NoError(t, p.Flush())
+		return fast
+	}
+	read := func(n int) {
+		for range n {
+			_, err := c.Next()
+			require.NoError(t, err)
+		}
+		c.Release()
+	}
+	for i := range 8 {
+		require.True(t, write(), "lap 1, record %d", i)
+	}
+	read(5)
+	require.False(t, write(), "lap 2 starts in Reserve, which reads head 160")
+	for range 4 {
+		write()
+	}
+	read(8) // head 416
+	for range 3 {
+		write() // Reserve reads head 416 at once: lap 2 ends with 160 bytes known free
+	}
+	require.False(t, write(), "lap 3 starts in Reserve")
+	for i := range 4 {
+		assert.True(t, write(), "lap 3, record %d: room known to be free", i+1)
+	}
 }
 
 func TestNothingIsPublishedAfterClose(t *testing.T) {

@@ -105,9 +105,9 @@ func (p *Producer) Reserve(n int) ([]byte, error) {
 //	}
 //
 // Across processes the producer is bound by its store buffer, where the call
-// to Reserve costs stores of its own: TryReserve streams 64-byte messages about
-// a fifth faster than Reserve alone (docs/BENCHMARKS.md). A non-nil result is exactly n bytes,
-// even for n = 0, and follows Reserve's rules.
+// to Reserve costs stores of its own: TryReserve streams 64-byte messages
+// about a fifth faster than Reserve alone (docs/BENCHMARKS.md). A non-nil
+// result is exactly n bytes, even for n = 0, and follows Reserve's rules.
 func (p *Producer) TryReserve(n int) []byte {
 	if uint(n) <= MaxCapacity && p.pos+RecordHeaderSize+uint64(n) <= p.limit && p.resCap == 0 && !p.closed.Load() {
 		start := p.pos&p.mask + RecordHeaderSize
@@ -118,7 +118,8 @@ func (p *Producer) TryReserve(n int) []byte {
 }
 
 // reserveSlow is Reserve when the fast path does not apply: an error to
-// report, a wrap to pad, or room to wait for.
+// report, a new lap to start (padding the old one's end if need be), or room
+// to look for or wait for. It recomputes the limit for the fast path.
 func (p *Producer) reserveSlow(n int) ([]byte, error) {
 	if err := p.usable(); err != nil {
 		return nil, err
@@ -263,9 +264,10 @@ func (p *Producer) fail(err error) {
 	p.limit = 0
 }
 
-// setLimit recomputes limit after pos wraps or the cached head moves: the
-// nearer of the end of free space and the end of the data area. A sticky
-// error sets it to 0, which sends every Reserve to the slow path.
+// setLimit recomputes limit: the nearer of the end of the room the cached
+// head shows and the end of the current lap of the data area. A sticky error
+// sets it to 0, which sends every reservation to the slow path. Between two
+// calls it can only be too small: pos and the cached head only move forward.
 func (p *Producer) setLimit() {
 	if p.err != nil {
 		p.limit = 0
@@ -323,6 +325,6 @@ func (p *Producer) refreshHead() bool {
 		return false
 	}
 	p.cachedHead = h
-	p.setLimit()
+	p.setLimit() // even if the reservation then fails on its deadline
 	return true
 }

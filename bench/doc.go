@@ -6,7 +6,9 @@
 //     hardware limit), a raw futex ping-pong, a Unix socket and a pipe. Each
 //     reports p50 and p99 round-trip times in ns.
 //   - BenchmarkStream: one-way streaming of 64-byte and 1 KiB messages to
-//     another process, over the ring and over a Unix socket, in msgs/s.
+//     another process, in msgs/s: over the ring with a Write per message,
+//     with TryReserve/Commit and a Flush every 16 or 64 messages, and with
+//     Reserve/Commit and a Flush every 64; and over a Unix socket.
 //
 // The other process is this test binary re-executed. Where the machine has two
 // or more CPUs, variants that busy-poll (the ring in spin and auto mode, the

@@ -1,6 +1,7 @@
 package control
 
 import (
+	"cmp"
 	"fmt"
 	"time"
 
@@ -78,15 +79,9 @@ func (c SessionConfig) withDefaults() SessionConfig {
 	if c.HeartbeatMisses <= 0 {
 		c.HeartbeatMisses = DefaultHeartbeatMisses
 	}
-	if c.Features == 0 {
-		c.Features = DefaultFeatures
-	}
-	if c.MaxRingSize == 0 {
-		c.MaxRingSize = DefaultMaxRingSize
-	}
-	if c.MaxPayload == 0 {
-		c.MaxPayload = frame.DefaultMaxPayload
-	}
+	c.Features = cmp.Or(c.Features, DefaultFeatures)
+	c.MaxRingSize = cmp.Or(c.MaxRingSize, DefaultMaxRingSize)
+	c.MaxPayload = cmp.Or(c.MaxPayload, frame.DefaultMaxPayload)
 	return c
 }
 

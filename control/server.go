@@ -1,6 +1,7 @@
 package control
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -28,18 +29,10 @@ func NewServer(l *Listener, cfg ServerConfig) (*Server, error) {
 		return nil, errors.New("control: keyring has no current key")
 	}
 	cfg.SessionConfig = cfg.SessionConfig.withDefaults()
-	if cfg.TxRingSize == 0 {
-		cfg.TxRingSize = DefaultRingSize
-	}
-	if cfg.RxRingSize == 0 {
-		cfg.RxRingSize = DefaultRingSize
-	}
-	if cfg.MaxInFlight == 0 {
-		cfg.MaxInFlight = DefaultMaxInFlight
-	}
-	if cfg.Rights == 0 {
-		cfg.Rights = tokenDefaultRights
-	}
+	cfg.TxRingSize = cmp.Or(cfg.TxRingSize, DefaultRingSize)
+	cfg.RxRingSize = cmp.Or(cfg.RxRingSize, DefaultRingSize)
+	cfg.MaxInFlight = cmp.Or(cfg.MaxInFlight, DefaultMaxInFlight)
+	cfg.Rights = cmp.Or(cfg.Rights, tokenDefaultRights)
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sypas/sypas/futex"
+	"github.com/sypas/sypas/internal/ringpair"
 	"github.com/sypas/sypas/internal/shm"
 	"github.com/sypas/sypas/ring"
 )
@@ -85,26 +86,12 @@ func benchRingRTT(b *testing.B, policy futex.Policy) {
 }
 
 func ringEcho() error {
-	capacity, policy := envInt("CAP"), futex.Policy(envInt("POLICY"))
-	in, err := ring.OpenRegion(os.NewFile(3, "req"), capacity)
+	policy := futex.Policy(envInt("POLICY"))
+	c, p, closeRings, err := ringpair.Inherited(envInt("CAP"), ring.Config{Idle: futex.Config{Policy: policy}})
 	if err != nil {
 		return err
 	}
-	defer in.Close()
-	out, err := ring.OpenRegion(os.NewFile(4, "resp"), capacity)
-	if err != nil {
-		return err
-	}
-	defer out.Close()
-	cfg := ring.Config{Idle: futex.Config{Policy: policy}}
-	c, err := ring.NewConsumer(in.Bytes(), cfg)
-	if err != nil {
-		return err
-	}
-	p, err := ring.NewProducer(out.Bytes(), cfg)
-	if err != nil {
-		return err
-	}
+	defer closeRings()
 	for {
 		m, err := c.Next()
 		if errors.Is(err, io.EOF) {

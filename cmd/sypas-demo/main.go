@@ -21,6 +21,7 @@ import (
 
 	"github.com/sypas/sypas/futex"
 	"github.com/sypas/sypas/internal/affinity"
+	"github.com/sypas/sypas/internal/ringpair"
 	"github.com/sypas/sypas/ring"
 )
 
@@ -199,25 +200,11 @@ func streamTo(p *ring.Producer, c *ring.Consumer, n int) error {
 // daemon maps the rings it inherited (fd 3: requests, fd 4: replies) and
 // serves until the kernel closes its producer.
 func daemon(policy futex.Policy) error {
-	in, err := ring.OpenRegion(os.NewFile(3, "to-daemon"), capacity)
+	c, p, closeRings, err := ringpair.Inherited(capacity, ring.Config{Idle: futex.Config{Policy: policy}})
 	if err != nil {
 		return err
 	}
-	defer in.Close()
-	out, err := ring.OpenRegion(os.NewFile(4, "to-kernel"), capacity)
-	if err != nil {
-		return err
-	}
-	defer out.Close()
-	cfg := ring.Config{Idle: futex.Config{Policy: policy}}
-	c, err := ring.NewConsumer(in.Bytes(), cfg)
-	if err != nil {
-		return err
-	}
-	p, err := ring.NewProducer(out.Bytes(), cfg)
-	if err != nil {
-		return err
-	}
+	defer closeRings()
 	var streamed uint64
 	for {
 		m, err := c.Next()

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/klauspost/cpuid/v2"
+	"golang.org/x/sys/unix"
 
 	"github.com/sypas/sypas/internal/affinity"
 )
@@ -109,6 +110,17 @@ func shouldPin(busyPolls bool) bool {
 		return true
 	}
 	return busyPolls
+}
+
+// socketPair returns our end of a connected Unix stream socket pair, closed
+// when the benchmark ends, and the peer's end, for startPeer.
+func socketPair(b *testing.B) (mine int, theirs *os.File) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { unix.Close(fds[0]) })
+	return fds[0], os.NewFile(uintptr(fds[1]), "theirs")
 }
 
 // pinSelf pins the benchmarking goroutine if pinned and returns the function

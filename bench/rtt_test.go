@@ -217,16 +217,11 @@ func futexEcho() error {
 // The socket and pipe baselines use blocking read(2)/write(2) directly: the
 // fastest those transports go, with no runtime poller in the way.
 func benchUnixRTT(b *testing.B) {
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		b.Fatal(err)
-	}
-	mine, theirs := os.NewFile(uintptr(fds[0]), "mine"), os.NewFile(uintptr(fds[1]), "theirs")
-	defer mine.Close()
+	mine, theirs := socketPair(b)
 	pinned := shouldPin(false)
 	cmd := startPeer(b, "fd-echo", pinned, []*os.File{theirs, theirs})
 	theirs.Close()
-	benchFdRTT(b, pinned, fds[0], fds[0], func() { unix.Shutdown(fds[0], unix.SHUT_WR) })
+	benchFdRTT(b, pinned, mine, mine, func() { unix.Shutdown(mine, unix.SHUT_WR) })
 	waitPeer(b, cmd)
 }
 

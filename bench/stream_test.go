@@ -51,8 +51,22 @@ func awaitAck(b *testing.B, r *os.File) {
 	}
 }
 
-func reportRate(b *testing.B, elapsed time.Duration) {
-	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "msgs/s")
+// startStream pins if pinned and starts the clock on b.N messages of size
+// bytes; the function it returns stops it, once the peer has acknowledged the
+// last message, and reports msgs/s and the pinning. The timed loop itself stays
+// in the caller: a call per message would add stores of its own to it.
+func startStream(b *testing.B, size int, pinned bool) (stop func()) {
+	unpin := pinSelf(b, pinned)
+	b.SetBytes(int64(size))
+	b.ReportAllocs()
+	b.ResetTimer()
+	start := time.Now()
+	return func() {
+		elapsed := time.Since(start)
+		b.StopTimer()
+		b.ReportMetric(float64(b.N)/elapsed.Seconds(), "msgs/s")
+		unpin()
+	}
 }
 
 // benchRingStream publishes with one index store every `batch` messages,
@@ -75,11 +89,7 @@ func benchRingStream(b *testing.B, size, batch int, try bool) {
 	ackW.Close()
 	awaitAck(b, ackR) // attached
 	msg := make([]byte, size)
-	defer pinSelf(b, pinned)()
-	b.SetBytes(int64(size))
-	b.ReportAllocs()
-	b.ResetTimer()
-	start := time.Now()
+	stop := startStream(b, size, pinned)
 	for i := 0; i < b.N; i++ {
 		var m []byte
 		if try {
@@ -102,9 +112,7 @@ func benchRingStream(b *testing.B, size, batch int, try bool) {
 		b.Fatal(err)
 	}
 	awaitAck(b, ackR) // all read
-	elapsed := time.Since(start)
-	b.StopTimer()
-	reportRate(b, elapsed)
+	stop()
 	p.Close()
 	waitPeer(b, cmd)
 }
@@ -139,36 +147,25 @@ func ringSink() error {
 // benchUnixStream writes each message with its own write(2), as an
 // unbatched sender over a stream socket does.
 func benchUnixStream(b *testing.B, size int) {
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		b.Fatal(err)
-	}
-	mine, theirs := os.NewFile(uintptr(fds[0]), "mine"), os.NewFile(uintptr(fds[1]), "theirs")
-	defer mine.Close()
+	mine, theirs := socketPair(b)
 	pinned := shouldPin(false)
 	cmd := startPeer(b, "fd-sink", pinned, []*os.File{theirs}, "N="+strconv.Itoa(b.N), "SIZE="+strconv.Itoa(size))
 	theirs.Close()
 	var one [1]byte
-	if err := readFull(fds[0], one[:]); err != nil {
+	if err := readFull(mine, one[:]); err != nil {
 		b.Fatal(err)
 	}
 	msg := make([]byte, size)
-	defer pinSelf(b, pinned)()
-	b.SetBytes(int64(size))
-	b.ReportAllocs()
-	b.ResetTimer()
-	start := time.Now()
+	stop := startStream(b, size, pinned)
 	for i := 0; i < b.N; i++ {
-		if err := writeFull(fds[0], msg); err != nil {
+		if err := writeFull(mine, msg); err != nil {
 			b.Fatal(err)
 		}
 	}
-	if err := readFull(fds[0], one[:]); err != nil {
+	if err := readFull(mine, one[:]); err != nil {
 		b.Fatal(err)
 	}
-	elapsed := time.Since(start)
-	b.StopTimer()
-	reportRate(b, elapsed)
+	stop()
 	waitPeer(b, cmd)
 }
 

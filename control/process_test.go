@@ -20,17 +20,35 @@ import (
 )
 
 // TestHelperProcess is not a test: cross-process tests re-execute the test
-// binary into it (GO_WANT_HELPER_PROCESS=1) to play a daemon, or a hostile
-// daemon or kernel (SYPAS_HELPER=hostile-...).
+// binary into it (GO_WANT_HELPER_PROCESS=1, helperCmd) to play a daemon or a
+// kernel: a raw client here, a session peer (SYPAS_HELPER=session-...,
+// xsession_test.go) or a hostile one (SYPAS_HELPER=hostile-..., xhostile_test.go).
 func TestHelperProcess(t *testing.T) {
 	if os.Getenv("GO_WANT_HELPER_PROCESS") != "1" {
 		return
 	}
 	mode, sock := os.Getenv("SYPAS_HELPER"), os.Getenv("SYPAS_SOCK")
-	if strings.HasPrefix(mode, "hostile-") { // xhostile_test.go; needs t for its helpers
+	if m, ok := strings.CutPrefix(mode, "session-"); ok {
+		os.Exit(sessionHelper(m, sock))
+	}
+	if strings.HasPrefix(mode, "hostile-") { // needs t for its helpers
 		os.Exit(hostileHelper(t, mode, sock))
 	}
 	os.Exit(helperMain(mode, sock))
+}
+
+// helperCmd prepares the test binary exe to run TestHelperProcess in mode,
+// and kills it when the test ends if it has not been waited for.
+func helperCmd(t *testing.T, exe, mode, sock string) *exec.Cmd {
+	cmd := exec.Command(exe, "-test.run=^TestHelperProcess$")
+	cmd.Env = append(os.Environ(), "GO_WANT_HELPER_PROCESS=1", "GORACE=atexit_sleep_ms=0", "SYPAS_HELPER="+mode, "SYPAS_SOCK="+sock)
+	t.Cleanup(func() {
+		if cmd.Process != nil && cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
+	return cmd
 }
 
 func helperMain(mode, sock string) int {
@@ -82,8 +100,7 @@ func helperMain(mode, sock string) int {
 // runs it under another uid/gid.
 func helper(t *testing.T, exe, mode, sock string, cred *syscall.Credential) *exec.Cmd {
 	t.Helper()
-	cmd := exec.Command(exe, "-test.run=^TestHelperProcess$")
-	cmd.Env = append(os.Environ(), "GO_WANT_HELPER_PROCESS=1", "GORACE=atexit_sleep_ms=0", "SYPAS_HELPER="+mode, "SYPAS_SOCK="+sock)
+	cmd := helperCmd(t, exe, mode, sock)
 	cmd.Stdout = new(bytes.Buffer)
 	cmd.Stderr = new(bytes.Buffer)
 	if cred != nil {
@@ -91,12 +108,6 @@ func helper(t *testing.T, exe, mode, sock string, cred *syscall.Credential) *exe
 		cmd.Dir = filepath.Dir(exe)
 	}
 	require.NoError(t, cmd.Start())
-	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			cmd.Process.Kill()
-			cmd.Wait()
-		}
-	})
 	return cmd
 }
 

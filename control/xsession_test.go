@@ -22,16 +22,8 @@ import (
 	"github.com/sypas/sypas/sypas"
 )
 
-// TestSessionHelper is not a test: cross-process session tests re-execute
-// the test binary into it (GO_WANT_SESSION_HELPER=1) to play a daemon or a
-// kernel in another process.
-func TestSessionHelper(t *testing.T) {
-	if os.Getenv("GO_WANT_SESSION_HELPER") != "1" {
-		return
-	}
-	os.Exit(sessionHelper(os.Getenv("SYPAS_HELPER"), os.Getenv("SYPAS_SOCK")))
-}
-
+// sessionHelper plays a session peer in another process (TestHelperProcess,
+// SYPAS_HELPER=session-<mode>).
 func sessionHelper(mode, sock string) int {
 	ctx := context.Background()
 	fail := func(err error) int { fmt.Println("ERR", err); return 1 }
@@ -128,8 +120,7 @@ type helperProc struct {
 
 func sessionHelperProc(t *testing.T, mode, sock string) *helperProc {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestSessionHelper$")
-	cmd.Env = append(os.Environ(), "GO_WANT_SESSION_HELPER=1", "GORACE=atexit_sleep_ms=0", "SYPAS_HELPER="+mode, "SYPAS_SOCK="+sock)
+	cmd := helperCmd(t, os.Args[0], "session-"+mode, sock)
 	out, err := cmd.StdoutPipe()
 	require.NoError(t, err)
 	cmd.Stderr = os.Stderr
@@ -142,12 +133,6 @@ func sessionHelperProc(t *testing.T, mode, sock string) *helperProc {
 			h.lines <- sc.Text()
 		}
 	}()
-	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
-			cmd.Process.Kill()
-			cmd.Wait()
-		}
-	})
 	return h
 }
 

@@ -24,7 +24,7 @@ const (
 	DefaultFeatures          = sypas.FeatureTokenRefresh
 
 	// controlMaxPayload bounds a frame on the control socket: the largest
-	// control payload is a TOKEN (18 + 4096 bytes) or a HELLO with its name
+	// control payload is a TOKEN (18 + 2048 bytes) or a HELLO with its name
 	// and some extension. Anything larger fails before allocation.
 	controlMaxPayload = 8 << 10
 )
@@ -47,7 +47,8 @@ type SessionConfig struct {
 	DrainTimeout time.Duration
 	// Features offered (daemon) or supported (kernel). Zero means
 	// DefaultFeatures. RequireFeatures must all be granted, or the
-	// handshake fails with E_PROTO.
+	// handshake fails with E_PROTO. sypas.FeatureChecksum is reserved and
+	// refused: it is never granted.
 	Features, RequireFeatures uint64
 	// TxRingSize and RxRingSize are the data-area sizes of the daemon→kernel
 	// and kernel→daemon rings: what a daemon asks for, or a kernel's default.
@@ -101,6 +102,8 @@ func (c SessionConfig) validate() error {
 		return fmt.Errorf("control: heartbeat %v × %d out of range", c.HeartbeatInterval, c.HeartbeatMisses)
 	case len(c.Name) > sypas.MaxNameLen:
 		return fmt.Errorf("control: name of %d bytes, at most %d", len(c.Name), sypas.MaxNameLen)
+	case (c.Features|c.RequireFeatures)&sypas.FeatureChecksum != 0:
+		return fmt.Errorf("control: feature bit 0 (CHECKSUM) is reserved: never offered or granted")
 	case c.RequireFeatures&^c.Features != 0:
 		return fmt.Errorf("control: required features %#x not all offered (%#x)", c.RequireFeatures, c.Features)
 	}

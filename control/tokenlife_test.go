@@ -114,7 +114,7 @@ func TestSessionEndsAtTokenExpiry(t *testing.T) {
 			clock := func() time.Time { return time.Now().Add(tc.skew) }
 			ts := startServer(t, "", ServerConfig{Clock: clock, TokenTTL: ttl})
 			start := time.Now()
-			d := dialT(t, ts.path, DialConfig{SessionConfig: SessionConfig{Features: sypas.FeatureChecksum}})
+			d := dialT(t, ts.path, DialConfig{SessionConfig: SessionConfig{Features: sypas.FeatureBulk}})
 			k := ts.session(t)
 			require.Zero(t, d.Params().Features&sypas.FeatureTokenRefresh)
 			waitDone(t, k, "kernel")

@@ -14,7 +14,7 @@ import (
 const (
 	MaxNameLen    = 1024 // method, topic and daemon names
 	MaxMessageLen = 4096 // ERROR and GOAWAY messages
-	MaxTokenLen   = 4096 // opaque token bytes in TOKEN
+	MaxTokenLen   = 2048 // token bytes in TOKEN: a version 1 token's maximum (control/token.MaxTokenSize)
 	MaxRegions    = 64   // entries in REGIONS
 	MinRingSize   = 4 << 10
 	MaxRingSize   = 1 << 30
@@ -29,8 +29,13 @@ const (
 
 // Feature bits of HELLO and WELCOME. Unknown bits are legal in HELLO (the
 // kernel answers with the intersection of what both sides know).
+//
+// FeatureChecksum is bit 0, reserved: a kernel never grants it and the
+// control package refuses it in a configuration. A frame's CHECKSUM flag
+// needs no negotiation: any sender may set it on any frame and every
+// receiver verifies it when set (docs/PROTOCOL.md §2.4).
 const (
-	FeatureChecksum     uint64 = 1 << 0 // frames carry CRC32C
+	FeatureChecksum     uint64 = 1 << 0 // reserved; never granted
 	FeatureBulk         uint64 = 1 << 1 // BULK descriptors and bulk regions
 	FeatureSubscribe    uint64 = 1 << 2 // SUBSCRIBE/EVENT
 	FeatureTokenRefresh uint64 = 1 << 3 // TOKEN_REFRESH before expiry

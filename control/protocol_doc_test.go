@@ -1,0 +1,734 @@
+package control_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/sypas/sypas/control"
+	"github.com/sypas/sypas/control/token"
+	"github.com/sypas/sypas/frame"
+	"github.com/sypas/sypas/sypas"
+)
+
+// Appendix A of docs/PROTOCOL.md is the transcript of a real session: a
+// kernel (Server) and a daemon (Dial) talk through a recording relay that
+// forwards bytes and SCM_RIGHTS descriptors both ways, so no production code
+// has a hook. The fields that differ from run to run (session id, token id,
+// token expiry, the attested pid and binary, signatures, clocks) are listed
+// per frame; the check compares every other byte with a fresh capture and
+// verifies the documented tokens' signatures with the documented key.
+
+var update = flag.Bool("update", false, "rewrite the generated examples in docs/PROTOCOL.md")
+
+const (
+	protocolDoc = "../docs/PROTOCOL.md"
+	beginMarker = "<!-- BEGIN GENERATED EXAMPLES -->\n"
+	endMarker   = "<!-- END GENERATED EXAMPLES -->"
+)
+
+// docKeyID and docKey sign the tokens of the transcript; the appendix gives
+// them so that a reader can check an HMAC-SHA256 chain against real bytes.
+const docKeyID = 1
+
+var docKey = func() []byte {
+	k := make([]byte, 32)
+	for i := range k {
+		k[i] = byte(i)
+	}
+	return k
+}()
+
+// docFeatures is what both sides offer, so that the data-plane examples
+// are legal in the session shown.
+const docFeatures = sypas.FeatureBulk | sypas.FeatureSubscribe | sypas.FeatureTokenRefresh
+
+// docTokenTTL is short so that the daemon refreshes within the test: at
+// 70..80 % of it, after the first heartbeats (1 s) and well before the
+// second ones (2 s).
+const docTokenTTL = 2 * time.Second
+
+const (
+	toKernel = 0 // daemon → kernel
+	toDaemon = 1 // kernel → daemon
+)
+
+var dirNames = [2]string{"daemon → kernel", "kernel → daemon"}
+
+// captured is one frame as the relay forwarded it.
+type captured struct {
+	dir  int
+	b    []byte
+	fds  int
+	note string // what the frame is in the story of the session
+}
+
+func (c captured) header() frame.Header {
+	var h frame.Header
+	if err := h.Decode(c.b, frame.Config{MaxPayload: frame.HardMaxPayload}); err != nil {
+		panic(err) // frames were decoded when captured
+	}
+	return h
+}
+
+// step is one frame of the scripted session, in the order the appendix
+// shows it; each direction's frames must come in this relative order. tok
+// is the token whose id the frame carries as cap_ref (0: none yet), corr
+// its correlation.
+type step struct {
+	dir  int
+	typ  frame.Type
+	ack  bool
+	tok  int
+	corr uint64
+	note string
+}
+
+var script = []step{
+	{toKernel, frame.TypeHello, false, 0, 0, "the daemon's first frame"},
+	{toDaemon, frame.TypeWelcome, false, 0, 0, "the granted parameters"},
+	{toDaemon, frame.TypeRegions, false, 0, 0, "sent with the two ring memfds in the same sendmsg (SCM_RIGHTS)"},
+	{toDaemon, frame.TypeToken, false, 0, 0, "token 1; the handshake ends here"},
+	{toKernel, frame.TypeHeartbeat, false, 1, 0, "1 s (the interval) after the handshake"},
+	{toDaemon, frame.TypeHeartbeat, false, 1, 0, "1 s (the interval) after the handshake"},
+	{toDaemon, frame.TypeHeartbeat, true, 1, 0, "answers the daemon's HEARTBEAT"},
+	{toKernel, frame.TypeHeartbeat, true, 1, 0, "answers the kernel's HEARTBEAT"},
+	{toKernel, frame.TypeTokenRefresh, false, 1, 1, "at 70..80 % of token 1's lifetime"},
+	{toDaemon, frame.TypeToken, false, 2, 1, "the answer: token 2, carrying its own id as cap_ref"},
+	{toKernel, frame.TypeGoAway, false, 2, 0, "the daemon shuts down"},
+	{toDaemon, frame.TypeGoAway, false, 2, 0, "the kernel has drained and closes"},
+}
+
+// recorder is the relay's log and the few gates that make the session's
+// frame order deterministic.
+type recorder struct {
+	mu     sync.Mutex
+	frames []captured // per arrival
+
+	hbSeen    [2]chan struct{} // closed at each direction's first HEARTBEAT
+	hbOnce    [2]sync.Once
+	refreshed chan struct{} // closed once the kernel's refresh answer passed
+	refOnce   sync.Once
+}
+
+func newRecorder() *recorder {
+	return &recorder{hbSeen: [2]chan struct{}{make(chan struct{}), make(chan struct{})}, refreshed: make(chan struct{})}
+}
+
+// gate holds a direction's first HEARTBEAT until the other direction's first
+// one has reached the relay too. Each side's tickers fire about together;
+// holding the peer's HEARTBEAT back until a side's own one is out makes every
+// side send its HEARTBEAT before its answer to the peer's, in every run.
+func (r *recorder) gate(dir int, h frame.Header) {
+	if h.Type != frame.TypeHeartbeat || h.Flags.Has(frame.FlagAck) {
+		return
+	}
+	r.hbOnce[dir].Do(func() { close(r.hbSeen[dir]) })
+	select {
+	case <-r.hbSeen[1-dir]:
+	case <-time.After(10 * time.Second): // the script check reports it
+	}
+}
+
+func (r *recorder) add(c captured, h frame.Header) {
+	r.mu.Lock()
+	r.frames = append(r.frames, c)
+	r.mu.Unlock()
+	if c.dir == toDaemon && h.Type == frame.TypeToken && h.Correlation != 0 {
+		r.refOnce.Do(func() { close(r.refreshed) })
+	}
+}
+
+// relay forwards src to dst frame by frame, descriptors included, recording
+// each frame. A frame is forwarded with the descriptors that came with the
+// read it ended in (Linux ends a read after the message that carries them).
+func relay(dst, src *net.UnixConn, dir int, rec *recorder) error {
+	defer dst.CloseWrite()
+	buf := make([]byte, 64<<10)
+	oob := make([]byte, unix.CmsgSpace(control.MaxFDs*4))
+	var pending []byte
+	var files []*os.File
+	defer func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}()
+	for {
+		n, oobn, _, _, rerr := src.ReadMsgUnix(buf, oob)
+		pending = append(pending, buf[:n]...)
+		if oobn > 0 {
+			msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+			if err != nil {
+				return err
+			}
+			for _, m := range msgs {
+				fds, err := unix.ParseUnixRights(&m)
+				if err != nil {
+					return err
+				}
+				for _, fd := range fds {
+					files = append(files, os.NewFile(uintptr(fd), "relayed"))
+				}
+			}
+		}
+		for len(pending) >= frame.HeaderSize {
+			var h frame.Header
+			if err := h.Decode(pending, frame.Config{MaxPayload: frame.HardMaxPayload}); err != nil {
+				return err
+			}
+			if len(pending) < h.FrameLen() {
+				break
+			}
+			b := bytes.Clone(pending[:h.FrameLen()])
+			pending = pending[h.FrameLen():]
+			var with []*os.File
+			if len(pending) == 0 {
+				with, files = files, nil
+			}
+			rec.gate(dir, h)
+			rec.add(captured{dir: dir, b: b, fds: len(with)}, h)
+			var err error
+			if len(with) > 0 {
+				err = control.SendFDs(dst, b, with...)
+				for _, f := range with {
+					f.Close()
+				}
+			} else {
+				_, err = dst.Write(b)
+			}
+			if err != nil {
+				return err
+			}
+		}
+		if rerr != nil {
+			if errors.Is(rerr, io.EOF) {
+				return nil
+			}
+			return rerr
+		}
+	}
+}
+
+// captureSession runs one scripted session through the relay and returns
+// its frames in script order, or an error saying how this run's timing
+// departed from the script.
+func captureSession(t *testing.T) ([]captured, error) {
+	dir, err := os.MkdirTemp("", "sypas-doc-")
+	require.NoError(t, err)
+	defer os.RemoveAll(dir)
+	kpath, ppath := filepath.Join(dir, "kernel.sock"), filepath.Join(dir, "relay.sock")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	keys := token.NewKeyring()
+	require.NoError(t, keys.Add(docKeyID, docKey))
+	l, err := control.Listen(kpath, control.Config{})
+	require.NoError(t, err)
+	defer l.Close()
+	srv, err := control.NewServer(l, control.ServerConfig{Keys: keys, TokenTTL: docTokenTTL,
+		SessionConfig: control.SessionConfig{Features: docFeatures}})
+	require.NoError(t, err)
+
+	rl, err := net.ListenUnix("unix", &net.UnixAddr{Name: ppath, Net: "unix"})
+	require.NoError(t, err)
+	defer rl.Close()
+	rec := newRecorder()
+	relayed := make(chan error, 2)
+	go func() {
+		pc, err := rl.AcceptUnix()
+		if err != nil {
+			relayed <- err
+			relayed <- err
+			return
+		}
+		defer pc.Close()
+		kc, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: kpath, Net: "unix"})
+		if err != nil {
+			relayed <- err
+			relayed <- err
+			return
+		}
+		defer kc.Close()
+		done := make(chan struct{})
+		go func() { relayed <- relay(pc, kc, toDaemon, rec); close(done) }()
+		relayed <- relay(kc, pc, toKernel, rec)
+		<-done
+	}()
+
+	kernel := make(chan error, 1)
+	go func() {
+		k, err := srv.Accept(ctx)
+		if err != nil {
+			kernel <- err
+			return
+		}
+		defer k.Close()
+		select {
+		case <-k.GoAway(): // the daemon leaves: agree and close
+			kernel <- k.Shutdown(ctx)
+		case <-k.Done():
+			kernel <- k.Err()
+		}
+	}()
+
+	d, err := control.Dial(ctx, ppath, control.DialConfig{SessionConfig: control.SessionConfig{Name: "netd", Features: docFeatures}})
+	require.NoError(t, err)
+	defer d.Close()
+	first := d.Token().ID
+	select {
+	case <-rec.refreshed:
+	case <-d.Done():
+		return nil, fmt.Errorf("session ended before the refresh: %w", d.Err())
+	case <-time.After(20 * time.Second):
+		return nil, errors.New("no token refresh")
+	}
+	// The daemon's GOAWAY must carry the new token id: wait until it has it.
+	for d.Token().ID == first && d.Err() == nil {
+		time.Sleep(time.Millisecond)
+	}
+	require.NoError(t, d.Shutdown(ctx))
+	require.NoError(t, <-kernel)
+	require.NoError(t, <-relayed)
+	require.NoError(t, <-relayed)
+
+	errFrame := captureRefusal(t, ctx, srv, kpath)
+
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	var perDir [2][]captured
+	for _, c := range rec.frames {
+		perDir[c.dir] = append(perDir[c.dir], c)
+	}
+	var out []captured
+	var next [2]int
+	for _, s := range script {
+		i := next[s.dir]
+		if i >= len(perDir[s.dir]) {
+			return nil, fmt.Errorf("%s: %d frames, the script wants more", dirNames[s.dir], i)
+		}
+		c := perDir[s.dir][i]
+		if h := c.header(); h.Type != s.typ || h.Flags.Has(frame.FlagAck) != s.ack {
+			return nil, fmt.Errorf("%s frame %d is %v, the script wants %v (ack %v)", dirNames[s.dir], i+1, h, s.typ, s.ack)
+		}
+		c.note = s.note
+		out = append(out, c)
+		next[s.dir]++
+	}
+	for dir := range 2 {
+		if next[dir] != len(perDir[dir]) {
+			return nil, fmt.Errorf("%s: %d frames, the script has %d", dirNames[dir], len(perDir[dir]), next[dir])
+		}
+	}
+	return append(out, errFrame), nil
+}
+
+// captureRefusal connects to the kernel directly with a HELLO for protocol
+// versions 2..3 and returns the kernel's ERROR.
+func captureRefusal(t *testing.T, ctx context.Context, srv *control.Server, kpath string) captured {
+	refused := make(chan error, 1)
+	go func() {
+		s, err := srv.Accept(ctx)
+		if s != nil {
+			s.Close()
+		}
+		refused <- err
+	}()
+	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: kpath, Net: "unix"})
+	require.NoError(t, err)
+	defer c.Close()
+	hello, err := sypas.AppendFrame(nil, frame.Header{Sequence: 1},
+		&sypas.Hello{MinVersion: 2, MaxVersion: 3, Features: docFeatures, Name: []byte("netd")})
+	require.NoError(t, err)
+	_, err = c.Write(hello)
+	require.NoError(t, err)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	b, err := io.ReadAll(c)
+	require.NoError(t, err)
+	require.ErrorIs(t, <-refused, sypas.ErrVersion)
+	var f frame.Frame
+	n, err := f.Decode(b, frame.Config{})
+	require.NoError(t, err)
+	require.Equal(t, len(b), n, "one frame, then the kernel closes")
+	require.Equal(t, frame.TypeError, f.Type)
+	return captured{dir: toDaemon, b: b, note: "another connection: the kernel refuses a HELLO for versions 2..3, then closes"}
+}
+
+// span is a byte range of a frame that differs from run to run.
+type span struct {
+	off, n int
+	what   string
+}
+
+// Offsets inside frames: the header is 48 bytes, payloads follow it.
+const (
+	hdr        = frame.HeaderSize
+	capRefOff  = 40
+	tokenStart = hdr + 18 // token bytes in a TOKEN frame
+)
+
+// varying lists the bytes of c that differ between runs.
+func varying(c captured) []span {
+	h := c.header()
+	var s []span
+	if h.CapRef != 0 {
+		s = append(s, span{capRefOff, 8, "cap_ref (the token id)"})
+	}
+	switch h.Type {
+	case frame.TypeWelcome:
+		s = append(s, span{hdr + 16, 8, "session_id (random)"})
+	case frame.TypeToken:
+		tl := len(c.b) - tokenStart
+		s = append(s,
+			span{hdr, 8, "token_id (random)"},
+			span{hdr + 8, 8, "expiry (the kernel's clock at minting + 2 s)"},
+			span{tokenStart + 8, 8, "token: token id"},
+			span{tokenStart + 16, 8, "token: uid and gid of the daemon (0 and 0 here)"},
+			span{tokenStart + 24, 4, "token: pid of the daemon"},
+			span{tokenStart + 28, 32, "token: SHA-256 of the daemon's executable"},
+			span{tokenStart + 76, 8, "token: expiry"},
+			span{tokenStart + tl - token.SigSize, token.SigSize, "token: signature"})
+	case frame.TypeHeartbeat:
+		s = append(s, span{hdr + 8, 8, "sent_at (CLOCK_MONOTONIC)"})
+	case frame.TypeTokenRefresh:
+		s = append(s, span{hdr, 8, "token_id"})
+	}
+	return s
+}
+
+// merge returns fresh with its varying bytes taken from doc (the frames the
+// appendix shows), wherever doc has a frame of the same length: if nothing
+// but those bytes changed, the result is exactly doc.
+func merge(fresh []captured, doc [][]byte) []captured {
+	out := make([]captured, len(fresh))
+	for i, c := range fresh {
+		c.b = bytes.Clone(c.b)
+		if i < len(doc) && len(doc[i]) == len(c.b) {
+			for _, s := range varying(c) {
+				copy(c.b[s.off:s.off+s.n], doc[i][s.off:s.off+s.n])
+			}
+		}
+		out[i] = c
+	}
+	return out
+}
+
+// parseDumps reads back the hex dumps (encoding/hex.Dump) of the section.
+func parseDumps(section string) [][]byte {
+	var out [][]byte
+	for _, block := range strings.Split(section, "```text\n")[1:] {
+		block, _, _ = strings.Cut(block, "```")
+		var b []byte
+		for _, line := range strings.Split(strings.TrimSpace(block), "\n") {
+			hexPart, _, _ := strings.Cut(line, "|")
+			f := strings.Fields(hexPart)
+			if len(f) == 0 {
+				continue
+			}
+			x, err := hex.DecodeString(strings.Join(f[1:], ""))
+			if err != nil {
+				return nil
+			}
+			b = append(b, x...)
+		}
+		out = append(out, b)
+	}
+	return out
+}
+
+// TestProtocolDocExamples checks Appendix A of docs/PROTOCOL.md against a
+// real session, and that the session keeps the rules the spec states for
+// its frames. Regenerate with:
+//
+//	go test ./control -run TestProtocolDocExamples -args -update
+func TestProtocolDocExamples(t *testing.T) {
+	doc, err := os.ReadFile(protocolDoc)
+	require.NoError(t, err)
+	begin := bytes.Index(doc, []byte(beginMarker))
+	end := bytes.Index(doc, []byte(endMarker))
+	require.True(t, begin >= 0 && end > begin, "markers %q / %q not found in %s", beginMarker, endMarker, protocolDoc)
+	begin += len(beginMarker)
+
+	// The session's frame order depends on timers; on a loaded machine a
+	// run may depart from the script, and then another run is made.
+	var fresh []captured
+	for attempt := 1; ; attempt++ {
+		fresh, err = captureSession(t)
+		if err == nil {
+			break
+		}
+		t.Logf("run %d: %v", attempt, err)
+		require.Less(t, attempt, 5, "no run followed the script")
+	}
+	checkSessionRules(t, fresh)
+
+	shown := fresh
+	if !*update {
+		shown = merge(fresh, parseDumps(string(doc[begin:end])))
+	}
+	checkTokens(t, shown)
+	want := renderExamples(t, shown)
+	if *update {
+		out := append(append(append([]byte{}, doc[:begin]...), want...), doc[end:]...)
+		require.NoError(t, os.WriteFile(protocolDoc, out, 0o644))
+		return
+	}
+	if got := string(doc[begin:end]); got != want {
+		t.Errorf("docs/PROTOCOL.md examples are stale (%s); run go test ./control -run TestProtocolDocExamples -args -update",
+			firstDiff(want, got))
+	}
+}
+
+// firstDiff names the first line where the generated text and the
+// document differ.
+func firstDiff(want, got string) string {
+	w, g := strings.Split(want, "\n"), strings.Split(got, "\n")
+	for i := range min(len(w), len(g)) {
+		if w[i] != g[i] {
+			return fmt.Sprintf("generated line %d is %q, the document has %q", i+1, w[i], g[i])
+		}
+	}
+	return fmt.Sprintf("generated %d lines, the document has %d", len(w), len(g))
+}
+
+// checkSessionRules holds the captured frames to the rules of
+// docs/PROTOCOL.md §2.1 and §6 as they apply to this session.
+func checkSessionRules(t *testing.T, frames []captured) {
+	var seq [2]uint64
+	var toks [3]uint64 // toks[i]: the id of token i
+	for i, c := range frames[:len(script)] {
+		s, h := script[i], c.header()
+		seq[c.dir]++
+		assert.Equal(t, seq[c.dir], h.Sequence, "frame %d: sequence counts per direction from 1", i+1)
+		assert.Zero(t, h.StreamID, "frame %d: the control socket carries stream 0", i+1)
+		assert.False(t, h.Flags.Has(frame.FlagChecksum), "frame %d: no CRC on the socket", i+1)
+		assert.EqualValues(t, frame.HeaderSize, h.HeaderLen, "frame %d", i+1)
+		assert.Equal(t, s.corr, h.Correlation, "frame %d: correlation", i+1)
+		wantFDs := 0
+		switch m := decode(t, c).(type) {
+		case *sypas.Token:
+			if toks[1] == 0 {
+				toks[1] = m.TokenID
+			} else {
+				toks[2] = m.TokenID
+			}
+		case *sypas.TokenRefresh:
+			assert.Equal(t, toks[1], m.TokenID, "the refresh names the current token")
+		case *sypas.Heartbeat:
+			assert.EqualValues(t, 1, m.Nonce, "first heartbeat, or its echo")
+		case *sypas.GoAway:
+			assert.Equal(t, uint64(math.MaxUint64), m.LastCorrelation)
+			assert.Equal(t, sypas.CodeOK, m.Code)
+		case *sypas.Regions:
+			assert.Len(t, m.Entries, 2)
+			wantFDs = 2
+		}
+		assert.Equal(t, wantFDs, c.fds, "frame %d: descriptors", i+1)
+		assert.Equal(t, toks[s.tok], h.CapRef, "frame %d (%v): cap_ref", i+1, h.Type)
+	}
+	assert.NotZero(t, toks[2])
+	assert.NotEqual(t, toks[1], toks[2])
+	e := frames[len(script)].header()
+	assert.Equal(t, frame.Header{Type: frame.TypeError, HeaderLen: 48, PayloadLen: e.PayloadLen, Sequence: 1}, e)
+}
+
+// checkTokens verifies the shown tokens with the documented key.
+func checkTokens(t *testing.T, frames []captured) {
+	keys := token.NewKeyring()
+	require.NoError(t, keys.Add(docKeyID, docKey))
+	for _, c := range frames {
+		if m, ok := decode(t, c).(*sypas.Token); ok {
+			tk, err := token.Parse(m.Token)
+			require.NoError(t, err)
+			v := token.Verifier{Keys: keys, Clock: func() time.Time { return time.Unix(0, tk.Expiry-1) }}
+			_, err = v.Verify(m.Token, tk.Subject)
+			assert.NoError(t, err, "the documented token verifies with the documented key")
+		}
+	}
+}
+
+func decode(t *testing.T, c captured) sypas.Message {
+	var f frame.Frame
+	_, err := f.Decode(c.b, frame.Config{MaxPayload: frame.HardMaxPayload})
+	require.NoError(t, err)
+	m := sypas.NewMessage(f.Type)
+	require.NoError(t, sypas.DecodeFrame(&f, m))
+	return m
+}
+
+// dataExample is a data-plane frame as it would cross a ring of the
+// session shown.
+type dataExample struct {
+	dir  int
+	h    frame.Header
+	m    sypas.Message
+	note string
+}
+
+// dataExamples are the data-plane frames of Appendix A.2: stream 1, one
+// sequence per ring from 1, cap_ref the session's first token id.
+func dataExamples(capRef uint64) []dataExample {
+	h := func(seq, corr uint64, flags frame.Flags) frame.Header {
+		return frame.Header{Flags: flags, StreamID: 1, Sequence: seq, Correlation: corr, CapRef: capRef}
+	}
+	return []dataExample{
+		{toKernel, h(1, 1, 0), &sypas.Request{Timeout: 250 * time.Millisecond, Method: []byte("kv.get"), Body: []byte(`{"key":"a"}`)}, "request 1"},
+		{toDaemon, h(1, 1, frame.FlagEndStream), &sypas.Response{Body: []byte(`{"value":1}`)}, "the whole answer to request 1"},
+		{toKernel, h(2, 0, 0), &sypas.Subscribe{SubscriptionID: 7, Options: sypas.SubLastValue, Topic: []byte("cpu.*")}, "subscription 7"},
+		{toDaemon, h(2, 0, frame.FlagChecksum), &sypas.Event{SubscriptionID: 7, Timestamp: 1_767_225_600_000_000_000, Topic: []byte("cpu.load"), Body: []byte("0.42")},
+			"an event of subscription 7, with the optional CRC32C"},
+		{toKernel, h(3, 2, 0), &sypas.Request{Method: []byte("kv.put"), Body: []byte(`{"key":"a","value":2}`)}, "request 2, no deadline"},
+		{toDaemon, h(3, 2, frame.FlagEndStream), &sypas.ErrorMsg{Code: sypas.CodeNotFound, Message: []byte("no method kv.put")}, "request 2 fails"},
+		{toKernel, h(4, 0, 0), &sypas.Unsubscribe{SubscriptionID: 7}, "end of subscription 7"},
+		{toDaemon, h(4, 3, frame.FlagEndStream), &sypas.Bulk{InnerType: frame.TypeResponse, Flags: sypas.BulkChecksum, Region: 3,
+			Offset: 1 << 20, Length: 300 << 10, Lease: 99, Checksum: 0xdeadbeef},
+			"layout only: region 3 would be a BULK region, which no version 1 kernel announces, so this frame cannot occur in the session shown"},
+	}
+}
+
+// describe renders the fields of m, byte slices as quoted strings.
+func describe(m sypas.Message) string {
+	v := reflect.ValueOf(m).Elem()
+	var parts []string
+	for i := range v.NumField() {
+		f := v.Field(i)
+		var s string
+		switch x := f.Interface().(type) {
+		case []byte:
+			s = fmt.Sprintf("%q", x)
+			if bytes.ContainsFunc(x, func(r rune) bool { return r < ' ' || r > '~' }) {
+				s = fmt.Sprintf("(%d bytes)", len(x))
+			}
+		case []sypas.Region:
+			var rs []string
+			for _, r := range x {
+				rs = append(rs, fmt.Sprintf("{%v flags=%d id=%d size=%d}", r.Role, r.Flags, r.ID, r.Size))
+			}
+			s = "[" + strings.Join(rs, " ") + "]"
+		case fmt.Stringer:
+			s = fmt.Sprintf("%v (%d)", x, f.Interface())
+		case uint64:
+			s = fmt.Sprintf("%d (%#x)", x, x)
+		case uint32:
+			s = fmt.Sprintf("%d", x)
+			if v.Type().Field(i).Name == "Checksum" {
+				s = fmt.Sprintf("%#08x", x)
+			}
+		default:
+			s = fmt.Sprintf("%v", x)
+		}
+		parts = append(parts, v.Type().Field(i).Name+"="+s)
+	}
+	return strings.Join(parts, ", ")
+}
+
+// describeToken renders the fields of the token inside a TOKEN payload.
+func describeToken(b []byte) string {
+	tk, err := token.Parse(b)
+	if err != nil {
+		return "unparsable: " + err.Error()
+	}
+	return fmt.Sprintf("%d bytes: version %d, scope length %d, key id %d, token id %#x, uid %d, gid %d, pid %d, "+
+		"exe SHA-256 %x, rights %#x (%v), not-before %d, expiry %d, scope %q, %d caveats, signature %x",
+		len(b), b[0], len(tk.Scope), tk.KeyID, tk.ID, tk.Subject.UID, tk.Subject.GID, tk.Subject.PID,
+		tk.Subject.ExeSHA256, uint64(tk.Rights), tk.Rights, tk.NotBefore, tk.Expiry, tk.Scope, len(tk.Caveats), tk.Sig)
+}
+
+func capName(v, tok1, tok2 uint64) string {
+	switch {
+	case v == 0:
+		return "0"
+	case v == tok1:
+		return "token 1"
+	case v == tok2:
+		return "token 2"
+	}
+	return fmt.Sprintf("%#x", v)
+}
+
+// renderExamples renders the generated part of Appendix A.
+func renderExamples(t *testing.T, frames []captured) string {
+	var sb strings.Builder
+	sb.WriteString("\n<!-- Generated by `go test ./control -run TestProtocolDocExamples -args -update`; do not edit. -->\n\n")
+
+	var tok1, tok2 uint64
+	for _, c := range frames {
+		if m, ok := decode(t, c).(*sypas.Token); ok {
+			if tok1 == 0 {
+				tok1 = m.TokenID
+			} else {
+				tok2 = m.TokenID
+			}
+		}
+	}
+	sb.WriteString("### A.1 The control socket of a real session\n\n")
+	sb.WriteString("| # | Direction | Frame | flags | seq | corr | cap_ref | Note |\n|--:|---|---|---|--:|--:|---|---|\n")
+	for i, c := range frames {
+		h := c.header()
+		fmt.Fprintf(&sb, "| A.1.%d | %s | %v | %v | %d | %d | %s | %s |\n",
+			i+1, dirNames[c.dir], h.Type, h.Flags, h.Sequence, h.Correlation, capName(h.CapRef, tok1, tok2), c.note)
+	}
+	sb.WriteString("\n")
+	for i, c := range frames {
+		h := c.header()
+		m := decode(t, c)
+		fmt.Fprintf(&sb, "#### A.1.%d %v, %s\n\n", i+1, h.Type, dirNames[c.dir])
+		fmt.Fprintf(&sb, "Header: %v.\n\n", h)
+		fmt.Fprintf(&sb, "Payload: %s.\n\n", describe(m))
+		if tm, ok := m.(*sypas.Token); ok {
+			fmt.Fprintf(&sb, "Token: %s.\n\n", describeToken(tm.Token))
+		}
+		if c.fds > 0 {
+			fmt.Fprintf(&sb, "Descriptors (SCM_RIGHTS, same sendmsg): %d, in entry order.\n\n", c.fds)
+		}
+		if v := varying(c); len(v) > 0 {
+			var parts []string
+			for _, s := range v {
+				parts = append(parts, fmt.Sprintf("%d..%d %s", s.off, s.off+s.n-1, s.what))
+			}
+			fmt.Fprintf(&sb, "Bytes that vary from run to run: %s.\n\n", strings.Join(parts, "; "))
+		}
+		fmt.Fprintf(&sb, "```text\n%s```\n\n", hex.Dump(c.b))
+	}
+
+	sb.WriteString("### A.2 Data-plane frames on the rings of that session\n\n")
+	sb.WriteString("| # | Ring | Frame | flags | seq | corr | cap_ref | Note |\n|--:|---|---|---|--:|--:|---|---|\n")
+	examples := dataExamples(tok1)
+	for i, e := range examples {
+		fmt.Fprintf(&sb, "| A.2.%d | %s | %v | %v | %d | %d | %s | %s |\n",
+			i+1, dirNames[e.dir], e.m.Type(), e.h.Flags, e.h.Sequence, e.h.Correlation, capName(e.h.CapRef, tok1, tok2), e.note)
+	}
+	sb.WriteString("\n")
+	for i, e := range examples {
+		b, err := sypas.AppendFrame(nil, e.h, e.m)
+		require.NoError(t, err)
+		var f frame.Frame
+		_, err = f.Decode(b, frame.Config{})
+		require.NoError(t, err)
+		fmt.Fprintf(&sb, "#### A.2.%d %v, %s ring\n\n", i+1, e.m.Type(), dirNames[e.dir])
+		fmt.Fprintf(&sb, "Header: %v", f.Header)
+		if f.Flags.Has(frame.FlagChecksum) {
+			fmt.Fprintf(&sb, ", checksum %#08x", binary.LittleEndian.Uint32(b[20:]))
+		}
+		fmt.Fprintf(&sb, ".\n\nPayload: %s.\n\n", describe(e.m))
+		fmt.Fprintf(&sb, "```text\n%s```\n\n", hex.Dump(b))
+	}
+	return sb.String()
+}

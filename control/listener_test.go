@@ -15,7 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func sockPath(t *testing.T) string { return filepath.Join(t.TempDir(), "k.sock") }
+func sockPath(t testing.TB) string { return filepath.Join(t.TempDir(), "k.sock") }
 
 func TestListenModeWhateverUmask(t *testing.T) {
 	for _, m := range []int{0, 0o022, 0o077, 0o777} {

@@ -17,6 +17,13 @@ import (
 // so a kernel that drops every session at once is not redialed in a tight
 // loop.
 //
+// While nobody listens at the path (no socket, or a stale one), the Client
+// also watches it (inotify on its directory, else a 10 ms poll) and dials
+// as soon as a socket appears there, without waiting out the backoff: a
+// restarted kernel is reconnected within milliseconds of its Listen. A
+// kernel that listens but fails handshakes or drops sessions gets the
+// whole backoff.
+//
 // A session Session has returned is owned by the caller: once it is Done,
 // stop using its rings and Close it (Close unmaps them, so the Client
 // cannot know when that is safe). A session nobody asked for is closed by
@@ -55,6 +62,7 @@ func (c *Client) loop() {
 	minLife := c.cfg.Backoff.withDefaults().Base
 	retries := 0 // consecutive failures: failed dials and short-lived sessions
 	for {
+		before := idOf(c.path)
 		s, err := Dial(c.ctx, c.path, c.cfg)
 		c.publish(s, err)
 		if err == nil {
@@ -67,10 +75,17 @@ func (c *Client) loop() {
 				continue // redial at once
 			}
 		}
-		select {
-		case <-c.ctx.Done():
+		delay := c.cfg.Backoff.Delay(retries, c.rnd)
+		if err != nil && nobodyListening(err) {
+			waitSocket(c.ctx, c.path, before, delay)
+		} else {
+			select {
+			case <-c.ctx.Done():
+			case <-sleep(delay):
+			}
+		}
+		if c.ctx.Err() != nil {
 			return
-		case <-sleep(c.cfg.Backoff.Delay(retries, c.rnd)):
 		}
 		retries++
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"syscall"
 	"time"
 
 	"github.com/sypas/sypas/frame"
@@ -151,6 +152,9 @@ func (s *Session) mapRegions(f *frame.Frame, files []*os.File) (err error) {
 			return protoErr("REGIONS: %v region flags %#x size %d, want 0 and %d", e.Role, e.Flags, e.Size, regionSize(caps[e.Role]))
 		}
 	}
+	if err := distinctFiles(files, m.Entries); err != nil {
+		return err
+	}
 	for i, e := range m.Entries {
 		r, err := ring.OpenRegion(files[i], int(caps[e.Role])) // closes files[i] on failure
 		files[i] = nil
@@ -164,6 +168,28 @@ func (s *Session) mapRegions(f *frame.Frame, files []*os.File) (err error) {
 	}
 	if s.cons, err = ring.NewConsumer(s.regions[1].Bytes(), s.cfg.Ring); err != nil {
 		return &sypas.Error{Code: sypas.CodeProto, Message: "RING_RX", Err: err}
+	}
+	return nil
+}
+
+// distinctFiles refuses two descriptors for one file (same device and
+// inode), naming the regions by entries. A kernel that passed one memfd for
+// both rings would have each end overwrite the other's control words.
+func distinctFiles(files []*os.File, entries []sypas.Region) error {
+	ids := make([]*syscall.Stat_t, len(files))
+	for i, f := range files {
+		fi, err := f.Stat() // fstat(2)
+		if err != nil {
+			return protoErr("REGIONS: %v memfd: %v", entries[i].Role, err)
+		}
+		st := fi.Sys().(*syscall.Stat_t)
+		for j := range i {
+			if ids[j].Dev == st.Dev && ids[j].Ino == st.Ino {
+				return protoErr("REGIONS: %v and %v are the same memfd (device %#x, inode %d)",
+					entries[j].Role, entries[i].Role, st.Dev, st.Ino)
+			}
+		}
+		ids[i] = st
 	}
 	return nil
 }

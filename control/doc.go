@@ -9,7 +9,7 @@
 // hang-up, the peer's pidfd, missed heartbeats) and interrupts the ring
 // waiters with ErrPeerGone, and ends with a GOAWAY exchange (Shutdown).
 // Client keeps a daemon connected across kernel restarts with gRPC
-// connection backoff.
+// connection backoff, and dials as soon as a restarted kernel listens.
 //
 // Building blocks: a listener whose socket file is 0600 from its first
 // instant, peer attestation (SO_PEERCRED, pidfd, executable digest) with a

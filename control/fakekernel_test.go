@@ -26,6 +26,9 @@ type fakeOpts struct {
 
 const fakeCap = 4096
 
+// badFDModes are the fakeOpts.fds values that a daemon must refuse.
+var badFDModes = []string{"missing", "extra", "unsealed", "wrong-size", "same-memfd", "none", "on-welcome", "wrong-roles", "bulk-entry"}
+
 // fakeKernel plays the kernel on conn with the wrong descriptors (or
 // silence) that opts ask for. It closes everything it created before
 // returning.
@@ -79,6 +82,8 @@ func fakeKernel(t *testing.T, conn *net.UnixConn, o fakeOpts) {
 		send[1] = unsealed()
 	case "wrong-size":
 		send[0] = mk(2 * fakeCap)
+	case "same-memfd": // both rings over one memory: each end would corrupt the other
+		send[1] = send[0]
 	case "wrong-roles":
 		entries[0].Role, entries[1].Role = sypas.RoleRingRx, sypas.RoleRingTx
 	case "bulk-entry":
@@ -134,7 +139,7 @@ func appendInt(b []byte, n int) []byte {
 // descriptor the daemon received is closed: /proc/self/fd is back to where
 // it was.
 func TestDialRefusesBadFDs(t *testing.T) {
-	for _, mode := range []string{"missing", "extra", "unsealed", "wrong-size", "none", "on-welcome", "wrong-roles", "bulk-entry"} {
+	for _, mode := range badFDModes {
 		t.Run(mode, func(t *testing.T) {
 			base := countFDs(t)
 			fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
@@ -148,6 +153,9 @@ func TestDialRefusesBadFDs(t *testing.T) {
 			}
 			require.ErrorIs(t, err, ErrHandshake)
 			assert.ErrorIs(t, err, sypas.ErrProto)
+			if mode == "same-memfd" {
+				assert.ErrorContains(t, err, "RING_TX and RING_RX are the same memfd")
+			}
 			t.Log(err)
 			<-done
 			assert.Equal(t, base, countFDs(t), "fds leaked")

@@ -65,12 +65,21 @@ type Listener struct {
 // An existing path is handled under an flock on path+".lock" (left in place,
 // as removing a lock file races with the next locker): a socket where a
 // server answers gives ErrAddrInUse; a socket nobody answers is stale and
-// removed; anything else gives ErrNotSocket and is left alone.
+// removed; anything else gives ErrNotSocket and is left alone. An empty or
+// too long path (os.ErrInvalid), a missing directory (os.ErrNotExist) or
+// something other than a socket at path is refused before the lock file
+// is created.
 func Listen(path string, cfg Config) (_ *Listener, err error) {
+	if path == "" {
+		return nil, fmt.Errorf("control: listen: empty socket path: %w", os.ErrInvalid)
+	}
 	path = filepath.Clean(path)
 	dir := filepath.Dir(path)
 	if len(path) > maxSunPath || len(dir)+len("/.sypas-1234567890/s") > maxSunPath {
-		return nil, fmt.Errorf("control: socket path %q too long for sun_path", path)
+		return nil, fmt.Errorf("control: socket path %q too long for sun_path: %w", path, os.ErrInvalid)
+	}
+	if err := checkSocketPath(path); err != nil {
+		return nil, fmt.Errorf("control: listen %s: %w", path, err)
 	}
 	l := &Listener{path: path}
 	if cfg.Policy != nil {
@@ -145,6 +154,27 @@ func Listen(path string, cfg Config) (_ *Listener, err error) {
 		return nil, err
 	}
 	return l, nil
+}
+
+// checkSocketPath says what is wrong with path before Listen creates
+// anything for it (the lock file beside it): its directory is missing or
+// not a directory, or path is something other than a socket. removeStale
+// checks path again under the lock.
+func checkSocketPath(path string) error {
+	dir := filepath.Dir(path)
+	var st unix.Stat_t
+	switch err := unix.Stat(dir, &st); {
+	case err == unix.ENOENT:
+		return fmt.Errorf("socket directory %s does not exist: %w", dir, err)
+	case err != nil:
+		return fmt.Errorf("socket directory %s: %w", dir, err)
+	case st.Mode&unix.S_IFMT != unix.S_IFDIR:
+		return fmt.Errorf("socket directory %s is not a directory: %w", dir, unix.ENOTDIR)
+	}
+	if err := unix.Lstat(path, &st); err == nil && st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return ErrNotSocket
+	}
+	return nil
 }
 
 func lockFile(name string) (*os.File, error) {

@@ -15,7 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func sockPath(t *testing.T) string { return filepath.Join(t.TempDir(), "k.sock") }
+func sockPath(t testing.TB) string { return filepath.Join(t.TempDir(), "k.sock") }
 
 func TestListenModeWhateverUmask(t *testing.T) {
 	for _, m := range []int{0, 0o022, 0o077, 0o777} {
@@ -48,6 +48,45 @@ func TestListenModeWhateverUmask(t *testing.T) {
 			require.NoError(t, err)
 			assert.Equal(t, os.Getpid(), c.Peer.PID)
 			c.Close()
+		})
+	}
+}
+
+// Listen names what is wrong with a bad path, and creates nothing for it:
+// it used to blame "k.sock.lock" for a missing directory, and to call an
+// empty path "path exists and is not a socket" after creating "..lock" in
+// the working directory.
+func TestListenBadPath(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "file")
+	require.NoError(t, os.WriteFile(file, nil, 0o600))
+	for _, tc := range []struct {
+		name, path string
+		want       error
+		says       string
+	}{
+		{"empty", "", os.ErrInvalid, "empty socket path"},
+		{"missing directory", filepath.Join(dir, "missing", "k.sock"), os.ErrNotExist, "directory " + filepath.Join(dir, "missing") + " does not exist"},
+		{"parent is a file", filepath.Join(file, "k.sock"), syscall.ENOTDIR, file + " is not a directory"},
+		{"too long", filepath.Join(dir, strings.Repeat("x", 120)), os.ErrInvalid, "too long"},
+		{"a directory", dir, ErrNotSocket, "not a socket"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Chdir(dir)
+			before, err := os.ReadDir(dir)
+			require.NoError(t, err)
+			l, err := Listen(tc.path, Config{})
+			if l != nil {
+				l.Close()
+			}
+			require.ErrorIs(t, err, tc.want)
+			assert.ErrorContains(t, err, tc.says)
+			assert.NotContains(t, err.Error(), ".lock")
+			t.Log(err)
+			after, err := os.ReadDir(dir)
+			require.NoError(t, err)
+			assert.Equal(t, before, after, "nothing created")
+			assert.NoFileExists(t, filepath.Clean(tc.path)+".lock")
 		})
 	}
 }

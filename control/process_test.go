@@ -39,7 +39,7 @@ func TestHelperProcess(t *testing.T) {
 
 // helperCmd prepares the test binary exe to run TestHelperProcess in mode,
 // and kills it when the test ends if it has not been waited for.
-func helperCmd(t *testing.T, exe, mode, sock string) *exec.Cmd {
+func helperCmd(t testing.TB, exe, mode, sock string) *exec.Cmd {
 	cmd := exec.Command(exe, "-test.run=^TestHelperProcess$")
 	cmd.Env = append(os.Environ(), "GO_WANT_HELPER_PROCESS=1", "GORACE=atexit_sleep_ms=0", "SYPAS_HELPER="+mode, "SYPAS_SOCK="+sock)
 	t.Cleanup(func() {

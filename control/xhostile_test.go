@@ -161,7 +161,7 @@ func TestCrossProcessHostileDaemon(t *testing.T) {
 // was; otherwise it exits non-zero.
 func TestCrossProcessHostileKernel(t *testing.T) {
 	exe, _ := testExe(t)
-	for _, mode := range []string{"missing", "extra", "unsealed", "wrong-size", "none", "on-welcome", "wrong-roles", "bulk-entry"} {
+	for _, mode := range badFDModes {
 		t.Run(mode, func(t *testing.T) {
 			l := listenFor(t, sockPath(t), nil)
 			base := countFDs(t)

@@ -85,13 +85,14 @@ func sessionHelper(mode, sock string) int {
 		if err != nil {
 			return fail(err)
 		}
+		listened := monoNow() // when Listen returned, for TestClientDialsWhenKernelListens
 		keys := token.NewKeyring()
 		keys.Rotate()
 		srv, err := NewServer(l, ServerConfig{Keys: keys})
 		if err != nil {
 			return fail(err)
 		}
-		fmt.Println("LISTENING")
+		fmt.Println("LISTENING", int64(listened))
 		if mode == "kernel-hang" { // accept, read HELLO, never answer
 			c, err := l.Accept()
 			if err != nil {
@@ -118,7 +119,7 @@ type helperProc struct {
 	lines chan string
 }
 
-func sessionHelperProc(t *testing.T, mode, sock string) *helperProc {
+func sessionHelperProc(t testing.TB, mode, sock string) *helperProc {
 	t.Helper()
 	cmd := helperCmd(t, os.Args[0], "session-"+mode, sock)
 	out, err := cmd.StdoutPipe()
@@ -137,7 +138,7 @@ func sessionHelperProc(t *testing.T, mode, sock string) *helperProc {
 }
 
 // expect waits for the helper to print a line starting with prefix.
-func (h *helperProc) expect(t *testing.T, prefix string) string {
+func (h *helperProc) expect(t testing.TB, prefix string) string {
 	t.Helper()
 	timeout := time.After(20 * time.Second)
 	for {
@@ -155,7 +156,7 @@ func (h *helperProc) expect(t *testing.T, prefix string) string {
 }
 
 // kill SIGKILLs the helper and returns when it was sent.
-func (h *helperProc) kill(t *testing.T) time.Time {
+func (h *helperProc) kill(t testing.TB) time.Time {
 	t.Helper()
 	at := time.Now()
 	require.NoError(t, h.cmd.Process.Kill())

@@ -7,6 +7,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 )
 
 func TestAttachRejectsBadHeader(t *testing.T) {
@@ -141,6 +142,55 @@ func TestProducerRejectsHostileConsumer(t *testing.T) {
 			require.ErrorIs(t, err, ErrCorrupt)
 			_, err = p.Write(msg)
 			assert.ErrorIs(t, err, ErrCorrupt, "corruption is sticky")
+		})
+	}
+}
+
+// A memfd a peer passed that is unsealed, of the wrong size or not a memfd
+// at all is bad memory from the peer: OpenRegion reports ErrCorrupt with
+// the detail in the message. Bad arguments give ErrInvalid.
+func TestOpenRegionErrors(t *testing.T) {
+	const capacity = 4096
+	memfd := func(sealed bool, size int) *os.File {
+		fd, err := unix.MemfdCreate("test", unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+		require.NoError(t, err)
+		f := os.NewFile(uintptr(fd), "memfd")
+		require.NoError(t, f.Truncate(int64(size)))
+		if sealed {
+			_, err = unix.FcntlInt(f.Fd(), unix.F_ADD_SEALS, unix.F_SEAL_SHRINK|unix.F_SEAL_GROW)
+			require.NoError(t, err)
+		}
+		return f
+	}
+	regular := func() *os.File {
+		f, err := os.CreateTemp(t.TempDir(), "region")
+		require.NoError(t, err)
+		require.NoError(t, f.Truncate(int64(RegionSize(capacity))))
+		return f
+	}
+	for _, tc := range []struct {
+		name     string
+		f        func() *os.File
+		capacity int
+		want     error
+		detail   string
+	}{
+		{"unsealed", func() *os.File { return memfd(false, RegionSize(capacity)) }, capacity, ErrCorrupt, "lack F_SEAL_SHRINK|F_SEAL_GROW"},
+		{"wrong size", func() *os.File { return memfd(true, RegionSize(2*capacity)) }, capacity, ErrCorrupt, "want 8192"},
+		{"not a memfd", regular, capacity, ErrCorrupt, "F_GET_SEALS"},
+		{"bad capacity", func() *os.File { return memfd(true, RegionSize(capacity)) }, 1000, ErrInvalid, "capacity 1000"},
+		{"nil file", func() *os.File { return nil }, capacity, ErrInvalid, "nil file"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r, err := OpenRegion(tc.f(), tc.capacity)
+			require.Nil(t, r)
+			assert.ErrorIs(t, err, tc.want)
+			for _, other := range []error{ErrCorrupt, ErrInvalid} {
+				if other != tc.want {
+					assert.NotErrorIs(t, err, other)
+				}
+			}
+			assert.ErrorContains(t, err, tc.detail)
 		})
 	}
 }

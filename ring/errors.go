@@ -9,8 +9,9 @@ import (
 
 var (
 	// ErrCorrupt reports that the peer broke the ring's invariants: a bad
-	// header, an index out of range, or a malformed record. It is sticky: the
-	// endpoint stays broken.
+	// header, an index out of range, or a malformed record; or, from
+	// OpenRegion, passed a memfd that is not sealed or has the wrong size. It
+	// is sticky: the endpoint stays broken.
 	ErrCorrupt = errors.New("ring: corrupt")
 
 	// ErrInvalid reports a bad argument: a capacity, region or size the ring

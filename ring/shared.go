@@ -1,6 +1,7 @@
 package ring
 
 import (
+	"errors"
 	"fmt"
 	"os"
 
@@ -45,13 +46,21 @@ func CreateRegion(capacity int) (*Region, error) {
 // OpenRegion maps a ring region received from a peer, whose capacity was
 // agreed beforehand. It takes ownership of f: on failure f is closed. The
 // memfd must be sealed against shrinking and growing and be exactly
-// RegionSize(capacity) bytes; the ring header is validated when an end attaches.
+// RegionSize(capacity) bytes, or the error matches ErrCorrupt (the peer
+// passed bad memory); a nil f or a bad capacity matches ErrInvalid. The ring
+// header is validated when an end attaches.
 func OpenRegion(f *os.File, capacity int) (*Region, error) {
+	if f == nil {
+		return nil, fmt.Errorf("%w: open region: nil file", ErrInvalid)
+	}
 	if err := checkCapacity(uint64(capacity)); err != nil {
 		f.Close()
 		return nil, err
 	}
 	r, err := shm.Open(f, RegionSize(capacity))
+	if errors.Is(err, shm.ErrNotSealed) || errors.Is(err, shm.ErrSize) {
+		return nil, fmt.Errorf("%w: peer's memfd refused: %w", ErrCorrupt, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("ring: %w", err)
 	}

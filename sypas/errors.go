@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"time"
 
 	"github.com/sypas/sypas/frame"
+	"github.com/sypas/sypas/ring"
 )
 
 // Code is a SYPAS error code, carried by ERROR and GOAWAY payloads
@@ -121,6 +123,10 @@ var (
 	ErrPermission  error = &Error{Code: CodePermission}
 )
 
+// sentinels are the sentinels above in code order, for CodeOf.
+var sentinels = [...]error{ErrProto, ErrAuth, ErrResource, ErrInternal, ErrNotFound, ErrTimeout,
+	ErrUnavailable, ErrTooLarge, ErrVersion, ErrClosed, ErrPermission}
+
 // Error is a SYPAS error as a Go error: what an ERROR frame carries, or
 // what a local operation reports with a protocol code. It matches the
 // sentinel of its Code (errors.Is(err, ErrAuth)) and, if Err is set, what
@@ -157,10 +163,16 @@ func (e *Error) Unwrap() error { return e.Err }
 func (e *Error) Class() RetryClass { return e.Code.Class() }
 
 // CodeOf returns the protocol code describing err, for replying with an
-// ERROR frame: the Code of an *Error or Code in the chain; CodeTooLarge for
-// frame.ErrTooLarge; CodeVersion for frame.ErrVersion; CodeProto for malformed frames and payloads;
-// CodeTimeout for deadline errors; CodeClosed for os.ErrClosed;
-// CodeInternal otherwise. CodeOf(nil) is CodeOK.
+// ERROR frame: the Code of an *Error in the chain; else the code of the
+// first sentinel (ErrProto, ErrAuth, ...) that err matches with errors.Is
+// (how control's sentinels carry a code: control.ErrPeerGone is
+// CodeUnavailable); CodeTooLarge for frame.ErrTooLarge, ring.ErrTooLarge and
+// a short buffer; CodeVersion for frame.ErrVersion; CodeProto for malformed
+// frames and payloads and ring.ErrCorrupt (the peer broke the ring);
+// CodeTimeout for deadline errors; CodeClosed for os.ErrClosed (ring.ErrClosed)
+// and ring.ErrPeerClosed; CodeInternal otherwise (a local bug such as
+// ring.ErrInvalid is, to the peer, an internal failure). CodeOf(nil) is
+// CodeOK.
 func CodeOf(err error) Code {
 	var e *Error
 	switch {
@@ -168,15 +180,22 @@ func CodeOf(err error) Code {
 		return CodeOK
 	case errors.As(err, &e):
 		return e.Code
-	case errors.Is(err, frame.ErrTooLarge):
+	}
+	for _, s := range sentinels {
+		if errors.Is(err, s) {
+			return s.(*Error).Code
+		}
+	}
+	switch {
+	case errors.Is(err, frame.ErrTooLarge), errors.Is(err, ring.ErrTooLarge), errors.Is(err, io.ErrShortBuffer):
 		return CodeTooLarge
 	case errors.Is(err, frame.ErrVersion):
 		return CodeVersion
-	case errors.Is(err, ErrMalformed), isFrameError(err):
+	case errors.Is(err, ErrMalformed), isFrameError(err), errors.Is(err, ring.ErrCorrupt):
 		return CodeProto
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded):
 		return CodeTimeout
-	case errors.Is(err, os.ErrClosed):
+	case errors.Is(err, os.ErrClosed), errors.Is(err, ring.ErrPeerClosed):
 		return CodeClosed
 	}
 	return CodeInternal

@@ -13,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/sypas/sypas/frame"
+	"github.com/sypas/sypas/ring"
 )
 
 var errorsIs = errors.Is
@@ -105,6 +106,40 @@ func TestCodeOf(t *testing.T) {
 		{ErrNotFound, CodeNotFound},
 	} {
 		assert.Equal(t, tc.want, CodeOf(tc.err), "%v", tc.err)
+	}
+}
+
+// isCode is an error that matches a code's sentinel through its Is method,
+// as control's sentinels do.
+type isCode struct{ code error }
+
+func (e isCode) Error() string        { return "coded" }
+func (e isCode) Is(target error) bool { return target == e.code }
+
+// Each ring sentinel has the code its caller expects: the peer's corruption
+// is E_PROTO and fatal (it was E_INTERNAL, so Retryable said yes); a local
+// bad argument is, to the peer, an internal failure.
+func TestCodeOfRingAndCodedErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		err   error
+		want  Code
+		class RetryClass
+	}{
+		{"ring.ErrCorrupt", fmt.Errorf("%w: producer index 9", ring.ErrCorrupt), CodeProto, Fatal},
+		{"ring.ErrTooLarge", ring.ErrTooLarge, CodeTooLarge, Fatal},
+		{"ring.ErrShortBuffer", ring.ErrShortBuffer, CodeTooLarge, Fatal},
+		{"ring.ErrPeerClosed", ring.ErrPeerClosed, CodeClosed, Fatal},
+		{"ring.ErrClosed", fmt.Errorf("ring: %w", ring.ErrClosed), CodeClosed, Fatal},
+		{"ring.ErrInvalid", ring.ErrInvalid, CodeInternal, Transient},
+		{"ring.ErrNoReservation", ring.ErrNoReservation, CodeInternal, Transient},
+		{"Is(ErrUnavailable)", fmt.Errorf("x: %w", isCode{ErrUnavailable}), CodeUnavailable, Transient},
+		{"Is(ErrClosed) beats a deadline", fmt.Errorf("%w: %w", isCode{ErrClosed}, os.ErrDeadlineExceeded), CodeClosed, Fatal},
+		{"an *Error beats Is", fmt.Errorf("%w: %w", isCode{ErrUnavailable}, ErrProto), CodeProto, Fatal},
+	} {
+		assert.Equal(t, tc.want, CodeOf(tc.err), tc.name)
+		assert.Equal(t, tc.class, ClassOf(tc.err), tc.name)
+		assert.Equal(t, tc.class == Transient, Retryable(tc.err), tc.name)
 	}
 }
 

@@ -19,6 +19,10 @@ var (
 	// ErrFDPassing: a message broke the fd-passing rules (wrong count,
 	// truncated or unexpected control data). Any received fds were closed.
 	ErrFDPassing = errors.New("control: bad fd-passing message")
+	// ErrConfig: a Config, DialConfig or ServerConfig field (named in the
+	// message) is invalid. Returned by NewServer, Dial and Client.Session
+	// before any socket is touched.
+	ErrConfig = errors.New("control: invalid configuration")
 )
 
 var (

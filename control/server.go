@@ -3,7 +3,6 @@ package control
 import (
 	"cmp"
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
@@ -20,17 +19,16 @@ type Server struct {
 	cfg ServerConfig
 }
 
-// NewServer serves sessions on l, which stays owned by the caller.
+// NewServer serves sessions on l, which stays owned by the caller. A nil l
+// or an invalid cfg gives an error wrapping ErrConfig that names the field.
 func NewServer(l *Listener, cfg ServerConfig) (*Server, error) {
-	if cfg.Keys == nil {
-		return nil, errors.New("control: ServerConfig.Keys is required")
-	}
-	if _, ok := cfg.Keys.Current(); !ok {
-		return nil, errors.New("control: keyring has no current key")
+	if l == nil {
+		return nil, fmt.Errorf("%w: NewServer: Listener is nil", ErrConfig)
 	}
 	cfg.SessionConfig = cfg.SessionConfig.withDefaults()
-	cfg.TxRingSize = cmp.Or(cfg.TxRingSize, DefaultRingSize)
-	cfg.RxRingSize = cmp.Or(cfg.RxRingSize, DefaultRingSize)
+	// A default ring never exceeds an explicit MaxRingSize.
+	cfg.TxRingSize = cmp.Or(cfg.TxRingSize, min(DefaultRingSize, cfg.MaxRingSize))
+	cfg.RxRingSize = cmp.Or(cfg.RxRingSize, min(DefaultRingSize, cfg.MaxRingSize))
 	cfg.MaxInFlight = cmp.Or(cfg.MaxInFlight, DefaultMaxInFlight)
 	cfg.Rights = cmp.Or(cfg.Rights, tokenDefaultRights)
 	if err := cfg.validate(); err != nil {

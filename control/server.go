@@ -168,10 +168,10 @@ func (s *Session) serverHandshake() error {
 		s.regions = append(s.regions, r)
 	}
 	if s.cons, err = ring.NewConsumer(s.regions[0].Bytes(), s.cfg.Ring); err != nil {
-		return &sypas.Error{Code: sypas.CodeInternal, Err: err}
+		return &sypas.Error{Code: sypas.CodeInternal, Message: "attach the RING_TX consumer", Err: err}
 	}
 	if s.prod, err = ring.NewProducer(s.regions[1].Bytes(), s.cfg.Ring); err != nil {
-		return &sypas.Error{Code: sypas.CodeInternal, Err: err}
+		return &sypas.Error{Code: sypas.CodeInternal, Message: "attach the RING_RX producer", Err: err}
 	}
 	regions := sypas.Regions{Entries: []sypas.Region{
 		{Role: sypas.RoleRingTx, ID: 1, Size: regionSize(tx)},
@@ -186,9 +186,14 @@ func (s *Session) serverHandshake() error {
 	if err != nil {
 		return err
 	}
+	// TOKEN itself carries cap_ref 0 (§6.1): the daemon learns the id from
+	// it. The token is the session's only once sent, so an ERROR for a
+	// failed send carries cap_ref 0 too.
+	if err := s.sendTokenFirst(t); err != nil {
+		return err
+	}
 	s.setToken(t)
-	// TOKEN itself carries cap_ref 0 (§2.1): the daemon learns the id from it.
-	return s.sendTokenFirst(t)
+	return nil
 }
 
 func (s *Session) sendTokenFirst(t *Token) error {

@@ -227,10 +227,28 @@ func (s *Session) fail(err error) {
 func (s *Session) failProto(err error) {
 	s.ending.CompareAndSwap(nil, &err)
 	if s.Err() == nil {
-		m := sypas.NewErrorMsg(err)
+		m := errorMsg(err)
 		s.send(&m, 0, 0, 100*time.Millisecond)
 	}
 	s.fail(err)
+}
+
+// errorMsg is the ERROR payload for err, whose reason is never empty (§6.1):
+// the error's message; else, for anything but E_INTERNAL, the text of its
+// local cause, which then describes the peer's own bytes (a framing error
+// such as a bad magic); else the code's name.
+func errorMsg(err error) sypas.ErrorMsg {
+	m := sypas.NewErrorMsg(err)
+	if len(m.Message) > 0 {
+		return m
+	}
+	reason := m.Code.String()
+	var e *sypas.Error
+	if errors.As(err, &e) && e.Err != nil && m.Code != sypas.CodeInternal {
+		reason = e.Err.Error()
+	}
+	m.Message = []byte(reason[:min(len(reason), sypas.MaxMessageLen)])
+	return m
 }
 
 // Close ends the session, closes the ring ends and unmaps the rings: stop
@@ -387,6 +405,10 @@ func (s *Session) readFrame() (*frame.Frame, []*os.File, error) {
 		return bad(protoErr("%v frame on stream %d: the control socket carries stream 0 only", f.Type, f.StreamID))
 	case !accepts(s.kernel, s.State(), f.Type):
 		return bad(protoErr("unexpected %v frame in state %v", f.Type, s.State()))
+	case s.State() < StateOperation && f.Type != frame.TypeError && (f.CapRef != 0 || f.Correlation != 0):
+		// HELLO, WELCOME, REGIONS and the first TOKEN: no token exists yet
+		// and nothing is a request (§6.1).
+		return bad(protoErr("%v frame with cap_ref %#x and correlation %d before TOKEN: both must be 0", f.Type, f.CapRef, f.Correlation))
 	case f.Type == frame.TypeError:
 		var m sypas.ErrorMsg
 		if err := m.Decode(f.Payload); err != nil {

@@ -426,6 +426,12 @@ func TestHandshakeHostileDaemon(t *testing.T) {
 	oversized[12], oversized[13], oversized[14] = 0, 0, 0x10 // payload_len 1 MiB, never sent
 	wrongVersion := bytes.Clone(hello)
 	wrongVersion[4] = 2
+	helloWith := func(h frame.Header) []byte {
+		h.Sequence = 1
+		b, err := sypas.AppendFrame(nil, h, &sypas.Hello{MinVersion: 1, MaxVersion: 1})
+		require.NoError(t, err)
+		return b
+	}
 
 	for _, tc := range []struct {
 		name   string
@@ -442,6 +448,9 @@ func TestHandshakeHostileDaemon(t *testing.T) {
 		{"heartbeat-first", encodeMsg(t, 1, &sypas.Heartbeat{Nonce: 1}), sypas.CodeProto, sypas.ErrProto},
 		{"regions-first", encodeMsg(t, 1, &sypas.Regions{Entries: []sypas.Region{{Role: 2, Size: 4096}}}), sypas.CodeProto, sypas.ErrProto},
 		{"bad-sequence", encodeMsg(t, 7, &sypas.Hello{MinVersion: 1, MaxVersion: 1}), sypas.CodeProto, sypas.ErrProto},
+		// cap_ref and correlation are 0 before TOKEN (§6.1).
+		{"hello-cap-ref", helloWith(frame.Header{CapRef: 7}), sypas.CodeProto, sypas.ErrProto},
+		{"hello-correlation", helloWith(frame.Header{Correlation: 3}), sypas.CodeProto, sypas.ErrProto},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := rawDial(t, ts.path)
@@ -452,6 +461,7 @@ func TestHandshakeHostileDaemon(t *testing.T) {
 			} else {
 				e := readError(t, c)
 				assert.Equal(t, tc.code, e.Code, "ERROR %v", e)
+				assert.NotEmpty(t, e.Message, "every ERROR carries a reason")
 			}
 			err = ts.acceptErr(t)
 			assert.ErrorIs(t, err, ErrHandshake)

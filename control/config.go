@@ -3,6 +3,7 @@ package control
 import (
 	"cmp"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/sypas/sypas/control/token"
@@ -63,6 +64,12 @@ type SessionConfig struct {
 	MaxInFlight uint32
 	// Name is the daemon's name for the kernel's logs.
 	Name string
+	// Logger receives the audit records of this side's refusals (keys and
+	// events: LogKey*, Event*; docs/SECURITY.md §10), one per refusal, at
+	// Warn level (Error for an internal failure). Nil means slog.Default(),
+	// so refusals are visible out of the box; use
+	// slog.New(slog.DiscardHandler) to drop them.
+	Logger *slog.Logger
 	// Ring configures the ring ends the session attaches.
 	Ring ring.Config
 }

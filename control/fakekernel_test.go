@@ -23,7 +23,8 @@ type fakeOpts struct {
 	fds              string // how REGIONS goes wrong; "" sends it right
 	silent           bool   // after TOKEN, read and never answer
 	// header, if set, edits the header of each handshake frame sent.
-	header func(t frame.Type, h *frame.Header)
+	header   func(t frame.Type, h *frame.Header)
+	badToken bool // TOKEN's token_id disagrees with its token
 }
 
 const fakeCap = 4096
@@ -117,6 +118,9 @@ func fakeKernel(t *testing.T, conn *net.UnixConn, o fakeOpts) {
 	exp := time.Now().Add(time.Hour)
 	tok, _ := keys.Mint(token.Claims{Expiry: exp})
 	tp, _ := token.Parse(tok)
+	if o.badToken {
+		tp.ID++
+	}
 	tb, _ := sypas.AppendFrame(nil, hdr(frame.TypeToken), &sypas.Token{TokenID: tp.ID, ExpiryUnix: tp.Expiry, Token: tok})
 	if _, err := conn.Write(tb); err != nil {
 		return

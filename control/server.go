@@ -73,7 +73,7 @@ func (srv *Server) Accept(ctx context.Context) (*Session, error) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, srv.cfg.HandshakeTimeout)
 	defer cancel()
-	c, err := srv.l.attest(ctx, uc)
+	c, err := srv.l.attest(ctx, uc, srv.cfg.Logger)
 	if err != nil {
 		return nil, err
 	}

@@ -224,9 +224,12 @@ func (s *Session) fail(err error) {
 
 // failProto reports a protocol violation to the peer with an ERROR frame
 // (best effort, bounded by a short deadline), then ends the session.
+// The first such reason of a live session is the one sent and recorded in
+// the audit log; later calls (a read failing on the closed socket) only end
+// it.
 func (s *Session) failProto(err error) {
-	s.ending.CompareAndSwap(nil, &err)
-	if s.Err() == nil {
+	if s.Err() == nil && s.ending.CompareAndSwap(nil, &err) {
+		s.audit(err)
 		m := errorMsg(err)
 		s.send(&m, 0, 0, 100*time.Millisecond)
 	}
@@ -493,6 +496,8 @@ func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error)
 		var pe *sypas.Error
 		if errors.As(err, &pe) && pe.Code != sypas.CodeOK && !isPeerError(err) {
 			s.failProto(err) // tell the peer why
+		} else if errors.Is(err, ErrPeerRejected) {
+			s.audit(err) // a daemon refusing the kernel's uid says nothing to it
 		}
 		s.fail(err)
 		s.Close()
@@ -756,6 +761,7 @@ func (s *Session) serveRefresh(f *frame.Frame) error {
 	}
 	if m.TokenID != s.capRef() {
 		em := sypas.ErrorMsg{Code: sypas.CodeAuth, Message: []byte("not the session's current token")}
+		s.audit(&sypas.Error{Code: em.Code, Message: fmt.Sprintf("TOKEN_REFRESH of token %#x: %s", m.TokenID, em.Message)})
 		return s.send(&em, 0, f.Correlation, 0)
 	}
 	if err := s.Capability().Valid(s.srv.now()); err != nil {
@@ -776,16 +782,19 @@ func (s *Session) serveRefresh(f *frame.Frame) error {
 // decodeToken checks a TOKEN payload (daemon): the token must parse and
 // carry the announced id and expiry. It copies the bytes out of the frame.
 func decodeToken(f *frame.Frame) (*Token, error) {
+	bad := func(format string, args ...any) error {
+		return &sypas.Error{Code: sypas.CodeProto, Message: fmt.Sprintf(format, args...), Err: errBadToken}
+	}
 	var m sypas.Token
 	if err := m.Decode(f.Payload); err != nil {
-		return nil, protoErr("TOKEN: %v", err)
+		return nil, bad("TOKEN: %v", err)
 	}
 	t, err := token.Parse(m.Token)
 	if err != nil {
-		return nil, protoErr("TOKEN: %v", err)
+		return nil, bad("TOKEN: %v", err)
 	}
 	if t.ID != m.TokenID || t.Expiry != m.ExpiryUnix {
-		return nil, protoErr("TOKEN: id %#x/expiry %d disagree with the token's %#x/%d", m.TokenID, m.ExpiryUnix, t.ID, t.Expiry)
+		return nil, bad("TOKEN: id %#x/expiry %d disagree with the token's %#x/%d", m.TokenID, m.ExpiryUnix, t.ID, t.Expiry)
 	}
 	return &Token{ID: m.TokenID, Bytes: append([]byte(nil), m.Token...), Issued: time.Now(), Expiry: m.Expiry()}, nil
 }

@@ -47,13 +47,19 @@ const (
 // slog.DiscardHandler silences them). Callers pass ids, never token bytes
 // or keys. Records cost nothing when l's handler is not enabled for level.
 func Audit(ctx context.Context, l *slog.Logger, level slog.Level, msg, event, reason string, attrs ...slog.Attr) {
-	if l == nil {
-		l = slog.Default()
-	}
+	l = logger(l)
 	if !l.Enabled(ctx, level) {
 		return
 	}
 	l.LogAttrs(ctx, level, msg, append([]slog.Attr{slog.String(LogKeyEvent, event), slog.String(LogKeyReason, reason)}, attrs...)...)
+}
+
+// logger is l, or slog.Default() for nil.
+func logger(l *slog.Logger) *slog.Logger {
+	if l == nil {
+		return slog.Default()
+	}
+	return l
 }
 
 // PeerAttrs are the audit attributes of an attested peer: uid, gid, pid
@@ -100,11 +106,22 @@ func (s *Session) audit(err error, attrs ...slog.Attr) {
 	if ev == EventInternal {
 		level = slog.LevelError
 	}
+	Audit(context.Background(), s.cfg.Logger, level, refusedMsg, ev, err.Error(), append(append(s.AuditAttrs(), attrs...), errAttrs(err)...)...)
+}
+
+// errAttrs are the audit attributes err carries: the code sent for it, and
+// the limit that refused.
+func errAttrs(err error) []slog.Attr {
+	var a []slog.Attr
 	var e *sypas.Error
 	if errors.As(err, &e) {
-		attrs = append(attrs, slog.String(LogKeyCode, e.Code.String()))
+		a = append(a, slog.String(LogKeyCode, e.Code.String()))
 	}
-	Audit(context.Background(), s.cfg.Logger, level, refusedMsg, ev, err.Error(), append(s.AuditAttrs(), attrs...)...)
+	var le *limitError
+	if errors.As(err, &le) {
+		a = append(a, slog.String(LogKeyLimit, le.field))
+	}
+	return a
 }
 
 // errBadToken marks a TOKEN the daemon refuses, for its audit event.

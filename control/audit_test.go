@@ -55,10 +55,18 @@ func (h *auditSink) Handle(ctx context.Context, r slog.Record) error {
 	return nil
 }
 
+// records returns the audit records: those with an event (Serve also logs
+// failed handshakes at Debug level, with no event).
 func (h *auditSink) records() []map[string]string {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return append([]map[string]string(nil), h.recs...)
+	var recs []map[string]string
+	for _, r := range h.recs {
+		if r[LogKeyEvent] != "" {
+			recs = append(recs, r)
+		}
+	}
+	return recs
 }
 
 // one waits for the first record and checks it is the only one, with the

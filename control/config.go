@@ -94,16 +94,31 @@ func configErr(field, format string, args ...any) error {
 	return fmt.Errorf("%w: %s %s", ErrConfig, field, fmt.Sprintf(format, args...))
 }
 
+// numField is a named configuration number, for checks over several.
+type numField struct {
+	name string
+	v    int64
+}
+
+// negative refuses the first negative field: zero means the default, and a
+// negative value is a mistake, never silently the default.
+func negative(prefix string, fs ...numField) error {
+	for _, f := range fs {
+		if f.v < 0 {
+			return configErr(prefix+f.name, "%d is negative", f.v)
+		}
+	}
+	return nil
+}
+
+func durField(name string, d time.Duration) numField { return numField{name, int64(d)} }
+
 // validate checks c as a field of owner ("ServerConfig", "DialConfig").
 func (c SessionConfig) validate(owner string) error {
 	field := func(name string) string { return owner + "." + name }
-	for _, d := range []struct {
-		name string
-		v    time.Duration
-	}{{"HandshakeTimeout", c.HandshakeTimeout}, {"HeartbeatInterval", c.HeartbeatInterval}, {"DrainTimeout", c.DrainTimeout}} {
-		if d.v < 0 {
-			return configErr(field(d.name), "%v is negative", d.v)
-		}
+	if err := negative(owner+".", durField("HandshakeTimeout", c.HandshakeTimeout),
+		durField("HeartbeatInterval", c.HeartbeatInterval), durField("DrainTimeout", c.DrainTimeout)); err != nil {
+		return err
 	}
 	for _, r := range []struct {
 		name string
@@ -154,15 +169,8 @@ func (c DialConfig) check() error {
 	if err := c.SessionConfig.validate("DialConfig"); err != nil {
 		return err
 	}
-	switch {
-	case c.MaxHeartbeatTimeout < 0:
-		return configErr("DialConfig.MaxHeartbeatTimeout", "%v is negative", c.MaxHeartbeatTimeout)
-	case c.Backoff.Base < 0:
-		return configErr("DialConfig.Backoff.Base", "%v is negative", c.Backoff.Base)
-	case c.Backoff.Max < 0:
-		return configErr("DialConfig.Backoff.Max", "%v is negative", c.Backoff.Max)
-	}
-	return nil
+	return negative("DialConfig.", durField("MaxHeartbeatTimeout", c.MaxHeartbeatTimeout),
+		durField("Backoff.Base", c.Backoff.Base), durField("Backoff.Max", c.Backoff.Max))
 }
 
 // DefaultMaxHeartbeatTimeout is DialConfig.MaxHeartbeatTimeout's default:
@@ -188,6 +196,9 @@ type ServerConfig struct {
 	// Clock is the time tokens are minted and checked against (expiry at
 	// refresh). Nil means time.Now. Session timers still run on real time.
 	Clock func() time.Time
+	// Limits bound the sessions, handshakes, descriptors and control
+	// traffic the daemons can cause. The zero value is the defaults.
+	Limits Limits
 }
 
 func (c *ServerConfig) validate() error {
@@ -198,7 +209,7 @@ func (c *ServerConfig) validate() error {
 	case c.Keys == nil:
 		return configErr("ServerConfig.Keys", "is required")
 	case c.TokenTTL < 0:
-		return configErr("ServerConfig.TokenTTL", "%v is negative", c.TokenTTL)
+		return negative("ServerConfig.", durField("TokenTTL", c.TokenTTL))
 	case c.Rights&^token.RightsAll != 0:
 		return configErr("ServerConfig.Rights", "%#x has unknown bits (known: %#x)", uint64(c.Rights), uint64(token.RightsAll))
 	case !token.ValidScope(c.Scope):
@@ -207,5 +218,5 @@ func (c *ServerConfig) validate() error {
 	if _, ok := c.Keys.Current(); !ok {
 		return configErr("ServerConfig.Keys", "has no current key (Keyring.Rotate or Add)")
 	}
-	return nil
+	return c.Limits.validate()
 }

@@ -61,6 +61,11 @@ func (s *Session) clientHandshake(cfg DialConfig) error {
 		MaxPayload: cfg.MaxPayload, MaxInFlight: cfg.MaxInFlight, Name: []byte(cfg.Name),
 	}
 	if err := s.send(&hello, 0, 0, 0); err != nil {
+		// A kernel that refused us at once (E_RESOURCE) may have closed
+		// before HELLO arrived: its ERROR is still there to read.
+		if _, _, rerr := s.readFrame(); isPeerError(rerr) {
+			return rerr
+		}
 		return err
 	}
 	f, _, err := s.readFrame()

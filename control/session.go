@@ -93,6 +93,10 @@ type Session struct {
 	ctl    *Conn // kernel side: owns conn and the pidfd
 	peer   PeerIdentity
 	srv    *Server
+	slot   *slot // kernel: its share of the Limits, released by Close
+
+	// Kernel, readLoop only: the daemon's control frames and refreshes.
+	frames, refreshes bucket
 
 	// Read side: the handshake, then readLoop alone.
 	fdr      *fdReader
@@ -276,6 +280,7 @@ func (s *Session) Close() error {
 			s.ctl.pidfd.Close()
 		}
 		s.closeErr = errors.Join(errs...)
+		s.slot.release() // its descriptors and mappings are gone
 	})
 	return s.closeErr
 }
@@ -555,6 +560,9 @@ func (s *Session) handle(f *frame.Frame) error {
 		if id := f.CapRef; id != s.capRef() && (id == 0 || id != s.prevTokID.Load()) {
 			return &sypas.Error{Code: sypas.CodeAuth, Message: fmt.Sprintf("cap_ref %#x names no token of this session", id)}
 		}
+		if ok, _ := s.frames.take(time.Now()); !ok {
+			return limitErr("MaxControlFrames", 0, "more than %d control frames in %v", s.srv.cfg.Limits.MaxControlFrames, s.cfg.HeartbeatInterval)
+		}
 	}
 	switch f.Type {
 	case frame.TypeHeartbeat:
@@ -758,6 +766,13 @@ func (s *Session) serveRefresh(f *frame.Frame) error {
 	}
 	if s.welcome.Features&sypas.FeatureTokenRefresh == 0 || f.Correlation == 0 {
 		return protoErr("TOKEN_REFRESH without the feature or a correlation")
+	}
+	if ok, wait := s.refreshes.take(time.Now()); !ok {
+		lim := &s.srv.cfg.Limits
+		err := limitErr("MaxRefreshes", wait, "more than %d TOKEN_REFRESH in %v", lim.MaxRefreshes, lim.RefreshInterval)
+		s.audit(err)
+		em := errorMsg(err)
+		return s.send(&em, 0, f.Correlation, 0)
 	}
 	if m.TokenID != s.capRef() {
 		em := sypas.ErrorMsg{Code: sypas.CodeAuth, Message: []byte("not the session's current token")}

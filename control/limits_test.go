@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -276,20 +277,27 @@ func TestFDReserveKept(t *testing.T) {
 }
 
 // fdHeadroom counts what /proc/self/fd lists, and changes by one per
-// descriptor opened.
+// descriptor opened; so does the getdents fallback for kernels before 6.2.
 func TestFDHeadroom(t *testing.T) {
 	buf := make([]byte, 256) // small: several getdents calls
 	var rl syscall.Rlimit
 	require.NoError(t, syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl))
 	free, err := fdHeadroom(buf)
 	require.NoError(t, err)
-	assert.Equal(t, int(min(rl.Cur, 1<<31-1))-countFDs(t)+1, free, "countFDs's own directory descriptor") // ReadDir holds one
+	open := countFDs(t) - 1 // ReadDir's own descriptor
+	assert.Equal(t, int(min(rl.Cur, 1<<31-1))-open, free)
+	n, err := countOpenFDs(buf)
+	require.NoError(t, err)
+	assert.Equal(t, open, n)
 	f, err := os.Open("/dev/null")
 	require.NoError(t, err)
 	free2, err := fdHeadroom(buf)
-	f.Close()
 	require.NoError(t, err)
+	n2, err := countOpenFDs(buf)
+	require.NoError(t, err)
+	f.Close()
 	assert.Equal(t, free-1, free2)
+	assert.Equal(t, n+1, n2)
 }
 
 // More TOKEN_REFRESH than MaxRefreshes per RefreshInterval are answered
@@ -365,4 +373,35 @@ func TestBucket(t *testing.T) {
 	}
 	ok, _ = b.take(t0.Add(time.Hour))
 	assert.False(t, ok)
+}
+
+// BenchmarkFDHeadroom is the cost per accept of the descriptor check, with
+// 10, 1000 and 10000 open; "getdents" is the fallback for kernels before
+// 6.2.
+func BenchmarkFDHeadroom(b *testing.B) {
+	buf := make([]byte, 32<<10)
+	for _, n := range []int{10, 1000, 10000} {
+		var files []*os.File
+		for len(files)+10 < n {
+			f, err := os.Open("/dev/null")
+			require.NoError(b, err)
+			files = append(files, f)
+		}
+		for _, fn := range []struct {
+			name string
+			f    func([]byte) (int, error)
+		}{{"stat", fdHeadroom}, {"getdents", countOpenFDs}} {
+			b.Run(fn.name+"/"+strconv.Itoa(n), func(b *testing.B) {
+				b.ReportAllocs()
+				for b.Loop() {
+					if _, err := fn.f(buf); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		}
+		for _, f := range files {
+			f.Close()
+		}
+	}
 }

@@ -121,6 +121,8 @@ type Session struct {
 	corr      atomic.Uint64                    // daemon: last TOKEN_REFRESH correlation
 	tokenUp   chan struct{}                    // daemon: a refreshed TOKEN arrived
 	tokenSet  chan struct{}                    // setToken happened (expiryLoop re-arms)
+	revoked   chan struct{}                    // kernel: a token of ours may be revoked (expiryLoop checks)
+	unwatch   func()                           // kernel: stops ServerConfig.Revoked's calls; fail calls it
 
 	state      atomic.Int32
 	errMu      sync.Mutex
@@ -149,6 +151,7 @@ func newSession(kernel bool, conn *net.UnixConn, cfg SessionConfig) *Session {
 		goAwayRecv: make(chan struct{}),
 		tokenUp:    make(chan struct{}, 1),
 		tokenSet:   make(chan struct{}, 1),
+		revoked:    make(chan struct{}, 1),
 	}
 	s.fr = frame.NewReader(s.fdr, frame.Config{MaxPayload: controlMaxPayload})
 	s.fw = frame.NewWriter(conn, frame.Config{MaxPayload: controlMaxPayload})
@@ -215,6 +218,9 @@ func (s *Session) fail(err error) {
 	s.setState(StateClosed)
 	if t := s.drainTimer.Load(); t != nil {
 		t.Stop()
+	}
+	if s.unwatch != nil {
+		s.unwatch()
 	}
 	if s.prod != nil {
 		s.prod.Interrupt(err)
@@ -513,6 +519,17 @@ func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error)
 	s.live = true
 	s.wmu.Unlock()
 	s.setState(StateOperation)
+	if rev := s.revocations(); rev != nil {
+		// Before expiryLoop's first check, so no revocation falls between.
+		s.unwatch = rev.Watch(func(id uint64) {
+			if id == s.capRef() || id == s.prevTokID.Load() {
+				select {
+				case s.revoked <- struct{}{}:
+				default:
+				}
+			}
+		})
+	}
 	s.wg.Add(3)
 	go s.readLoop()
 	go s.heartbeatLoop()
@@ -580,6 +597,11 @@ func (s *Session) handle(f *frame.Frame) error {
 		var m sypas.GoAway
 		if err := m.Decode(f.Payload); err != nil {
 			return protoErr("GOAWAY: %v", err)
+		}
+		if m.Code != sypas.CodeOK {
+			// The peer ends the session for a reason (E_AUTH: its token was
+			// revoked) and closes: nothing is left to drain.
+			return fmt.Errorf("%w: GOAWAY: %w", errPeerSent, &sypas.Error{Code: m.Code, Message: string(m.Message)})
 		}
 		s.state.CompareAndSwap(int32(StateOperation), int32(StateDraining))
 		s.recvOnce.Do(func() {
@@ -701,13 +723,18 @@ func (s *Session) tokenExpiry() (exp, now time.Time) {
 	return s.Token().Expiry, time.Now()
 }
 
-// expiryLoop ends the session when its token expires without a successor.
-// A session never outlives its token: without TOKEN_REFRESH (or when the
-// daemon does not refresh in time) both sides close at expiry with E_AUTH,
-// and a Client reconnects for a fresh token. Each new token re-arms it.
+// expiryLoop ends the session when its token expires without a successor,
+// or (kernel) when its current or previous token is revoked. A session
+// never outlives its token: without TOKEN_REFRESH (or when the daemon does
+// not refresh in time) both sides close at expiry with E_AUTH, and a
+// Client reconnects for a fresh token. Each new token re-arms it.
 func (s *Session) expiryLoop() {
 	defer s.wg.Done()
 	for {
+		if id, ok := s.revokedToken(); ok {
+			s.endRevoked(id)
+			return
+		}
 		exp, now := s.tokenExpiry()
 		if !now.Before(exp) {
 			msg := "session token expired; reconnect for a new one"
@@ -724,9 +751,50 @@ func (s *Session) expiryLoop() {
 			return
 		case <-s.tokenSet:
 			t.Stop()
+		case <-s.revoked:
+			t.Stop()
 		case <-t.C:
 		}
 	}
+}
+
+// revocations is ServerConfig.Revoked on a kernel session, else nil.
+func (s *Session) revocations() *token.Revocations {
+	if s.srv == nil {
+		return nil
+	}
+	return s.srv.cfg.Revoked
+}
+
+// revokedToken reports a revoked token the session still accepts: its
+// current one, or the one the last refresh replaced (kernel).
+func (s *Session) revokedToken() (uint64, bool) {
+	rev := s.revocations()
+	if rev == nil {
+		return 0, false
+	}
+	for _, id := range [...]uint64{s.capRef(), s.prevTokID.Load()} {
+		if id != 0 && rev.Contains(id) {
+			return id, true
+		}
+	}
+	return 0, false
+}
+
+// endRevoked ends the session because token id was revoked: its ring
+// waiters are woken with an error matching sypas.ErrAuth at once, the
+// daemon gets GOAWAY E_AUTH (bounded by a short write timeout), then the
+// socket is closed.
+func (s *Session) endRevoked(id uint64) {
+	msg := fmt.Sprintf("token %#x revoked", id)
+	var err error = &sypas.Error{Code: sypas.CodeAuth, Message: msg, Err: token.ErrRevoked}
+	if s.Err() == nil && s.ending.CompareAndSwap(nil, &err) {
+		s.audit(err)
+		s.prod.Interrupt(err)
+		s.cons.Interrupt(err)
+		s.send(&sypas.GoAway{Code: sypas.CodeAuth, Message: []byte(msg)}, 0, 0, 100*time.Millisecond)
+	}
+	s.fail(err)
 }
 
 // mint issues a token bound to the attested peer (kernel).

@@ -103,6 +103,7 @@ func TestSessionTokenRevoked(t *testing.T) {
 			assert.Equal(t, hexID(c.ID), r[LogKeyTokenID])
 			assert.Equal(t, "E_AUTH", r[LogKeyCode])
 			assertSelf(t, r)
+			sink.noSecret(t, k.Token().Bytes)
 		}
 	}
 	slices.Sort(lats)

@@ -233,15 +233,20 @@ func (s *Session) fail(err error) {
 }
 
 // failProto reports a protocol violation to the peer with an ERROR frame
-// (best effort, bounded by a short deadline), then ends the session.
-// The first such reason of a live session is the one sent and recorded in
-// the audit log; later calls (a read failing on the closed socket) only end
-// it.
+// (best effort, bounded by a short deadline), then ends the session. The
+// first reason of a live session is the one recorded in the audit log and
+// the session's Err. Every caller that finds the session live sends its
+// ERROR: another goroutine ending the session at the same time (the expiry
+// check and a refused TOKEN_REFRESH) must not close the socket before the
+// peer got a reason.
 func (s *Session) failProto(err error) {
-	if s.Err() == nil && s.ending.CompareAndSwap(nil, &err) {
-		s.audit(err)
+	first := s.ending.CompareAndSwap(nil, &err)
+	if s.Err() == nil {
 		m := errorMsg(err)
 		s.send(&m, 0, 0, 100*time.Millisecond)
+		if first {
+			s.audit(err)
+		}
 	}
 	s.fail(err)
 }

@@ -56,6 +56,15 @@ type Policy struct {
 	ExeSHA256 [][32]byte // empty: any executable content (of the process at attestation)
 }
 
+// allowsUID reports whether p admits uid (an empty UIDs: the server's
+// effective uid).
+func (p *Policy) allowsUID(uid uint32) bool {
+	if len(p.UIDs) == 0 {
+		return uid == uint32(os.Geteuid())
+	}
+	return slices.Contains(p.UIDs, uid)
+}
+
 // Attest identifies the peer of conn and checks it against p (nil: the zero
 // Policy). It returns the identity and a pidfd for the peer process, which
 // the caller owns and must close. Every refusal wraps ErrPeerRejected.
@@ -169,11 +178,7 @@ func attest(ctx context.Context, conn *net.UnixConn, p *Policy, hooks attestHook
 		return id, pidfd, reject("pidfd names pid %d, SO_PEERCRED pid %d: %v", got, id.PID, err)
 	}
 
-	uids := p.UIDs
-	if len(uids) == 0 {
-		uids = []uint32{uint32(os.Geteuid())}
-	}
-	if !slices.Contains(uids, id.UID) {
+	if !p.allowsUID(id.UID) {
 		return id, pidfd, reject("uid %d not allowed", id.UID)
 	}
 	if len(p.GIDs) > 0 && !slices.Contains(p.GIDs, id.GID) {
@@ -401,21 +406,9 @@ func pidfdAlive(pidfd *os.File) error {
 // own effective uid (a same-uid impostor could ptrace the daemon anyway).
 // A refusal wraps ErrPeerRejected.
 func CheckServer(conn *net.UnixConn, allowedUIDs ...uint32) error {
-	raw, err := conn.SyscallConn()
+	cred, err := peerCred(conn)
 	if err != nil {
-		return reject("%w", err)
-	}
-	var (
-		cred    *unix.Ucred
-		credErr = net.ErrClosed
-	)
-	if err := raw.Control(func(fd uintptr) {
-		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
-	}); err != nil {
-		return reject("%w", err)
-	}
-	if credErr != nil {
-		return reject("SO_PEERCRED: %w", credErr)
+		return err
 	}
 	if len(allowedUIDs) == 0 {
 		allowedUIDs = []uint32{0, uint32(os.Geteuid())}
@@ -424,4 +417,27 @@ func CheckServer(conn *net.UnixConn, allowedUIDs ...uint32) error {
 		return reject("server uid %d not allowed", cred.Uid)
 	}
 	return nil
+}
+
+// peerCred is SO_PEERCRED of conn: what the operating system recorded of
+// the peer at connect(2) (or listen(2)), nothing the peer claims. Errors
+// wrap ErrPeerRejected.
+func peerCred(conn *net.UnixConn) (*unix.Ucred, error) {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return nil, reject("%w", err)
+	}
+	var (
+		cred    *unix.Ucred
+		credErr = net.ErrClosed
+	)
+	if err := raw.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return nil, reject("%w", err)
+	}
+	if credErr != nil {
+		return nil, reject("SO_PEERCRED: %w", credErr)
+	}
+	return cred, nil
 }

@@ -42,9 +42,11 @@ type Client struct {
 	given   bool // cur was returned by Session
 	lastErr error
 	changed chan struct{} // closed and replaced at every change of cur or lastErr
+	cfgErr  error         // cfg is invalid: Session returns it, nothing is dialed
 }
 
-// NewClient starts dialing path in the background.
+// NewClient starts dialing path in the background. An invalid cfg starts
+// nothing: Session returns its error (wrapping ErrConfig) at once.
 func NewClient(path string, cfg DialConfig) *Client {
 	return newClient(path, cfg, rand.Float64)
 }
@@ -52,6 +54,10 @@ func NewClient(path string, cfg DialConfig) *Client {
 func newClient(path string, cfg DialConfig, rnd func() float64) *Client {
 	c := &Client{path: path, cfg: cfg, rnd: rnd, changed: make(chan struct{})}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
+	if err := cfg.check(); err != nil {
+		c.cfgErr = err
+		return c
+	}
 	c.wg.Add(1)
 	go c.loop()
 	return c
@@ -135,8 +141,12 @@ func (c *Client) publish(s *Session, err error) {
 
 // Session returns the current live session, waiting for a (re)connect if
 // there is none. When ctx ends first it returns ctx's error joined with the
-// last dial error.
+// last dial error. A Client made with an invalid DialConfig returns that
+// error (wrapping ErrConfig) at once.
 func (c *Client) Session(ctx context.Context) (*Session, error) {
+	if c.cfgErr != nil {
+		return nil, c.cfgErr
+	}
 	for {
 		c.mu.Lock()
 		s, last, ch := c.cur, c.lastErr, c.changed

@@ -3,6 +3,7 @@ package control
 import (
 	"cmp"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/sypas/sypas/control/token"
@@ -64,48 +65,86 @@ type SessionConfig struct {
 	MaxInFlight uint32
 	// Name is the daemon's name for the kernel's logs.
 	Name string
+	// Logger receives the audit records of this side's refusals (keys and
+	// events: LogKey*, Event*; docs/SECURITY.md §10), one per refusal, at
+	// Warn level (Error for an internal failure). Nil means slog.Default(),
+	// so refusals are visible out of the box; use
+	// slog.New(slog.DiscardHandler) to drop them.
+	Logger *slog.Logger
 	// Ring configures the ring ends the session attaches.
 	Ring ring.Config
 }
 
+// withDefaults replaces zero fields by their defaults. Negative values are
+// left for validate to refuse: a typo must not silently become a default.
 func (c SessionConfig) withDefaults() SessionConfig {
-	set := func(v *time.Duration, d time.Duration) {
-		if *v <= 0 {
-			*v = d
-		}
-	}
-	set(&c.HandshakeTimeout, DefaultHandshakeTimeout)
-	set(&c.HeartbeatInterval, DefaultHeartbeatInterval)
-	set(&c.DrainTimeout, DefaultDrainTimeout)
-	if c.HeartbeatMisses <= 0 {
-		c.HeartbeatMisses = DefaultHeartbeatMisses
-	}
+	c.HandshakeTimeout = cmp.Or(c.HandshakeTimeout, DefaultHandshakeTimeout)
+	c.HeartbeatInterval = cmp.Or(c.HeartbeatInterval, DefaultHeartbeatInterval)
+	c.DrainTimeout = cmp.Or(c.DrainTimeout, DefaultDrainTimeout)
+	c.HeartbeatMisses = cmp.Or(c.HeartbeatMisses, DefaultHeartbeatMisses)
 	c.Features = cmp.Or(c.Features, DefaultFeatures)
 	c.MaxRingSize = cmp.Or(c.MaxRingSize, DefaultMaxRingSize)
 	c.MaxPayload = cmp.Or(c.MaxPayload, frame.DefaultMaxPayload)
 	return c
 }
 
-func (c SessionConfig) validate() error {
-	ringOK := func(n uint32) bool {
-		return n == 0 || (n&(n-1) == 0 && n >= sypas.MinRingSize && n <= sypas.MaxRingSize)
+// configErr reports an invalid configuration field. Every configuration
+// error wraps ErrConfig and names the field, e.g.
+// "ServerConfig.HeartbeatInterval".
+func configErr(field, format string, args ...any) error {
+	return fmt.Errorf("%w: %s %s", ErrConfig, field, fmt.Sprintf(format, args...))
+}
+
+// numField is a named configuration number, for checks over several.
+type numField struct {
+	name string
+	v    int64
+}
+
+// negative refuses the first negative field: zero means the default, and a
+// negative value is a mistake, never silently the default.
+func negative(prefix string, fs ...numField) error {
+	for _, f := range fs {
+		if f.v < 0 {
+			return configErr(prefix+f.name, "%d is negative", f.v)
+		}
+	}
+	return nil
+}
+
+func durField(name string, d time.Duration) numField { return numField{name, int64(d)} }
+
+// validate checks c as a field of owner ("ServerConfig", "DialConfig").
+func (c SessionConfig) validate(owner string) error {
+	field := func(name string) string { return owner + "." + name }
+	if err := negative(owner+".", durField("HandshakeTimeout", c.HandshakeTimeout),
+		durField("HeartbeatInterval", c.HeartbeatInterval), durField("DrainTimeout", c.DrainTimeout)); err != nil {
+		return err
+	}
+	for _, r := range []struct {
+		name string
+		v    uint32
+	}{{"TxRingSize", c.TxRingSize}, {"RxRingSize", c.RxRingSize}, {"MaxRingSize", c.MaxRingSize}} {
+		if r.v != 0 && (r.v&(r.v-1) != 0 || r.v < sypas.MinRingSize || r.v > sypas.MaxRingSize) {
+			return configErr(field(r.name), "%d: want 0 or a power of two in [%d, %d]", r.v, sypas.MinRingSize, sypas.MaxRingSize)
+		}
+		if r.name != "MaxRingSize" && c.MaxRingSize != 0 && r.v > c.MaxRingSize {
+			return configErr(field(r.name), "%d above MaxRingSize %d", r.v, c.MaxRingSize)
+		}
 	}
 	switch {
-	case !ringOK(c.TxRingSize) || !ringOK(c.RxRingSize) || !ringOK(c.MaxRingSize):
-		return fmt.Errorf("control: ring sizes %d/%d/%d: want 0 or a power of two in [%d, %d]",
-			c.TxRingSize, c.RxRingSize, c.MaxRingSize, sypas.MinRingSize, sypas.MaxRingSize)
-	case c.MaxRingSize != 0 && (c.TxRingSize > c.MaxRingSize || c.RxRingSize > c.MaxRingSize):
-		return fmt.Errorf("control: ring sizes %d/%d above MaxRingSize %d", c.TxRingSize, c.RxRingSize, c.MaxRingSize)
+	case c.HeartbeatMisses < 0 || c.HeartbeatMisses > 0xFFFF:
+		return configErr(field("HeartbeatMisses"), "%d: want 0 (the default) to %d", c.HeartbeatMisses, 0xFFFF)
+	case c.HeartbeatInterval > maxHeartbeatMs*time.Millisecond:
+		return configErr(field("HeartbeatInterval"), "%v above %v", c.HeartbeatInterval, maxHeartbeatMs*time.Millisecond)
 	case c.MaxPayload > frame.HardMaxPayload:
-		return fmt.Errorf("control: max payload %d above %d", c.MaxPayload, frame.HardMaxPayload)
-	case c.HeartbeatMisses > 0xFFFF || c.HeartbeatInterval > maxHeartbeatMs*time.Millisecond:
-		return fmt.Errorf("control: heartbeat %v × %d out of range", c.HeartbeatInterval, c.HeartbeatMisses)
+		return configErr(field("MaxPayload"), "%d above %d", c.MaxPayload, frame.HardMaxPayload)
 	case len(c.Name) > sypas.MaxNameLen:
-		return fmt.Errorf("control: name of %d bytes, at most %d", len(c.Name), sypas.MaxNameLen)
+		return configErr(field("Name"), "of %d bytes, at most %d", len(c.Name), sypas.MaxNameLen)
 	case (c.Features|c.RequireFeatures)&sypas.FeatureChecksum != 0:
-		return fmt.Errorf("control: feature bit 0 (CHECKSUM) is reserved: never offered or granted")
+		return configErr(field("Features"), "has bit 0 (CHECKSUM), which is reserved: never offered or granted")
 	case c.RequireFeatures&^c.Features != 0:
-		return fmt.Errorf("control: required features %#x not all offered (%#x)", c.RequireFeatures, c.Features)
+		return configErr(field("RequireFeatures"), "%#x not all in Features %#x", c.RequireFeatures, c.Features)
 	}
 	return nil
 }
@@ -124,6 +163,17 @@ type DialConfig struct {
 	// kernel cannot make a daemon wait hours to notice it is gone. Zero
 	// means DefaultMaxHeartbeatTimeout.
 	MaxHeartbeatTimeout time.Duration
+}
+
+// check validates c as Dial will use it (its zero fields replaced by the
+// defaults); c itself is not changed.
+func (c DialConfig) check() error {
+	c.SessionConfig = c.SessionConfig.withDefaults()
+	if err := c.SessionConfig.validate("DialConfig"); err != nil {
+		return err
+	}
+	return negative("DialConfig.", durField("MaxHeartbeatTimeout", c.MaxHeartbeatTimeout),
+		durField("Backoff.Base", c.Backoff.Base), durField("Backoff.Max", c.Backoff.Max))
 }
 
 // DefaultMaxHeartbeatTimeout is DialConfig.MaxHeartbeatTimeout's default:
@@ -149,4 +199,27 @@ type ServerConfig struct {
 	// Clock is the time tokens are minted and checked against (expiry at
 	// refresh). Nil means time.Now. Session timers still run on real time.
 	Clock func() time.Time
+	// Limits bound the sessions, handshakes, descriptors and control
+	// traffic the daemons can cause. The zero value is the defaults.
+	Limits Limits
+}
+
+func (c *ServerConfig) validate() error {
+	if err := c.SessionConfig.validate("ServerConfig"); err != nil {
+		return err
+	}
+	switch {
+	case c.Keys == nil:
+		return configErr("ServerConfig.Keys", "is required")
+	case c.TokenTTL < 0:
+		return negative("ServerConfig.", durField("TokenTTL", c.TokenTTL))
+	case c.Rights&^token.RightsAll != 0:
+		return configErr("ServerConfig.Rights", "%#x has unknown bits (known: %#x)", uint64(c.Rights), uint64(token.RightsAll))
+	case !token.ValidScope(c.Scope):
+		return configErr("ServerConfig.Scope", "%q is not a canonical scope (token.ValidScope)", c.Scope)
+	}
+	if _, ok := c.Keys.Current(); !ok {
+		return configErr("ServerConfig.Keys", "has no current key (Keyring.Rotate or Add)")
+	}
+	return c.Limits.validate()
 }

@@ -1,6 +1,7 @@
 package control
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"net"
@@ -20,10 +21,10 @@ import (
 // its Consumer the kernel→daemon ring. Every failure after the connect
 // wraps ErrHandshake and has released every descriptor received.
 func Dial(ctx context.Context, path string, cfg DialConfig) (*Session, error) {
-	cfg.SessionConfig = cfg.SessionConfig.withDefaults()
-	if err := cfg.validate(); err != nil {
+	if err := cfg.check(); err != nil {
 		return nil, err
 	}
+	cfg.SessionConfig = cfg.SessionConfig.withDefaults()
 	ctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeout)
 	defer cancel()
 	var d net.Dialer
@@ -61,6 +62,11 @@ func (s *Session) clientHandshake(cfg DialConfig) error {
 		MaxPayload: cfg.MaxPayload, MaxInFlight: cfg.MaxInFlight, Name: []byte(cfg.Name),
 	}
 	if err := s.send(&hello, 0, 0, 0); err != nil {
+		// A kernel that refused us at once (E_RESOURCE) may have closed
+		// before HELLO arrived: its ERROR is still there to read.
+		if _, _, rerr := s.readFrame(); isPeerError(rerr) {
+			return rerr
+		}
 		return err
 	}
 	f, _, err := s.readFrame()
@@ -73,10 +79,7 @@ func (s *Session) clientHandshake(cfg DialConfig) error {
 	if err := checkWelcome(&s.welcome, &hello, &cfg.SessionConfig); err != nil {
 		return err
 	}
-	maxDead := cfg.MaxHeartbeatTimeout
-	if maxDead <= 0 {
-		maxDead = DefaultMaxHeartbeatTimeout
-	}
+	maxDead := cmp.Or(cfg.MaxHeartbeatTimeout, DefaultMaxHeartbeatTimeout)
 	if dead := s.welcome.HeartbeatInterval() * time.Duration(s.welcome.HeartbeatMisses); dead > maxDead {
 		return protoErr("heartbeat %d ms × %d = %v above the daemon's limit %v",
 			s.welcome.HeartbeatIntervalMs, s.welcome.HeartbeatMisses, dead, maxDead)

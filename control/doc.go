@@ -1,15 +1,23 @@
 // Package control is the SYPAS control plane: the Unix socket beside the
 // shared-memory rings.
 //
-// Sessions: Dial (daemon) and Server.Accept (kernel) run the handshake of
-// docs/PROTOCOL.md §6 as an explicit state machine — attestation, HELLO →
-// WELCOME, REGIONS with the two ring memfds, TOKEN — and return a Session
-// holding this side's ring ends and the current token. The session then
-// exchanges heartbeats, refreshes the token, notices peer death (socket
-// hang-up, the peer's pidfd, missed heartbeats) and interrupts the ring
-// waiters with ErrPeerGone, and ends with a GOAWAY exchange (Shutdown).
-// Client keeps a daemon connected across kernel restarts with gRPC
-// connection backoff, and dials as soon as a restarted kernel listens.
+// Sessions: Dial (daemon) and Server.Serve or Server.Accept (kernel) run
+// the handshake of docs/PROTOCOL.md §6 as an explicit state machine —
+// attestation, HELLO → WELCOME, REGIONS with the two ring memfds, TOKEN —
+// and return a Session holding this side's ring ends and the current token.
+// The session then exchanges heartbeats, refreshes the token, notices peer
+// death (socket hang-up, the peer's pidfd, missed heartbeats) and
+// interrupts the ring waiters with ErrPeerGone, ends when its token is
+// revoked (ServerConfig.Revoked), and ends with a GOAWAY exchange
+// (Shutdown). Client keeps a daemon connected across kernel restarts with
+// gRPC connection backoff, and dials as soon as a restarted kernel listens.
+//
+// The kernel bounds what daemons can make it hold (ServerConfig.Limits:
+// sessions and handshakes per uid and in all, descriptor headroom,
+// refreshes and control frames per session) and refuses the rest with
+// E_RESOURCE. Each side writes one audit record per refusal to its
+// *slog.Logger with stable keys (LogKey*, Event*). Invalid configuration
+// is refused up front with ErrConfig.
 //
 // Building blocks: a listener whose socket file is 0600 from its first
 // instant, peer attestation (SO_PEERCRED, pidfd, executable digest) with a

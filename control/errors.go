@@ -22,6 +22,10 @@ var (
 	// truncated or unexpected control data). Any received fds were closed.
 	// It matches sypas.ErrProto.
 	ErrFDPassing error = &codedError{"control: bad fd-passing message", sypas.ErrProto, nil}
+	// ErrConfig: a Config, DialConfig or ServerConfig field (named in the
+	// message) is invalid. Returned by NewServer, Dial and Client.Session
+	// before any socket is touched.
+	ErrConfig = errors.New("control: invalid configuration")
 )
 
 var (

@@ -22,6 +22,9 @@ type fakeOpts struct {
 	interval, misses int    // WELCOME heartbeat; 0: 1000 ms × 3
 	fds              string // how REGIONS goes wrong; "" sends it right
 	silent           bool   // after TOKEN, read and never answer
+	// header, if set, edits the header of each handshake frame sent.
+	header   func(t frame.Type, h *frame.Header)
+	badToken bool // TOKEN's token_id disagrees with its token
 }
 
 const fakeCap = 4096
@@ -44,10 +47,17 @@ func fakeKernel(t *testing.T, conn *net.UnixConn, o fakeOpts) {
 		o.interval, o.misses = 1000, 3
 	}
 	seq := uint64(0)
-	next := func() uint64 { seq++; return seq }
+	hdr := func(t frame.Type) frame.Header {
+		seq++
+		h := frame.Header{Sequence: seq}
+		if o.header != nil {
+			o.header(t, &h)
+		}
+		return h
+	}
 	w := sypas.Welcome{Version: 1, HeartbeatMisses: uint16(o.misses), HeartbeatIntervalMs: uint32(o.interval),
 		SessionID: 9, TxRingSize: fakeCap, RxRingSize: fakeCap, MaxPayload: 1024, MaxInFlight: 1}
-	wb, _ := sypas.AppendFrame(nil, frame.Header{Sequence: next()}, &w)
+	wb, _ := sypas.AppendFrame(nil, hdr(frame.TypeWelcome), &w)
 
 	var files []*os.File
 	mk := func(capacity int) *os.File {
@@ -90,7 +100,7 @@ func fakeKernel(t *testing.T, conn *net.UnixConn, o fakeOpts) {
 		entries = append(entries, sypas.Region{Role: sypas.RoleBulk, ID: 3, Size: 4096})
 		send = append(send, mk(fakeCap))
 	}
-	rb, err := sypas.AppendFrame(nil, frame.Header{Sequence: next()}, &sypas.Regions{Entries: entries})
+	rb, err := sypas.AppendFrame(nil, hdr(frame.TypeRegions), &sypas.Regions{Entries: entries})
 	require.NoError(t, err)
 	switch o.fds {
 	case "none":
@@ -113,7 +123,10 @@ func fakeKernel(t *testing.T, conn *net.UnixConn, o fakeOpts) {
 	exp := time.Now().Add(time.Hour)
 	tok, _ := keys.Mint(token.Claims{Expiry: exp})
 	tp, _ := token.Parse(tok)
-	tb, _ := sypas.AppendFrame(nil, frame.Header{Sequence: next()}, &sypas.Token{TokenID: tp.ID, ExpiryUnix: tp.Expiry, Token: tok})
+	if o.badToken {
+		tp.ID++
+	}
+	tb, _ := sypas.AppendFrame(nil, hdr(frame.TypeToken), &sypas.Token{TokenID: tp.ID, ExpiryUnix: tp.Expiry, Token: tok})
 	if _, err := conn.Write(tb); err != nil {
 		return
 	}
@@ -192,13 +205,7 @@ func TestDialCapsKernelHeartbeat(t *testing.T) {
 		{"own-limit", 2_000, 3, 5 * time.Second, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			a, b := socketPair(t)
-			done := make(chan struct{})
-			go func() { defer close(done); fakeKernel(t, b, fakeOpts{interval: tc.interval, misses: tc.misses}) }()
-			s, err := dialConn(context.Background(), a, DialConfig{MaxHeartbeatTimeout: tc.max})
-			if s != nil {
-				s.Close()
-			}
+			err := dialFake(t, fakeOpts{interval: tc.interval, misses: tc.misses}, DialConfig{MaxHeartbeatTimeout: tc.max})
 			if tc.ok {
 				assert.NoError(t, err)
 			} else {
@@ -206,10 +213,24 @@ func TestDialCapsKernelHeartbeat(t *testing.T) {
 				assert.ErrorIs(t, err, sypas.ErrProto)
 				assert.ErrorContains(t, err, "above the daemon's limit")
 			}
-			a.Close()
-			<-done
 		})
 	}
+}
+
+// dialFake runs Dial's handshake against fakeKernel with o and returns its
+// error once both ends are closed.
+func dialFake(t *testing.T, o fakeOpts, cfg DialConfig) error {
+	t.Helper()
+	a, b := socketPair(t)
+	done := make(chan struct{})
+	go func() { defer close(done); fakeKernel(t, b, o) }()
+	s, err := dialConn(context.Background(), a, cfg)
+	if s != nil {
+		s.Close()
+	}
+	a.Close()
+	<-done
+	return err
 }
 
 func fileConn(t *testing.T, fd int) *net.UnixConn {
@@ -218,4 +239,32 @@ func fileConn(t *testing.T, fd int) *net.UnixConn {
 	c, err := net.FileConn(f)
 	require.NoError(t, err)
 	return c.(*net.UnixConn)
+}
+
+// Before TOKEN no frame may carry a cap_ref or a correlation (§6.1): a
+// daemon refuses a WELCOME, REGIONS or first TOKEN with either, with
+// E_PROTO. Before, it accepted them.
+func TestDialRefusesCapRefBeforeToken(t *testing.T) {
+	for _, typ := range []frame.Type{frame.TypeWelcome, frame.TypeRegions, frame.TypeToken} {
+		for _, field := range []string{"cap_ref", "correlation"} {
+			t.Run(typ.String()+"/"+field, func(t *testing.T) {
+				base := countFDs(t)
+				edit := func(got frame.Type, h *frame.Header) {
+					if got != typ {
+						return
+					}
+					if field == "cap_ref" {
+						h.CapRef = 0x5eed
+					} else {
+						h.Correlation = 1
+					}
+				}
+				err := dialFake(t, fakeOpts{header: edit}, DialConfig{})
+				require.ErrorIs(t, err, ErrHandshake)
+				assert.ErrorIs(t, err, sypas.ErrProto)
+				assert.ErrorContains(t, err, "before TOKEN")
+				assert.Equal(t, base, countFDs(t), "fds leaked")
+			})
+		}
+	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -30,6 +31,10 @@ type Config struct {
 	// ProbeTimeout bounds the dial that checks whether a server already
 	// answers at the path. Zero means one second.
 	ProbeTimeout time.Duration
+	// Logger receives an audit record (event attestation) for every peer
+	// Accept refuses. Nil means slog.Default(). A Server logs the refusals
+	// of its own accepts to ServerConfig.Logger instead.
+	Logger *slog.Logger
 }
 
 // Listener is a Unix socket listener that attests every peer.
@@ -39,6 +44,7 @@ type Listener struct {
 	dev, ino uint64   // identity of the socket inode we created
 	lock     *os.File // flock held for the listener's lifetime
 	policy   Policy
+	log      *slog.Logger
 	closed   atomic.Bool
 
 	hooks attestHooks // tests only
@@ -81,7 +87,7 @@ func Listen(path string, cfg Config) (_ *Listener, err error) {
 	if err := checkSocketPath(path); err != nil {
 		return nil, fmt.Errorf("control: listen %s: %w", path, err)
 	}
-	l := &Listener{path: path}
+	l := &Listener{path: path, log: cfg.Logger}
 	if cfg.Policy != nil {
 		l.policy = *cfg.Policy
 	}
@@ -271,14 +277,16 @@ func (l *Listener) Accept() (*Conn, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), DefaultAttestTimeout)
 	defer cancel()
-	return l.attest(ctx, c)
+	return l.attest(ctx, c, l.log)
 }
 
-// attest attests an accepted connection under ctx; it owns c.
-func (l *Listener) attest(ctx context.Context, c *net.UnixConn) (*Conn, error) {
+// attest attests an accepted connection under ctx; it owns c. A refusal is
+// recorded in log.
+func (l *Listener) attest(ctx context.Context, c *net.UnixConn, log *slog.Logger) (*Conn, error) {
 	id, pidfd, err := attest(ctx, c, &l.policy, l.hooks)
 	if err != nil {
 		c.Close()
+		Audit(ctx, log, slog.LevelWarn, refusedMsg, EventAttestation, err.Error(), PeerAttrs(id)...)
 		return nil, err
 	}
 	return &Conn{UnixConn: c, Peer: id, pidfd: pidfd}, nil

@@ -5,6 +5,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"net"
+	"sync"
 	"time"
 
 	"github.com/sypas/sypas/control/token"
@@ -14,29 +17,31 @@ import (
 )
 
 // Server is the kernel side: it accepts attested connections on a Listener
-// and runs the kernel side of the handshake on each.
+// and runs the kernel side of the handshake on each, within its Limits.
 type Server struct {
 	l   *Listener
 	cfg ServerConfig
+	adm *admission
 }
 
-// NewServer serves sessions on l, which stays owned by the caller.
+// NewServer serves sessions on l, which stays owned by the caller. A nil l
+// or an invalid cfg gives an error wrapping ErrConfig that names the field.
 func NewServer(l *Listener, cfg ServerConfig) (*Server, error) {
-	if cfg.Keys == nil {
-		return nil, errors.New("control: ServerConfig.Keys is required")
-	}
-	if _, ok := cfg.Keys.Current(); !ok {
-		return nil, errors.New("control: keyring has no current key")
+	if l == nil {
+		return nil, fmt.Errorf("%w: NewServer: Listener is nil", ErrConfig)
 	}
 	cfg.SessionConfig = cfg.SessionConfig.withDefaults()
-	cfg.TxRingSize = cmp.Or(cfg.TxRingSize, DefaultRingSize)
-	cfg.RxRingSize = cmp.Or(cfg.RxRingSize, DefaultRingSize)
+	// A default ring never exceeds an explicit MaxRingSize.
+	cfg.TxRingSize = cmp.Or(cfg.TxRingSize, min(DefaultRingSize, cfg.MaxRingSize))
+	cfg.RxRingSize = cmp.Or(cfg.RxRingSize, min(DefaultRingSize, cfg.MaxRingSize))
 	cfg.MaxInFlight = cmp.Or(cfg.MaxInFlight, DefaultMaxInFlight)
 	cfg.Rights = cmp.Or(cfg.Rights, tokenDefaultRights)
+	cfg.TokenTTL = cmp.Or(cfg.TokenTTL, DefaultTokenTTL)
+	cfg.Limits = cfg.Limits.withDefaults(cfg.TokenTTL)
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	return &Server{l: l, cfg: cfg}, nil
+	return &Server{l: l, cfg: cfg, adm: newAdmission(cfg.Limits)}, nil
 }
 
 func (srv *Server) now() time.Time {
@@ -46,22 +51,91 @@ func (srv *Server) now() time.Time {
 	return time.Now()
 }
 
-func (srv *Server) tokenTTL() time.Duration {
-	if srv.cfg.TokenTTL > 0 {
-		return srv.cfg.TokenTTL
+func (srv *Server) tokenTTL() time.Duration { return srv.cfg.TokenTTL }
+
+// Serve accepts connections until ctx ends or the Listener is closed. Each
+// connection is attested and handshaken in its own goroutine, so a slow or
+// hostile peer delays nobody else; at most Limits.MaxHandshakes run at
+// once (Serve waits for one to end before accepting more), and connections
+// beyond the other Limits are refused with ERROR E_RESOURCE. Each session
+// is passed to handle in its goroutine and closed when handle returns
+// (handle may Shutdown or Close it itself). Refusals are audit records;
+// handshakes that fail for other reasons (a daemon gone mid-handshake) are
+// logged at Debug level.
+//
+// When ctx ends or the Listener is closed, Serve stops accepting, cancels
+// the handshakes in progress, and returns ctx's (or the Listener's) error
+// once every goroutine it started has returned, handlers included: a
+// handler owns its session and should return when the session ends or when
+// ctx does (Shutdown the session then). Do not call Accept at the same
+// time: both set the Listener's deadline.
+func (srv *Server) Serve(ctx context.Context, handle func(*Session)) error {
+	if handle == nil {
+		return fmt.Errorf("%w: Serve: handle is nil", ErrConfig)
 	}
-	return DefaultTokenTTL
+	hctx, cancel := context.WithCancel(ctx)
+	var conns sync.WaitGroup
+	defer func() {
+		cancel()
+		conns.Wait()
+	}()
+	dl, _ := ctx.Deadline()
+	srv.l.SetDeadline(dl)
+	stop := context.AfterFunc(ctx, func() { srv.l.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	var pause time.Duration // after a failed accept(2)
+	for {
+		if !srv.adm.waitRoom(ctx.Done()) {
+			return ctx.Err()
+		}
+		uc, err := srv.l.ul.AcceptUnix()
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return fmt.Errorf("control: serve: %w", err)
+			}
+			// EMFILE, ENFILE, ECONNABORTED...: the connection waits in
+			// the backlog; pause as net/http does, then go on.
+			pause = min(max(2*pause, 5*time.Millisecond), time.Second)
+			Audit(ctx, srv.cfg.Logger, slog.LevelError, "sypas: accept failed", EventInternal, err.Error())
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(pause):
+			}
+			continue
+		}
+		pause = 0
+		accepted := time.Now()
+		sl, err := srv.admit(uc)
+		if err != nil {
+			continue // told, recorded, closed
+		}
+		conns.Add(1)
+		go func() {
+			defer conns.Done()
+			s, err := srv.serveConn(hctx, uc, sl, accepted)
+			if err != nil {
+				logger(srv.cfg.Logger).LogAttrs(hctx, slog.LevelDebug, "sypas: handshake failed", slog.String(LogKeyReason, err.Error()))
+				return
+			}
+			defer s.Close()
+			handle(s)
+		}()
+	}
 }
 
 // Accept waits for a connection, attests it against the Listener's Policy
 // before a byte is read, and runs the handshake on it. Attestation and
 // handshake together are bounded by ctx and HandshakeTimeout, counted from
 // accept(2). A refused or failed peer gives an error (ErrPeerRejected,
-// ErrHandshake) and leaves the Server usable: log it and accept again. One
-// connection holds up the next Accept for at most HandshakeTimeout; to
-// overlap them, Accept on the Listener and call Handshake in a goroutine.
-// Accept is not for concurrent use (it sets the Listener's deadline from
-// ctx).
+// ErrHandshake, sypas.ErrResource for a limit) and leaves the Server
+// usable: accept again. One connection holds up the next Accept for at
+// most HandshakeTimeout; Serve overlaps them. The session holds its share
+// of the Limits until it is closed. Accept is not for concurrent use (it
+// sets the Listener's deadline from ctx).
 func (srv *Server) Accept(ctx context.Context) (*Session, error) {
 	dl, _ := ctx.Deadline()
 	srv.l.SetDeadline(dl)
@@ -73,19 +147,67 @@ func (srv *Server) Accept(ctx context.Context) (*Session, error) {
 	if err != nil {
 		return nil, fmt.Errorf("control: accept: %w", err)
 	}
-	ctx, cancel := context.WithTimeout(ctx, srv.cfg.HandshakeTimeout)
-	defer cancel()
-	c, err := srv.l.attest(ctx, uc)
+	accepted := time.Now()
+	sl, err := srv.admit(uc)
 	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrHandshake, err)
+	}
+	return srv.serveConn(ctx, uc, sl, accepted)
+}
+
+// serveConn attests and handshakes the accepted connection uc, which it
+// owns with its slot, under ctx and HandshakeTimeout from accepted.
+func (srv *Server) serveConn(ctx context.Context, uc *net.UnixConn, sl *slot, accepted time.Time) (*Session, error) {
+	ctx, cancel := context.WithDeadline(ctx, accepted.Add(srv.cfg.HandshakeTimeout))
+	defer cancel()
+	c, err := srv.l.attest(ctx, uc, srv.cfg.Logger)
+	if err != nil {
+		sl.release()
 		return nil, err
 	}
-	return srv.handshake(ctx, c)
+	return srv.handshake(ctx, c, sl)
+}
+
+// admit takes the Limits' slots for an accepted connection, knowing its
+// owner from SO_PEERCRED before any attestation work. A refused peer is
+// told with ERROR E_RESOURCE (if the Policy admits its uid at all: nothing
+// is sent to others), recorded and closed.
+func (srv *Server) admit(uc *net.UnixConn) (*slot, error) {
+	cred, err := peerCred(uc)
+	if err != nil {
+		uc.Close()
+		Audit(context.Background(), srv.cfg.Logger, slog.LevelWarn, refusedMsg, EventAttestation, err.Error())
+		return nil, err
+	}
+	sl, err := srv.adm.admit(cred.Uid)
+	if err != nil {
+		srv.refuse(uc, PeerIdentity{UID: cred.Uid, GID: cred.Gid, PID: int(cred.Pid)}, err)
+		return nil, err
+	}
+	return sl, nil
+}
+
+// refuse tells a connection refused by a limit why, records it and closes
+// it.
+func (srv *Server) refuse(uc *net.UnixConn, peer PeerIdentity, err error) {
+	if srv.l.policy.allowsUID(peer.UID) {
+		m := errorMsg(err)
+		if b, e := sypas.AppendFrame(nil, frame.Header{Sequence: 1}, &m); e == nil {
+			uc.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+			uc.Write(b) // best effort: the daemon may be gone
+		}
+	}
+	uc.Close()
+	Audit(context.Background(), srv.cfg.Logger, slog.LevelWarn, refusedMsg, EventLimit, err.Error(), append(PeerAttrs(peer), errAttrs(err)...)...)
 }
 
 // Handshake runs the kernel side of the handshake on a Conn from
 // Listener.Accept, which it owns from then on (closed on failure). Its
 // HandshakeTimeout starts now, after attestation. A Conn that did not come
-// from a Listener (no pidfd, no attested identity) is refused.
+// from a Listener (no pidfd, no attested identity) is refused, and so is
+// one beyond the Limits (ERROR E_RESOURCE to the daemon, an error matching
+// sypas.ErrResource here). The session holds its share of the Limits until
+// it is closed.
 func (srv *Server) Handshake(ctx context.Context, c *Conn) (*Session, error) {
 	if c == nil || c.UnixConn == nil || c.pidfd == nil {
 		if c != nil && c.UnixConn != nil {
@@ -93,16 +215,25 @@ func (srv *Server) Handshake(ctx context.Context, c *Conn) (*Session, error) {
 		}
 		return nil, fmt.Errorf("%w: %w: connection was not attested by a Listener", ErrHandshake, ErrPeerRejected)
 	}
+	sl, err := srv.adm.admit(c.Peer.UID)
+	if err != nil {
+		c.pidfd.Close()
+		srv.refuse(c.UnixConn, c.Peer, err)
+		return nil, fmt.Errorf("%w: %w", ErrHandshake, err)
+	}
 	ctx, cancel := context.WithTimeout(ctx, srv.cfg.HandshakeTimeout)
 	defer cancel()
-	return srv.handshake(ctx, c)
+	return srv.handshake(ctx, c, sl)
 }
 
 // handshake runs the kernel handshake under ctx, which already carries its
-// deadline.
-func (srv *Server) handshake(ctx context.Context, c *Conn) (*Session, error) {
+// deadline. The session owns sl from here: Close releases it.
+func (srv *Server) handshake(ctx context.Context, c *Conn, sl *slot) (*Session, error) {
 	s := newSession(true, c.UnixConn, srv.cfg.SessionConfig)
-	s.ctl, s.peer, s.srv = c, c.Peer, srv
+	s.ctl, s.peer, s.srv, s.slot = c, c.Peer, srv, sl
+	lim := &srv.cfg.Limits
+	s.frames = newBucket(lim.MaxControlFrames, srv.cfg.HeartbeatInterval)
+	s.refreshes = newBucket(lim.MaxRefreshes, lim.RefreshInterval)
 	stop := s.handshakeDeadline(ctx)
 	if err := s.serverHandshake(); err != nil {
 		return nil, s.endHandshake(ctx, stop, err)
@@ -110,6 +241,7 @@ func (srv *Server) handshake(ctx context.Context, c *Conn) (*Session, error) {
 	if err := s.endHandshake(ctx, stop, nil); err != nil {
 		return nil, err
 	}
+	sl.handshakeDone()
 	return s, nil
 }
 
@@ -170,10 +302,10 @@ func (s *Session) serverHandshake() error {
 		s.regions = append(s.regions, r)
 	}
 	if s.cons, err = ring.NewConsumer(s.regions[0].Bytes(), s.cfg.Ring); err != nil {
-		return &sypas.Error{Code: sypas.CodeInternal, Err: err}
+		return &sypas.Error{Code: sypas.CodeInternal, Message: "attach the RING_TX consumer", Err: err}
 	}
 	if s.prod, err = ring.NewProducer(s.regions[1].Bytes(), s.cfg.Ring); err != nil {
-		return &sypas.Error{Code: sypas.CodeInternal, Err: err}
+		return &sypas.Error{Code: sypas.CodeInternal, Message: "attach the RING_RX producer", Err: err}
 	}
 	regions := sypas.Regions{Entries: []sypas.Region{
 		{Role: sypas.RoleRingTx, ID: 1, Size: regionSize(tx)},
@@ -188,9 +320,14 @@ func (s *Session) serverHandshake() error {
 	if err != nil {
 		return err
 	}
+	// TOKEN itself carries cap_ref 0 (§6.1): the daemon learns the id from
+	// it. The token is the session's only once sent, so an ERROR for a
+	// failed send carries cap_ref 0 too.
+	if err := s.sendTokenFirst(t); err != nil {
+		return err
+	}
 	s.setToken(t)
-	// TOKEN itself carries cap_ref 0 (§2.1): the daemon learns the id from it.
-	return s.sendTokenFirst(t)
+	return nil
 }
 
 func (s *Session) sendTokenFirst(t *Token) error {

@@ -93,6 +93,10 @@ type Session struct {
 	ctl    *Conn // kernel side: owns conn and the pidfd
 	peer   PeerIdentity
 	srv    *Server
+	slot   *slot // kernel: its share of the Limits, released by Close
+
+	// Kernel, readLoop only: the daemon's control frames and refreshes.
+	frames, refreshes bucket
 
 	// Read side: the handshake, then readLoop alone.
 	fdr      *fdReader
@@ -117,6 +121,8 @@ type Session struct {
 	corr      atomic.Uint64                    // daemon: last TOKEN_REFRESH correlation
 	tokenUp   chan struct{}                    // daemon: a refreshed TOKEN arrived
 	tokenSet  chan struct{}                    // setToken happened (expiryLoop re-arms)
+	revoked   chan struct{}                    // kernel: a token of ours may be revoked (expiryLoop checks)
+	unwatch   func()                           // kernel: stops ServerConfig.Revoked's calls; fail calls it
 
 	state      atomic.Int32
 	errMu      sync.Mutex
@@ -145,6 +151,7 @@ func newSession(kernel bool, conn *net.UnixConn, cfg SessionConfig) *Session {
 		goAwayRecv: make(chan struct{}),
 		tokenUp:    make(chan struct{}, 1),
 		tokenSet:   make(chan struct{}, 1),
+		revoked:    make(chan struct{}, 1),
 	}
 	s.fr = frame.NewReader(s.fdr, frame.Config{MaxPayload: controlMaxPayload})
 	s.fw = frame.NewWriter(conn, frame.Config{MaxPayload: controlMaxPayload})
@@ -212,6 +219,9 @@ func (s *Session) fail(err error) {
 	if t := s.drainTimer.Load(); t != nil {
 		t.Stop()
 	}
+	if s.unwatch != nil {
+		s.unwatch()
+	}
 	if s.prod != nil {
 		s.prod.Interrupt(err)
 	}
@@ -223,14 +233,40 @@ func (s *Session) fail(err error) {
 }
 
 // failProto reports a protocol violation to the peer with an ERROR frame
-// (best effort, bounded by a short deadline), then ends the session.
+// (best effort, bounded by a short deadline), then ends the session. The
+// first reason of a live session is the one recorded in the audit log and
+// the session's Err. Every caller that finds the session live sends its
+// ERROR: another goroutine ending the session at the same time (the expiry
+// check and a refused TOKEN_REFRESH) must not close the socket before the
+// peer got a reason.
 func (s *Session) failProto(err error) {
-	s.ending.CompareAndSwap(nil, &err)
+	first := s.ending.CompareAndSwap(nil, &err)
 	if s.Err() == nil {
-		m := sypas.NewErrorMsg(err)
+		m := errorMsg(err)
 		s.send(&m, 0, 0, 100*time.Millisecond)
+		if first {
+			s.audit(err)
+		}
 	}
 	s.fail(err)
+}
+
+// errorMsg is the ERROR payload for err, whose reason is never empty (§6.1):
+// the error's message; else, for anything but E_INTERNAL, the text of its
+// local cause, which then describes the peer's own bytes (a framing error
+// such as a bad magic); else the code's name.
+func errorMsg(err error) sypas.ErrorMsg {
+	m := sypas.NewErrorMsg(err)
+	if len(m.Message) > 0 {
+		return m
+	}
+	reason := m.Code.String()
+	var e *sypas.Error
+	if errors.As(err, &e) && e.Err != nil && m.Code != sypas.CodeInternal {
+		reason = e.Err.Error()
+	}
+	m.Message = []byte(reason[:min(len(reason), sypas.MaxMessageLen)])
+	return m
 }
 
 // Close ends the session, closes the ring ends and unmaps the rings: stop
@@ -255,6 +291,7 @@ func (s *Session) Close() error {
 			s.ctl.pidfd.Close()
 		}
 		s.closeErr = errors.Join(errs...)
+		s.slot.release() // its descriptors and mappings are gone
 	})
 	return s.closeErr
 }
@@ -387,6 +424,10 @@ func (s *Session) readFrame() (*frame.Frame, []*os.File, error) {
 		return bad(protoErr("%v frame on stream %d: the control socket carries stream 0 only", f.Type, f.StreamID))
 	case !accepts(s.kernel, s.State(), f.Type):
 		return bad(protoErr("unexpected %v frame in state %v", f.Type, s.State()))
+	case s.State() < StateOperation && f.Type != frame.TypeError && (f.CapRef != 0 || f.Correlation != 0):
+		// HELLO, WELCOME, REGIONS and the first TOKEN: no token exists yet
+		// and nothing is a request (§6.1).
+		return bad(protoErr("%v frame with cap_ref %#x and correlation %d before TOKEN: both must be 0", f.Type, f.CapRef, f.Correlation))
 	case f.Type == frame.TypeError:
 		var m sypas.ErrorMsg
 		if err := m.Decode(f.Payload); err != nil {
@@ -471,6 +512,8 @@ func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error)
 		var pe *sypas.Error
 		if errors.As(err, &pe) && pe.Code != sypas.CodeOK && !isPeerError(err) {
 			s.failProto(err) // tell the peer why
+		} else if errors.Is(err, ErrPeerRejected) {
+			s.audit(err) // a daemon refusing the kernel's uid says nothing to it
 		}
 		s.fail(err)
 		s.Close()
@@ -481,6 +524,17 @@ func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error)
 	s.live = true
 	s.wmu.Unlock()
 	s.setState(StateOperation)
+	if rev := s.revocations(); rev != nil {
+		// Before expiryLoop's first check, so no revocation falls between.
+		s.unwatch = rev.Watch(func(id uint64) {
+			if id == s.capRef() || id == s.prevTokID.Load() {
+				select {
+				case s.revoked <- struct{}{}:
+				default:
+				}
+			}
+		})
+	}
 	s.wg.Add(3)
 	go s.readLoop()
 	go s.heartbeatLoop()
@@ -528,6 +582,9 @@ func (s *Session) handle(f *frame.Frame) error {
 		if id := f.CapRef; id != s.capRef() && (id == 0 || id != s.prevTokID.Load()) {
 			return &sypas.Error{Code: sypas.CodeAuth, Message: fmt.Sprintf("cap_ref %#x names no token of this session", id)}
 		}
+		if ok, _ := s.frames.take(time.Now()); !ok {
+			return limitErr("MaxControlFrames", 0, "more than %d control frames in %v", s.srv.cfg.Limits.MaxControlFrames, s.cfg.HeartbeatInterval)
+		}
 	}
 	switch f.Type {
 	case frame.TypeHeartbeat:
@@ -545,6 +602,11 @@ func (s *Session) handle(f *frame.Frame) error {
 		var m sypas.GoAway
 		if err := m.Decode(f.Payload); err != nil {
 			return protoErr("GOAWAY: %v", err)
+		}
+		if m.Code != sypas.CodeOK {
+			// The peer ends the session for a reason (E_AUTH: its token was
+			// revoked) and closes: nothing is left to drain.
+			return fmt.Errorf("%w: GOAWAY: %w", errPeerSent, &sypas.Error{Code: m.Code, Message: string(m.Message)})
 		}
 		s.state.CompareAndSwap(int32(StateOperation), int32(StateDraining))
 		s.recvOnce.Do(func() {
@@ -666,13 +728,18 @@ func (s *Session) tokenExpiry() (exp, now time.Time) {
 	return s.Token().Expiry, time.Now()
 }
 
-// expiryLoop ends the session when its token expires without a successor.
-// A session never outlives its token: without TOKEN_REFRESH (or when the
-// daemon does not refresh in time) both sides close at expiry with E_AUTH,
-// and a Client reconnects for a fresh token. Each new token re-arms it.
+// expiryLoop ends the session when its token expires without a successor,
+// or (kernel) when its current or previous token is revoked. A session
+// never outlives its token: without TOKEN_REFRESH (or when the daemon does
+// not refresh in time) both sides close at expiry with E_AUTH, and a
+// Client reconnects for a fresh token. Each new token re-arms it.
 func (s *Session) expiryLoop() {
 	defer s.wg.Done()
 	for {
+		if id, ok := s.revokedToken(); ok {
+			s.endRevoked(id)
+			return
+		}
 		exp, now := s.tokenExpiry()
 		if !now.Before(exp) {
 			msg := "session token expired; reconnect for a new one"
@@ -689,9 +756,50 @@ func (s *Session) expiryLoop() {
 			return
 		case <-s.tokenSet:
 			t.Stop()
+		case <-s.revoked:
+			t.Stop()
 		case <-t.C:
 		}
 	}
+}
+
+// revocations is ServerConfig.Revoked on a kernel session, else nil.
+func (s *Session) revocations() *token.Revocations {
+	if s.srv == nil {
+		return nil
+	}
+	return s.srv.cfg.Revoked
+}
+
+// revokedToken reports a revoked token the session still accepts: its
+// current one, or the one the last refresh replaced (kernel).
+func (s *Session) revokedToken() (uint64, bool) {
+	rev := s.revocations()
+	if rev == nil {
+		return 0, false
+	}
+	for _, id := range [...]uint64{s.capRef(), s.prevTokID.Load()} {
+		if id != 0 && rev.Contains(id) {
+			return id, true
+		}
+	}
+	return 0, false
+}
+
+// endRevoked ends the session because token id was revoked: its ring
+// waiters are woken with an error matching sypas.ErrAuth at once, the
+// daemon gets GOAWAY E_AUTH (bounded by a short write timeout), then the
+// socket is closed.
+func (s *Session) endRevoked(id uint64) {
+	msg := fmt.Sprintf("token %#x revoked", id)
+	var err error = &sypas.Error{Code: sypas.CodeAuth, Message: msg, Err: token.ErrRevoked}
+	if s.Err() == nil && s.ending.CompareAndSwap(nil, &err) {
+		s.audit(err)
+		s.prod.Interrupt(err)
+		s.cons.Interrupt(err)
+		s.send(&sypas.GoAway{Code: sypas.CodeAuth, Message: []byte(msg)}, 0, 0, 100*time.Millisecond)
+	}
+	s.fail(err)
 }
 
 // mint issues a token bound to the attested peer (kernel).
@@ -732,8 +840,16 @@ func (s *Session) serveRefresh(f *frame.Frame) error {
 	if s.welcome.Features&sypas.FeatureTokenRefresh == 0 || f.Correlation == 0 {
 		return protoErr("TOKEN_REFRESH without the feature or a correlation")
 	}
+	if ok, wait := s.refreshes.take(time.Now()); !ok {
+		lim := &s.srv.cfg.Limits
+		err := limitErr("MaxRefreshes", wait, "more than %d TOKEN_REFRESH in %v", lim.MaxRefreshes, lim.RefreshInterval)
+		s.audit(err)
+		em := errorMsg(err)
+		return s.send(&em, 0, f.Correlation, 0)
+	}
 	if m.TokenID != s.capRef() {
 		em := sypas.ErrorMsg{Code: sypas.CodeAuth, Message: []byte("not the session's current token")}
+		s.audit(&sypas.Error{Code: em.Code, Message: fmt.Sprintf("TOKEN_REFRESH of token %#x: %s", m.TokenID, em.Message)})
 		return s.send(&em, 0, f.Correlation, 0)
 	}
 	if err := s.Capability().Valid(s.srv.now()); err != nil {
@@ -754,16 +870,19 @@ func (s *Session) serveRefresh(f *frame.Frame) error {
 // decodeToken checks a TOKEN payload (daemon): the token must parse and
 // carry the announced id and expiry. It copies the bytes out of the frame.
 func decodeToken(f *frame.Frame) (*Token, error) {
+	bad := func(format string, args ...any) error {
+		return &sypas.Error{Code: sypas.CodeProto, Message: fmt.Sprintf(format, args...), Err: errBadToken}
+	}
 	var m sypas.Token
 	if err := m.Decode(f.Payload); err != nil {
-		return nil, protoErr("TOKEN: %v", err)
+		return nil, bad("TOKEN: %v", err)
 	}
 	t, err := token.Parse(m.Token)
 	if err != nil {
-		return nil, protoErr("TOKEN: %v", err)
+		return nil, bad("TOKEN: %v", err)
 	}
 	if t.ID != m.TokenID || t.Expiry != m.ExpiryUnix {
-		return nil, protoErr("TOKEN: id %#x/expiry %d disagree with the token's %#x/%d", m.TokenID, m.ExpiryUnix, t.ID, t.Expiry)
+		return nil, bad("TOKEN: id %#x/expiry %d disagree with the token's %#x/%d", m.TokenID, m.ExpiryUnix, t.ID, t.Expiry)
 	}
 	return &Token{ID: m.TokenID, Bytes: append([]byte(nil), m.Token...), Issued: time.Now(), Expiry: m.Expiry()}, nil
 }

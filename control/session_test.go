@@ -426,6 +426,12 @@ func TestHandshakeHostileDaemon(t *testing.T) {
 	oversized[12], oversized[13], oversized[14] = 0, 0, 0x10 // payload_len 1 MiB, never sent
 	wrongVersion := bytes.Clone(hello)
 	wrongVersion[4] = 2
+	helloWith := func(h frame.Header) []byte {
+		h.Sequence = 1
+		b, err := sypas.AppendFrame(nil, h, &sypas.Hello{MinVersion: 1, MaxVersion: 1})
+		require.NoError(t, err)
+		return b
+	}
 
 	for _, tc := range []struct {
 		name   string
@@ -442,6 +448,9 @@ func TestHandshakeHostileDaemon(t *testing.T) {
 		{"heartbeat-first", encodeMsg(t, 1, &sypas.Heartbeat{Nonce: 1}), sypas.CodeProto, sypas.ErrProto},
 		{"regions-first", encodeMsg(t, 1, &sypas.Regions{Entries: []sypas.Region{{Role: 2, Size: 4096}}}), sypas.CodeProto, sypas.ErrProto},
 		{"bad-sequence", encodeMsg(t, 7, &sypas.Hello{MinVersion: 1, MaxVersion: 1}), sypas.CodeProto, sypas.ErrProto},
+		// cap_ref and correlation are 0 before TOKEN (§6.1).
+		{"hello-cap-ref", helloWith(frame.Header{CapRef: 7}), sypas.CodeProto, sypas.ErrProto},
+		{"hello-correlation", helloWith(frame.Header{Correlation: 3}), sypas.CodeProto, sypas.ErrProto},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := rawDial(t, ts.path)
@@ -452,6 +461,7 @@ func TestHandshakeHostileDaemon(t *testing.T) {
 			} else {
 				e := readError(t, c)
 				assert.Equal(t, tc.code, e.Code, "ERROR %v", e)
+				assert.NotEmpty(t, e.Message, "every ERROR carries a reason")
 			}
 			err = ts.acceptErr(t)
 			assert.ErrorIs(t, err, ErrHandshake)
@@ -565,28 +575,72 @@ func TestSessionConfigDefaultsAndValidation(t *testing.T) {
 	assert.Equal(t, sypas.FeatureTokenRefresh, c.Features)
 	assert.EqualValues(t, 16<<20, c.MaxRingSize)
 	assert.EqualValues(t, frame.DefaultMaxPayload, c.MaxPayload)
-	require.NoError(t, c.validate())
+	require.NoError(t, c.validate("DialConfig"))
 
-	for _, bad := range []SessionConfig{
-		{TxRingSize: 5000},
-		{RxRingSize: 1 << 31},
-		{MaxPayload: frame.HardMaxPayload + 1},
-		{HeartbeatMisses: 1 << 16},
-		{HeartbeatInterval: 2 * time.Hour},
-		{Name: string(make([]byte, sypas.MaxNameLen+1))},
-		{Features: sypas.FeatureBulk, RequireFeatures: sypas.FeatureSubscribe},
-		{TxRingSize: 1 << 20, MaxRingSize: 64 << 10},
+	for _, tc := range []struct {
+		bad   SessionConfig
+		field string
+	}{
+		{SessionConfig{TxRingSize: 5000}, "DialConfig.TxRingSize"},
+		{SessionConfig{RxRingSize: 1 << 31}, "DialConfig.RxRingSize"},
+		{SessionConfig{MaxPayload: frame.HardMaxPayload + 1}, "DialConfig.MaxPayload"},
+		{SessionConfig{HeartbeatMisses: 1 << 16}, "DialConfig.HeartbeatMisses"},
+		{SessionConfig{HeartbeatInterval: 2 * time.Hour}, "DialConfig.HeartbeatInterval"},
+		{SessionConfig{Name: string(make([]byte, sypas.MaxNameLen+1))}, "DialConfig.Name"},
+		{SessionConfig{Features: sypas.FeatureBulk, RequireFeatures: sypas.FeatureSubscribe}, "DialConfig.RequireFeatures"},
+		{SessionConfig{TxRingSize: 1 << 20, MaxRingSize: 64 << 10}, "DialConfig.TxRingSize"},
+		// Negative values used to become the defaults silently.
+		{SessionConfig{HeartbeatInterval: -time.Second}, "DialConfig.HeartbeatInterval"},
+		{SessionConfig{HeartbeatMisses: -1}, "DialConfig.HeartbeatMisses"},
+		{SessionConfig{HandshakeTimeout: -1}, "DialConfig.HandshakeTimeout"},
+		{SessionConfig{DrainTimeout: -1}, "DialConfig.DrainTimeout"},
 	} {
-		_, err := Dial(context.Background(), "/nonexistent", DialConfig{SessionConfig: bad})
-		assert.Error(t, err, "%+v", bad)
+		_, err := Dial(context.Background(), "/nonexistent", DialConfig{SessionConfig: tc.bad})
+		require.Error(t, err, "%+v", tc.bad)
+		assert.ErrorIs(t, err, ErrConfig)
+		assert.Contains(t, err.Error(), tc.field+" ")
 		assert.NotContains(t, err.Error(), "dial", "refused before dialing")
 	}
+	for _, tc := range []struct {
+		cfg   DialConfig
+		field string
+	}{
+		{DialConfig{MaxHeartbeatTimeout: -1}, "DialConfig.MaxHeartbeatTimeout"},
+		{DialConfig{Backoff: Backoff{Base: -time.Second}}, "DialConfig.Backoff.Base"},
+		{DialConfig{Backoff: Backoff{Max: -time.Second}}, "DialConfig.Backoff.Max"},
+	} {
+		_, err := Dial(context.Background(), "/nonexistent", tc.cfg)
+		assert.ErrorIs(t, err, ErrConfig)
+		assert.Contains(t, err.Error(), tc.field+" ")
+	}
+
 	l := listenFor(t, sockPath(t), nil)
-	_, err := NewServer(l, ServerConfig{})
-	assert.Error(t, err, "Keys is required")
-	_, err = NewServer(l, ServerConfig{Keys: token.NewKeyring()})
-	assert.Error(t, err, "a keyring without a current key")
-	srv, err := NewServer(l, ServerConfig{Keys: testKeys(t)})
+	_, err := NewServer(nil, ServerConfig{Keys: testKeys(t)})
+	assert.ErrorIs(t, err, ErrConfig, "a nil Listener used to be accepted, then Accept panicked")
+	assert.Contains(t, err.Error(), "Listener")
+	for _, tc := range []struct {
+		cfg   ServerConfig
+		field string
+	}{
+		{ServerConfig{}, "ServerConfig.Keys"},
+		{ServerConfig{Keys: token.NewKeyring()}, "ServerConfig.Keys"}, // no current key
+		// An invalid Scope used to make every handshake fail with E_INTERNAL.
+		{ServerConfig{Keys: testKeys(t), Scope: "/a//b"}, "ServerConfig.Scope"},
+		{ServerConfig{Keys: testKeys(t), Rights: 1 << 40}, "ServerConfig.Rights"},
+		{ServerConfig{Keys: testKeys(t), TokenTTL: -time.Hour}, "ServerConfig.TokenTTL"},
+		{ServerConfig{Keys: testKeys(t), SessionConfig: SessionConfig{HeartbeatInterval: -1}}, "ServerConfig.HeartbeatInterval"},
+		{ServerConfig{Keys: testKeys(t), SessionConfig: SessionConfig{HeartbeatMisses: -3}}, "ServerConfig.HeartbeatMisses"},
+	} {
+		_, err := NewServer(l, tc.cfg)
+		require.Error(t, err, "%s", tc.field)
+		assert.ErrorIs(t, err, ErrConfig)
+		assert.Contains(t, err.Error(), tc.field+" ")
+	}
+	// A default ring size never exceeds an explicit MaxRingSize.
+	srv, err := NewServer(l, ServerConfig{Keys: testKeys(t), SessionConfig: SessionConfig{MaxRingSize: 64 << 10}})
+	require.NoError(t, err)
+	assert.EqualValues(t, 64<<10, srv.cfg.TxRingSize)
+	srv, err = NewServer(l, ServerConfig{Keys: testKeys(t)})
 	require.NoError(t, err)
 	assert.EqualValues(t, DefaultRingSize, srv.cfg.TxRingSize)
 	assert.Equal(t, time.Hour, srv.tokenTTL())

@@ -3,7 +3,9 @@ package control
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
+	"slices"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -47,30 +49,108 @@ func waitDone(t *testing.T, s *Session, what string) {
 	}
 }
 
-// A revocation reaches the session's cached capability (Allows refuses at
-// once), and a revoked token is not renewed: its refresh ends the session
-// with E_AUTH on both sides. Before ServerConfig.Revoked, mint verified
-// without revocations, so Allows never saw one and refresh renewed the
-// token.
+// Revoking a session's token ends the session: the kernel's and the
+// daemon's ring waiters are woken with an error matching sypas.ErrAuth
+// within milliseconds, the daemon gets GOAWAY E_AUTH, the capability
+// refuses at once, and the kernel writes one audit record. Before, the
+// session kept its socket and rings until its next refresh or its expiry
+// (an hour by default); only Allows refused.
 func TestSessionTokenRevoked(t *testing.T) {
+	rev := token.NewRevocations()
+	sink, log := newAuditSink()
+	ts := startServer(t, "", ServerConfig{Revoked: rev, SessionConfig: SessionConfig{Logger: log}})
+	var lats []time.Duration
+	for i := range 10 {
+		other := dialT(t, ts.path, DialConfig{})
+		ts.session(t)
+		d := dialT(t, ts.path, DialConfig{})
+		k := ts.session(t)
+		c := k.Capability()
+		require.NoError(t, c.Allows(token.RightRequest, "", time.Now()))
+		kwoken, dwoken := waitWoken(k), waitWoken(d)
+
+		rev.Revoke(c.ID, c.MintedExpiry)
+		revoked := time.Now()
+		assert.ErrorIs(t, k.Capability().Allows(token.RightRequest, "", time.Now()), token.ErrRevoked)
+		var kw, dw wake
+		for _, w := range []struct {
+			ch  <-chan wake
+			got *wake
+		}{{kwoken, &kw}, {dwoken, &dw}} {
+			select {
+			case *w.got = <-w.ch:
+			case <-time.After(5 * time.Second):
+				t.Fatal("a ring waiter survived the revocation")
+			}
+		}
+		lats = append(lats, kw.at.Sub(revoked), dw.at.Sub(revoked))
+		assert.ErrorIs(t, kw.err, sypas.ErrAuth, "kernel ring waiter: %v", kw.err)
+		assert.ErrorIs(t, dw.err, sypas.ErrAuth, "daemon ring waiter: %v", dw.err)
+		waitDone(t, k, "kernel")
+		waitDone(t, d, "daemon")
+		assert.ErrorIs(t, k.Err(), sypas.ErrAuth)
+		assert.ErrorIs(t, k.Err(), token.ErrRevoked)
+		assert.ErrorIs(t, d.Err(), sypas.ErrAuth, "daemon: %v", d.Err())
+		assert.ErrorIs(t, d.Err(), errPeerSent, "told by GOAWAY")
+		assert.ErrorContains(t, d.Err(), "GOAWAY")
+		assert.ErrorContains(t, d.Err(), "revoked")
+
+		// Only the session holding the token ends.
+		assertAlive(t, other)
+		assert.NoError(t, other.Err())
+		if i == 0 {
+			r := sink.one(t, EventRevocation)
+			assert.Equal(t, hexID(c.ID), r[LogKeyTokenID])
+			assert.Equal(t, "E_AUTH", r[LogKeyCode])
+			assertSelf(t, r)
+			sink.noSecret(t, k.Token().Bytes)
+		}
+	}
+	slices.Sort(lats)
+	t.Logf("revocation → ring waiter woken (kernel and daemon, 10 sessions): median %v, max %v", lats[len(lats)/2], lats[len(lats)-1])
+	assert.Less(t, lats[len(lats)-1], time.Second, "within milliseconds (loose bound)")
+}
+
+// assertAlive checks that the kernel session behind d is alive: a
+// heartbeat is answered.
+func assertAlive(t *testing.T, d *Session) {
+	t.Helper()
+	sendRaw(t, d, &sypas.Heartbeat{Nonce: 42}, 0)
+	time.Sleep(10 * time.Millisecond)
+	assert.NoError(t, d.Err())
+}
+
+// The token a refresh replaced is still accepted as cap_ref until the next
+// refresh, so revoking it ends the session too. Revoking an id no session
+// holds ends nothing, and sessions that ended no longer watch the set.
+func TestPreviousTokenRevoked(t *testing.T) {
 	rev := token.NewRevocations()
 	ts := startServer(t, "", ServerConfig{Revoked: rev})
 	d := dialT(t, ts.path, DialConfig{})
 	k := ts.session(t)
-	c := k.Capability()
-	require.NoError(t, c.Allows(token.RightRequest, "", time.Now()))
+	first := k.Capability()
+	sendRaw(t, d, &sypas.TokenRefresh{TokenID: d.Token().ID}, d.corr.Add(1))
+	select {
+	case <-d.tokenUp:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no refreshed TOKEN")
+	}
+	require.NotEqual(t, first.ID, k.Token().ID)
 
-	rev.Revoke(c.ID, c.MintedExpiry)
-	assert.ErrorIs(t, k.Capability().Allows(token.RightRequest, "", time.Now()), token.ErrRevoked)
+	rev.Revoke(first.ID^0xFFFF, time.Now().Add(time.Hour)) // nobody's
+	time.Sleep(20 * time.Millisecond)
+	require.NoError(t, k.Err())
+	require.NoError(t, d.Err())
 
-	corr := d.corr.Add(1)
-	sendRaw(t, d, &sypas.TokenRefresh{TokenID: d.Token().ID}, corr)
+	rev.Revoke(first.ID, first.MintedExpiry)
 	waitDone(t, k, "kernel")
 	waitDone(t, d, "daemon")
-	assert.Equal(t, sypas.CodeAuth, sypas.CodeOf(k.Err()), "kernel: %v", k.Err())
 	assert.ErrorIs(t, k.Err(), token.ErrRevoked)
-	assert.Equal(t, sypas.CodeAuth, sypas.CodeOf(d.Err()), "daemon: %v", d.Err())
-	assert.ErrorIs(t, d.Err(), errPeerSent)
+	assert.ErrorContains(t, k.Err(), fmt.Sprintf("%#x", first.ID))
+	assert.ErrorIs(t, d.Err(), sypas.ErrAuth)
+	require.NoError(t, k.Close())
+	require.NoError(t, d.Close())
+	assert.Zero(t, rev.Watching(), "an ended session stops watching")
 }
 
 // A token that has expired (by the server's clock) is not renewed either.

@@ -72,6 +72,8 @@ func sessionHelper(mode, sock string) int {
 		fmt.Println("CHILD", child.Process.Pid)
 		fmt.Println("READY")
 		<-s.Done()
+	case "daemon-misbehave": // every way to exhaust a kernel at once
+		return misbehave(sock)
 	case "daemon-half-hello": // die mid-handshake
 		c, err := net.Dial("unix", sock)
 		if err != nil {
@@ -121,7 +123,12 @@ type helperProc struct {
 
 func sessionHelperProc(t testing.TB, mode, sock string) *helperProc {
 	t.Helper()
-	cmd := helperCmd(t, os.Args[0], "session-"+mode, sock)
+	return startHelper(t, helperCmd(t, os.Args[0], "session-"+mode, sock))
+}
+
+// startHelper starts cmd (from helperCmd) and collects its output lines.
+func startHelper(t testing.TB, cmd *exec.Cmd) *helperProc {
+	t.Helper()
 	out, err := cmd.StdoutPipe()
 	require.NoError(t, err)
 	cmd.Stderr = os.Stderr

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -126,7 +127,7 @@ func FuzzDialHandshake(f *testing.F) {
 		require.NoError(t, err)
 		return len(ents)
 	}
-	cfg := control.DialConfig{SessionConfig: control.SessionConfig{HandshakeTimeout: 2 * time.Second}}
+	cfg := control.DialConfig{SessionConfig: control.SessionConfig{HandshakeTimeout: 2 * time.Second, Logger: quiet}}
 	f.Fuzz(func(t *testing.T, in []byte) {
 		base := fds(t)
 		inputs <- in
@@ -145,6 +146,9 @@ func FuzzDialHandshake(f *testing.F) {
 	})
 }
 
+// quiet drops the audit records of the refusals the fuzz inputs cause.
+var quiet = slog.New(slog.DiscardHandler)
+
 // FuzzServerHandshake: a daemon that sends arbitrary bytes after connecting.
 // The kernel's Accept (attestation, then the frame-by-frame handshake reader,
 // the receive table and HELLO negotiation) never panics or hangs; it fails
@@ -161,7 +165,7 @@ func fuzzServer(f *testing.F) (*control.Server, string) {
 	require.NoError(f, err)
 	f.Cleanup(func() { l.Close() })
 	srv, err := control.NewServer(l, control.ServerConfig{Keys: keys, SessionConfig: control.SessionConfig{
-		HandshakeTimeout: 2 * time.Second, TxRingSize: 4096, RxRingSize: 4096, MaxRingSize: 8192}})
+		HandshakeTimeout: 2 * time.Second, TxRingSize: 4096, RxRingSize: 4096, MaxRingSize: 8192, Logger: quiet}})
 	require.NoError(f, err)
 	return srv, path
 }

@@ -73,18 +73,7 @@ func inProcessCloseTrial(t *testing.T, ts *testServer, cfg SessionConfig, side s
 	if side == "kernel" {
 		near, far, closeFn = k, d, k.Close
 	}
-	peer := make(chan error, 1)
-	go func() { peer <- closetest.Peer(far.Consumer(), far.Producer()) }()
-	faults, problems := closetest.Trial(near.Consumer(), near.Producer(), closeFn, i)
-	select {
-	case err := <-peer:
-		if err != nil {
-			faults++
-			problems = append(problems, fmt.Sprintf("trial %d: the peer faulted: %v", i, err))
-		}
-	case <-time.After(30 * time.Second):
-		problems = append(problems, fmt.Sprintf("trial %d: the peer's loops did not end", i))
-	}
+	faults, problems := closetest.TrialWithPeer(near.Consumer(), near.Producer(), far.Consumer(), far.Producer(), closeFn, i)
 	far.Close()
 	return faults, problems
 }

@@ -70,18 +70,7 @@ func regionCloseTrial(t *testing.T, cfg ring.Config, opener bool, i int) (int, [
 	require.NoError(t, err)
 	fp, err := farOut.NewProducer(cfg)
 	require.NoError(t, err)
-	peer := make(chan error, 1)
-	go func() { peer <- closetest.Peer(fc, fp) }()
-	faults, problems := closetest.Trial(c, p, func() error { return errors.Join(out.Close(), in.Close()) }, i)
-	select {
-	case err := <-peer:
-		if err != nil {
-			faults++
-			problems = append(problems, fmt.Sprintf("trial %d: the peer faulted: %v", i, err))
-		}
-	case <-time.After(30 * time.Second):
-		problems = append(problems, fmt.Sprintf("trial %d: the peer's loops did not end", i))
-	}
+	faults, problems := closetest.TrialWithPeer(c, p, fc, fp, func() error { return errors.Join(out.Close(), in.Close()) }, i)
 	require.NoError(t, errors.Join(farIn.Close(), farOut.Close()))
 	return faults, problems
 }

@@ -258,6 +258,26 @@ func Trial(c *ring.Consumer, p *ring.Producer, closeFn func() error, i int) (fau
 	return faults, problems
 }
 
+// TrialWithPeer is Trial with the far ends fc and fp in this process: it
+// runs Peer on them meanwhile, and also reports a fault of the peer's loops
+// or loops that do not end (the far ends must end when the near ones close,
+// as they do when they see the near ends closed or their session end).
+func TrialWithPeer(c *ring.Consumer, p *ring.Producer, fc *ring.Consumer, fp *ring.Producer, closeFn func() error, i int) (faults int, problems []string) {
+	peer := make(chan error, 1)
+	go func() { peer <- Peer(fc, fp) }()
+	faults, problems = Trial(c, p, closeFn, i)
+	select {
+	case err := <-peer:
+		if err != nil {
+			faults++
+			problems = append(problems, fmt.Sprintf("trial %d: the peer faulted: %v", i, err))
+		}
+	case <-time.After(30 * time.Second):
+		problems = append(problems, fmt.Sprintf("trial %d: the peer's loops did not end", i))
+	}
+	return faults, problems
+}
+
 // Tally adds up the trials of a close test.
 type Tally struct {
 	trials, faults int

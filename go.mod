@@ -3,7 +3,6 @@ module github.com/sypas/sypas
 go 1.26.0
 
 require (
-	github.com/edsrzf/mmap-go v1.2.0
 	github.com/klauspost/cpuid/v2 v2.4.2
 	github.com/stretchr/testify v1.12.1
 	golang.org/x/sys v0.50.0

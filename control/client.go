@@ -24,10 +24,12 @@ import (
 // kernel that listens but fails handshakes or drops sessions gets the
 // whole backoff.
 //
-// A session Session has returned is owned by the caller: once it is Done,
-// stop using its rings and Close it (Close unmaps them, so the Client
-// cannot know when that is safe). A session nobody asked for is closed by
-// the Client; Client.Close closes the current one.
+// Ownership: a session Session has returned is the caller's to Close once
+// it is Done (the Client leaves it open, so that the caller can still read
+// what the peer published before it ended). A session nobody asked for is
+// closed by the Client. Client.Close closes the current session, even one
+// Session returned: closing is safe at any time, and ring calls in flight
+// on it return ring.ErrClosed (see Session).
 type Client struct {
 	path string
 	cfg  DialConfig
@@ -173,7 +175,9 @@ func (c *Client) Session(ctx context.Context) (*Session, error) {
 	}
 }
 
-// Close stops reconnecting and closes the current session. Idempotent.
+// Close stops reconnecting and closes the current session, even one Session
+// handed out: ring calls in flight on it, and later ones, return
+// ring.ErrClosed. Idempotent.
 func (c *Client) Close() error {
 	c.cancel()
 	c.wg.Wait()

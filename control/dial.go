@@ -166,10 +166,10 @@ func (s *Session) mapRegions(f *frame.Frame, files []*os.File) (err error) {
 		}
 		s.regions = append(s.regions, r)
 	}
-	if s.prod, err = ring.NewProducer(s.regions[0].Bytes(), s.cfg.Ring); err != nil {
+	if s.prod, err = s.regions[0].NewProducer(s.cfg.Ring); err != nil {
 		return &sypas.Error{Code: sypas.CodeProto, Message: "RING_TX", Err: err}
 	}
-	if s.cons, err = ring.NewConsumer(s.regions[1].Bytes(), s.cfg.Ring); err != nil {
+	if s.cons, err = s.regions[1].NewConsumer(s.cfg.Ring); err != nil {
 		return &sypas.Error{Code: sypas.CodeProto, Message: "RING_RX", Err: err}
 	}
 	return nil

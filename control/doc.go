@@ -24,6 +24,16 @@
 // defence against pid recycling, and SCM_RIGHTS fd passing that never
 // leaks a descriptor. Capability tokens live in control/token.
 //
+// Closing: a Session is closed by whoever got it (Dial, Server.Accept,
+// Client.Session), and Client.Close closes the Client's current session
+// too, even one it handed out. Closing is safe at any time, from any
+// goroutine: ring calls in flight in other goroutines, and every later
+// one, return an error matching ring.ErrClosed, and views the rings handed
+// out never fault (their bytes are meaningless after Close). A session
+// that ends on its own (the peer died, hung up or fell silent) interrupts
+// waiting ring calls with its Err, which matches ErrPeerGone in those
+// cases; records already published can still be read until Close.
+//
 // Everything read from the socket or about the peer is untrusted. Blocking
 // calls honour the net.Conn deadlines of the connection they use.
 // See docs/SECURITY.md for the threat model.

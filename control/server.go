@@ -301,10 +301,10 @@ func (s *Session) serverHandshake() error {
 		}
 		s.regions = append(s.regions, r)
 	}
-	if s.cons, err = ring.NewConsumer(s.regions[0].Bytes(), s.cfg.Ring); err != nil {
+	if s.cons, err = s.regions[0].NewConsumer(s.cfg.Ring); err != nil {
 		return &sypas.Error{Code: sypas.CodeInternal, Message: "attach the RING_TX consumer", Err: err}
 	}
-	if s.prod, err = ring.NewProducer(s.regions[1].Bytes(), s.cfg.Ring); err != nil {
+	if s.prod, err = s.regions[1].NewProducer(s.cfg.Ring); err != nil {
 		return &sypas.Error{Code: sypas.CodeInternal, Message: "attach the RING_RX producer", Err: err}
 	}
 	regions := sypas.Regions{Entries: []sypas.Region{

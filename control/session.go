@@ -83,9 +83,20 @@ type Token struct {
 
 // Session is one end of a control connection and its two rings. The daemon
 // end comes from Dial, the kernel end from Server.Accept. Producer and
-// Consumer are this side's ring ends; the control plane interrupts their
-// waiters with an error matching ErrPeerGone the moment the peer is seen to
-// die. Methods are safe for concurrent use; the ring ends are not (SPSC).
+// Consumer are this side's ring ends. Methods are safe for concurrent use;
+// the ring ends are not (SPSC: one goroutine per end).
+//
+// Ending: when the session ends on its own (the peer died or hung up, went
+// silent, broke the protocol...), calls waiting on the rings return the
+// session's Err, an error matching ErrPeerGone when the peer is gone, and
+// records already published can still be read. Close (or Shutdown) is safe
+// at any time, from any goroutine, even while other goroutines are blocked
+// in or streaming through ring calls: those calls, and every later one,
+// return an error matching ring.ErrClosed. Views and reservations the rings
+// handed out never fault, but their bytes are meaningless after Close. The
+// one who got the session (from Dial, Server.Accept or Client.Session)
+// closes it when done with it; Client.Close closes the Client's current
+// session too.
 type Session struct {
 	kernel bool
 	cfg    SessionConfig
@@ -159,10 +170,11 @@ func newSession(kernel bool, conn *net.UnixConn, cfg SessionConfig) *Session {
 }
 
 // Producer is this side's sending ring end: daemon→kernel for a daemon,
-// kernel→daemon for the kernel. Not valid after Close.
+// kernel→daemon for the kernel. After Close its calls return ring.ErrClosed.
 func (s *Session) Producer() *ring.Producer { return s.prod }
 
-// Consumer is this side's receiving ring end. Not valid after Close.
+// Consumer is this side's receiving ring end. After Close its calls return
+// ring.ErrClosed.
 func (s *Session) Consumer() *ring.Consumer { return s.cons }
 
 // Token returns the current token; TOKEN_REFRESH replaces it.
@@ -202,8 +214,8 @@ func (s *Session) Err() error {
 func (s *Session) setState(st State) { s.state.Store(int32(st)) }
 
 // fail ends the session with err (the first error wins): it interrupts the
-// ring waiters, closes the socket and closes Done. It does not unmap the
-// rings, which the owner may still be using; Close does.
+// ring waiters, closes the socket and closes Done. It leaves the rings
+// readable, for records already published; Close releases them.
 func (s *Session) fail(err error) {
 	if p := s.ending.Load(); p != nil {
 		err = *p
@@ -269,13 +281,17 @@ func errorMsg(err error) sypas.ErrorMsg {
 	return m
 }
 
-// Close ends the session, closes the ring ends and unmaps the rings: stop
-// using Producer and Consumer first. It does not wait for the peer; use
-// Shutdown for an orderly end. Close is idempotent.
+// Close ends the session and releases its rings. It is safe at any time,
+// from any goroutine: ring calls in flight in other goroutines, and every
+// later call, return an error matching ring.ErrClosed, and views stay safe
+// to touch (see Session). It does not wait for the peer; use Shutdown for
+// an orderly end. Close is idempotent.
 func (s *Session) Close() error {
 	s.closeOnce.Do(func() {
-		s.fail(ErrSessionClosed)
-		s.wg.Wait()
+		// The ring ends first, so that their waiters fail with ErrClosed
+		// rather than with fail's ErrSessionClosed. Each wakes its waiter
+		// while the ring is still mapped shared; the regions' Close then
+		// swaps the shared memory for private pages (ring.Region.Close).
 		var errs []error
 		if s.prod != nil {
 			errs = append(errs, s.prod.Close())
@@ -283,6 +299,8 @@ func (s *Session) Close() error {
 		if s.cons != nil {
 			errs = append(errs, s.cons.Close())
 		}
+		s.fail(ErrSessionClosed)
+		s.wg.Wait()
 		for _, r := range s.regions {
 			errs = append(errs, r.Close())
 		}
@@ -299,7 +317,8 @@ func (s *Session) Close() error {
 // Shutdown ends the session in order: it sends GOAWAY (the peer stops
 // starting work and finishes what is in flight, with the rings still live),
 // waits for the peer's GOAWAY, which says it is done, or for ctx or
-// DrainTimeout, then closes. Like Close, it unmaps the rings.
+// DrainTimeout, then closes. Like Close, it releases the rings: calls still
+// in flight on them return ring.ErrClosed.
 func (s *Session) Shutdown(ctx context.Context) error {
 	err := s.sendGoAway()
 	if err == nil {

@@ -110,6 +110,8 @@ func sessionHelper(mode, sock string) int {
 		}
 		fmt.Println("READY")
 		<-s.Done()
+	case "close-kernel", "close-daemon":
+		return closePeerHelper(mode, sock)
 	default:
 		return fail(fmt.Errorf("unknown mode %q", mode))
 	}

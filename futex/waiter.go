@@ -338,6 +338,9 @@ func (w *Waiter) stopErr() error {
 		return errClosed
 	}
 	if p := w.intr.Load(); p != nil {
+		if w.closed.Load() { // closed after our first look: Close still wins
+			return errClosed
+		}
 		return *p
 	}
 	return nil

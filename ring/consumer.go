@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"runtime"
 	"sync/atomic"
 	"time"
 
@@ -34,11 +35,15 @@ type Consumer struct {
 	closed  atomic.Bool
 	waiter  *futex.Waiter
 	readyFn func() bool // c.ready, bound once so waiting allocates nothing
+	owner   *Region     // attached through Region.NewConsumer: keeps the memory mapped; nil over plain memory
 }
 
-// NewConsumer attaches the consumer end to a ring laid out by Init. mem must
-// stay valid (mapped) until the consumer is closed and every view it returned
-// is dropped; the consumer validates the header once and never reads it again.
+// NewConsumer attaches the consumer end to a ring laid out by Init in mem,
+// memory the caller owns: it must stay valid (mapped) until the consumer is
+// closed, every call on it has returned and every view it returned is
+// dropped. For a Region, use its NewConsumer method instead, which makes
+// closing the region safe at any time. The consumer validates the header once
+// and never reads it again.
 func NewConsumer(mem []byte, cfg Config) (*Consumer, error) {
 	if err := cfg.Idle.Validate(); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
@@ -130,6 +135,7 @@ func (c *Consumer) Release() {
 		c.released = c.pos
 		futex.Notify(c.peerSleep)
 	}
+	runtime.KeepAlive(c) // Notify touches the mapping, which c keeps (owner)
 }
 
 // ReadInto copies the next record into buf, releases it (and every record
@@ -169,26 +175,33 @@ func (c *Consumer) ReadInto(buf []byte) (int, error) {
 // a change applies to a call already waiting; unlike net.Conn, records already
 // published are still returned after the deadline, since the deadline bounds
 // waiting, not reading.
-func (c *Consumer) SetDeadline(t time.Time) { c.waiter.SetDeadline(t) }
+func (c *Consumer) SetDeadline(t time.Time) {
+	c.waiter.SetDeadline(t)
+	runtime.KeepAlive(c) // the waiter touches the mapping, which c keeps (owner)
+}
 
 // Interrupt makes a waiting or future wait for records fail with err; the
 // control plane calls it when the producer's process dies. Records already
 // published can still be read. The first error sticks.
-func (c *Consumer) Interrupt(err error) { c.waiter.Interrupt(err) }
+func (c *Consumer) Interrupt(err error) {
+	c.waiter.Interrupt(err)
+	runtime.KeepAlive(c)
+}
 
 // Close tells the producer that nothing more will be read (its writes then
 // fail with ErrPeerClosed) and wakes a blocked Next, which returns ErrClosed;
 // Next and ReadInto fail with ErrClosed afterwards and Release does nothing.
-// It is idempotent and does not unmap the region: keep it mapped until Close
-// has returned, every call blocked in another goroutine has returned, and no
-// view is in use.
+// It is idempotent and does not release the memory: Region.Close does, after
+// closing the ends attached through it.
 func (c *Consumer) Close() error {
 	if !c.closed.CompareAndSwap(false, true) {
 		return nil
 	}
 	c.closedFlag.Store(1)
 	futex.Notify(c.peerSleep)
-	return c.waiter.Close()
+	err := c.waiter.Close()
+	runtime.KeepAlive(c)
+	return err
 }
 
 // usable reports why the consumer cannot be used any more, if it cannot.
@@ -262,7 +275,7 @@ func (c *Consumer) refreshTail() bool {
 		return false
 	}
 	if t-c.cachedTail > c.capacity || t-c.released > c.capacity || t&(RecordAlign-1) != 0 {
-		c.err = fmt.Errorf("%w: producer index %d, last %d, released %d, capacity %d", ErrCorrupt, t, c.cachedTail, c.released, c.capacity)
+		c.err = c.closedOr(fmt.Errorf("%w: producer index %d, last %d, released %d, capacity %d", ErrCorrupt, t, c.cachedTail, c.released, c.capacity))
 		return true
 	}
 	c.cachedTail = t
@@ -295,6 +308,6 @@ func (c *Consumer) record() (view []byte, next uint64, isData bool, err error) {
 		}
 		return nil, c.pos + contig, false, nil
 	}
-	c.err = fmt.Errorf("%w: record at %d: type %d, length %d, %d bytes published, %d before the end", ErrCorrupt, c.pos, typ, length, avail, contig)
+	c.err = c.closedOr(fmt.Errorf("%w: record at %d: type %d, length %d, %d bytes published, %d before the end", ErrCorrupt, c.pos, typ, length, avail, contig))
 	return nil, 0, false, c.err
 }

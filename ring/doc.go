@@ -48,6 +48,25 @@
 // Payload views still point into shared memory, so their bytes may change under
 // the reader; decode them once (the frame decoder does).
 //
+// # Closing
+//
+// Ends attached through a [Region] (its NewProducer and NewConsumer methods)
+// make closing safe at any time, from any goroutine: [Region.Close] closes
+// them, which wakes their waiting calls, and the calls in flight in other
+// goroutines, as well as every later call, return an error matching
+// [ErrClosed] (a call that already had its result may still return it). The
+// region's shared memory is then swapped, in one step, for private zero
+// pages at the same addresses, which are unmapped only once neither the region
+// nor an end attached through it is reachable: a goroutine still inside a
+// call, or still reading a view or filling a reservation, touches memory that
+// is meaningless but mapped, and never faults. A view stays safe to touch for
+// as long as the end that returned it is reachable, which holding the end (or
+// the control.Session that owns it) ensures.
+//
+// Ends made with [NewProducer] and [NewConsumer] over memory the caller
+// manages keep the plain contract: close them, and let every call on them
+// return, before that memory goes.
+//
 // # Waiting
 //
 // A consumer with nothing to read, or a producer with no room, waits with the

@@ -25,7 +25,8 @@ var (
 	// any more will be read.
 	ErrPeerClosed = errors.New("ring: peer closed")
 
-	// ErrClosed reports use of an endpoint after Close.
+	// ErrClosed reports use of an endpoint after Close (its own, or its
+	// Region's), and ends a call that was in flight when Close ran.
 	ErrClosed = os.ErrClosed
 
 	// ErrShortBuffer reports a ReadInto buffer smaller than the next record;

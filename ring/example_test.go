@@ -101,7 +101,7 @@ func ExampleCreateRegion() {
 		panic(err)
 	}
 	defer region.Close()
-	c, _ := ring.NewConsumer(region.Bytes(), ring.Config{})
+	c, _ := region.NewConsumer(ring.Config{})
 	c.SetDeadline(time.Now().Add(10 * time.Second)) // a daemon that never starts must not hang us
 
 	daemon := exec.Command(os.Args[0], "-test.run=^TestExampleDaemon$")
@@ -131,7 +131,7 @@ func daemonMain() error {
 		return err
 	}
 	defer region.Close()
-	p, err := ring.NewProducer(region.Bytes(), ring.Config{})
+	p, err := region.NewProducer(ring.Config{})
 	if err != nil {
 		return err
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 
 	"github.com/sypas/sypas/internal/shm"
 )
@@ -11,10 +12,22 @@ import (
 // Region is the memory of one ring in a sealed memfd, mapped into this
 // process. The creator passes File to the other process (ExtraFiles, or
 // SCM_RIGHTS over the control socket), which maps it with OpenRegion; each side
-// then attaches its end with NewProducer or NewConsumer on Bytes.
+// then attaches its end with the region's NewProducer or NewConsumer.
+//
+// Closing a region is safe at any time, from any goroutine, even while other
+// goroutines are blocked in or streaming through calls on the ends attached
+// through it: Close closes those ends first (their calls in flight, and every
+// later call, return an error matching ErrClosed), then releases the shared
+// memory without ever unmapping an address a goroutine may still touch. See
+// Close.
 type Region struct {
 	shm      *shm.Region
 	capacity int
+
+	mu     sync.Mutex // guards the fields below
+	prod   *Producer  // attached through NewProducer, closed by Close
+	cons   *Consumer  // attached through NewConsumer, closed by Close
+	closed bool
 }
 
 // regionPage is the unit of region sizes: memfds are passed and mapped in
@@ -67,7 +80,49 @@ func OpenRegion(f *os.File, capacity int) (*Region, error) {
 	return &Region{shm: r, capacity: capacity}, nil
 }
 
-// Bytes is the mapped region, for NewProducer or NewConsumer.
+// NewProducer attaches the producer end to the region's ring (see the
+// function NewProducer). The producer keeps the region's memory reserved for
+// as long as it is reachable, and the region's Close closes it. A region has
+// at most one producer attached this way; after Close it fails with
+// ErrClosed.
+func (r *Region) NewProducer(cfg Config) (*Producer, error) {
+	return attach(r, &r.prod, cfg, NewProducer, "producer")
+}
+
+// NewConsumer attaches the consumer end to the region's ring, as
+// NewProducer does the producer end.
+func (r *Region) NewConsumer(cfg Config) (*Consumer, error) {
+	return attach(r, &r.cons, cfg, NewConsumer, "consumer")
+}
+
+// attach makes an end of the region's ring with newEnd and records it in
+// *slot, which Close reads.
+func attach[E interface {
+	*Producer | *Consumer
+	setOwner(*Region)
+}](r *Region, slot *E, cfg Config, newEnd func([]byte, Config) (E, error), what string) (E, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return nil, fmt.Errorf("ring: attach a %s: region %w", what, ErrClosed)
+	}
+	if *slot != nil {
+		return nil, fmt.Errorf("%w: a %s is already attached to this region", ErrInvalid, what)
+	}
+	e, err := newEnd(r.shm.Bytes(), cfg)
+	if err != nil {
+		return nil, err
+	}
+	e.setOwner(r)
+	*slot = e
+	return e, nil
+}
+
+// Bytes is the mapped region, nil after Close. Prefer the region's
+// NewProducer and NewConsumer to the functions of the same name on Bytes:
+// ends attached over Bytes are neither closed by Close nor keep the region
+// reachable, so they must be closed, and their calls must have returned,
+// before the region is closed or dropped.
 func (r *Region) Bytes() []byte { return r.shm.Bytes() }
 
 // File is the memfd, still owned by the region, to pass to the peer.
@@ -76,7 +131,56 @@ func (r *Region) File() *os.File { return r.shm.File() }
 // Capacity is the size of the ring's data area.
 func (r *Region) Capacity() int { return r.capacity }
 
-// Close unmaps the region and closes the memfd. First close the ring's ends
-// and wait until every call on them has returned and no view is in use:
-// touching the memory afterwards faults. It is idempotent.
-func (r *Region) Close() error { return r.shm.Close() }
+// Close closes the ends attached through the region, which wakes their
+// waiting calls, then releases the shared memory and closes the memfd. It
+// may run at any time, from any goroutine: calls in flight on those ends
+// return an error matching ErrClosed, as does every later call, and views
+// and reservations they handed out stay safe to touch but hold meaningless
+// bytes (the mapping is replaced in one step by private zero pages; its
+// addresses are unmapped once neither the region nor its ends are
+// reachable). The peer's own mapping is not affected: it sees this side's
+// ends closed. Close is idempotent.
+func (r *Region) Close() error {
+	r.mu.Lock()
+	prod, cons := r.prod, r.cons
+	r.closed = true
+	r.mu.Unlock()
+	// Ends first: a waiter parked in FUTEX_WAIT on the shared word must be
+	// woken while the word is still shared. A wake on the same address once
+	// the mapping is replaced would target a private futex and miss it. A
+	// waiter about to park re-checks the closed flag after setting its sleep
+	// word, and one whose FUTEX_WAIT comes after the replacement finds the
+	// private word at 0, not parked, and returns at once.
+	var errs []error
+	if prod != nil {
+		errs = append(errs, prod.Close())
+	}
+	if cons != nil {
+		errs = append(errs, cons.Close())
+	}
+	errs = append(errs, r.shm.Close())
+	return errors.Join(errs...)
+}
+
+// setOwner ties the end to the region it was attached through, so that the
+// region, and with it the mapped memory, stays reachable while the end is.
+func (p *Producer) setOwner(r *Region) { p.owner = r }
+
+func (c *Consumer) setOwner(r *Region) { c.owner = r }
+
+// closedOr returns ErrClosed rather than err, a corruption just seen, once
+// the end is closed: after Close the mapping may already be the private zero
+// pages that replaced it (Region.Close), and what looks corrupt is the close.
+func (p *Producer) closedOr(err error) error {
+	if p.closed.Load() {
+		return ErrClosed
+	}
+	return err
+}
+
+func (c *Consumer) closedOr(err error) error {
+	if c.closed.Load() {
+		return ErrClosed
+	}
+	return err
+}

@@ -89,11 +89,11 @@ func withDaemon(policy futex.Policy, phase func(*ring.Producer, *ring.Consumer) 
 	}
 	defer toKernel.Close()
 	cfg := ring.Config{Idle: futex.Config{Policy: policy}}
-	p, err := ring.NewProducer(toDaemon.Bytes(), cfg)
+	p, err := toDaemon.NewProducer(cfg)
 	if err != nil {
 		return err
 	}
-	c, err := ring.NewConsumer(toKernel.Bytes(), cfg)
+	c, err := toKernel.NewConsumer(cfg)
 	if err != nil {
 		return err
 	}

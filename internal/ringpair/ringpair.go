@@ -14,7 +14,7 @@ import (
 
 // Inherited maps both regions (checking seals and size) and attaches a
 // consumer to fd 3's ring and a producer to fd 4's. The returned function
-// closes both ends and unmaps the regions.
+// closes both regions, and with them the ends (ring.Region.Close).
 func Inherited(capacity int, cfg ring.Config) (*ring.Consumer, *ring.Producer, func(), error) {
 	in, err := ring.OpenRegion(os.NewFile(3, "ring-from-parent"), capacity)
 	if err != nil {
@@ -25,24 +25,19 @@ func Inherited(capacity int, cfg ring.Config) (*ring.Consumer, *ring.Producer, f
 		in.Close()
 		return nil, nil, nil, fmt.Errorf("fd 4: %w", err)
 	}
-	unmap := func() {
+	closeAll := func() {
 		out.Close()
 		in.Close()
 	}
-	c, err := ring.NewConsumer(in.Bytes(), cfg)
+	c, err := in.NewConsumer(cfg)
 	if err != nil {
-		unmap()
+		closeAll()
 		return nil, nil, nil, err
 	}
-	p, err := ring.NewProducer(out.Bytes(), cfg)
+	p, err := out.NewProducer(cfg)
 	if err != nil {
-		c.Close()
-		unmap()
+		closeAll()
 		return nil, nil, nil, err
 	}
-	return c, p, func() {
-		p.Close()
-		c.Close()
-		unmap()
-	}, nil
+	return c, p, closeAll, nil
 }

@@ -4,9 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"sync/atomic"
 
-	mmap "github.com/edsrzf/mmap-go"
 	"golang.org/x/sys/unix"
 )
 
@@ -22,11 +22,18 @@ var (
 // requiredSeals are the seals Open insists on: together they fix the size.
 const requiredSeals = unix.F_SEAL_SHRINK | unix.F_SEAL_GROW
 
-// Region is a memfd mapped shared read-write. Its methods other than Close
-// may be called concurrently; Close may be called more than once.
+// Region is a memfd mapped shared read-write. Its methods may be called
+// concurrently, Close included, and Close more than once.
+//
+// Closing never unmaps memory a goroutine may still touch: Close replaces the
+// shared mapping with private zero pages over the same addresses, and the
+// address range is unmapped only once the Region is unreachable. Whatever
+// keeps using the memory must therefore keep the Region reachable (the ring
+// ends attached through a ring.Region do).
 type Region struct {
 	f      *os.File
-	mem    mmap.MMap // the original mapping, kept whole for munmap; never reassigned
+	mem    []byte // the mapping, exactly size bytes; never reassigned
+	span   *span  // its address range, unmapped by the cleanup
 	size   int
 	closed atomic.Bool
 }
@@ -116,11 +123,13 @@ func Open(f *os.File, size int) (_ *Region, err error) {
 
 // mapFile maps f shared read-write. The caller closes f if it fails.
 func mapFile(f *os.File, size int) (*Region, error) {
-	mem, err := mmap.MapRegion(f, size, mmap.RDWR, 0, 0) // RDWR without COPY: MAP_SHARED
+	sp, mem, err := mapShared(f, size)
 	if err != nil {
 		return nil, fmt.Errorf("shm: mmap %s (%d bytes): %w", f.Name(), size, err)
 	}
-	return &Region{f: f, mem: mem, size: size}, nil
+	r := &Region{f: f, mem: mem, span: sp, size: size}
+	runtime.AddCleanup(r, (*span).release, sp)
+	return r, nil
 }
 
 // closeOnError closes f if *err is set when a constructor returns.
@@ -131,9 +140,15 @@ func closeOnError(err *error, f *os.File) {
 }
 
 // Bytes returns the mapping: page-aligned, exactly Size bytes long, shared
-// with every process that mapped the same memfd. It must not be used after
-// Close.
-func (r *Region) Bytes() []byte { return r.mem }
+// with every process that mapped the same memfd; nil after Close. A slice
+// obtained before Close stays safe to touch while the Region is reachable,
+// but is then private zero pages, no longer shared.
+func (r *Region) Bytes() []byte {
+	if r.closed.Load() {
+		return nil
+	}
+	return r.mem
+}
 
 // File returns the memfd, to hand to a peer (exec.Cmd.ExtraFiles,
 // SCM_RIGHTS). The region still owns it: do not close it.
@@ -142,19 +157,27 @@ func (r *Region) File() *os.File { return r.f }
 // Size returns the region's size in bytes.
 func (r *Region) Size() int { return r.size }
 
-// Close unmaps the region and closes its file. Only the first call does
-// anything; later calls return nil.
+// Close releases the shared memory and closes the file, while goroutines may
+// still be touching the mapping: it replaces the mapping, in one step, with
+// private zero pages at the same addresses (they read zeros and write to
+// memory nobody else sees, and never fault), and the addresses are unmapped
+// once the Region is unreachable. Only the first call does anything; later
+// calls return nil.
 func (r *Region) Close() error {
 	if !r.closed.CompareAndSwap(false, true) {
 		return nil
 	}
-	var unmapErr, closeErr error
-	mem := r.mem // Unmap nils its receiver; keep r.mem intact for racing readers
-	if err := mem.Unmap(); err != nil {
-		unmapErr = fmt.Errorf("shm: munmap: %w", err)
+	var retireErr, closeErr error
+	if err := r.span.retire(); err != nil {
+		// The shared pages stay mapped until the Region is unreachable.
+		retireErr = fmt.Errorf("shm: replace the mapping of %s: %w", r.f.Name(), err)
 	}
 	if err := r.f.Close(); err != nil {
 		closeErr = fmt.Errorf("shm: close: %w", err)
 	}
-	return errors.Join(unmapErr, closeErr)
+	return errors.Join(retireErr, closeErr)
 }
+
+// Mapped is the number of regions this process has mapped and not unmapped
+// yet: those open, and those closed but still reachable. Leak tests watch it.
+func Mapped() int { return int(mapped.Load()) }

@@ -3,6 +3,8 @@ package shm_test
 import (
 	"os"
 	"path/filepath"
+	"runtime"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"testing"
@@ -11,6 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
+	"github.com/sypas/sypas/internal/closetest"
 	"github.com/sypas/sypas/internal/shm"
 )
 
@@ -137,6 +140,50 @@ func TestCloseIdempotent(t *testing.T) {
 	assert.NoError(t, r.Close())
 	assertFdClosed(t, fd)
 	assert.Equal(t, 4096, r.Size(), "Size stays valid after Close")
+	assert.Nil(t, r.Bytes(), "Bytes after Close")
+}
+
+// Memory a goroutine still holds when the region is closed stays safe to
+// touch: it reads zeros, and its writes reach neither the peer nor the
+// memfd. The peer's mapping is untouched.
+func TestCloseLeavesMemoryTouchable(t *testing.T) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true)) // a fault fails this test only
+	const size = 2 * 4096
+	r, err := shm.Create("test-touch", size)
+	require.NoError(t, err)
+	peer, err := shm.Open(dupFile(t, r.File()), size)
+	require.NoError(t, err)
+	defer peer.Close()
+	mem := r.Bytes()
+	copy(mem, "shared")
+	mem[size-1] = 1
+
+	require.NoError(t, r.Close())
+	assert.Equal(t, make([]byte, 6), mem[:6], "private zero pages")
+	assert.Zero(t, mem[size-1])
+	copy(mem, "stale!")
+	assert.Equal(t, "shared", string(peer.Bytes()[:6]), "the peer keeps its memory")
+	peer.Bytes()[0] = 'S'
+	assert.Equal(t, byte('s'), mem[0], "no longer shared")
+	runtime.KeepAlive(r) // mem is only valid while r is reachable
+}
+
+// A closed region's addresses are unmapped once it is unreachable: the
+// kernel no longer knows the range (msync fails with ENOMEM), and Mapped
+// counts it no more.
+func TestClosedRegionUnmappedWhenUnreachable(t *testing.T) {
+	base := shm.Mapped()
+	r, err := shm.Create("test-unmap", 4096)
+	require.NoError(t, err)
+	mem := r.Bytes()
+	require.NoError(t, r.Close())
+	runtime.GC()
+	assert.True(t, closetest.IsMapped(mem), "mapped while the region is reachable")
+	runtime.KeepAlive(r)
+
+	r = nil
+	closetest.WaitUnmapped(t, mem)
+	assert.LessOrEqual(t, shm.Mapped(), base)
 }
 
 // TestNoLeaks creates, opens and closes many regions and checks that the
@@ -146,7 +193,7 @@ func TestNoLeaks(t *testing.T) {
 	if testing.Short() {
 		n = 100
 	}
-	fds0, maps0 := countFds(t), countMemfdMaps(t)
+	fds0, maps0, mapped0 := countFds(t), countMemfdMaps(t), shm.Mapped()
 	for i := range n {
 		r, err := shm.Create("test-leak", 4096)
 		require.NoError(t, err)
@@ -162,6 +209,7 @@ func TestNoLeaks(t *testing.T) {
 	}
 	assert.Equal(t, fds0, countFds(t), "entries in /proc/self/fd")
 	assert.Equal(t, maps0, countMemfdMaps(t), "memfd: lines in /proc/self/maps")
+	closetest.Collect(t, mapped0) // and the closed regions' addresses once unreachable
 }
 
 func assertFdClosed(t *testing.T, fd int) {
@@ -185,10 +233,4 @@ func countMemfdMaps(t *testing.T) int {
 }
 
 // dupForPeer duplicates f's descriptor, as SCM_RIGHTS would for a peer.
-func dupForPeer(f *os.File) (*os.File, error) {
-	fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
-	if err != nil {
-		return nil, err
-	}
-	return os.NewFile(uintptr(fd), "dup:"+f.Name()), nil
-}
+func dupForPeer(f *os.File) (*os.File, error) { return closetest.PeerFile(f) }

@@ -1,0 +1,168 @@
+package ring_test
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"runtime/debug"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/sypas/sypas/futex"
+	"github.com/sypas/sypas/internal/closetest"
+	"github.com/sypas/sypas/ring"
+)
+
+// peerPair returns two mappings of one new ring: the creator's and the
+// peer's (OpenRegion on a duplicate of the memfd, as after SCM_RIGHTS).
+func peerPair(t *testing.T, capacity int) (created, opened *ring.Region) {
+	t.Helper()
+	created, err := ring.CreateRegion(capacity)
+	require.NoError(t, err)
+	f, err := closetest.PeerFile(created.File())
+	require.NoError(t, err)
+	opened, err = ring.OpenRegion(f, capacity)
+	require.NoError(t, err)
+	return created, opened
+}
+
+// Closing a region, from any goroutine and at any time, never faults: the
+// calls in flight on the ends attached through it (blocked or streaming,
+// every ring call, every idle mode) return ErrClosed, and so does the next
+// call. The creator's side and the opener's side close in turn; the peer
+// side, mapped separately as in another process, sees the ends closed.
+func TestRegionCloseNeverFaults(t *testing.T) {
+	n := closetest.Trials(100)
+	k := 0
+	for _, policy := range closetest.Policies {
+		cfg := ring.Config{Idle: futex.Config{Policy: policy}}
+		for _, side := range []string{"creator", "opener"} {
+			t.Run(fmt.Sprintf("%v/%s", policy, side), func(t *testing.T) {
+				var ty closetest.Tally
+				for i := range n {
+					ty.Add(regionCloseTrial(t, cfg, side == "opener", k*n+i))
+				}
+				ty.Check(t)
+			})
+			k++
+		}
+	}
+}
+
+// regionCloseTrial runs closetest.Trial on the ends attached through one
+// side's mappings of two rings (one each way), the other side playing
+// closetest.Peer.
+func regionCloseTrial(t *testing.T, cfg ring.Config, opener bool, i int) (int, []string) {
+	t.Helper()
+	out, farIn := peerPair(t, 64<<6) // near → far
+	in, farOut := peerPair(t, 64<<6) // far → near
+	if opener {
+		out, farIn, in, farOut = farIn, out, farOut, in
+	}
+	p, err := out.NewProducer(cfg)
+	require.NoError(t, err)
+	c, err := in.NewConsumer(cfg)
+	require.NoError(t, err)
+	fc, err := farIn.NewConsumer(cfg)
+	require.NoError(t, err)
+	fp, err := farOut.NewProducer(cfg)
+	require.NoError(t, err)
+	faults, problems := closetest.TrialWithPeer(c, p, fc, fp, func() error { return errors.Join(out.Close(), in.Close()) }, i)
+	require.NoError(t, errors.Join(farIn.Close(), farOut.Close()))
+	return faults, problems
+}
+
+func TestRegionCloseRules(t *testing.T) {
+	r, err := ring.CreateRegion(4096)
+	require.NoError(t, err)
+	p, err := r.NewProducer(ring.Config{})
+	require.NoError(t, err)
+	_, err = r.NewProducer(ring.Config{})
+	assert.ErrorIs(t, err, ring.ErrInvalid, "a second producer")
+	c, err := r.NewConsumer(ring.Config{})
+	require.NoError(t, err)
+	_, err = p.Write([]byte("kept"))
+	require.NoError(t, err)
+	view, err := c.Next()
+	require.NoError(t, err)
+
+	require.NoError(t, r.Close())
+	assert.NoError(t, r.Close(), "idempotent")
+	assert.Nil(t, r.Bytes(), "Bytes after Close")
+	assert.NotNil(t, r.File(), "File stays set, closed")
+	_, err = r.NewConsumer(ring.Config{})
+	assert.ErrorIs(t, err, ring.ErrClosed, "attach after Close")
+	_, err = p.Write([]byte("late"))
+	assert.ErrorIs(t, err, ring.ErrClosed, "the ends were closed")
+	_, err = c.Next()
+	assert.ErrorIs(t, err, ring.ErrClosed)
+
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true)) // a fault fails this test only
+	assert.Equal(t, make([]byte, 4), view, "a view kept past Close reads private zero pages")
+	runtime.KeepAlive(c)
+}
+
+// Close wakes ends parked in the kernel, and their calls return ErrClosed.
+func TestRegionCloseWakesParked(t *testing.T) {
+	cfg := ring.Config{Idle: futex.Config{Policy: futex.PolicyPark}}
+	empty, err := ring.CreateRegion(4096)
+	require.NoError(t, err)
+	c, err := empty.NewConsumer(cfg)
+	require.NoError(t, err)
+	full, err := ring.CreateRegion(4096)
+	require.NoError(t, err)
+	p, err := full.NewProducer(cfg)
+	require.NoError(t, err)
+	_, err = full.NewConsumer(cfg) // attached, never reading
+	require.NoError(t, err)
+	for {
+		b := p.TryReserve(1000)
+		if b == nil {
+			break
+		}
+		require.NoError(t, p.Commit(len(b)))
+	}
+	require.NoError(t, p.Flush())
+
+	next, reserve := make(chan error, 1), make(chan error, 1)
+	go func() { _, err := c.Next(); next <- err }()
+	go func() { _, err := p.Reserve(1000); reserve <- err }()
+	time.Sleep(20 * time.Millisecond) // let both park
+	require.NoError(t, empty.Close())
+	require.NoError(t, full.Close())
+	for _, ch := range []chan error{next, reserve} {
+		select {
+		case err := <-ch:
+			assert.ErrorIs(t, err, ring.ErrClosed)
+		case <-time.After(10 * time.Second):
+			t.Fatal("a call is still parked 10 s after Close")
+		}
+	}
+}
+
+// An end attached through a region keeps the region's addresses mapped for
+// as long as the end is reachable, even once the region is closed and
+// dropped; then they are unmapped.
+func TestRegionEndsKeepMappingReachable(t *testing.T) {
+	r, err := ring.CreateRegion(4096)
+	require.NoError(t, err)
+	c, err := r.NewConsumer(ring.Config{})
+	require.NoError(t, err)
+	mem := r.Bytes()
+	require.NoError(t, r.Close())
+	r = nil
+	for range 3 {
+		runtime.GC()
+		time.Sleep(time.Millisecond)
+	}
+	assert.True(t, closetest.IsMapped(mem), "mapped while its consumer is reachable")
+	_, err = c.Next()
+	assert.ErrorIs(t, err, ring.ErrClosed)
+	runtime.KeepAlive(c)
+
+	c = nil
+	closetest.WaitUnmapped(t, mem)
+}

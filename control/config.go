@@ -125,7 +125,7 @@ func (c SessionConfig) validate(owner string) error {
 	for _, r := range []struct {
 		name string
 		v    uint32
-	}{{"TxRingSize", c.TxRingSize}, {"RxRingSize", c.RxRingSize}, {"MaxRingSize", c.MaxRingSize}} {
+	}{{"MaxRingSize", c.MaxRingSize}, {"TxRingSize", c.TxRingSize}, {"RxRingSize", c.RxRingSize}} { // MaxRingSize first: NewServer derives default ring sizes from it
 		if r.v != 0 && (r.v&(r.v-1) != 0 || r.v < sypas.MinRingSize || r.v > sypas.MaxRingSize) {
 			return configErr(field(r.name), "%d: want 0 or a power of two in [%d, %d]", r.v, sypas.MinRingSize, sypas.MaxRingSize)
 		}

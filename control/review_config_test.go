@@ -49,3 +49,15 @@ func TestBackoffValidated(t *testing.T) {
 		require.NoError(t, DialConfig{Backoff: b}.check(), "%+v", b)
 	}
 }
+
+// An invalid MaxRingSize is reported as MaxRingSize. NewServer derives the
+// default ring sizes from it before validating, and used to report the
+// derived TxRingSize, a field the caller never set.
+func TestInvalidMaxRingSizeNamed(t *testing.T) {
+	l := listenFor(t, sockPath(t), nil)
+	for _, max := range []uint32{1000, 5000, 3 << 20} {
+		_, err := NewServer(l, ServerConfig{Keys: testKeys(t), SessionConfig: SessionConfig{MaxRingSize: max}})
+		require.ErrorIs(t, err, ErrConfig)
+		assert.Contains(t, err.Error(), "ServerConfig.MaxRingSize ", "MaxRingSize %d", max)
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"time"
 
@@ -91,6 +92,12 @@ func (srv *Server) Serve(ctx context.Context, handle func(*Session)) error {
 		uc, err := srv.l.ul.AcceptUnix()
 		if err != nil {
 			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if errors.Is(err, os.ErrDeadlineExceeded) && !dl.IsZero() && !time.Now().Before(dl) {
+				// ctx's deadline, which the poller may see before ctx
+				// reports it: no accept(2) failure.
+				<-ctx.Done()
 				return ctx.Err()
 			}
 			if errors.Is(err, net.ErrClosed) {

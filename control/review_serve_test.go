@@ -1,0 +1,28 @@
+package control
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// Serve under a context deadline ends with the context's error and writes
+// no audit record. The listener's deadline (the context's) used to fire
+// before the context reported it about half the time, and Serve then took
+// its own deadline for a failed accept(2): an Error-level "internal" record
+// and a pause before it noticed.
+func TestServeDeadlineIsNoAcceptFailure(t *testing.T) {
+	sink, log := newAuditSink()
+	srv, err := NewServer(listenFor(t, sockPath(t), nil), ServerConfig{Keys: testKeys(t), SessionConfig: SessionConfig{Logger: log}})
+	require.NoError(t, err)
+	for range 50 {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Millisecond)
+		err := srv.Serve(ctx, func(*Session) {})
+		cancel()
+		require.ErrorIs(t, err, context.DeadlineExceeded)
+	}
+	assert.Empty(t, sink.records())
+}

@@ -26,3 +26,27 @@ func TestServeDeadlineIsNoAcceptFailure(t *testing.T) {
 	}
 	assert.Empty(t, sink.records())
 }
+
+// A Serve that stops while a peer is being attested refuses nobody: it
+// writes no attestation record. It used to record "attestation took too
+// long: context canceled" at Warn, as if the peer had failed.
+func TestServeStopMidAttestationRecordsNothing(t *testing.T) {
+	sink, log := newAuditSink()
+	l := listenFor(t, sockPath(t), nil)
+	inAttest := make(chan struct{})
+	l.hooks.beforeLiveness = func() {
+		close(inAttest)
+		time.Sleep(100 * time.Millisecond) // Serve stops meanwhile
+	}
+	srv, err := NewServer(l, ServerConfig{Keys: testKeys(t), SessionConfig: SessionConfig{Logger: log}})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx, func(*Session) {}) }()
+	c := rawDial(t, l.Path())
+	defer c.Close()
+	<-inAttest
+	cancel()
+	require.ErrorIs(t, <-served, context.Canceled)
+	assert.Empty(t, sink.records())
+}

@@ -2,6 +2,7 @@ package control
 
 import (
 	"context"
+	"log/slog"
 	"testing"
 	"time"
 
@@ -49,4 +50,33 @@ func TestServeStopMidAttestationRecordsNothing(t *testing.T) {
 	cancel()
 	require.ErrorIs(t, <-served, context.Canceled)
 	assert.Empty(t, sink.records())
+}
+
+// A Serve started right after another one ended at its context's deadline
+// accepts. The first one's cancellation (an expired listener deadline, set
+// from a goroutine of its own) could land after the second had set its
+// deadline; the second then never accepted (each accept timed out at once,
+// Serve took it for a failed accept(2) and paused) until its context
+// ended. Seen in about one round in five under -race.
+func TestServeAfterServeAccepts(t *testing.T) {
+	l := listenFor(t, sockPath(t), nil)
+	srv, err := NewServer(l, ServerConfig{Keys: testKeys(t), SessionConfig: SessionConfig{Logger: slog.New(slog.DiscardHandler)}})
+	require.NoError(t, err)
+	for i := range 50 {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Millisecond)
+		require.ErrorIs(t, srv.Serve(ctx, func(*Session) {}), context.DeadlineExceeded)
+		cancel()
+		ctx, cancel = context.WithCancel(context.Background())
+		dialed := make(chan error, 1)
+		go func() {
+			defer cancel()
+			d, err := Dial(context.Background(), l.Path(), DialConfig{SessionConfig: SessionConfig{HandshakeTimeout: 5 * time.Second}})
+			if err == nil {
+				d.Close()
+			}
+			dialed <- err
+		}()
+		require.ErrorIs(t, srv.Serve(ctx, func(*Session) {}), context.Canceled)
+		require.NoError(t, <-dialed, "round %d: the second Serve never accepted", i)
+	}
 }

@@ -11,7 +11,7 @@ import (
 type Backoff struct {
 	Base       time.Duration // zero: 1 s
 	Multiplier float64       // zero (or < 1): 1.6
-	Jitter     float64       // zero: 0.2; negative: none
+	Jitter     float64       // zero: 0.2; negative: none; 1 or more is refused (ErrConfig)
 	Max        time.Duration // zero: 120 s
 }
 

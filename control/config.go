@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"fmt"
 	"log/slog"
+	"math"
 	"time"
 
 	"github.com/sypas/sypas/control/token"
@@ -124,7 +125,7 @@ func (c SessionConfig) validate(owner string) error {
 	for _, r := range []struct {
 		name string
 		v    uint32
-	}{{"TxRingSize", c.TxRingSize}, {"RxRingSize", c.RxRingSize}, {"MaxRingSize", c.MaxRingSize}} {
+	}{{"MaxRingSize", c.MaxRingSize}, {"TxRingSize", c.TxRingSize}, {"RxRingSize", c.RxRingSize}} { // MaxRingSize first: NewServer derives default ring sizes from it
 		if r.v != 0 && (r.v&(r.v-1) != 0 || r.v < sypas.MinRingSize || r.v > sypas.MaxRingSize) {
 			return configErr(field(r.name), "%d: want 0 or a power of two in [%d, %d]", r.v, sypas.MinRingSize, sypas.MaxRingSize)
 		}
@@ -145,6 +146,11 @@ func (c SessionConfig) validate(owner string) error {
 		return configErr(field("Features"), "has bit 0 (CHECKSUM), which is reserved: never offered or granted")
 	case c.RequireFeatures&^c.Features != 0:
 		return configErr(field("RequireFeatures"), "%#x not all in Features %#x", c.RequireFeatures, c.Features)
+	}
+	if err := c.Ring.Idle.Validate(); err != nil {
+		// Else every handshake fails attaching a ring end, and a daemon
+		// blames the kernel's memfds.
+		return configErr(field("Ring.Idle"), "%v", err)
 	}
 	return nil
 }
@@ -172,8 +178,19 @@ func (c DialConfig) check() error {
 	if err := c.SessionConfig.validate("DialConfig"); err != nil {
 		return err
 	}
-	return negative("DialConfig.", durField("MaxHeartbeatTimeout", c.MaxHeartbeatTimeout),
-		durField("Backoff.Base", c.Backoff.Base), durField("Backoff.Max", c.Backoff.Max))
+	if err := negative("DialConfig.", durField("MaxHeartbeatTimeout", c.MaxHeartbeatTimeout),
+		durField("Backoff.Base", c.Backoff.Base), durField("Backoff.Max", c.Backoff.Max)); err != nil {
+		return err
+	}
+	// Either would make Delay zero or negative: a Client redialing a dying
+	// kernel in a tight loop.
+	switch b := c.Backoff; {
+	case math.IsNaN(b.Multiplier):
+		return configErr("DialConfig.Backoff.Multiplier", "is NaN")
+	case !(b.Jitter < 1):
+		return configErr("DialConfig.Backoff.Jitter", "%v: want below 1", b.Jitter)
+	}
+	return nil
 }
 
 // DefaultMaxHeartbeatTimeout is DialConfig.MaxHeartbeatTimeout's default:

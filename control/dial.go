@@ -3,6 +3,7 @@ package control
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -27,12 +28,37 @@ func Dial(ctx context.Context, path string, cfg DialConfig) (*Session, error) {
 	cfg.SessionConfig = cfg.SessionConfig.withDefaults()
 	ctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeout)
 	defer cancel()
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "unix", path)
+	c, err := connect(ctx, path)
 	if err != nil {
 		return nil, fmt.Errorf("control: dial %s: %w", path, err)
 	}
-	return dialConn(ctx, c.(*net.UnixConn), cfg)
+	return dialConn(ctx, c, cfg)
+}
+
+// connect connects to the socket at path within ctx. A full accept backlog
+// (EAGAIN: Go's connect does not block) is waited out, as a blocking
+// connect(2) would: the kernel is there, only busy, and a connection flood
+// by another process must not turn into an immediate failure and a backoff.
+func connect(ctx context.Context, path string) (*net.UnixConn, error) {
+	var d net.Dialer
+	pause := 100 * time.Microsecond
+	for {
+		c, err := d.DialContext(ctx, "unix", path)
+		if err == nil {
+			return c.(*net.UnixConn), nil
+		}
+		if !errors.Is(err, syscall.EAGAIN) {
+			return nil, err
+		}
+		t := time.NewTimer(pause)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, fmt.Errorf("%w (%w)", ctx.Err(), err)
+		case <-t.C:
+		}
+		pause = min(2*pause, 10*time.Millisecond)
+	}
 }
 
 // dialConn runs the daemon handshake on conn, which it owns.

@@ -286,7 +286,9 @@ func (l *Listener) attest(ctx context.Context, c *net.UnixConn, log *slog.Logger
 	id, pidfd, err := attest(ctx, c, &l.policy, l.hooks)
 	if err != nil {
 		c.Close()
-		Audit(ctx, log, slog.LevelWarn, refusedMsg, EventAttestation, err.Error(), PeerAttrs(id)...)
+		if !errors.Is(err, context.Canceled) { // the caller stopped: no refusal
+			Audit(ctx, log, slog.LevelWarn, refusedMsg, EventAttestation, err.Error(), PeerAttrs(id)...)
+		}
 		return nil, err
 	}
 	return &Conn{UnixConn: c, Peer: id, pidfd: pidfd}, nil

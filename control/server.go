@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"time"
 
@@ -80,8 +81,7 @@ func (srv *Server) Serve(ctx context.Context, handle func(*Session)) error {
 		conns.Wait()
 	}()
 	dl, _ := ctx.Deadline()
-	srv.l.SetDeadline(dl)
-	stop := context.AfterFunc(ctx, func() { srv.l.SetDeadline(time.Unix(1, 0)) })
+	stop := srv.acceptDeadline(ctx)
 	defer stop()
 	var pause time.Duration // after a failed accept(2)
 	for {
@@ -91,6 +91,12 @@ func (srv *Server) Serve(ctx context.Context, handle func(*Session)) error {
 		uc, err := srv.l.ul.AcceptUnix()
 		if err != nil {
 			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if errors.Is(err, os.ErrDeadlineExceeded) && !dl.IsZero() && !time.Now().Before(dl) {
+				// ctx's deadline, which the poller may see before ctx
+				// reports it: no accept(2) failure.
+				<-ctx.Done()
 				return ctx.Err()
 			}
 			if errors.Is(err, net.ErrClosed) {
@@ -137,9 +143,7 @@ func (srv *Server) Serve(ctx context.Context, handle func(*Session)) error {
 // of the Limits until it is closed. Accept is not for concurrent use (it
 // sets the Listener's deadline from ctx).
 func (srv *Server) Accept(ctx context.Context) (*Session, error) {
-	dl, _ := ctx.Deadline()
-	srv.l.SetDeadline(dl)
-	stop := context.AfterFunc(ctx, func() { srv.l.SetDeadline(time.Unix(1, 0)) })
+	stop := srv.acceptDeadline(ctx)
 	uc, err := srv.l.ul.AcceptUnix()
 	if !stop() && err != nil {
 		return nil, fmt.Errorf("control: accept: %w (%w)", ctx.Err(), err)
@@ -153,6 +157,28 @@ func (srv *Server) Accept(ctx context.Context) (*Session, error) {
 		return nil, fmt.Errorf("%w: %w", ErrHandshake, err)
 	}
 	return srv.serveConn(ctx, uc, sl, accepted)
+}
+
+// acceptDeadline applies ctx to the Listener's accept: its deadline, and
+// cancellation through an expired deadline. stop reports false if ctx
+// ended; it returns only once that expired deadline is set, so that it
+// cannot land after the next Serve or Accept set its own (a later Serve
+// then never accepted: its deadline stayed in the past).
+func (srv *Server) acceptDeadline(ctx context.Context) (stop func() bool) {
+	dl, _ := ctx.Deadline()
+	srv.l.SetDeadline(dl)
+	set := make(chan struct{})
+	stopFn := context.AfterFunc(ctx, func() {
+		defer close(set)
+		srv.l.SetDeadline(time.Unix(1, 0))
+	})
+	return func() bool {
+		if stopFn() {
+			return true
+		}
+		<-set
+		return false
+	}
 }
 
 // serveConn attests and handshakes the accepted connection uc, which it

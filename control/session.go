@@ -133,6 +133,7 @@ type Session struct {
 	tokenUp   chan struct{}                    // daemon: a refreshed TOKEN arrived
 	tokenSet  chan struct{}                    // setToken happened (expiryLoop re-arms)
 	revoked   chan struct{}                    // kernel: a token of ours may be revoked (expiryLoop checks)
+	revokedID atomic.Uint64                    // kernel: a token id the watcher saw revoked while the session held it
 	unwatch   func()                           // kernel: stops ServerConfig.Revoked's calls; fail calls it
 
 	state      atomic.Int32
@@ -547,6 +548,9 @@ func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error)
 		// Before expiryLoop's first check, so no revocation falls between.
 		s.unwatch = rev.Watch(func(id uint64) {
 			if id == s.capRef() || id == s.prevTokID.Load() {
+				// Kept, not looked up again: refreshes may replace both
+				// ids before expiryLoop runs.
+				s.revokedID.CompareAndSwap(0, id)
 				select {
 				case s.revoked <- struct{}{}:
 				default:
@@ -790,12 +794,16 @@ func (s *Session) revocations() *token.Revocations {
 	return s.srv.cfg.Revoked
 }
 
-// revokedToken reports a revoked token the session still accepts: its
-// current one, or the one the last refresh replaced (kernel).
+// revokedToken reports a revoked token the session held when it was
+// revoked (the watcher's), or one it still accepts: its current one, or the
+// one the last refresh replaced (kernel).
 func (s *Session) revokedToken() (uint64, bool) {
 	rev := s.revocations()
 	if rev == nil {
 		return 0, false
+	}
+	if id := s.revokedID.Load(); id != 0 {
+		return id, true
 	}
 	for _, id := range [...]uint64{s.capRef(), s.prevTokID.Load()} {
 		if id != 0 && rev.Contains(id) {

@@ -682,3 +682,20 @@ func TestContextCancellation(t *testing.T) {
 	ts.Close()
 	require.Eventually(t, func() bool { return countFDs(t) == base }, 5*time.Second, 10*time.Millisecond)
 }
+
+// A refresh is answered once: a second TOKEN (or ERROR) carrying the
+// correlation of a refresh already answered is E_PROTO, not a new token
+// (PROTOCOL.md §6.1). Only a hostile kernel sends one.
+func TestRefreshAnswerTakenOnce(t *testing.T) {
+	ts := startServer(t, "", ServerConfig{TokenTTL: 400 * time.Millisecond})
+	d := dialT(t, ts.path, DialConfig{})
+	first := d.Token()
+	require.Eventually(t, func() bool { return d.Token().ID != first.ID }, 5*time.Second, 5*time.Millisecond)
+	answered := d.corr.Load()
+	tok := d.Token()
+	p, err := (&sypas.Token{TokenID: tok.ID, ExpiryUnix: tok.Expiry.UnixNano(), Token: tok.Bytes}).Append(nil)
+	require.NoError(t, err)
+	f := &frame.Frame{Header: frame.Header{Type: frame.TypeToken, Correlation: answered}, Payload: p}
+	err = d.takeRefreshed(f)
+	assert.ErrorIs(t, err, sypas.ErrProto, "a second answer to refresh %d", answered)
+}

@@ -3,6 +3,7 @@ package control
 import (
 	"errors"
 	"net"
+	"os"
 
 	"github.com/sypas/sypas/sypas"
 )
@@ -24,8 +25,9 @@ var (
 	ErrFDPassing error = &codedError{"control: bad fd-passing message", sypas.ErrProto, nil}
 	// ErrConfig: a Config, DialConfig or ServerConfig field (named in the
 	// message) is invalid. Returned by NewServer, Dial and Client.Session
-	// before any socket is touched.
-	ErrConfig = errors.New("control: invalid configuration")
+	// before any socket is touched. It matches os.ErrInvalid, so
+	// sypas.Retryable reports false for it.
+	ErrConfig error = &codedError{"control: invalid configuration", os.ErrInvalid, nil}
 )
 
 var (

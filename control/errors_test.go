@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 
 	"github.com/sypas/sypas/sypas"
 )
@@ -54,4 +55,14 @@ func TestSentinelCodes(t *testing.T) {
 	assert.False(t, errors.As(ErrPeerGone, &se))
 	assert.Equal(t, "control: peer gone", ErrPeerGone.Error())
 	assert.Equal(t, "control: session closed: use of closed network connection", ErrSessionClosed.Error())
+}
+
+// A bad configuration is no reason to retry: a retry loop built on
+// sypas.Retryable must stop at once.
+func TestConfigErrorNotRetryable(t *testing.T) {
+	_, err := NewServer(nil, ServerConfig{})
+	require.ErrorIs(t, err, ErrConfig)
+	assert.ErrorIs(t, err, os.ErrInvalid)
+	assert.False(t, sypas.Retryable(err))
+	assert.Equal(t, sypas.Fatal, sypas.ClassOf(err))
 }

@@ -130,7 +130,7 @@ type Session struct {
 	prevTokID atomic.Uint64                    // kernel: still accepted as CapRef during a refresh
 	capab     atomic.Pointer[token.Capability] // kernel
 	corr      atomic.Uint64                    // daemon: last TOKEN_REFRESH correlation sent
-	awaited   atomic.Uint64                    // daemon: the outstanding TOKEN_REFRESH's correlation, 0 once answered
+	answered  atomic.Uint64                    // daemon: the last TOKEN_REFRESH correlation answered
 	tokenUp   chan struct{}                    // daemon: a refreshed TOKEN arrived
 	tokenSet  chan struct{}                    // setToken happened (expiryLoop re-arms)
 	revoked   chan struct{}                    // kernel: a token of ours may be revoked (expiryLoop checks)
@@ -454,7 +454,7 @@ func (s *Session) readFrame() (*frame.Frame, []*os.File, error) {
 		if err := m.Decode(f.Payload); err != nil {
 			return bad(protoErr("ERROR: %v", err))
 		}
-		if f.Correlation == 0 || !s.kernel && s.awaited.CompareAndSwap(f.Correlation, 0) {
+		if f.Correlation == 0 || !s.kernel && s.takeAnswer(f.Correlation) {
 			return bad(fmt.Errorf("%w: %w", errPeerSent, m.Err()))
 		}
 		return bad(protoErr("ERROR for unknown correlation %d", f.Correlation))
@@ -915,10 +915,16 @@ func decodeToken(f *frame.Frame) (*Token, error) {
 	return &Token{ID: m.TokenID, Bytes: append([]byte(nil), m.Token...), Issued: time.Now(), Expiry: m.Expiry()}, nil
 }
 
+// takeAnswer reports whether corr answers the outstanding TOKEN_REFRESH
+// (daemon), and marks it answered: a refresh is answered once.
+func (s *Session) takeAnswer(corr uint64) bool {
+	return corr != 0 && corr == s.corr.Load() && s.answered.Swap(corr) != corr
+}
+
 // takeRefreshed installs the TOKEN that answers our TOKEN_REFRESH (daemon).
 func (s *Session) takeRefreshed(f *frame.Frame) error {
 	// An answer is taken once: a second TOKEN for the same refresh is E_PROTO.
-	if f.Correlation == 0 || !s.awaited.CompareAndSwap(f.Correlation, 0) {
+	if !s.takeAnswer(f.Correlation) {
 		return protoErr("TOKEN with correlation %d, no refresh outstanding", f.Correlation)
 	}
 	t, err := decodeToken(f)
@@ -950,7 +956,6 @@ func (s *Session) refreshLoop() {
 			return
 		}
 		corr := s.corr.Add(1)
-		s.awaited.Store(corr)
 		if err := s.send(&sypas.TokenRefresh{TokenID: cur.ID}, 0, corr, 0); err != nil {
 			s.fail(fmt.Errorf("%w: token refresh: %w", ErrPeerGone, err))
 			return

@@ -15,8 +15,9 @@ var (
 	ErrCorrupt = errors.New("ring: corrupt")
 
 	// ErrInvalid reports a bad argument: a capacity, region or size the ring
-	// cannot use.
-	ErrInvalid = errors.New("ring: invalid argument")
+	// cannot use, or a call out of order. It matches os.ErrInvalid: no retry
+	// can fix it.
+	ErrInvalid = fmt.Errorf("ring: %w", os.ErrInvalid)
 
 	// ErrTooLarge reports a reservation larger than MaxRecord.
 	ErrTooLarge = errors.New("ring: record too large")
@@ -33,8 +34,9 @@ var (
 	// the record stays in the ring.
 	ErrShortBuffer = io.ErrShortBuffer
 
-	// ErrNoReservation reports Commit without a matching Reserve.
-	ErrNoReservation = errors.New("ring: commit without reservation")
+	// ErrNoReservation reports Commit without a matching Reserve. It
+	// matches ErrInvalid.
+	ErrNoReservation = fmt.Errorf("%w: commit without reservation", ErrInvalid)
 )
 
 // errCommitTooLong is static, without the sizes a formatted error would

@@ -211,9 +211,12 @@ func isFrameError(err error) bool {
 	return false
 }
 
-// ClassOf returns the retry class of err (see CodeOf); nil is Fatal.
+// ClassOf returns the retry class of err: that of CodeOf(err), except that
+// an error matching os.ErrInvalid (a bad argument or configuration, such as
+// ring.ErrInvalid or control.ErrConfig) is Fatal whatever its code, since no
+// retry can fix it. nil is Fatal.
 func ClassOf(err error) RetryClass {
-	if err == nil {
+	if err == nil || errors.Is(err, os.ErrInvalid) {
 		return Fatal
 	}
 	return CodeOf(err).Class()

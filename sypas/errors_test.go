@@ -118,7 +118,7 @@ func (e isCode) Is(target error) bool { return target == e.code }
 
 // Each ring sentinel has the code its caller expects: the peer's corruption
 // is E_PROTO and fatal (it was E_INTERNAL, so Retryable said yes); a local
-// bad argument is, to the peer, an internal failure.
+// bad argument is, to the peer, an internal failure, and no retry fixes it.
 func TestCodeOfRingAndCodedErrors(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
@@ -131,8 +131,9 @@ func TestCodeOfRingAndCodedErrors(t *testing.T) {
 		{"ring.ErrShortBuffer", ring.ErrShortBuffer, CodeTooLarge, Fatal},
 		{"ring.ErrPeerClosed", ring.ErrPeerClosed, CodeClosed, Fatal},
 		{"ring.ErrClosed", fmt.Errorf("ring: %w", ring.ErrClosed), CodeClosed, Fatal},
-		{"ring.ErrInvalid", ring.ErrInvalid, CodeInternal, Transient},
-		{"ring.ErrNoReservation", ring.ErrNoReservation, CodeInternal, Transient},
+		{"ring.ErrInvalid", ring.ErrInvalid, CodeInternal, Fatal},
+		{"ring.ErrNoReservation", ring.ErrNoReservation, CodeInternal, Fatal},
+		{"os.ErrInvalid", fmt.Errorf("x: %w", os.ErrInvalid), CodeInternal, Fatal},
 		{"Is(ErrUnavailable)", fmt.Errorf("x: %w", isCode{ErrUnavailable}), CodeUnavailable, Transient},
 		{"Is(ErrClosed) beats a deadline", fmt.Errorf("%w: %w", isCode{ErrClosed}, os.ErrDeadlineExceeded), CodeClosed, Fatal},
 		{"an *Error beats Is", fmt.Errorf("%w: %w", isCode{ErrUnavailable}, ErrProto), CodeProto, Fatal},

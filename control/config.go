@@ -238,5 +238,5 @@ func (c *ServerConfig) validate() error {
 	if _, ok := c.Keys.Current(); !ok {
 		return configErr("ServerConfig.Keys", "has no current key (Keyring.Rotate or Add)")
 	}
-	return c.Limits.validate()
+	return c.Limits.validate(c.TokenTTL)
 }

@@ -63,7 +63,8 @@ type Limits struct {
 const (
 	// 1024 sessions hold 5,120 descriptors and 2,048 mappings (the default
 	// vm.max_map_count is 65,530), and 512 MiB of rings at the default
-	// ring size if every ring is full.
+	// ring size; a daemon may ask for rings up to MaxRingSize (16 MiB per
+	// direction by default), whose pages are only committed when written.
 	DefaultMaxSessions = 1024
 	// One uid may hold an eighth of them. The default Policy admits only
 	// the kernel's own uid, so there it is also the bound on all daemons.
@@ -100,12 +101,32 @@ func (l Limits) withDefaults(tokenTTL time.Duration) Limits {
 	return l
 }
 
-func (l Limits) validate() error {
+// minControlFrames is the least MaxControlFrames that a well-behaved daemon
+// stays under: per heartbeat interval it sends its HEARTBEAT and the answer
+// to ours, and now and then a TOKEN_REFRESH or GOAWAY.
+const minControlFrames = 4
+
+// validate checks l, with its defaults filled in, for a server whose tokens
+// live tokenTTL: a limit that every well-behaved daemon would hit is refused
+// rather than left to end healthy sessions.
+func (l Limits) validate(tokenTTL time.Duration) error {
 	n := func(name string, v int) numField { return numField{name, int64(v)} }
-	return negative("ServerConfig.Limits.", n("MaxSessions", l.MaxSessions), n("MaxSessionsPerUID", l.MaxSessionsPerUID),
+	if err := negative("ServerConfig.Limits.", n("MaxSessions", l.MaxSessions), n("MaxSessionsPerUID", l.MaxSessionsPerUID),
 		n("MaxHandshakes", l.MaxHandshakes), n("MaxHandshakesPerUID", l.MaxHandshakesPerUID),
 		n("FDReserve", l.FDReserve), n("MaxRefreshes", l.MaxRefreshes),
-		durField("RefreshInterval", l.RefreshInterval), n("MaxControlFrames", l.MaxControlFrames))
+		durField("RefreshInterval", l.RefreshInterval), n("MaxControlFrames", l.MaxControlFrames)); err != nil {
+		return err
+	}
+	switch {
+	case l.MaxControlFrames < minControlFrames:
+		return configErr("ServerConfig.Limits.MaxControlFrames", "%d: a daemon sends up to %d frames per heartbeat interval", l.MaxControlFrames, minControlFrames)
+	case float64(l.MaxRefreshes)*float64(tokenTTL) < 2*float64(l.RefreshInterval):
+		// A daemon refreshes once per 0.75 × TTL (and the Go daemon ends
+		// its session when a refresh is refused): allow two per TTL.
+		return configErr("ServerConfig.Limits.MaxRefreshes", "%d per %v: below two per token TTL (%v), which a daemon refreshing at 75 %% of each token's life needs",
+			l.MaxRefreshes, l.RefreshInterval, tokenTTL)
+	}
+	return nil
 }
 
 // limitError is a refusal by one of Limits; Field names it. It matches

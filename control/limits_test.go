@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"path/filepath"
 	"strconv"
 	"syscall"
 	"testing"
@@ -410,4 +411,28 @@ func BenchmarkFDHeadroom(b *testing.B) {
 			f.Close()
 		}
 	}
+}
+
+// Limits that every well-behaved daemon would hit are refused up front,
+// naming the field, rather than left to end healthy sessions.
+func TestLimitsBelowWhatDaemonsNeedRefused(t *testing.T) {
+	l, err := Listen(filepath.Join(t.TempDir(), "k.sock"), Config{})
+	require.NoError(t, err)
+	defer l.Close()
+	for _, tc := range []struct {
+		field string
+		cfg   ServerConfig
+	}{
+		{"MaxControlFrames", ServerConfig{Limits: Limits{MaxControlFrames: 2}}},
+		{"MaxRefreshes", ServerConfig{Limits: Limits{MaxRefreshes: 1}}},
+		{"MaxRefreshes", ServerConfig{TokenTTL: time.Minute, Limits: Limits{MaxRefreshes: 3, RefreshInterval: 2 * time.Minute}}},
+	} {
+		tc.cfg.Keys = testKeys(t)
+		_, err := NewServer(l, tc.cfg)
+		require.ErrorIs(t, err, ErrConfig, tc.field)
+		assert.Contains(t, err.Error(), "ServerConfig.Limits."+tc.field)
+	}
+	tc := ServerConfig{Keys: testKeys(t), Limits: Limits{MaxControlFrames: minControlFrames, MaxRefreshes: 2}}
+	_, err = NewServer(l, tc)
+	assert.NoError(t, err, "the least limits that serve a daemon")
 }

@@ -198,7 +198,7 @@ func (c *Consumer) Close() error {
 		return nil
 	}
 	c.closedFlag.Store(1)
-	futex.Notify(c.peerSleep)
+	wakePeer(c.peerSleep) // not Notify: see wakePeer
 	err := c.waiter.Close()
 	runtime.KeepAlive(c)
 	return err

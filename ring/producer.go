@@ -258,7 +258,7 @@ func (p *Producer) Close() error {
 		return nil
 	}
 	p.closedFlag.Store(1)
-	futex.Notify(p.peerSleep)
+	wakePeer(p.peerSleep) // not Notify: see wakePeer
 	err := p.waiter.Close()
 	runtime.KeepAlive(p)
 	return err

@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 
+	"github.com/sypas/sypas/futex"
 	"github.com/sypas/sypas/internal/shm"
 )
 
@@ -167,6 +169,20 @@ func (r *Region) Close() error {
 func (p *Producer) setOwner(r *Region) { p.owner = r }
 
 func (c *Consumer) setOwner(r *Region) { c.owner = r }
+
+// wakePeer clears the peer's sleep word and wakes the peer, whatever the word
+// said; Close uses it, after storing its closed flag, where the other calls
+// use futex.Notify. A Notify in another goroutine (a Flush or Release racing
+// with Close) may have cleared the word just before, found the peer parked
+// and still have its FUTEX_WAKE to make, which Region.Close may overtake:
+// once the mapping is replaced, that wake reaches a private futex and wakes
+// nobody, and Notify here would skip its own wake on the cleared word. This
+// one is made before the mapping goes, so a peer parked on the shared word is
+// woken; one about to park finds the word cleared, or sees the closed flag.
+func wakePeer(word *atomic.Uint32) {
+	word.Swap(0)
+	_, _ = futex.Wake(word, 1)
+}
 
 // closedOr returns ErrClosed rather than err, a corruption just seen, once
 // the end is closed: after Close the mapping may already be the private zero

@@ -137,8 +137,8 @@ func (r *Region) Capacity() int { return r.capacity }
 // waiting calls, then releases the shared memory and closes the memfd. It
 // may run at any time, from any goroutine: calls in flight on those ends
 // return an error matching ErrClosed, as does every later call, and views
-// and reservations they handed out stay safe to touch but hold meaningless
-// bytes (the mapping is replaced in one step by private zero pages; its
+// and reservations they handed out stay safe to touch, while the region or
+// the end is reachable, but hold meaningless bytes (the mapping is replaced in one step by private zero pages; its
 // addresses are unmapped once neither the region nor its ends are
 // reachable). The peer's own mapping is not affected: it sees this side's
 // ends closed. Close is idempotent.

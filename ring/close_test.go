@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -236,4 +237,58 @@ func waitInFutexWait(t *testing.T, word *atomic.Uint32) {
 		}
 	}
 	t.Fatalf("no thread parked on %p after 10 s", word)
+}
+
+// An end's own Close racing with its region's Close (a writer's deferred
+// Producer.Close while another goroutine closes the region or the session)
+// must not let the region replace the mapping before that end's Close has
+// woken its own parked call and the peer: a wake-up made after the swap
+// reaches a private futex, and the parked call, here or in the peer, never
+// returns.
+func TestRegionCloseRacingEndClose(t *testing.T) {
+	cfg := ring.Config{Idle: futex.Config{Policy: futex.PolicyPark}}
+	fill := func(p *ring.Producer) {
+		for b := p.TryReserve(1000); b != nil; b = p.TryReserve(1000) {
+			require.NoError(t, p.Commit(len(b)))
+		}
+		require.NoError(t, p.Flush())
+	}
+	for i := range closetest.Trials(200) {
+		// near producer parked on a full ring; far producer parked on a full
+		// ring that the near consumer never reads.
+		near, far := peerPair(t, 4096)
+		nearIn, farOut := peerPair(t, 4096)
+		p, err := near.NewProducer(cfg)
+		require.NoError(t, err)
+		_, err = far.NewConsumer(cfg) // never reads
+		require.NoError(t, err)
+		c, err := nearIn.NewConsumer(cfg)
+		require.NoError(t, err)
+		fp, err := farOut.NewProducer(cfg)
+		require.NoError(t, err)
+		fill(p)
+		fill(fp)
+		own, peer := make(chan error, 1), make(chan error, 1)
+		go func() { _, err := p.Reserve(1000); own <- err }()
+		go func() { _, err := fp.Reserve(1000); peer <- err }()
+		waitInFutexWait(t, ring.SleepWord(near.Bytes(), ring.ProducerSlotOffset))
+		waitInFutexWait(t, ring.SleepWord(farOut.Bytes(), ring.ProducerSlotOffset))
+
+		start := make(chan struct{})
+		var closers sync.WaitGroup
+		for _, closeFn := range []func() error{p.Close, c.Close, near.Close, nearIn.Close} {
+			closers.Go(func() { <-start; assert.NoError(t, closeFn()) })
+		}
+		close(start)
+		closers.Wait()
+		for what, ch := range map[string]chan error{"this side's Reserve": own, "the peer's Reserve": peer} {
+			select {
+			case err := <-ch:
+				assert.Error(t, err, what)
+			case <-time.After(10 * time.Second):
+				t.Fatalf("trial %d: %s is still parked 10 s after Close", i, what)
+			}
+		}
+		require.NoError(t, errors.Join(far.Close(), farOut.Close()))
+	}
 }

@@ -30,6 +30,12 @@ type Region struct {
 	prod   *Producer  // attached through NewProducer, closed by Close
 	cons   *Consumer  // attached through NewConsumer, closed by Close
 	closed bool
+
+	// endClose is held by the Close of an end attached through the region
+	// for its whole run, so that Close, which closes the ends before it
+	// swaps the mapping, waits for one already under way in another
+	// goroutine: its wake-ups must reach the shared words.
+	endClose sync.Mutex
 }
 
 // regionPage is the unit of region sizes: memfds are passed and mapped in
@@ -152,7 +158,9 @@ func (r *Region) Close() error {
 	// the mapping is replaced would target a private futex and miss it. A
 	// waiter about to park re-checks the closed flag after setting its sleep
 	// word, and one whose FUTEX_WAIT comes after the replacement finds the
-	// private word at 0, not parked, and returns at once.
+	// private word at 0, not parked, and returns at once. An end's Close
+	// under way in another goroutine has won the ends' own closed flags:
+	// their Close here waits for it to finish (endClose), wake-ups included.
 	var errs []error
 	if prod != nil {
 		errs = append(errs, prod.Close())

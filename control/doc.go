@@ -29,7 +29,8 @@
 // too, even one it handed out. Closing is safe at any time, from any
 // goroutine: ring calls in flight in other goroutines, and every later
 // one, return an error matching ring.ErrClosed, and views the rings handed
-// out never fault (their bytes are meaningless after Close). A session
+// out never fault while the session or the ring end is still reachable
+// (their bytes are meaningless after Close). A session
 // that ends on its own (the peer died, hung up or fell silent) interrupts
 // waiting ring calls with its Err, which matches ErrPeerGone in those
 // cases; records already published can still be read until Close.

@@ -93,7 +93,10 @@ type Token struct {
 // at any time, from any goroutine, even while other goroutines are blocked
 // in or streaming through ring calls: those calls, and every later one,
 // return an error matching ring.ErrClosed. Views and reservations the rings
-// handed out never fault, but their bytes are meaningless after Close. The
+// handed out hold meaningless bytes after Close, and never fault for as long
+// as the session or the ring end is reachable: a goroutine that goes on
+// reading a view after its last use of both must keep one alive
+// (runtime.KeepAlive), or the memory may be unmapped under it. The
 // one who got the session (from Dial, Server.Accept or Client.Session)
 // closes it when done with it; Client.Close closes the Client's current
 // session too.
@@ -286,7 +289,7 @@ func errorMsg(err error) sypas.ErrorMsg {
 // Close ends the session and releases its rings. It is safe at any time,
 // from any goroutine: ring calls in flight in other goroutines, and every
 // later call, return an error matching ring.ErrClosed, and views stay safe
-// to touch (see Session). It does not wait for the peer; use Shutdown for
+// to touch while the session is reachable (see Session). It does not wait for the peer; use Shutdown for
 // an orderly end. Close is idempotent.
 func (s *Session) Close() error {
 	s.closeOnce.Do(func() {

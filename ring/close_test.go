@@ -3,13 +3,19 @@ package ring_test
 import (
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"runtime"
 	"runtime/debug"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/sypas/sypas/futex"
 	"github.com/sypas/sypas/internal/closetest"
@@ -165,4 +171,124 @@ func TestRegionEndsKeepMappingReachable(t *testing.T) {
 
 	c = nil
 	closetest.WaitUnmapped(t, mem)
+}
+
+// A Flush or Release in another goroutine can clear the peer's sleep word
+// (Notify's swap) just before Close, and make its FUTEX_WAKE only after Close
+// replaced the mapping, where the address is a private futex that wakes
+// nobody. Close must still wake the peer parked on the shared word, or its
+// blocked call never learns that this side closed. The test plays that
+// Notify in two steps around Close.
+func TestRegionCloseWakesPeerAfterStragglerNotify(t *testing.T) {
+	cfg := ring.Config{Idle: futex.Config{Policy: futex.PolicyPark}}
+	for _, end := range []string{"producer", "consumer"} {
+		t.Run(end, func(t *testing.T) {
+			near, far := peerPair(t, 4096)
+			defer far.Close()
+			done := make(chan error, 1)
+			slot := ring.ConsumerSlotOffset // the far end's: the one near's Notify clears
+			if end == "producer" {
+				_, err := near.NewProducer(cfg)
+				require.NoError(t, err)
+				fc, err := far.NewConsumer(cfg)
+				require.NoError(t, err)
+				go func() { _, err := fc.Next(); done <- err }() // an empty ring
+			} else {
+				slot = ring.ProducerSlotOffset
+				_, err := near.NewConsumer(cfg)
+				require.NoError(t, err)
+				fp, err := far.NewProducer(cfg)
+				require.NoError(t, err)
+				for b := fp.TryReserve(1000); b != nil; b = fp.TryReserve(1000) {
+					require.NoError(t, fp.Commit(len(b)))
+				}
+				require.NoError(t, fp.Flush())
+				go func() { _, err := fp.Reserve(1000); done <- err }() // a full ring
+			}
+			waitInFutexWait(t, ring.SleepWord(far.Bytes(), slot))
+
+			word := ring.SleepWord(near.Bytes(), slot)
+			require.NotZero(t, word.Swap(0), "the straggler's Notify finds the peer parked")
+			require.NoError(t, near.Close())
+			_, _ = futex.Wake(word, 1) // the straggler's wake-up, on private memory now
+			runtime.KeepAlive(near)
+
+			select {
+			case err := <-done:
+				assert.Error(t, err, "the peer sees this side closed")
+			case <-time.After(10 * time.Second):
+				t.Fatal("the peer is still parked 10 s after Close")
+			}
+		})
+	}
+}
+
+// waitInFutexWait waits until a thread of this process sleeps in FUTEX_WAIT
+// on word (/proc/self/task/*/syscall shows the system call and its address).
+func waitInFutexWait(t *testing.T, word *atomic.Uint32) {
+	t.Helper()
+	want := fmt.Sprintf("%d %p ", unix.SYS_FUTEX, word)
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		tasks, _ := filepath.Glob("/proc/self/task/*/syscall")
+		for _, f := range tasks {
+			if b, err := os.ReadFile(f); err == nil && strings.HasPrefix(string(b), want) {
+				return
+			}
+		}
+	}
+	t.Fatalf("no thread parked on %p after 10 s", word)
+}
+
+// An end's own Close racing with its region's Close (a writer's deferred
+// Producer.Close while another goroutine closes the region or the session)
+// must not let the region replace the mapping before that end's Close has
+// woken its own parked call and the peer: a wake-up made after the swap
+// reaches a private futex, and the parked call, here or in the peer, never
+// returns.
+func TestRegionCloseRacingEndClose(t *testing.T) {
+	cfg := ring.Config{Idle: futex.Config{Policy: futex.PolicyPark}}
+	fill := func(p *ring.Producer) {
+		for b := p.TryReserve(1000); b != nil; b = p.TryReserve(1000) {
+			require.NoError(t, p.Commit(len(b)))
+		}
+		require.NoError(t, p.Flush())
+	}
+	for i := range closetest.Trials(200) {
+		// near producer parked on a full ring; far producer parked on a full
+		// ring that the near consumer never reads.
+		near, far := peerPair(t, 4096)
+		nearIn, farOut := peerPair(t, 4096)
+		p, err := near.NewProducer(cfg)
+		require.NoError(t, err)
+		_, err = far.NewConsumer(cfg) // never reads
+		require.NoError(t, err)
+		c, err := nearIn.NewConsumer(cfg)
+		require.NoError(t, err)
+		fp, err := farOut.NewProducer(cfg)
+		require.NoError(t, err)
+		fill(p)
+		fill(fp)
+		own, peer := make(chan error, 1), make(chan error, 1)
+		go func() { _, err := p.Reserve(1000); own <- err }()
+		go func() { _, err := fp.Reserve(1000); peer <- err }()
+		waitInFutexWait(t, ring.SleepWord(near.Bytes(), ring.ProducerSlotOffset))
+		waitInFutexWait(t, ring.SleepWord(farOut.Bytes(), ring.ProducerSlotOffset))
+
+		start := make(chan struct{})
+		var closers sync.WaitGroup
+		for _, closeFn := range []func() error{p.Close, c.Close, near.Close, nearIn.Close} {
+			closers.Go(func() { <-start; assert.NoError(t, closeFn()) })
+		}
+		close(start)
+		closers.Wait()
+		for what, ch := range map[string]chan error{"this side's Reserve": own, "the peer's Reserve": peer} {
+			select {
+			case err := <-ch:
+				assert.Error(t, err, what)
+			case <-time.After(10 * time.Second):
+				t.Fatalf("trial %d: %s is still parked 10 s after Close", i, what)
+			}
+		}
+		require.NoError(t, errors.Join(far.Close(), farOut.Close()))
+	}
 }

@@ -194,11 +194,15 @@ func (c *Consumer) Interrupt(err error) {
 // It is idempotent and does not release the memory: Region.Close does, after
 // closing the ends attached through it.
 func (c *Consumer) Close() error {
+	if r := c.owner; r != nil {
+		r.endClose.Lock() // see Region.endClose
+		defer r.endClose.Unlock()
+	}
 	if !c.closed.CompareAndSwap(false, true) {
 		return nil
 	}
 	c.closedFlag.Store(1)
-	futex.Notify(c.peerSleep)
+	wakePeer(c.peerSleep) // not Notify: see wakePeer
 	err := c.waiter.Close()
 	runtime.KeepAlive(c)
 	return err

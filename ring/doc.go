@@ -60,8 +60,10 @@
 // nor an end attached through it is reachable: a goroutine still inside a
 // call, or still reading a view or filling a reservation, touches memory that
 // is meaningless but mapped, and never faults. A view stays safe to touch for
-// as long as the end that returned it is reachable, which holding the end (or
-// the control.Session that owns it) ensures.
+// as long as the end that returned it (or the region, or the
+// control.Session that owns it) is reachable: a view alone does not keep the
+// memory mapped, so code that reads a view after its last use of the end
+// keeps the end alive until then (runtime.KeepAlive).
 //
 // Ends made with [NewProducer] and [NewConsumer] over memory the caller
 // manages keep the plain contract: close them, and let every call on them

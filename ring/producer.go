@@ -254,11 +254,15 @@ func (p *Producer) Interrupt(err error) {
 // ErrClosed, and is idempotent. It does not release the memory: Region.Close
 // does, after closing the ends attached through it.
 func (p *Producer) Close() error {
+	if r := p.owner; r != nil {
+		r.endClose.Lock() // see Region.endClose
+		defer r.endClose.Unlock()
+	}
 	if !p.closed.CompareAndSwap(false, true) {
 		return nil
 	}
 	p.closedFlag.Store(1)
-	futex.Notify(p.peerSleep)
+	wakePeer(p.peerSleep) // not Notify: see wakePeer
 	err := p.waiter.Close()
 	runtime.KeepAlive(p)
 	return err

@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 
+	"github.com/sypas/sypas/futex"
 	"github.com/sypas/sypas/internal/shm"
 )
 
@@ -28,6 +30,12 @@ type Region struct {
 	prod   *Producer  // attached through NewProducer, closed by Close
 	cons   *Consumer  // attached through NewConsumer, closed by Close
 	closed bool
+
+	// endClose is held by the Close of an end attached through the region
+	// for its whole run, so that Close, which closes the ends before it
+	// swaps the mapping, waits for one already under way in another
+	// goroutine: its wake-ups must reach the shared words.
+	endClose sync.Mutex
 }
 
 // regionPage is the unit of region sizes: memfds are passed and mapped in
@@ -135,8 +143,8 @@ func (r *Region) Capacity() int { return r.capacity }
 // waiting calls, then releases the shared memory and closes the memfd. It
 // may run at any time, from any goroutine: calls in flight on those ends
 // return an error matching ErrClosed, as does every later call, and views
-// and reservations they handed out stay safe to touch but hold meaningless
-// bytes (the mapping is replaced in one step by private zero pages; its
+// and reservations they handed out stay safe to touch, while the region or
+// the end is reachable, but hold meaningless bytes (the mapping is replaced in one step by private zero pages; its
 // addresses are unmapped once neither the region nor its ends are
 // reachable). The peer's own mapping is not affected: it sees this side's
 // ends closed. Close is idempotent.
@@ -150,7 +158,9 @@ func (r *Region) Close() error {
 	// the mapping is replaced would target a private futex and miss it. A
 	// waiter about to park re-checks the closed flag after setting its sleep
 	// word, and one whose FUTEX_WAIT comes after the replacement finds the
-	// private word at 0, not parked, and returns at once.
+	// private word at 0, not parked, and returns at once. An end's Close
+	// under way in another goroutine has won the ends' own closed flags:
+	// their Close here waits for it to finish (endClose), wake-ups included.
 	var errs []error
 	if prod != nil {
 		errs = append(errs, prod.Close())
@@ -167,6 +177,20 @@ func (r *Region) Close() error {
 func (p *Producer) setOwner(r *Region) { p.owner = r }
 
 func (c *Consumer) setOwner(r *Region) { c.owner = r }
+
+// wakePeer clears the peer's sleep word and wakes the peer, whatever the word
+// said; Close uses it, after storing its closed flag, where the other calls
+// use futex.Notify. A Notify in another goroutine (a Flush or Release racing
+// with Close) may have cleared the word just before, found the peer parked
+// and still have its FUTEX_WAKE to make, which Region.Close may overtake:
+// once the mapping is replaced, that wake reaches a private futex and wakes
+// nobody, and Notify here would skip its own wake on the cleared word. This
+// one is made before the mapping goes, so a peer parked on the shared word is
+// woken; one about to park finds the word cleared, or sees the closed flag.
+func wakePeer(word *atomic.Uint32) {
+	word.Swap(0)
+	_, _ = futex.Wake(word, 1)
+}
 
 // closedOr returns ErrClosed rather than err, a corruption just seen, once
 // the end is closed: after Close the mapping may already be the private zero

@@ -3,11 +3,14 @@ package control
 import (
 	"context"
 	"log/slog"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/sypas/sypas/sypas"
 )
 
 // Serve under a context deadline ends with the context's error and writes
@@ -79,4 +82,41 @@ func TestServeAfterServeAccepts(t *testing.T) {
 		require.ErrorIs(t, srv.Serve(ctx, func(*Session) {}), context.Canceled)
 		require.NoError(t, <-dialed, "round %d: the second Serve never accepted", i)
 	}
+}
+
+// A Serve that stops during a handshake tells the daemon E_UNAVAILABLE
+// (the kernel is going away), not E_TIMEOUT with "context canceled", and
+// leaves no expired deadline on the Listener: a bare Listener.Accept after
+// it works.
+func TestServeStopMidHandshake(t *testing.T) {
+	l := listenFor(t, sockPath(t), nil)
+	attested := make(chan struct{})
+	var once sync.Once
+	l.hooks.beforeLiveness = func() { once.Do(func() { close(attested) }) }
+	srv, err := NewServer(l, ServerConfig{Keys: testKeys(t), SessionConfig: SessionConfig{Logger: slog.New(slog.DiscardHandler)}})
+	require.NoError(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx, func(*Session) {}) }()
+	c := rawDial(t, l.Path()) // and never sends HELLO
+	defer c.Close()
+	<-attested
+	time.Sleep(50 * time.Millisecond) // the kernel waits for HELLO
+	cancel()
+	require.ErrorIs(t, <-served, context.Canceled)
+	e := readError(t, c)
+	assert.Equal(t, sypas.CodeUnavailable, e.Code, "%v", e)
+	assert.Contains(t, e.Message, "kernel stopped the handshake")
+
+	accepted := make(chan error, 1)
+	go func() {
+		conn, err := l.Accept()
+		if err == nil {
+			conn.Close()
+		}
+		accepted <- err
+	}()
+	c2 := rawDial(t, l.Path())
+	defer c2.Close()
+	assert.NoError(t, <-accepted, "Listener.Accept after Serve")
 }

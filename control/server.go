@@ -163,7 +163,8 @@ func (srv *Server) Accept(ctx context.Context) (*Session, error) {
 // cancellation through an expired deadline. stop reports false if ctx
 // ended; it returns only once that expired deadline is set, so that it
 // cannot land after the next Serve or Accept set its own (a later Serve
-// then never accepted: its deadline stayed in the past).
+// then never accepted: its deadline stayed in the past), and clears the
+// Listener's deadline.
 func (srv *Server) acceptDeadline(ctx context.Context) (stop func() bool) {
 	dl, _ := ctx.Deadline()
 	srv.l.SetDeadline(dl)
@@ -173,11 +174,14 @@ func (srv *Server) acceptDeadline(ctx context.Context) (stop func() bool) {
 		srv.l.SetDeadline(time.Unix(1, 0))
 	})
 	return func() bool {
-		if stopFn() {
-			return true
+		ok := stopFn()
+		if !ok {
+			<-set
 		}
-		<-set
-		return false
+		// No deadline left behind: a later Listener.Accept must not fail
+		// on ctx's.
+		srv.l.SetDeadline(time.Time{})
+		return ok
 	}
 }
 

@@ -532,6 +532,11 @@ func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error)
 				err = fmt.Errorf("%w (%w)", cause, err)
 			}
 		}
+		if errors.Is(err, context.Canceled) {
+			// Our side gave up (a kernel's Serve stopping, a daemon's
+			// caller cancelling): not the peer's slowness.
+			err = &sypas.Error{Code: sypas.CodeUnavailable, Message: s.side() + " stopped the handshake", Err: err}
+		}
 		st := s.State()
 		var pe *sypas.Error
 		if errors.As(err, &pe) && pe.Code != sypas.CodeOK && !isPeerError(err) {
@@ -990,3 +995,11 @@ func randomID() uint64 {
 // regionSize is the REGIONS size of a ring region: its memfd's size, whole
 // pages (§3.14, §5.1).
 func regionSize(capacity uint32) uint64 { return uint64(ring.RegionSize(int(capacity))) }
+
+// side names this end of the session, for messages.
+func (s *Session) side() string {
+	if s.kernel {
+		return "kernel"
+	}
+	return "daemon"
+}

@@ -79,8 +79,11 @@ func (c *Consumer) Capacity() int { return int(c.capacity) }
 // reach, until Release (or ReadInto, which releases) is called; after that the
 // producer may overwrite it at once. Release in batches to save index stores,
 // but release before a Next that may wait if the producer could be waiting for
-// that room. In shared memory the view's bytes can still be changed by a
-// hostile peer while you read them: copy or decode each byte once.
+// that room. When the unreleased views cover the whole ring, so that nothing
+// can ever arrive, Next returns ErrViewsHeld instead of waiting; short of
+// that it cannot know what the producer waits for, and waits. In shared
+// memory the view's bytes can still be changed by a hostile peer while you
+// read them: copy or decode each byte once.
 func (c *Consumer) Next() ([]byte, error) {
 	if c.pos != c.cachedTail && c.err == nil && !c.closed.Load() {
 		// The common case: a published data record, read without a call.
@@ -221,6 +224,13 @@ func (c *Consumer) waitData() error {
 		// pos is padding we skipped: hand it back before waiting, or a
 		// producer waiting for that room and we would wait for each other.
 		c.Release()
+	}
+	if c.pos-c.released == c.capacity {
+		// Everything up to tail is read and nothing released: the producer
+		// has no free byte, and the smallest record takes 8, so nothing can
+		// ever arrive. With any byte free it might write a record that fits;
+		// only the caller knows whether it will.
+		return fmt.Errorf("%w: %d bytes unreleased; Release before waiting", ErrViewsHeld, c.pos-c.released)
 	}
 	if err := c.waiter.Wait(c.readyFn); err != nil {
 		return err

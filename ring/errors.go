@@ -33,6 +33,12 @@ var (
 
 	// ErrNoReservation reports Commit without a matching Reserve.
 	ErrNoReservation = errors.New("ring: commit without reservation")
+
+	// ErrViewsHeld reports a Next or ReadInto that would wait forever: the
+	// views returned by Next and not yet released cover the whole ring, so
+	// the producer has no room for even an empty record. Release, then call
+	// again.
+	ErrViewsHeld = errors.New("ring: unreleased views hold the whole ring")
 )
 
 // errCommitTooLong is static, without the sizes a formatted error would

@@ -33,6 +33,7 @@ type Producer struct {
 	err        error  // sticky: corruption or a closed peer
 
 	closed  atomic.Bool
+	waiting atomic.Bool // set while waitFree waits, after publishing; read by Close
 	waiter  *futex.Waiter
 	readyFn func() bool // p.ready, bound once so waiting allocates nothing
 }
@@ -125,7 +126,7 @@ func (p *Producer) reserveSlow(n int) ([]byte, error) {
 		return nil, err
 	}
 	if p.resCap != 0 {
-		return nil, fmt.Errorf("%w: a reservation is already pending", ErrInvalid)
+		return nil, fmt.Errorf("%w: a reservation is already pending (Commit or Abandon it first)", ErrInvalid)
 	}
 	if n < 0 {
 		return nil, fmt.Errorf("%w: negative size %d", ErrInvalid, n)
@@ -177,6 +178,12 @@ func (p *Producer) Commit(n int) error {
 	}
 	return errCommitTooLong
 }
+
+// Abandon drops the pending reservation: nothing of it is published, and the
+// next Reserve may hand out the same room again. Commit(0) would publish an
+// empty record instead. Without a reservation, Abandon does nothing. Padding
+// that Reserve wrote to start a new lap stays: the consumer skips it.
+func (p *Producer) Abandon() { p.resCap = 0 }
 
 // Flush publishes every committed record with one store of the tail index and
 // wakes the consumer if, and only if, it is parked. It reports ErrPeerClosed
@@ -234,15 +241,31 @@ func (p *Producer) SetDeadline(t time.Time) { p.waiter.SetDeadline(t) }
 // plane calls it when the consumer's process dies. The first error sticks.
 func (p *Producer) Interrupt(err error) { p.waiter.Interrupt(err) }
 
-// Close marks the producer closed: once the consumer has read every record
-// published before Close, it gets io.EOF. Committed records that were not
-// flushed are not published (Flush first), and Commit, Flush and Write fail
-// with ErrClosed afterwards. Close wakes a blocked Reserve, which returns
-// ErrClosed, and is idempotent. It does not unmap the region: keep it mapped
-// until Close has returned and so has every call blocked in another goroutine.
+// Close publishes every record committed before it, then marks the producer
+// closed: the consumer reads those records, then gets io.EOF. A pending
+// reservation is dropped, and Reserve, Commit, Flush and Write fail with
+// ErrClosed afterwards. Close is idempotent. It does not unmap the region: keep
+// it mapped until Close has returned and so has every call blocked in another
+// goroutine.
+//
+// Close reads what the producer committed, so call it from the producer's
+// goroutine, or from one that knows that goroutine is done with the producer
+// (it returned, or signalled through a channel). From another goroutine, Close
+// may also end a Reserve or Write that is waiting for room, which then returns
+// ErrClosed: a producer publishes what it committed before it waits, so
+// nothing is left to publish. Closing a producer that another goroutine is
+// still committing to is a data race; stop that goroutine first.
 func (p *Producer) Close() error {
 	if !p.closed.CompareAndSwap(false, true) {
 		return nil
+	}
+	// waiting is read before pos: a waiting producer has published
+	// everything and may be updating its other fields in ready.
+	if !p.waiting.Load() && p.err == nil && p.pos != p.published {
+		// Before the closed flag: a consumer that sees the flag loads tail
+		// once more, and so gets these records before io.EOF.
+		p.tail.Store(p.pos)
+		p.published = p.pos
 	}
 	p.closedFlag.Store(1)
 	futex.Notify(p.peerSleep)
@@ -291,7 +314,10 @@ func (p *Producer) waitFree(need uint64) error {
 		return err
 	}
 	p.want = need
-	if err := p.waiter.Wait(p.readyFn); err != nil {
+	p.waiting.Store(true)
+	err := p.waiter.Wait(p.readyFn)
+	p.waiting.Store(false)
+	if err != nil {
 		return err
 	}
 	if p.err != nil {

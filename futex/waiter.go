@@ -80,7 +80,38 @@ type Waiter struct {
 
 	closed atomic.Bool
 	intr   atomic.Pointer[error] // first Interrupt error, nil if none
+
+	// progressed is set by Progress, called from ready during Wait, and
+	// cleared by park before each look at the condition: on Wait's goroutine
+	// only, so a plain field.
+	progressed bool
+	// nap is the private word a throttled park sleeps on (napping), so that
+	// kick can end that sleep at once; the shared word cannot serve, since
+	// the peer that floods us with wake-ups also clears it.
+	nap atomic.Uint32
+	// throttled counts the naps, for Throttled.
+	throttled atomic.Uint64
 }
+
+// nap values.
+const (
+	napIdle    = 0
+	napping    = 1
+	napStopped = 2 // kick ended the nap
+)
+
+// Throttling of wake-ups that bring no progress (see park). A legitimate
+// peer wakes us when it publishes, which is progress; a wake-up without any
+// is a rare race or a signal, so a few in a row are free. Beyond that each
+// one is followed by a sleep of minNap, doubling up to maxNap, so a peer that
+// only wakes us costs us about one wake-up per maxNap. One that comes more
+// than idleForgotten after the last starts the count again.
+const (
+	freeIdleWakes = 3
+	minNap        = 20 * time.Microsecond
+	maxNap        = time.Millisecond
+	idleForgotten = 10 * time.Millisecond
+)
 
 // NewWaiter returns the waiting side of word, which must stay mapped until
 // the Waiter is closed and its last Wait has returned. The word should start
@@ -233,10 +264,26 @@ func (w *Waiter) busyWait(ready func() bool, now, spin, yield time.Duration) (bo
 	return false, nil
 }
 
+// Progress tells Wait that the peer moved without making the condition true
+// yet: a consumer released some room, but less than the producer waits for.
+// Call it from the ready function. Wait sleeps off wake-ups that bring
+// neither the condition nor progress, so that a peer that only wakes us in a
+// loop costs us little CPU; a ready function that never calls Progress makes
+// every wake-up that leaves it false look like one.
+func (w *Waiter) Progress() { w.progressed = true }
+
+// Throttled is how many times Wait has slept off wake-ups that brought
+// neither the condition nor progress (see Progress). It stays at or near 0
+// with a well-behaved peer; one that keeps growing means the peer wakes us
+// without publishing anything: a bug or an attack, worth reporting.
+func (w *Waiter) Throttled() uint64 { return w.throttled.Load() }
+
 // park runs the waiter's side of the sleep-word protocol until ready reports
 // true or the wait fails.
 func (w *Waiter) park(ready func() bool) error {
-	garbage := 0 // consecutive wake-ups that found a value only a bad peer writes
+	woken := false             // the last FUTEX_WAIT returned: the next look judges the wake-up
+	idle := 0                  // wake-ups in a row that brought no progress
+	var lastIdle time.Duration // when the last of them was judged
 	for {
 		// Publish "parked" before the last look at the condition: a notifier
 		// that stored its data after our look will see the flag and wake us.
@@ -245,6 +292,7 @@ func (w *Waiter) park(ready func() bool) error {
 		// a read-modify-write is a full barrier even under the race detector,
 		// where Store is only a release (see raceFence).
 		w.word.Swap(parked)
+		w.progressed = false
 		if ready() {
 			w.word.Store(awake)
 			return nil
@@ -252,6 +300,26 @@ func (w *Waiter) park(ready func() bool) error {
 		if err := w.stopErr(); err != nil {
 			w.word.Store(awake)
 			return err
+		}
+		if w.progressed {
+			idle = 0
+		} else if woken {
+			// Woken for nothing: by a peer that published nothing (or wrote
+			// garbage in the word, which makes FUTEX_WAIT return at once), a
+			// signal, or a stale Notify. Past a few in a row, sleep it off.
+			now := w.now()
+			if now-lastIdle > idleForgotten {
+				idle = 0
+			}
+			idle++
+			lastIdle = now
+			if idle > freeIdleWakes {
+				w.throttled.Add(1)
+				w.word.Store(awake)
+				w.sleepOff(min(minNap<<min(idle-freeIdleWakes-1, 16), maxNap))
+				woken = false
+				continue
+			}
 		}
 		timeout := time.Duration(-1)
 		if dl := w.deadline.Load(); dl != 0 {
@@ -263,24 +331,29 @@ func (w *Waiter) park(ready func() bool) error {
 		// Sleeps only while the word is still "parked": a Notify or kick since
 		// our Store makes this return at once. A timeout is not trusted: the
 		// loop re-reads the (maybe moved) deadline against the clock.
-		if err := Wait(w.word, parked, timeout); err != nil && err != os.ErrDeadlineExceeded {
+		err := Wait(w.word, parked, timeout)
+		if err != nil && err != os.ErrDeadlineExceeded {
 			w.word.Store(awake)
 			return err
 		}
-		// Only we store parked and notifiers store awake. A peer that keeps
-		// writing anything else would turn this loop into a busy one (FUTEX_WAIT
-		// returns EAGAIN at once), so back off, up to 1 ms per round.
-		if w.word.Load() > parked {
-			garbage++
-			pause := min(time.Duration(garbage)*10*time.Microsecond, time.Millisecond)
-			if dl := w.deadline.Load(); dl != 0 {
-				pause = min(pause, time.Duration(dl)-w.now())
-			}
-			time.Sleep(pause)
-		} else {
-			garbage = 0
+		woken = err == nil
+	}
+}
+
+// sleepOff sleeps for d, or until the deadline, Close, Interrupt or a new
+// deadline, on the private nap word that kick wakes.
+func (w *Waiter) sleepOff(d time.Duration) {
+	w.nap.Swap(napping) // before the looks below, as the word is before ready
+	defer w.nap.Store(napIdle)
+	if w.stopErr() != nil {
+		return
+	}
+	if dl := w.deadline.Load(); dl != 0 {
+		if d = min(d, time.Duration(dl)-w.now()); d <= 0 {
+			return
 		}
 	}
+	_ = Wait(&w.nap, napping, d)
 }
 
 // SetDeadline sets the time after which Wait fails with
@@ -330,6 +403,9 @@ func (w *Waiter) kick() {
 	raceFence()
 	w.word.Swap(awake)
 	_, _ = Wake(w.word, 1)
+	if w.nap.Swap(napStopped) == napping {
+		_, _ = Wake(&w.nap, 1)
+	}
 }
 
 // stopErr returns the error Wait must fail with after Close or Interrupt.

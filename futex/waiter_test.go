@@ -4,6 +4,7 @@ import (
 	"errors"
 	"math/rand/v2"
 	"os"
+	"runtime"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -328,4 +329,39 @@ func TestWaiterSpinPolicyDoesNotAdapt(t *testing.T) {
 	go func() { time.Sleep(2 * time.Millisecond); data.Store(1) }() // no Notify: Spin never parks
 	require.NoError(t, w.Wait(func() bool { return data.Load() == 1 }))
 	assert.EqualValues(t, 0, w.backoff.Load())
+}
+
+// TestWaiterProgressIsNotThrottled: a peer that makes progress in small
+// steps, waking the parked Waiter for each, is never throttled when ready
+// reports the progress; the same wake-ups unreported are, after a few.
+func TestWaiterProgressIsNotThrottled(t *testing.T) {
+	for _, report := range []bool{true, false} {
+		var word, data atomic.Uint32
+		w := NewWaiter(&word, Config{Policy: PolicyPark})
+		w.SetDeadline(time.Now().Add(time.Minute))
+		const steps = 200
+		go func() {
+			for i := uint32(1); i <= steps; i++ {
+				for word.Load() != parked { // each step wakes a parked Waiter
+					runtime.Gosched()
+				}
+				data.Store(i)
+				Notify(&word)
+			}
+		}()
+		var last uint32
+		require.NoError(t, w.Wait(func() bool {
+			v := data.Load()
+			if v != last && report {
+				w.Progress()
+			}
+			last = v
+			return v >= steps
+		}))
+		if report {
+			assert.Zero(t, w.Throttled(), "progress reported: no wake-up is slept off")
+		} else {
+			assert.NotZero(t, w.Throttled(), "progress not reported: the wake-ups look idle")
+		}
+	}
 }

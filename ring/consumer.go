@@ -257,7 +257,8 @@ func (c *Consumer) endOfStream() error {
 }
 
 // ready is the wait condition: a record, a broken peer, a closed producer, or
-// our own Close.
+// our own Close. Any move of tail satisfies it, so it never has progress
+// short of the condition to report (futex.Progress).
 func (c *Consumer) ready() bool {
 	return c.refreshTail() || c.peerClosed.Load() != 0 || c.closed.Load()
 }

@@ -329,8 +329,11 @@ func (p *Producer) waitFree(need uint64) error {
 	return nil
 }
 
-// ready is the wait condition: room, a broken peer, or a closed one.
+// ready is the wait condition: room, a broken peer, or a closed one. A head
+// that moved without making room enough is progress all the same, which
+// the waiter must not mistake for a wake-up for nothing (futex.Progress).
 func (p *Producer) ready() bool {
+	head := p.cachedHead
 	if !p.refreshHead() {
 		return true
 	}
@@ -338,7 +341,13 @@ func (p *Producer) ready() bool {
 		p.fail(ErrPeerClosed)
 		return true
 	}
-	return p.free() >= p.want || p.closed.Load()
+	if p.free() >= p.want || p.closed.Load() {
+		return true
+	}
+	if p.cachedHead != head {
+		p.waiter.Progress()
+	}
+	return false
 }
 
 // refreshHead reads the consumer's index once and validates it: a multiple

@@ -744,3 +744,27 @@ func TestConsumerUnusableAfterClose(t *testing.T) {
 	c.Release()
 	assert.Zero(t, u64At(mem, ConsumerSlotOffset).Load(), "Release after Close writes nothing")
 }
+
+// TestSmallReleasesAreProgress: a producer waiting for room for a large
+// record while the consumer releases one small record at a time is woken by
+// every release. Each is progress, so none is slept off: the guard against a
+// peer that only wakes us must not slow this case down.
+func TestSmallReleasesAreProgress(t *testing.T) {
+	p, c, mem := pair(t, 4096) // parks at once
+	for i := 0; i < 64; i++ {
+		_, err := p.Write(make([]byte, 56)) // 64 records of 64 bytes fill the ring
+		require.NoError(t, err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := p.Write(make([]byte, 4000)); done <- err }() // needs 63 of them back
+	sleep := u32At(mem, ProducerSlotOffset+slotSleep)
+	for i := 0; i < 63; i++ {
+		require.Eventually(t, func() bool { return sleep.Load() == 1 }, time.Minute, 10*time.Microsecond,
+			"the producer parks before release %d", i)
+		_, err := c.Next()
+		require.NoError(t, err)
+		c.Release()
+	}
+	require.NoError(t, <-done)
+	assert.Zero(t, p.waiter.Throttled(), "every release moved head: no wake-up was for nothing")
+}

@@ -768,3 +768,52 @@ func TestSmallReleasesAreProgress(t *testing.T) {
 	require.NoError(t, <-done)
 	assert.Zero(t, p.waiter.Throttled(), "every release moved head: no wake-up was for nothing")
 }
+
+// TestReadIntoReleasesInBatches: ReadInto hands room back once an eighth of
+// the ring (512 bytes here) is read, not per record, and before it waits.
+func TestReadIntoReleasesInBatches(t *testing.T) {
+	p, c, mem := pair(t, 4096)
+	head := u64At(mem, ConsumerSlotOffset+slotIndex)
+	buf := make([]byte, 24)
+	for i := 0; i < 20; i++ {
+		_, err := p.Write(make([]byte, 24)) // 32-byte records
+		require.NoError(t, err)
+	}
+	for i := 1; i <= 20; i++ {
+		_, err := c.ReadInto(buf)
+		require.NoError(t, err)
+		if i < 16 {
+			require.Zero(t, head.Load(), "record %d: no index store yet", i)
+		}
+	}
+	assert.EqualValues(t, 512, head.Load(), "one store for the first 512 bytes")
+	c.SetDeadline(expired())
+	_, err := c.ReadInto(buf)
+	assert.ErrorIs(t, err, os.ErrDeadlineExceeded)
+	assert.EqualValues(t, 640, head.Load(), "the rest goes back before waiting")
+}
+
+// TestReadIntoLagNeverBlocksProducer: a producer waiting for the whole ring
+// (its largest record) gets it from a consumer that copies with ReadInto and
+// then waits: the lag ReadInto keeps is released before it waits.
+func TestReadIntoLagNeverBlocksProducer(t *testing.T) {
+	p, c, _ := pair(t, 4096)
+	for i := 0; i < 100; i++ {
+		_, err := p.Write(make([]byte, 24)) // 3200 bytes
+		require.NoError(t, err)
+	}
+	big := bytes.Repeat([]byte{7}, p.MaxRecord()) // pads to the end, then needs all 4096
+	done := make(chan error, 1)
+	go func() { _, err := p.Write(big); done <- err }()
+	buf := make([]byte, p.MaxRecord())
+	c.SetDeadline(time.Now().Add(time.Minute))
+	for i := 0; i < 100; i++ {
+		n, err := c.ReadInto(buf)
+		require.NoError(t, err)
+		require.Equal(t, 24, n)
+	}
+	n, err := c.ReadInto(buf)
+	require.NoError(t, err, "the consumer got the big record, so the producer got its room")
+	assert.Equal(t, big, buf[:n])
+	require.NoError(t, <-done)
+}

@@ -3,6 +3,7 @@ package futex
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"sync/atomic"
 	"time"
@@ -73,10 +74,15 @@ type Waiter struct {
 	// deadline at or before base is stored as -1 (past).
 	deadline atomic.Int64
 
-	// backoff is the PolicyAuto busy-budget shift, 0..maxBackoff. Only Wait
-	// touches it; atomic so that successive Waits from different goroutines
-	// need no other synchronization.
-	backoff atomic.Uint32
+	// backoff is the PolicyAuto busy-budget shift, 0..maxBackoff, and burst
+	// the polls its spin phase makes between two yields, 0..maxBurst. Only
+	// Wait touches them; atomic so that successive Waits from different
+	// goroutines need no other synchronization. minYield is the shortest
+	// sched_yield seen, in ns (0 before the first): one that took much
+	// longer let another thread run.
+	backoff  atomic.Uint32
+	burst    atomic.Uint32
+	minYield atomic.Int64
 
 	closed atomic.Bool
 	intr   atomic.Pointer[error] // first Interrupt error, nil if none
@@ -124,7 +130,9 @@ func NewWaiter(word *atomic.Uint32, cfg Config) *Waiter {
 	if err := cfg.Validate(); err != nil {
 		panic(err)
 	}
-	return &Waiter{word: word, cfg: cfg.Resolved(), base: time.Now()}
+	w := &Waiter{word: word, cfg: cfg.Resolved(), base: time.Now()}
+	w.burst.Store(maxBurst)
+	return w
 }
 
 // Config returns the Waiter's resolved configuration.
@@ -152,8 +160,15 @@ func (w *Waiter) Wait(ready func() bool) error {
 		return nil
 	}
 	cfg := &w.cfg
-	if cfg.Policy != PolicyPark && cfg.Spin > 0 && w.deadline.Load() == 0 && w.quickPoll(ready) {
-		return nil
+	polled := uint32(0) // polls of the spin phase already made
+	if cfg.Policy != PolicyPark && cfg.Spin > 0 && w.deadline.Load() == 0 {
+		polled = quickPolls
+		if cfg.Policy == PolicyAuto {
+			polled = w.burst.Load() // the first burst, then a yield
+		}
+		if w.quickPoll(ready, polled) {
+			return nil
+		}
 	}
 	now := w.now()
 	if err := w.checkDeadline(now); err != nil {
@@ -162,19 +177,20 @@ func (w *Waiter) Wait(ready func() bool) error {
 	if cfg.Policy == PolicyPark {
 		return w.park(ready)
 	}
-	// PolicyAuto's busy budgets adapt (PolicySpin's stay whole): a Wait that the busy phases satisfy faster than
-	// a park would have (parkCost) doubles them back towards the configured
-	// values; one that took longer, or spun and yielded in vain and then
-	// parked, halves them (down to 1/2^maxBackoff). A peer that answers
-	// quickly keeps the budget whole; on a machine so loaded that the peer
-	// rarely runs while we spin, we stop burning the budget before parking.
 	if cfg.Policy == PolicySpin {
-		_, err := w.busyWait(ready, now, cfg.Spin, Off) // returns only when done
+		_, err := w.busyWait(ready, now, cfg.Spin, Off, false, polled) // returns only when done
 		return err
 	}
+	// PolicyAuto's busy budgets adapt (PolicySpin's stay whole): a Wait that
+	// the busy phases satisfy faster than a park would have (parkCost)
+	// doubles them back towards the configured values; one that took longer,
+	// or spun and yielded in vain and then parked, halves them (down to
+	// 1/2^maxBackoff). A peer that answers quickly keeps the budget whole; on
+	// a machine so loaded that the peer rarely runs while we spin, we stop
+	// burning the budget before parking.
 	shift := w.backoff.Load()
 	spin, yield := cfg.Spin>>shift, cfg.Yield>>shift // Off stays negative
-	ok, err := w.busyWait(ready, now, spin, yield)
+	ok, err := w.busyWait(ready, now, spin, yield, true, polled)
 	if err != nil {
 		return err
 	}
@@ -193,16 +209,30 @@ func (w *Waiter) Wait(ready func() bool) error {
 	return w.park(ready)
 }
 
-// quickPolls bounds the first, clock-free part of the spin phase: a peer in
-// the middle of a conversation answers within a few cache-line round trips,
-// and reading the clock (~25 ns) would be a large part of that.
+// quickPolls bounds the first, clock-free part of PolicySpin's spin phase: a
+// peer in the middle of a conversation answers within a few cache-line round
+// trips, and reading the clock (~25 ns) would be a large part of that.
+// PolicyAuto polls its current burst instead.
 const quickPolls = 64
 
-// quickPoll polls ready quickPolls times without reading the clock. Callers
+// Bursts (PolicyAuto). A waiter that spins on the CPU its peer needs (two
+// processes that share a core, as they come to on a busy machine) delays the
+// answer it waits for by every poll it makes before it yields: with a core
+// to itself, spinning serves within a few polls; without, only yielding
+// does, at once. So the spin phase polls in bursts and yields between them,
+// and each yield tells which case holds: one that returned as quickly as
+// sched_yield can (the shortest seen, doubled) ran nobody else, and the
+// burst doubles; one that took longer ran another thread here, and it
+// halves, down to 0: yield first. maxBurst (about 7 µs of polls here)
+// bounds the polls between two yields; a yield that runs nobody else costs
+// one system call per burst.
+const maxBurst = 255
+
+// quickPoll polls ready up to n times without reading the clock. Callers
 // skip it when a deadline is set, so a passed deadline still fails at once.
 // A success here is a fast one, which PolicyAuto's budgets reward.
-func (w *Waiter) quickPoll(ready func() bool) bool {
-	for i := 0; i < quickPolls; i++ {
+func (w *Waiter) quickPoll(ready func() bool, n uint32) bool {
+	for i := uint32(0); i < n; i++ {
 		cpuRelax()
 		if ready() {
 			if w.cfg.Policy == PolicyAuto {
@@ -217,29 +247,24 @@ func (w *Waiter) quickPoll(ready func() bool) bool {
 }
 
 // busyWait polls ready, spinning for the spin budget and then yielding for
-// the yield budget (forever under PolicySpin). It reports whether ready
-// became true, or the error that ended the wait.
-func (w *Waiter) busyWait(ready func() bool, now, spin, yield time.Duration) (bool, error) {
+// the yield budget (forever under PolicySpin). With bursts, the spin phase
+// yields between bursts of polls and adapts their length (see maxBurst). It
+// reports whether ready became true, or the error that ended the wait.
+// polled is how many polls quickPoll made before.
+func (w *Waiter) busyWait(ready func() bool, now, spin, yield time.Duration, bursts bool, polled uint32) (bool, error) {
 	if spin > 0 {
-		end := now + spin
-		for i := 1; ; i++ {
-			cpuRelax()
-			if ready() {
-				return true, nil
-			}
-			if i%spinCheckEvery == 0 {
-				if err := w.stopErr(); err != nil {
-					return false, err
-				}
-				now = w.now()
-				if err := w.checkDeadline(now); err != nil {
-					return false, err
-				}
-				if now >= end {
-					break
-				}
-			}
+		burst := uint32(math.MaxUint32)
+		if bursts {
+			burst = w.burst.Load()
 		}
+		ok, next, end, err := w.spinPhase(ready, now, now+spin, burst, polled)
+		if bursts && next != burst {
+			w.burst.Store(next)
+		}
+		if ok || err != nil {
+			return ok, err
+		}
+		now = end
 	}
 	forever := w.cfg.Policy == PolicySpin
 	if forever || yield > 0 {
@@ -262,6 +287,58 @@ func (w *Waiter) busyWait(ready func() bool, now, spin, yield time.Duration) (bo
 		}
 	}
 	return false, nil
+}
+
+// spinPhase polls ready until end, yielding after every burst polls (the
+// first burst has had polled of them already) and adapting burst. It
+// returns whether ready became true, the next burst, the time it last read,
+// or the error that ended the wait.
+func (w *Waiter) spinPhase(ready func() bool, now, end time.Duration, burst, polled uint32) (bool, uint32, time.Duration, error) {
+	for polls := polled; ; {
+		if polls < burst {
+			polls++
+			cpuRelax()
+			if ready() {
+				return true, burst, now, nil
+			}
+			if polls%spinCheckEvery != 0 {
+				continue
+			}
+		} else {
+			polls = 0
+			burst = w.yieldOnce(burst)
+			if ready() {
+				return true, burst, now, nil
+			}
+		}
+		if err := w.stopErr(); err != nil {
+			return false, burst, now, err
+		}
+		now = w.now()
+		if err := w.checkDeadline(now); err != nil {
+			return false, burst, now, err
+		}
+		if now >= end {
+			return false, burst, now, nil
+		}
+	}
+}
+
+// yieldOnce yields the CPU, times the yield and returns the next burst: half
+// of burst if another thread ran meanwhile, double (plus one) if not.
+func (w *Waiter) yieldOnce(burst uint32) uint32 {
+	before := w.now()
+	osYield()
+	took := int64(w.now() - before)
+	least := w.minYield.Load()
+	if least == 0 || took < least {
+		w.minYield.Store(took)
+		least = took
+	}
+	if took > 2*least {
+		return burst / 2
+	}
+	return min(2*burst+1, maxBurst)
 }
 
 // Progress tells Wait that the peer moved without making the condition true

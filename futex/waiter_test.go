@@ -11,6 +11,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/sypas/sypas/internal/affinity"
 )
 
 var policies = []struct {
@@ -364,4 +366,53 @@ func TestWaiterProgressIsNotThrottled(t *testing.T) {
 			assert.NotZero(t, w.Throttled(), "progress not reported: the wake-ups look idle")
 		}
 	}
+}
+
+// TestWaiterYieldsToPeerOnSharedCPU: two goroutines hand a counter back and
+// forth on threads pinned to one CPU, as two processes come to share a core
+// on a busy machine. There the peer can answer only once the waiter gives
+// the CPU up, so every poll before that delays the answer: PolicyAuto must
+// learn to yield at once. After a warm-up, many Waits (nearly all on an idle
+// machine) poll their condition at most 4 times; before the bursts,
+// quickPoll alone made 64 polls, and 0 to 8 of 2000 waits did.
+func TestWaiterYieldsToPeerOnSharedCPU(t *testing.T) {
+	if runtime.NumCPU() < 2 {
+		t.Skip("no spinning with one CPU")
+	}
+	var ping, pong, pingWord, pongWord atomic.Uint32
+	a := NewWaiter(&pongWord, Config{}) // waits for pong
+	b := NewWaiter(&pingWord, Config{}) // waits for ping
+	const n, warm = 3000, 1000
+	errc := make(chan error, 1)
+	go func() {
+		defer affinity.Pin(0)()
+		var i uint32
+		pinged := func() bool { return ping.Load() >= i }
+		for i = 1; i <= n; i++ {
+			if err := b.Wait(pinged); err != nil {
+				errc <- err
+				return
+			}
+			pong.Store(i)
+			Notify(&pongWord)
+		}
+		errc <- nil
+	}()
+	defer affinity.Pin(0)()
+	var i uint32
+	polls := 0
+	ponged := func() bool { polls++; return pong.Load() >= i }
+	few := 0 // waits after the warm-up that polled at most 4 times
+	for i = 1; i <= n; i++ {
+		ping.Store(i)
+		Notify(&pingWord)
+		polls = 0
+		require.NoError(t, a.Wait(ponged))
+		if i > warm && polls <= 4 {
+			few++
+		}
+	}
+	require.NoError(t, <-errc)
+	t.Logf("%d of %d waits polled at most 4 times", few, n-warm)
+	assert.Greater(t, few, (n-warm)/4, "the waiter yields to the peer that shares its CPU instead of spinning")
 }

@@ -33,7 +33,7 @@ type Producer struct {
 	err        error  // sticky: corruption or a closed peer
 
 	closed  atomic.Bool
-	waiting atomic.Bool // set while waitFree waits, after publishing; read by Close
+	slow    atomic.Bool // set while reserveSlow runs: Close must not read what it writes
 	waiter  *futex.Waiter
 	readyFn func() bool // p.ready, bound once so waiting allocates nothing
 }
@@ -122,6 +122,10 @@ func (p *Producer) TryReserve(n int) []byte {
 // report, a new lap to start (padding the old one's end if need be), or room
 // to look for or wait for. It recomputes the limit for the fast path.
 func (p *Producer) reserveSlow(n int) ([]byte, error) {
+	// Set before usable reads closed, so that a Close from another goroutine
+	// either sees it, or happens before that read and ends this call.
+	p.slow.Store(true)
+	defer p.slow.Store(false)
 	if err := p.usable(); err != nil {
 		return nil, err
 	}
@@ -252,16 +256,17 @@ func (p *Producer) Interrupt(err error) { p.waiter.Interrupt(err) }
 // goroutine, or from one that knows that goroutine is done with the producer
 // (it returned, or signalled through a channel). From another goroutine, Close
 // may also end a Reserve or Write that is waiting for room, which then returns
-// ErrClosed: a producer publishes what it committed before it waits, so
-// nothing is left to publish. Closing a producer that another goroutine is
-// still committing to is a data race; stop that goroutine first.
+// ErrClosed: a producer publishes what it committed before it waits. Closing
+// a producer that another goroutine is still committing to (outside such a
+// wait) is a data race; stop that goroutine first.
 func (p *Producer) Close() error {
 	if !p.closed.CompareAndSwap(false, true) {
 		return nil
 	}
-	// waiting is read before pos: a waiting producer has published
-	// everything and may be updating its other fields in ready.
-	if !p.waiting.Load() && p.err == nil && p.pos != p.published {
+	// A producer in Reserve's slow path (waiting for room, say) may be
+	// writing what we would read: leave publishing to its own Flush, which
+	// it makes before it waits.
+	if !p.slow.Load() && p.err == nil && p.pos != p.published {
 		// Before the closed flag: a consumer that sees the flag loads tail
 		// once more, and so gets these records before io.EOF.
 		p.tail.Store(p.pos)
@@ -314,10 +319,7 @@ func (p *Producer) waitFree(need uint64) error {
 		return err
 	}
 	p.want = need
-	p.waiting.Store(true)
-	err := p.waiter.Wait(p.readyFn)
-	p.waiting.Store(false)
-	if err != nil {
+	if err := p.waiter.Wait(p.readyFn); err != nil {
 		return err
 	}
 	if p.err != nil {

@@ -26,11 +26,16 @@ func newMem(t testing.TB, capacity int) []byte {
 	return mem
 }
 
-// pair attaches both ends to a fresh ring; parkCfg avoids burning CPU in tests.
+// pair attaches both ends to a fresh ring; parking at once avoids burning
+// CPU in tests.
 func pair(t testing.TB, capacity int) (*Producer, *Consumer, []byte) {
+	return pairWith(t, capacity, Config{Idle: futex.Config{Policy: futex.PolicyPark}})
+}
+
+// pairWith is pair with the given Config for both ends.
+func pairWith(t testing.TB, capacity int, cfg Config) (*Producer, *Consumer, []byte) {
 	t.Helper()
 	mem := newMem(t, capacity)
-	cfg := Config{Idle: futex.Config{Policy: futex.PolicyPark}}
 	p, err := NewProducer(mem, cfg)
 	require.NoError(t, err)
 	c, err := NewConsumer(mem, cfg)
@@ -606,6 +611,42 @@ func TestCloseEndsBlockedWrite(t *testing.T) {
 	_, err := c.Next()
 	assert.ErrorIs(t, err, io.EOF)
 }
+
+// TestCloseRacesBlockingWrite closes a producer from another goroutine at
+// random moments while its writer is on its way into a wait for room: it pads
+// the end of the lap (writing the padding and publishing it) and then waits.
+// Close must not read what Reserve's slow path writes, so the race detector
+// must see no race; and the Write ends with ErrClosed. Many trials, with
+// delays of 0 to a few microseconds.
+func TestCloseRacesBlockingWrite(t *testing.T) {
+	r := rand.New(rand.NewPCG(7, 8))
+	for i := 0; i < 1000; i++ {
+		p, _, _ := pair(t, 128)
+		started := make(chan struct{})
+		done := make(chan error, 1)
+		go func() {
+			_, err := p.Write(make([]byte, 56)) // [0, 64)
+			if err == nil {
+				_, err = p.Write(make([]byte, 24)) // [64, 96)
+			}
+			if err != nil {
+				done <- err
+				return
+			}
+			close(started)
+			_, err = p.Write(make([]byte, 40)) // pads [96, 128), then waits for 48 bytes
+			done <- err
+		}()
+		<-started
+		for range r.IntN(4000) {
+			spinSink++
+		}
+		require.NoError(t, p.Close())
+		require.ErrorIs(t, <-done, ErrClosed, "trial %d", i)
+	}
+}
+
+var spinSink int
 
 // TestAbandon: an abandoned reservation publishes nothing, not even an empty
 // record, and its room is handed out again.

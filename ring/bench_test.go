@@ -148,14 +148,16 @@ func BenchmarkCopyBatch(b *testing.B) {
 }
 
 // BenchmarkStreamGoroutines: producer and consumer goroutines in one
-// process, the producer publishing a batch of 64 records per Flush so that
-// the consumer sets the pace, and the consumer copying each payload out
-// (copyingConsumers).
+// process, with the default Config, the producer publishing a batch of 64
+// records per Flush so that the consumer sets the pace, and the consumer
+// copying each payload out (copyingConsumers). A producer waiting for room
+// polls head, so a consumer that stores head for every record pays for that
+// cache line moving back and forth.
 func BenchmarkStreamGoroutines(b *testing.B) {
 	for _, cons := range copyingConsumers {
 		for _, size := range benchSizes {
 			b.Run(cons.name+"/"+sizeName(size), func(b *testing.B) {
-				p, c, _ := pair(b, 1<<18)
+				p, c, _ := pairWith(b, 1<<18, Config{})
 				msg, buf := make([]byte, size), make([]byte, size)
 				read := cons.read(c, buf)
 				b.SetBytes(int64(size))

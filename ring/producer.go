@@ -34,6 +34,7 @@ type Producer struct {
 
 	closed  atomic.Bool
 	slow    atomic.Bool // set while reserveSlow runs: Close must not read what it writes
+	intr    atomic.Bool // set by Interrupt: Close publishes nothing more
 	waiter  *futex.Waiter
 	readyFn func() bool // p.ready, bound once so waiting allocates nothing
 }
@@ -242,8 +243,14 @@ func (p *Producer) Write(b []byte) (int, error) {
 func (p *Producer) SetDeadline(t time.Time) { p.waiter.SetDeadline(t) }
 
 // Interrupt makes a waiting or future wait for room fail with err; the control
-// plane calls it when the consumer's process dies. The first error sticks.
-func (p *Producer) Interrupt(err error) { p.waiter.Interrupt(err) }
+// plane calls it when the consumer's process dies, or the session ends. The
+// first error sticks. After it, Close publishes nothing more: nobody would
+// read it, and the goroutine that ends a session need not know whether
+// another is still committing.
+func (p *Producer) Interrupt(err error) {
+	p.intr.Store(true)
+	p.waiter.Interrupt(err)
+}
 
 // Close publishes every record committed before it, then marks the producer
 // closed: the consumer reads those records, then gets io.EOF. A pending
@@ -258,15 +265,16 @@ func (p *Producer) Interrupt(err error) { p.waiter.Interrupt(err) }
 // may also end a Reserve or Write that is waiting for room, which then returns
 // ErrClosed: a producer publishes what it committed before it waits. Closing
 // a producer that another goroutine is still committing to (outside such a
-// wait) is a data race; stop that goroutine first.
+// wait) is a data race, unless Interrupt came first; stop that goroutine
+// first, or interrupt it.
 func (p *Producer) Close() error {
 	if !p.closed.CompareAndSwap(false, true) {
 		return nil
 	}
 	// A producer in Reserve's slow path (waiting for room, say) may be
 	// writing what we would read: leave publishing to its own Flush, which
-	// it makes before it waits.
-	if !p.slow.Load() && p.err == nil && p.pos != p.published {
+	// it makes before it waits. After Interrupt there is nobody to publish to.
+	if !p.intr.Load() && !p.slow.Load() && p.err == nil && p.pos != p.published {
 		// Before the closed flag: a consumer that sees the flag loads tail
 		// once more, and so gets these records before io.EOF.
 		p.tail.Store(p.pos)

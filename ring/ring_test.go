@@ -648,6 +648,44 @@ func TestCloseRacesBlockingWrite(t *testing.T) {
 
 var spinSink int
 
+// TestInterruptThenCloseWhileStreaming: the control plane ends a session by
+// interrupting the producer, then closing it, from its own goroutine, while
+// the application may still be streaming through TryReserve, Commit and
+// Flush. After Interrupt, Close must not read what the streaming goroutine
+// writes (the race detector checks), and the stream ends with an error.
+func TestInterruptThenCloseWhileStreaming(t *testing.T) {
+	errEnded := errors.New("session ended")
+	r := rand.New(rand.NewPCG(9, 10))
+	for i := 0; i < 200; i++ {
+		p, c, _ := pair(t, 4096)
+		go func() { // a consumer that keeps up, until the producer closes
+			for {
+				if _, err := c.Next(); err != nil {
+					return
+				}
+				c.Release()
+			}
+		}()
+		done := make(chan error, 1)
+		go func() {
+			for {
+				if _, err := p.Write(make([]byte, 24)); err != nil {
+					done <- err
+					return
+				}
+			}
+		}()
+		for range r.IntN(20000) {
+			spinSink++
+		}
+		p.Interrupt(errEnded)
+		require.NoError(t, p.Close())
+		err := <-done
+		require.True(t, errors.Is(err, ErrClosed) || errors.Is(err, errEnded), "trial %d: %v", i, err)
+		c.Close()
+	}
+}
+
 // TestAbandon: an abandoned reservation publishes nothing, not even an empty
 // record, and its room is handed out again.
 func TestAbandon(t *testing.T) {

@@ -2,13 +2,18 @@
 // side with the baselines they are judged against, in one `go test -bench` run:
 //
 //   - BenchmarkRoundTrip: a 64-byte request echoed by another process, over the
-//     ring in spin mode and in park mode, a raw cache-line ping-pong (the
-//     hardware limit), a raw futex ping-pong, a Unix socket and a pipe. Each
-//     reports p50 and p99 round-trip times in ns.
+//     ring in spin, park and auto (default) mode, a raw cache-line ping-pong
+//     (the hardware limit), a raw futex ping-pong, a Unix socket and a pipe.
+//     Each reports p50 and p99 round-trip times in ns.
+//   - BenchmarkRoundTripHog: the same for the ring's three modes, the raw futex
+//     and the socket, unpinned, with a third process keeping one thread busy.
 //   - BenchmarkStream: one-way streaming of 64-byte and 1 KiB messages to
-//     another process, in msgs/s: over the ring with a Write per message,
+//     another process, in msgs/s: over the ring with a Flush per message,
 //     with TryReserve/Commit and a Flush every 16 or 64 messages, and with
-//     Reserve/Commit and a Flush every 64; and over a Unix socket.
+//     Reserve/Commit and a Flush every 64; and over a Unix socket. The peer
+//     checks each message's sequence number and sums every byte it receives,
+//     reading the ring in place, or copying out with Next and copy, or with
+//     ReadInto; the sum must match what was sent.
 //
 // The other process is this test binary re-executed. Where the machine has two
 // or more CPUs, variants that busy-poll (the ring in spin and auto mode, the

@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -21,9 +22,9 @@ const msgSize = 64
 
 // BenchmarkRoundTrip: a 64-byte message to another process and back.
 func BenchmarkRoundTrip(b *testing.B) {
-	b.Run("ring-spin", func(b *testing.B) { benchRingRTT(b, futex.PolicySpin) })
-	b.Run("ring-park", func(b *testing.B) { benchRingRTT(b, futex.PolicyPark) })
-	b.Run("ring-auto", func(b *testing.B) { benchRingRTT(b, futex.PolicyAuto) })
+	b.Run("ring-spin", func(b *testing.B) { benchRingRTT(b, futex.Config{Policy: futex.PolicySpin}, shouldPin(true)) })
+	b.Run("ring-park", func(b *testing.B) { benchRingRTT(b, futex.Config{Policy: futex.PolicyPark}, shouldPin(false)) })
+	b.Run("ring-auto", func(b *testing.B) { benchRingRTT(b, futex.Config{}, shouldPin(true)) })
 	b.Run("raw-cacheline", benchCacheLineRTT)
 	b.Run("raw-futex", benchFutexRTT)
 	b.Run("unix-socket", benchUnixRTT)
@@ -39,7 +40,7 @@ func init() {
 	peers["fd-echo"] = fdEcho
 }
 
-func benchRingRTT(b *testing.B, policy futex.Policy) {
+func benchRingRTT(b *testing.B, idle futex.Config, pinned bool) {
 	req, err := ring.CreateRegion(rttRingCapacity)
 	if err != nil {
 		b.Fatal(err)
@@ -50,7 +51,7 @@ func benchRingRTT(b *testing.B, policy futex.Policy) {
 		b.Fatal(err)
 	}
 	defer resp.Close()
-	cfg := ring.Config{Idle: futex.Config{Policy: policy}}
+	cfg := ring.Config{Idle: idle}
 	p, err := ring.NewProducer(req.Bytes(), cfg)
 	if err != nil {
 		b.Fatal(err)
@@ -59,9 +60,9 @@ func benchRingRTT(b *testing.B, policy futex.Policy) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	pinned := shouldPin(policy != futex.PolicyPark)
 	cmd := startPeer(b, "ring-echo", pinned, []*os.File{req.File(), resp.File()},
-		"CAP="+strconv.Itoa(rttRingCapacity), "POLICY="+strconv.Itoa(int(policy)))
+		"CAP="+strconv.Itoa(rttRingCapacity), "POLICY="+strconv.Itoa(int(idle.Policy)),
+		"SPIN="+strconv.Itoa(int(idle.Spin)), "YIELD="+strconv.Itoa(int(idle.Yield)))
 
 	roundTrip := func(seq uint64) {
 		m, err := p.Reserve(msgSize)
@@ -86,8 +87,12 @@ func benchRingRTT(b *testing.B, policy futex.Policy) {
 }
 
 func ringEcho() error {
-	policy := futex.Policy(envInt("POLICY"))
-	c, p, closeRings, err := ringpair.Inherited(envInt("CAP"), ring.Config{Idle: futex.Config{Policy: policy}})
+	idle := futex.Config{
+		Policy: futex.Policy(envInt("POLICY")),
+		Spin:   time.Duration(envInt("SPIN")),
+		Yield:  time.Duration(envInt("YIELD")),
+	}
+	c, p, closeRings, err := ringpair.Inherited(envInt("CAP"), ring.Config{Idle: idle})
 	if err != nil {
 		return err
 	}

@@ -289,26 +289,23 @@ func errorMsg(err error) sypas.ErrorMsg {
 // Close ends the session and releases its rings. It is safe at any time,
 // from any goroutine: ring calls in flight in other goroutines, and every
 // later call, return an error matching ring.ErrClosed, and views stay safe
-// to touch while the session is reachable (see Session). It does not wait for the peer; use Shutdown for
-// an orderly end. Close is idempotent.
+// to touch while the session is reachable (see Session). Records committed
+// and not yet flushed are dropped: Flush first. It does not wait for the
+// peer; use Shutdown for an orderly end. Close is idempotent.
 func (s *Session) Close() error {
 	s.closeOnce.Do(func() {
-		// The ring ends first, so that their waiters fail with ErrClosed
-		// rather than with fail's ErrSessionClosed. Each wakes its waiter
-		// while the ring is still mapped shared; the regions' Close then
-		// swaps the shared memory for private pages (ring.Region.Close).
+		// The rings first, so that waiting calls fail with ErrClosed rather
+		// than with fail's ErrSessionClosed: each region closes the ends
+		// attached through it (waking their waiters while the ring is
+		// still shared, and publishing nothing, as another goroutine may be
+		// committing), then swaps its shared memory for private pages
+		// (ring.Region.Close).
 		var errs []error
-		if s.prod != nil {
-			errs = append(errs, s.prod.Close())
-		}
-		if s.cons != nil {
-			errs = append(errs, s.cons.Close())
-		}
-		s.fail(ErrSessionClosed)
-		s.wg.Wait()
 		for _, r := range s.regions {
 			errs = append(errs, r.Close())
 		}
+		s.fail(ErrSessionClosed)
+		s.wg.Wait()
 		s.fdr.close()
 		if s.ctl != nil {
 			s.ctl.pidfd.Close()

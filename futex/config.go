@@ -14,7 +14,10 @@ type Policy int
 const (
 	// PolicyAuto spins, then yields, then parks (sleeps in the kernel). It is
 	// the default: low latency when the peer answers quickly, no CPU burnt
-	// when it does not.
+	// when it does not. It spins in bursts with a yield between them, and
+	// shortens the bursts, down to none, while its yields show that another
+	// thread wants this CPU: on a busy machine that thread is often the peer
+	// it waits for, which then answers at once instead of after the spin.
 	PolicyAuto Policy = iota
 	// PolicySpin never parks: it spins, then yields forever. Lowest latency,
 	// but it keeps a CPU busy for as long as it waits.

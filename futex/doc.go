@@ -32,5 +32,7 @@
 //
 // The peer may write anything to the shared word at any time. A hostile peer
 // can cost extra wake-ups or make a Wait sleep until its deadline, but never
-// corrupt a Waiter's state or make it panic.
+// corrupt a Waiter's state or make it panic. Wake-ups that bring neither the
+// condition nor progress (which ready reports with Waiter.Progress) are
+// slept off after a few, so a peer that wakes us in a loop costs little CPU.
 package futex

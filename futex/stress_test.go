@@ -205,10 +205,11 @@ func watchdog(w *Waiter, l stressLayout, p stressParams, stop, exited <-chan str
 // TestHelperProcess is the consumer side of TestStressCrossProcess, run in a
 // child process. It does nothing in a normal test run.
 func TestHelperProcess(t *testing.T) {
-	if os.Getenv("GO_WANT_HELPER_PROCESS") != "1" {
-		t.Skip("helper for TestStressCrossProcess")
+	run := map[string]func() error{"1": consume, "flood": flood}[os.Getenv("GO_WANT_HELPER_PROCESS")]
+	if run == nil {
+		t.Skip("helper for TestStressCrossProcess and TestWaiterWakeFlood")
 	}
-	if err := consume(); err != nil {
+	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "helper:", err)
 		os.Exit(1)
 	}

@@ -3,6 +3,7 @@ package futex
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"sync/atomic"
 	"time"
@@ -73,14 +74,50 @@ type Waiter struct {
 	// deadline at or before base is stored as -1 (past).
 	deadline atomic.Int64
 
-	// backoff is the PolicyAuto busy-budget shift, 0..maxBackoff. Only Wait
-	// touches it; atomic so that successive Waits from different goroutines
-	// need no other synchronization.
-	backoff atomic.Uint32
+	// backoff is the PolicyAuto busy-budget shift, 0..maxBackoff, and burst
+	// the polls its spin phase makes between two yields, 0..maxBurst. Only
+	// Wait touches them; atomic so that successive Waits from different
+	// goroutines need no other synchronization. minYield is the shortest
+	// sched_yield seen, in ns (0 before the first): one that took much
+	// longer let another thread run.
+	backoff  atomic.Uint32
+	burst    atomic.Uint32
+	minYield atomic.Int64
 
 	closed atomic.Bool
 	intr   atomic.Pointer[error] // first Interrupt error, nil if none
+
+	// progressed is set by Progress, called from ready during Wait, and
+	// cleared by park before each look at the condition: on Wait's goroutine
+	// only, so a plain field.
+	progressed bool
+	// nap is the private word a throttled park sleeps on (napping), so that
+	// kick can end that sleep at once; the shared word cannot serve, since
+	// the peer that floods us with wake-ups also clears it.
+	nap atomic.Uint32
+	// throttled counts the naps, for Throttled.
+	throttled atomic.Uint64
 }
+
+// nap values.
+const (
+	napIdle    = 0
+	napping    = 1
+	napStopped = 2 // kick ended the nap
+)
+
+// Throttling of wake-ups that bring no progress (see park). A legitimate
+// peer wakes us when it publishes, which is progress; a wake-up without any
+// is a rare race or a signal, so a few in a row are free. Beyond that each
+// one is followed by a sleep of minNap, doubling up to maxNap, so a peer that
+// only wakes us costs us about one wake-up per maxNap. One that comes more
+// than idleForgotten after the last starts the count again.
+const (
+	freeIdleWakes = 3
+	minNap        = 20 * time.Microsecond
+	maxNap        = time.Millisecond
+	idleForgotten = 10 * time.Millisecond
+)
 
 // NewWaiter returns the waiting side of word, which must stay mapped until
 // the Waiter is closed and its last Wait has returned. The word should start
@@ -93,7 +130,9 @@ func NewWaiter(word *atomic.Uint32, cfg Config) *Waiter {
 	if err := cfg.Validate(); err != nil {
 		panic(err)
 	}
-	return &Waiter{word: word, cfg: cfg.Resolved(), base: time.Now()}
+	w := &Waiter{word: word, cfg: cfg.Resolved(), base: time.Now()}
+	w.burst.Store(maxBurst)
+	return w
 }
 
 // Config returns the Waiter's resolved configuration.
@@ -121,8 +160,15 @@ func (w *Waiter) Wait(ready func() bool) error {
 		return nil
 	}
 	cfg := &w.cfg
-	if cfg.Policy != PolicyPark && cfg.Spin > 0 && w.deadline.Load() == 0 && w.quickPoll(ready) {
-		return nil
+	polled := uint32(0) // polls of the spin phase already made
+	if cfg.Policy != PolicyPark && cfg.Spin > 0 && w.deadline.Load() == 0 {
+		polled = quickPolls
+		if cfg.Policy == PolicyAuto {
+			polled = w.burst.Load() // the first burst, then a yield
+		}
+		if w.quickPoll(ready, polled) {
+			return nil
+		}
 	}
 	now := w.now()
 	if err := w.checkDeadline(now); err != nil {
@@ -131,19 +177,20 @@ func (w *Waiter) Wait(ready func() bool) error {
 	if cfg.Policy == PolicyPark {
 		return w.park(ready)
 	}
-	// PolicyAuto's busy budgets adapt (PolicySpin's stay whole): a Wait that the busy phases satisfy faster than
-	// a park would have (parkCost) doubles them back towards the configured
-	// values; one that took longer, or spun and yielded in vain and then
-	// parked, halves them (down to 1/2^maxBackoff). A peer that answers
-	// quickly keeps the budget whole; on a machine so loaded that the peer
-	// rarely runs while we spin, we stop burning the budget before parking.
 	if cfg.Policy == PolicySpin {
-		_, err := w.busyWait(ready, now, cfg.Spin, Off) // returns only when done
+		_, err := w.busyWait(ready, now, cfg.Spin, Off, false, polled) // returns only when done
 		return err
 	}
+	// PolicyAuto's busy budgets adapt (PolicySpin's stay whole): a Wait that
+	// the busy phases satisfy faster than a park would have (parkCost)
+	// doubles them back towards the configured values; one that took longer,
+	// or spun and yielded in vain and then parked, halves them (down to
+	// 1/2^maxBackoff). A peer that answers quickly keeps the budget whole; on
+	// a machine so loaded that the peer rarely runs while we spin, we stop
+	// burning the budget before parking.
 	shift := w.backoff.Load()
 	spin, yield := cfg.Spin>>shift, cfg.Yield>>shift // Off stays negative
-	ok, err := w.busyWait(ready, now, spin, yield)
+	ok, err := w.busyWait(ready, now, spin, yield, true, polled)
 	if err != nil {
 		return err
 	}
@@ -162,16 +209,30 @@ func (w *Waiter) Wait(ready func() bool) error {
 	return w.park(ready)
 }
 
-// quickPolls bounds the first, clock-free part of the spin phase: a peer in
-// the middle of a conversation answers within a few cache-line round trips,
-// and reading the clock (~25 ns) would be a large part of that.
+// quickPolls bounds the first, clock-free part of PolicySpin's spin phase: a
+// peer in the middle of a conversation answers within a few cache-line round
+// trips, and reading the clock (~25 ns) would be a large part of that.
+// PolicyAuto polls its current burst instead.
 const quickPolls = 64
 
-// quickPoll polls ready quickPolls times without reading the clock. Callers
+// Bursts (PolicyAuto). A waiter that spins on the CPU its peer needs (two
+// processes that share a core, as they come to on a busy machine) delays the
+// answer it waits for by every poll it makes before it yields: with a core
+// to itself, spinning serves within a few polls; without, only yielding
+// does, at once. So the spin phase polls in bursts and yields between them,
+// and each yield tells which case holds: one that returned as quickly as
+// sched_yield can (the shortest seen, doubled) ran nobody else, and the
+// burst doubles; one that took longer ran another thread here, and it
+// halves, down to 0: yield first. maxBurst (about 7 µs of polls here)
+// bounds the polls between two yields; a yield that runs nobody else costs
+// one system call per burst.
+const maxBurst = 255
+
+// quickPoll polls ready up to n times without reading the clock. Callers
 // skip it when a deadline is set, so a passed deadline still fails at once.
 // A success here is a fast one, which PolicyAuto's budgets reward.
-func (w *Waiter) quickPoll(ready func() bool) bool {
-	for i := 0; i < quickPolls; i++ {
+func (w *Waiter) quickPoll(ready func() bool, n uint32) bool {
+	for i := uint32(0); i < n; i++ {
 		cpuRelax()
 		if ready() {
 			if w.cfg.Policy == PolicyAuto {
@@ -186,29 +247,24 @@ func (w *Waiter) quickPoll(ready func() bool) bool {
 }
 
 // busyWait polls ready, spinning for the spin budget and then yielding for
-// the yield budget (forever under PolicySpin). It reports whether ready
-// became true, or the error that ended the wait.
-func (w *Waiter) busyWait(ready func() bool, now, spin, yield time.Duration) (bool, error) {
+// the yield budget (forever under PolicySpin). With bursts, the spin phase
+// yields between bursts of polls and adapts their length (see maxBurst). It
+// reports whether ready became true, or the error that ended the wait.
+// polled is how many polls quickPoll made before.
+func (w *Waiter) busyWait(ready func() bool, now, spin, yield time.Duration, bursts bool, polled uint32) (bool, error) {
 	if spin > 0 {
-		end := now + spin
-		for i := 1; ; i++ {
-			cpuRelax()
-			if ready() {
-				return true, nil
-			}
-			if i%spinCheckEvery == 0 {
-				if err := w.stopErr(); err != nil {
-					return false, err
-				}
-				now = w.now()
-				if err := w.checkDeadline(now); err != nil {
-					return false, err
-				}
-				if now >= end {
-					break
-				}
-			}
+		burst := uint32(math.MaxUint32)
+		if bursts {
+			burst = w.burst.Load()
 		}
+		ok, next, end, err := w.spinPhase(ready, now, now+spin, burst, polled)
+		if bursts && next != burst {
+			w.burst.Store(next)
+		}
+		if ok || err != nil {
+			return ok, err
+		}
+		now = end
 	}
 	forever := w.cfg.Policy == PolicySpin
 	if forever || yield > 0 {
@@ -233,10 +289,78 @@ func (w *Waiter) busyWait(ready func() bool, now, spin, yield time.Duration) (bo
 	return false, nil
 }
 
+// spinPhase polls ready until end, yielding after every burst polls (the
+// first burst has had polled of them already) and adapting burst. It
+// returns whether ready became true, the next burst, the time it last read,
+// or the error that ended the wait.
+func (w *Waiter) spinPhase(ready func() bool, now, end time.Duration, burst, polled uint32) (bool, uint32, time.Duration, error) {
+	for polls := polled; ; {
+		if polls < burst {
+			polls++
+			cpuRelax()
+			if ready() {
+				return true, burst, now, nil
+			}
+			if polls%spinCheckEvery != 0 {
+				continue
+			}
+		} else {
+			polls = 0
+			burst = w.yieldOnce(burst)
+			if ready() {
+				return true, burst, now, nil
+			}
+		}
+		if err := w.stopErr(); err != nil {
+			return false, burst, now, err
+		}
+		now = w.now()
+		if err := w.checkDeadline(now); err != nil {
+			return false, burst, now, err
+		}
+		if now >= end {
+			return false, burst, now, nil
+		}
+	}
+}
+
+// yieldOnce yields the CPU, times the yield and returns the next burst: half
+// of burst if another thread ran meanwhile, double (plus one) if not.
+func (w *Waiter) yieldOnce(burst uint32) uint32 {
+	before := w.now()
+	osYield()
+	took := int64(w.now() - before)
+	least := w.minYield.Load()
+	if least == 0 || took < least {
+		w.minYield.Store(took)
+		least = took
+	}
+	if took > 2*least {
+		return burst / 2
+	}
+	return min(2*burst+1, maxBurst)
+}
+
+// Progress tells Wait that the peer moved without making the condition true
+// yet: a consumer released some room, but less than the producer waits for.
+// Call it from the ready function. Wait sleeps off wake-ups that bring
+// neither the condition nor progress, so that a peer that only wakes us in a
+// loop costs us little CPU; a ready function that never calls Progress makes
+// every wake-up that leaves it false look like one.
+func (w *Waiter) Progress() { w.progressed = true }
+
+// Throttled is how many times Wait has slept off wake-ups that brought
+// neither the condition nor progress (see Progress). It stays at or near 0
+// with a well-behaved peer; one that keeps growing means the peer wakes us
+// without publishing anything: a bug or an attack, worth reporting.
+func (w *Waiter) Throttled() uint64 { return w.throttled.Load() }
+
 // park runs the waiter's side of the sleep-word protocol until ready reports
 // true or the wait fails.
 func (w *Waiter) park(ready func() bool) error {
-	garbage := 0 // consecutive wake-ups that found a value only a bad peer writes
+	woken := false             // the last FUTEX_WAIT returned: the next look judges the wake-up
+	idle := 0                  // wake-ups in a row that brought no progress
+	var lastIdle time.Duration // when the last of them was judged
 	for {
 		// Publish "parked" before the last look at the condition: a notifier
 		// that stored its data after our look will see the flag and wake us.
@@ -245,6 +369,7 @@ func (w *Waiter) park(ready func() bool) error {
 		// a read-modify-write is a full barrier even under the race detector,
 		// where Store is only a release (see raceFence).
 		w.word.Swap(parked)
+		w.progressed = false
 		if ready() {
 			w.word.Store(awake)
 			return nil
@@ -252,6 +377,26 @@ func (w *Waiter) park(ready func() bool) error {
 		if err := w.stopErr(); err != nil {
 			w.word.Store(awake)
 			return err
+		}
+		if w.progressed {
+			idle = 0
+		} else if woken {
+			// Woken for nothing: by a peer that published nothing (or wrote
+			// garbage in the word, which makes FUTEX_WAIT return at once), a
+			// signal, or a stale Notify. Past a few in a row, sleep it off.
+			now := w.now()
+			if now-lastIdle > idleForgotten {
+				idle = 0
+			}
+			idle++
+			lastIdle = now
+			if idle > freeIdleWakes {
+				w.throttled.Add(1)
+				w.word.Store(awake)
+				w.sleepOff(min(minNap<<min(idle-freeIdleWakes-1, 16), maxNap))
+				woken = false
+				continue
+			}
 		}
 		timeout := time.Duration(-1)
 		if dl := w.deadline.Load(); dl != 0 {
@@ -263,24 +408,29 @@ func (w *Waiter) park(ready func() bool) error {
 		// Sleeps only while the word is still "parked": a Notify or kick since
 		// our Store makes this return at once. A timeout is not trusted: the
 		// loop re-reads the (maybe moved) deadline against the clock.
-		if err := Wait(w.word, parked, timeout); err != nil && err != os.ErrDeadlineExceeded {
+		err := Wait(w.word, parked, timeout)
+		if err != nil && err != os.ErrDeadlineExceeded {
 			w.word.Store(awake)
 			return err
 		}
-		// Only we store parked and notifiers store awake. A peer that keeps
-		// writing anything else would turn this loop into a busy one (FUTEX_WAIT
-		// returns EAGAIN at once), so back off, up to 1 ms per round.
-		if w.word.Load() > parked {
-			garbage++
-			pause := min(time.Duration(garbage)*10*time.Microsecond, time.Millisecond)
-			if dl := w.deadline.Load(); dl != 0 {
-				pause = min(pause, time.Duration(dl)-w.now())
-			}
-			time.Sleep(pause)
-		} else {
-			garbage = 0
+		woken = err == nil
+	}
+}
+
+// sleepOff sleeps for d, or until the deadline, Close, Interrupt or a new
+// deadline, on the private nap word that kick wakes.
+func (w *Waiter) sleepOff(d time.Duration) {
+	w.nap.Swap(napping) // before the looks below, as the word is before ready
+	defer w.nap.Store(napIdle)
+	if w.stopErr() != nil {
+		return
+	}
+	if dl := w.deadline.Load(); dl != 0 {
+		if d = min(d, time.Duration(dl)-w.now()); d <= 0 {
+			return
 		}
 	}
+	_ = Wait(&w.nap, napping, d)
 }
 
 // SetDeadline sets the time after which Wait fails with
@@ -330,6 +480,9 @@ func (w *Waiter) kick() {
 	raceFence()
 	w.word.Swap(awake)
 	_, _ = Wake(w.word, 1)
+	if w.nap.Swap(napStopped) == napping {
+		_, _ = Wake(&w.nap, 1)
+	}
 }
 
 // stopErr returns the error Wait must fail with after Close or Interrupt.

@@ -4,12 +4,15 @@ import (
 	"errors"
 	"math/rand/v2"
 	"os"
+	"runtime"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/sypas/sypas/internal/affinity"
 )
 
 var policies = []struct {
@@ -328,4 +331,88 @@ func TestWaiterSpinPolicyDoesNotAdapt(t *testing.T) {
 	go func() { time.Sleep(2 * time.Millisecond); data.Store(1) }() // no Notify: Spin never parks
 	require.NoError(t, w.Wait(func() bool { return data.Load() == 1 }))
 	assert.EqualValues(t, 0, w.backoff.Load())
+}
+
+// TestWaiterProgressIsNotThrottled: a peer that makes progress in small
+// steps, waking the parked Waiter for each, is never throttled when ready
+// reports the progress; the same wake-ups unreported are, after a few.
+func TestWaiterProgressIsNotThrottled(t *testing.T) {
+	for _, report := range []bool{true, false} {
+		var word, data atomic.Uint32
+		w := NewWaiter(&word, Config{Policy: PolicyPark})
+		w.SetDeadline(time.Now().Add(time.Minute))
+		const steps = 200
+		go func() {
+			for i := uint32(1); i <= steps; i++ {
+				for word.Load() != parked { // each step wakes a parked Waiter
+					runtime.Gosched()
+				}
+				data.Store(i)
+				Notify(&word)
+			}
+		}()
+		var last uint32
+		require.NoError(t, w.Wait(func() bool {
+			v := data.Load()
+			if v != last && report {
+				w.Progress()
+			}
+			last = v
+			return v >= steps
+		}))
+		if report {
+			assert.Zero(t, w.Throttled(), "progress reported: no wake-up is slept off")
+		} else {
+			assert.NotZero(t, w.Throttled(), "progress not reported: the wake-ups look idle")
+		}
+	}
+}
+
+// TestWaiterYieldsToPeerOnSharedCPU: two goroutines hand a counter back and
+// forth on threads pinned to one CPU, as two processes come to share a core
+// on a busy machine. There the peer can answer only once the waiter gives
+// the CPU up, so every poll before that delays the answer: PolicyAuto must
+// learn to yield at once. After a warm-up, many Waits (nearly all on an idle
+// machine) poll their condition at most 4 times; before the bursts,
+// quickPoll alone made 64 polls, and 0 to 8 of 2000 waits did.
+func TestWaiterYieldsToPeerOnSharedCPU(t *testing.T) {
+	if runtime.NumCPU() < 2 {
+		t.Skip("no spinning with one CPU")
+	}
+	var ping, pong, pingWord, pongWord atomic.Uint32
+	a := NewWaiter(&pongWord, Config{}) // waits for pong
+	b := NewWaiter(&pingWord, Config{}) // waits for ping
+	const n, warm = 3000, 1000
+	errc := make(chan error, 1)
+	go func() {
+		defer affinity.Pin(0)()
+		var i uint32
+		pinged := func() bool { return ping.Load() >= i }
+		for i = 1; i <= n; i++ {
+			if err := b.Wait(pinged); err != nil {
+				errc <- err
+				return
+			}
+			pong.Store(i)
+			Notify(&pongWord)
+		}
+		errc <- nil
+	}()
+	defer affinity.Pin(0)()
+	var i uint32
+	polls := 0
+	ponged := func() bool { polls++; return pong.Load() >= i }
+	few := 0 // waits after the warm-up that polled at most 4 times
+	for i = 1; i <= n; i++ {
+		ping.Store(i)
+		Notify(&pingWord)
+		polls = 0
+		require.NoError(t, a.Wait(ponged))
+		if i > warm && polls <= 4 {
+			few++
+		}
+	}
+	require.NoError(t, <-errc)
+	t.Logf("%d of %d waits polled at most 4 times", few, n-warm)
+	assert.Greater(t, few, (n-warm)/4, "the waiter yields to the peer that shares its CPU instead of spinning")
 }

@@ -34,7 +34,8 @@ func alignedRegion(t testing.TB) []byte {
 // checkConsumerError accepts only the errors a consumer may return here.
 func checkConsumerError(t *testing.T, err error) {
 	switch {
-	case errors.Is(err, ring.ErrCorrupt), errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, io.EOF):
+	case errors.Is(err, ring.ErrCorrupt), errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, io.EOF),
+		errors.Is(err, ring.ErrViewsHeld):
 	default:
 		t.Fatalf("unexpected error %v", err)
 	}

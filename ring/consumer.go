@@ -27,7 +27,8 @@ type Consumer struct {
 
 	pos        uint64 // start of the next record to read
 	released   uint64 // the last value stored to head
-	viewEnd    uint64 // end of the last record handed out by Next
+	lag        uint64 // ReadInto releases once pos is this far past released
+	viewEnd    uint64 // end of the last record handed out by Next; 0 after ReadInto
 	cachedTail uint64 // the last validated tail
 	err        error  // sticky corruption
 	eof        bool   // sticky: io.EOF was returned
@@ -64,6 +65,7 @@ func NewConsumer(mem []byte, cfg Config) (*Consumer, error) {
 	}
 	c.pos = c.head.Load()
 	c.released = c.pos
+	c.lag = min(uint64(capacity)/8, maxReadIntoLag)
 	c.cachedTail = c.tail.Load()
 	if !validIndexPair(c.pos, c.cachedTail, c.capacity) {
 		return nil, fmt.Errorf("%w: indices at attach: head %d, tail %d", ErrCorrupt, c.pos, c.cachedTail)
@@ -81,11 +83,14 @@ func (c *Consumer) Capacity() int { return int(c.capacity) }
 // once the producer has closed and every record is read.
 //
 // Lifetime: the view stays valid, and its space stays out of the producer's
-// reach, until Release (or ReadInto, which releases) is called; after that the
-// producer may overwrite it at once. Release in batches to save index stores,
+// reach, until Release or ReadInto is called; after that the producer may
+// overwrite it at once. Release in batches to save index stores,
 // but release before a Next that may wait if the producer could be waiting for
-// that room. In shared memory the view's bytes can still be changed by a
-// hostile peer while you read them: copy or decode each byte once.
+// that room. When the unreleased views cover the whole ring, so that nothing
+// can ever arrive, Next returns ErrViewsHeld instead of waiting; short of
+// that it cannot know what the producer waits for, and waits. In shared
+// memory the view's bytes can still be changed by a hostile peer while you
+// read them: copy or decode each byte once.
 func (c *Consumer) Next() ([]byte, error) {
 	if c.pos != c.cachedTail && c.err == nil && !c.closed.Load() {
 		// The common case: a published data record, read without a call.
@@ -138,10 +143,51 @@ func (c *Consumer) Release() {
 	runtime.KeepAlive(c) // Notify touches the mapping, which c keeps (owner)
 }
 
-// ReadInto copies the next record into buf, releases it (and every record
-// returned by Next before it) and returns its length. If buf is too short it
-// returns ErrShortBuffer and the record stays in the ring.
+// maxReadIntoLag bounds how much room ReadInto keeps from the producer
+// before it releases: an eighth of the ring, at most this. Releasing costs a
+// store to the index line the producer reads (and a load of its sleep word);
+// once per 4 KiB it is noise, while once per 64-byte record it cost a
+// copying consumer most of its speed.
+const maxReadIntoLag = 4096
+
+// ReadInto copies the next record into buf and returns its length. If buf is
+// too short it returns ErrShortBuffer and the record stays in the ring.
+//
+// The copied record, and every record returned by Next before it (do not use
+// their views any more), go back to the producer in batches: once the
+// records not yet handed back reach an eighth of the ring (4 KiB at most),
+// and before ReadInto or Next waits for more, so a producer waiting for that
+// room is never kept waiting by a consumer that waits too. Call Release to
+// hand them back at once, for example before blocking on something else.
 func (c *Consumer) ReadInto(buf []byte) (int, error) {
+	if c.pos != c.cachedTail && c.err == nil && !c.closed.Load() {
+		// The common case, as in Next: a published data record that fits.
+		off := c.pos & c.mask
+		hdr := binary.LittleEndian.Uint64(c.data[off : off+RecordHeaderSize])
+		length, size := uint64(uint32(hdr)), align(RecordHeaderSize+uint64(uint32(hdr)))
+		if uint32(hdr>>32) == recordData && size <= c.cachedTail-c.pos && size <= c.capacity-off && length <= uint64(len(buf)) {
+			start := off + RecordHeaderSize
+			n := copy(buf, c.data[start:start+length])
+			c.consumed(size)
+			return n, nil
+		}
+	}
+	return c.readIntoSlow(buf)
+}
+
+// consumed moves past a record of size bytes that ReadInto copied, and
+// releases if the lag is reached. Earlier views are released by contract,
+// so waitData may release them all before it waits.
+func (c *Consumer) consumed(size uint64) {
+	c.pos += size
+	c.viewEnd = 0
+	if c.pos-c.released >= c.lag {
+		c.Release()
+	}
+}
+
+// readIntoSlow is ReadInto when the fast path does not apply.
+func (c *Consumer) readIntoSlow(buf []byte) (int, error) {
 	if err := c.usable(); err != nil {
 		return 0, err
 	}
@@ -163,8 +209,7 @@ func (c *Consumer) ReadInto(buf []byte) (int, error) {
 			return 0, fmt.Errorf("%w: record is %d bytes, buffer %d", ErrShortBuffer, len(view), len(buf))
 		}
 		n := copy(buf, view)
-		c.pos = next
-		c.Release()
+		c.consumed(next - c.pos)
 		return n, nil
 	}
 }
@@ -239,6 +284,13 @@ func (c *Consumer) waitData() error {
 		// producer waiting for that room and we would wait for each other.
 		c.Release()
 	}
+	if c.pos-c.released == c.capacity {
+		// Everything up to tail is read and nothing released: the producer
+		// has no free byte, and the smallest record takes 8, so nothing can
+		// ever arrive. With any byte free it might write a record that fits;
+		// only the caller knows whether it will.
+		return fmt.Errorf("%w: %d bytes unreleased; Release before waiting", ErrViewsHeld, c.pos-c.released)
+	}
 	if err := c.waiter.Wait(c.readyFn); err != nil {
 		return err
 	}
@@ -264,7 +316,8 @@ func (c *Consumer) endOfStream() error {
 }
 
 // ready is the wait condition: a record, a broken peer, a closed producer, or
-// our own Close.
+// our own Close. Any move of tail satisfies it, so it never has progress
+// short of the condition to report (futex.Progress).
 func (c *Consumer) ready() bool {
 	return c.refreshTail() || c.peerClosed.Load() != 0 || c.closed.Load()
 }

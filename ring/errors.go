@@ -37,6 +37,12 @@ var (
 	// ErrNoReservation reports Commit without a matching Reserve. It
 	// matches ErrInvalid.
 	ErrNoReservation = fmt.Errorf("%w: commit without reservation", ErrInvalid)
+
+	// ErrViewsHeld reports a Next or ReadInto that would wait forever: the
+	// views returned by Next and not yet released cover the whole ring, so
+	// the producer has no room for even an empty record. Release, then call
+	// again. It matches ErrInvalid: the caller's misuse.
+	ErrViewsHeld = fmt.Errorf("%w: unreleased views hold the whole ring", ErrInvalid)
 )
 
 // errCommitTooLong is static, without the sizes a formatted error would

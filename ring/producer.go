@@ -39,6 +39,8 @@ type Producer struct {
 	err        error  // sticky: corruption or a closed peer
 
 	closed  atomic.Bool
+	slow    atomic.Bool // set while reserveSlow runs: Close must not read what it writes
+	intr    atomic.Bool // set by Interrupt: Close publishes nothing more
 	waiter  *futex.Waiter
 	readyFn func() bool // p.ready, bound once so waiting allocates nothing
 }
@@ -128,11 +130,15 @@ func (p *Producer) TryReserve(n int) []byte {
 // report, a new lap to start (padding the old one's end if need be), or room
 // to look for or wait for. It recomputes the limit for the fast path.
 func (p *Producer) reserveSlow(n int) ([]byte, error) {
+	// Set before usable reads closed, so that a Close from another goroutine
+	// either sees it, or happens before that read and ends this call.
+	p.slow.Store(true)
+	defer p.slow.Store(false)
 	if err := p.usable(); err != nil {
 		return nil, err
 	}
 	if p.resCap != 0 {
-		return nil, fmt.Errorf("%w: a reservation is already pending", ErrInvalid)
+		return nil, fmt.Errorf("%w: a reservation is already pending (Commit or Abandon it first)", ErrInvalid)
 	}
 	if n < 0 {
 		return nil, fmt.Errorf("%w: negative size %d", ErrInvalid, n)
@@ -184,6 +190,12 @@ func (p *Producer) Commit(n int) error {
 	}
 	return errCommitTooLong
 }
+
+// Abandon drops the pending reservation: nothing of it is published, and the
+// next Reserve may hand out the same room again. Commit(0) would publish an
+// empty record instead. Without a reservation, Abandon does nothing. Padding
+// that Reserve wrote to start a new lap stays: the consumer skips it.
+func (p *Producer) Abandon() { p.resCap = 0 }
 
 // Flush publishes every committed record with one store of the tail index and
 // wakes the consumer if, and only if, it is parked. It reports ErrPeerClosed
@@ -241,25 +253,52 @@ func (p *Producer) SetDeadline(t time.Time) {
 }
 
 // Interrupt makes a waiting or future wait for room fail with err; the control
-// plane calls it when the consumer's process dies. The first error sticks.
+// plane calls it when the consumer's process dies, or the session ends. The
+// first error sticks. After it, Close publishes nothing more: nobody would
+// read it, and the goroutine that ends a session need not know whether
+// another is still committing.
 func (p *Producer) Interrupt(err error) {
+	p.intr.Store(true)
 	p.waiter.Interrupt(err)
-	runtime.KeepAlive(p)
+	runtime.KeepAlive(p) // the waiter touches the mapping, which p keeps (owner)
 }
 
-// Close marks the producer closed: once the consumer has read every record
-// published before Close, it gets io.EOF. Committed records that were not
-// flushed are not published (Flush first), and Commit, Flush and Write fail
-// with ErrClosed afterwards. Close wakes a blocked Reserve, which returns
-// ErrClosed, and is idempotent. It does not release the memory: Region.Close
-// does, after closing the ends attached through it.
-func (p *Producer) Close() error {
+// Close publishes every record committed before it, then marks the producer
+// closed: the consumer reads those records, then gets io.EOF. A pending
+// reservation is dropped, and Reserve, Commit, Flush and Write fail with
+// ErrClosed afterwards. Close is idempotent. It does not release the memory:
+// Region.Close does, after closing the ends attached through it (without
+// publishing: Region.Close, like Session.Close, may run while another
+// goroutine commits).
+//
+// Close reads what the producer committed, so call it from the producer's
+// goroutine, or from one that knows that goroutine is done with the producer
+// (it returned, or signalled through a channel). From another goroutine, Close
+// may also end a Reserve or Write that is waiting for room, which then returns
+// ErrClosed: a producer publishes what it committed before it waits. Closing
+// a producer that another goroutine is still committing to (outside such a
+// wait) is a data race, unless Interrupt came first; stop that goroutine
+// first, interrupt it, or close its Region instead.
+func (p *Producer) Close() error { return p.close(true) }
+
+// close marks the producer closed, publishing first what was committed if
+// publish is set and nothing else may be writing (see Close).
+func (p *Producer) close(publish bool) error {
 	if r := p.owner; r != nil {
 		r.endClose.Lock() // see Region.endClose
 		defer r.endClose.Unlock()
 	}
 	if !p.closed.CompareAndSwap(false, true) {
 		return nil
+	}
+	// A producer in Reserve's slow path (waiting for room, say) may be
+	// writing what we would read: leave publishing to its own Flush, which
+	// it makes before it waits. After Interrupt there is nobody to publish to.
+	if publish && !p.intr.Load() && !p.slow.Load() && p.err == nil && p.pos != p.published {
+		// Before the closed flag: a consumer that sees the flag loads tail
+		// once more, and so gets these records before io.EOF.
+		p.tail.Store(p.pos)
+		p.published = p.pos
 	}
 	p.closedFlag.Store(1)
 	wakePeer(p.peerSleep) // not Notify: see wakePeer
@@ -319,8 +358,11 @@ func (p *Producer) waitFree(need uint64) error {
 	return p.err
 }
 
-// ready is the wait condition: room, a broken peer, or a closed one.
+// ready is the wait condition: room, a broken peer, or a closed one. A head
+// that moved without making room enough is progress all the same, which
+// the waiter must not mistake for a wake-up for nothing (futex.Progress).
 func (p *Producer) ready() bool {
+	head := p.cachedHead
 	if !p.refreshHead() {
 		return true
 	}
@@ -328,7 +370,13 @@ func (p *Producer) ready() bool {
 		p.fail(ErrPeerClosed)
 		return true
 	}
-	return p.free() >= p.want || p.closed.Load()
+	if p.free() >= p.want || p.closed.Load() {
+		return true
+	}
+	if p.cachedHead != head {
+		p.waiter.Progress()
+	}
+	return false
 }
 
 // refreshHead reads the consumer's index once and validates it: a multiple

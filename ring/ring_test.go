@@ -26,11 +26,16 @@ func newMem(t testing.TB, capacity int) []byte {
 	return mem
 }
 
-// pair attaches both ends to a fresh ring; parkCfg avoids burning CPU in tests.
+// pair attaches both ends to a fresh ring; parking at once avoids burning
+// CPU in tests.
 func pair(t testing.TB, capacity int) (*Producer, *Consumer, []byte) {
+	return pairWith(t, capacity, Config{Idle: futex.Config{Policy: futex.PolicyPark}})
+}
+
+// pairWith is pair with the given Config for both ends.
+func pairWith(t testing.TB, capacity int, cfg Config) (*Producer, *Consumer, []byte) {
 	t.Helper()
 	mem := newMem(t, capacity)
-	cfg := Config{Idle: futex.Config{Policy: futex.PolicyPark}}
 	p, err := NewProducer(mem, cfg)
 	require.NoError(t, err)
 	c, err := NewConsumer(mem, cfg)
@@ -170,14 +175,22 @@ func TestMaxRecordAndTooLarge(t *testing.T) {
 	require.NoError(t, <-done)
 }
 
-func TestFullRingAppliesBackpressure(t *testing.T) {
-	p, c, _ := pair(t, 128)
-	msg := make([]byte, 24) // 32-byte records: four fill the ring
+// fillNumbered fills a 128-byte ring with four 32-byte records numbered 0 to
+// 3 in their first byte, and returns the message buffer.
+func fillNumbered(t *testing.T, p *Producer) []byte {
+	t.Helper()
+	msg := make([]byte, 24)
 	for i := 0; i < 4; i++ {
 		msg[0] = byte(i)
 		_, err := p.Write(msg)
 		require.NoError(t, err)
 	}
+	return msg
+}
+
+func TestFullRingAppliesBackpressure(t *testing.T) {
+	p, c, _ := pair(t, 128)
+	msg := fillNumbered(t, p)
 	p.SetDeadline(time.Now().Add(20 * time.Millisecond))
 	_, err := p.Write(msg)
 	assert.ErrorIs(t, err, os.ErrDeadlineExceeded, "a full ring waits, then fails at the deadline; nothing is dropped")
@@ -293,7 +306,9 @@ func TestRandomAgainstModel(t *testing.T) {
 				b := p.TryReserve(n)
 				if b == nil || rng.IntN(2) == 0 {
 					tried := b == nil
-					if b != nil {
+					if b != nil && rng.IntN(2) == 0 {
+						p.Abandon()
+					} else if b != nil {
 						require.NoError(t, p.Commit(0)) // keep the model: an empty record
 						committed = append(committed, []byte{})
 					}
@@ -321,7 +336,13 @@ func TestRandomAgainstModel(t *testing.T) {
 				require.NoError(t, p.Flush())
 			case 3: // consume
 				got, err := c.Next()
+				held := c.pos-c.released == c.capacity
+				if errors.Is(err, ErrViewsHeld) {
+					require.True(t, held, "ErrViewsHeld with free room")
+					continue
+				}
 				if errors.Is(err, os.ErrDeadlineExceeded) {
+					require.False(t, held, "waited with the whole ring held")
 					continue
 				}
 				require.NoError(t, err)
@@ -510,20 +531,259 @@ func TestTryReserveAfterExactFit(t *testing.T) {
 	}
 }
 
-func TestNothingIsPublishedAfterClose(t *testing.T) {
+// TestCloseDeliversCommittedRecords: Close publishes records committed but not
+// flushed, before its closed flag, so the consumer reads them and then io.EOF;
+// a reservation still pending is dropped, and nothing is published after.
+func TestCloseDeliversCommittedRecords(t *testing.T) {
 	p, c, _ := pair(t, 256)
-	b, err := p.Reserve(3)
+	_, err := p.Write([]byte("flushed"))
 	require.NoError(t, err)
-	copy(b, "abc")
-	require.NoError(t, p.Commit(3))
+	b, err := p.Reserve(9)
+	require.NoError(t, err)
+	copy(b, "committed")
+	require.NoError(t, p.Commit(9))
+	b, err = p.Reserve(7)
+	require.NoError(t, err)
+	copy(b, "pending")
 	require.NoError(t, p.Close())
+	assert.ErrorIs(t, p.Commit(7), ErrClosed, "the pending reservation is dropped")
 	assert.ErrorIs(t, p.Flush(), ErrClosed, "Flush after Close")
 	_, err = p.Reserve(1)
 	assert.ErrorIs(t, err, ErrClosed)
+	for _, want := range []string{"flushed", "committed"} {
+		got, err := c.Next()
+		require.NoError(t, err)
+		assert.Equal(t, want, string(got))
+	}
 	for i := 0; i < 2; i++ {
 		_, err = c.Next()
-		assert.ErrorIs(t, err, io.EOF, "the unflushed record is not delivered, and EOF sticks")
+		assert.ErrorIs(t, err, io.EOF, "then the end of the stream, which sticks")
 	}
+}
+
+// TestCloseWakesConsumerWithCommittedRecords: a consumer parked on an empty
+// ring, woken by Close, gets the records Close published before io.EOF.
+func TestCloseWakesConsumerWithCommittedRecords(t *testing.T) {
+	p, c, _ := pair(t, 256)
+	got := make(chan string, 4)
+	go func() {
+		for {
+			b, err := c.Next()
+			if err != nil {
+				got <- err.Error()
+				return
+			}
+			got <- string(b)
+		}
+	}()
+	time.Sleep(10 * time.Millisecond)
+	b, err := p.Reserve(4)
+	require.NoError(t, err)
+	copy(b, "last")
+	require.NoError(t, p.Commit(4))
+	require.NoError(t, p.Close())
+	for _, want := range []string{"last", io.EOF.Error()} {
+		select {
+		case s := <-got:
+			require.Equal(t, want, s)
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no %q from Next", want)
+		}
+	}
+}
+
+// TestCloseEndsBlockedWrite: Close from another goroutine ends a Write that
+// waits for room (without a data race on what the producer committed), and the
+// consumer still gets every record written before it.
+func TestCloseEndsBlockedWrite(t *testing.T) {
+	p, c, _ := pair(t, 128)
+	fillNumbered(t, p)
+	done := make(chan error, 1)
+	go func() { _, err := p.Write(make([]byte, 24)); done <- err }()
+	time.Sleep(10 * time.Millisecond)
+	require.NoError(t, p.Close())
+	assert.ErrorIs(t, <-done, ErrClosed)
+	for i := 0; i < 4; i++ {
+		got, err := c.Next()
+		require.NoError(t, err)
+		assert.Equal(t, byte(i), got[0])
+	}
+	_, err := c.Next()
+	assert.ErrorIs(t, err, io.EOF)
+}
+
+// TestCloseRacesBlockingWrite closes a producer from another goroutine at
+// random moments while its writer is on its way into a wait for room: it pads
+// the end of the lap (writing the padding and publishing it) and then waits.
+// Close must not read what Reserve's slow path writes, so the race detector
+// must see no race; and the Write ends with ErrClosed. Many trials, with
+// delays of 0 to a few microseconds.
+func TestCloseRacesBlockingWrite(t *testing.T) {
+	r := rand.New(rand.NewPCG(7, 8))
+	for i := 0; i < 1000; i++ {
+		p, _, _ := pair(t, 128)
+		started := make(chan struct{})
+		done := make(chan error, 1)
+		go func() {
+			_, err := p.Write(make([]byte, 56)) // [0, 64)
+			if err == nil {
+				_, err = p.Write(make([]byte, 24)) // [64, 96)
+			}
+			if err != nil {
+				done <- err
+				return
+			}
+			close(started)
+			_, err = p.Write(make([]byte, 40)) // pads [96, 128), then waits for 48 bytes
+			done <- err
+		}()
+		<-started
+		for range r.IntN(4000) {
+			spinSink++
+		}
+		require.NoError(t, p.Close())
+		require.ErrorIs(t, <-done, ErrClosed, "trial %d", i)
+	}
+}
+
+var spinSink int
+
+// TestInterruptThenCloseWhileStreaming: the control plane ends a session by
+// interrupting the producer, then closing it, from its own goroutine, while
+// the application may still be streaming through TryReserve, Commit and
+// Flush. After Interrupt, Close must not read what the streaming goroutine
+// writes (the race detector checks), and the stream ends with an error.
+func TestInterruptThenCloseWhileStreaming(t *testing.T) {
+	errEnded := errors.New("session ended")
+	r := rand.New(rand.NewPCG(9, 10))
+	for i := 0; i < 200; i++ {
+		p, c, _ := pair(t, 4096)
+		go func() { // a consumer that keeps up, until the producer closes
+			for {
+				if _, err := c.Next(); err != nil {
+					return
+				}
+				c.Release()
+			}
+		}()
+		done := make(chan error, 1)
+		go func() {
+			for {
+				if _, err := p.Write(make([]byte, 24)); err != nil {
+					done <- err
+					return
+				}
+			}
+		}()
+		for range r.IntN(20000) {
+			spinSink++
+		}
+		p.Interrupt(errEnded)
+		require.NoError(t, p.Close())
+		err := <-done
+		require.True(t, errors.Is(err, ErrClosed) || errors.Is(err, errEnded), "trial %d: %v", i, err)
+		c.Close()
+	}
+}
+
+// TestAbandon: an abandoned reservation publishes nothing, not even an empty
+// record, and its room is handed out again.
+func TestAbandon(t *testing.T) {
+	p, c, mem := pair(t, 256)
+	p.Abandon() // nothing reserved: nothing happens
+	b, err := p.Reserve(10)
+	require.NoError(t, err)
+	copy(b, "abandoned!")
+	p.Abandon()
+	assert.ErrorIs(t, p.Commit(0), ErrNoReservation, "the reservation is gone")
+	require.NoError(t, p.Flush())
+	assert.Zero(t, u64At(mem, ProducerSlotOffset).Load(), "nothing published")
+
+	b = p.TryReserve(4)
+	require.NotNil(t, b, "the room is free again, for the fast path too")
+	copy(b, "kept")
+	require.NoError(t, p.Commit(4))
+	require.NoError(t, p.Flush())
+	got, err := c.Next()
+	require.NoError(t, err)
+	require.Equal(t, "kept", string(got), "the first record is the kept one, not an empty one")
+	c.Release()
+
+	// A reservation that started a new lap leaves its padding, which the
+	// consumer skips: 16 + 192 bytes used, 48 left before the end.
+	_, err = p.Write(make([]byte, 184))
+	require.NoError(t, err)
+	_, err = c.Next()
+	require.NoError(t, err)
+	c.Release()
+	_, err = p.Reserve(60) // 72 bytes do not fit in 48: pads, starts at 0
+	require.NoError(t, err)
+	p.Abandon()
+	_, err = p.Write([]byte("after"))
+	require.NoError(t, err)
+	got, err = c.Next()
+	require.NoError(t, err)
+	assert.Equal(t, "after", string(got))
+}
+
+// TestNextReportsViewsHoldingTheRing: a consumer whose unreleased views cover
+// the whole ring gets ErrViewsHeld instead of waiting forever, from Next and
+// from ReadInto; one that leaves the producer any room waits as usual.
+func TestNextReportsViewsHoldingTheRing(t *testing.T) {
+	p, c, _ := pair(t, 128)
+	// A deadline, so that before the fix the test fails instead of hanging.
+	c.SetDeadline(time.Now().Add(time.Minute))
+	for i := 0; i < 2; i++ {
+		_, err := p.Write(make([]byte, 56)) // two 64-byte records fill the ring
+		require.NoError(t, err)
+	}
+	for i := 0; i < 2; i++ {
+		_, err := c.Next()
+		require.NoError(t, err)
+	}
+	_, err := c.Next()
+	assert.ErrorIs(t, err, ErrViewsHeld)
+	_, err = c.ReadInto(make([]byte, 64))
+	assert.ErrorIs(t, err, ErrViewsHeld)
+	c.Release()
+	_, err = p.Write([]byte("room again"))
+	require.NoError(t, err)
+	got, err := c.Next()
+	require.NoError(t, err)
+	assert.Equal(t, "room again", string(got), "not sticky: Release, and reading goes on")
+
+	// 16 bytes held, 112 free: the producer might still write something.
+	c.SetDeadline(time.Now().Add(20 * time.Millisecond))
+	_, err = c.Next()
+	assert.ErrorIs(t, err, os.ErrDeadlineExceeded, "a ring with any room left waits")
+	c.Release()
+}
+
+// TestViewsAndPaddingHoldingTheRing: the same deadlock with padding in it: a
+// producer that pads to start a new lap publishes the padding and waits for
+// room; the consumer, holding views of the rest of the ring, skips the padding
+// and must not wait for the producer.
+func TestViewsAndPaddingHoldingTheRing(t *testing.T) {
+	p, c, _ := pair(t, 128)
+	// A deadline, so that before the fix the test fails instead of hanging.
+	c.SetDeadline(time.Now().Add(time.Minute))
+	_, err := p.Write(make([]byte, 56)) // [0, 64)
+	require.NoError(t, err)
+	_, err = p.Write(make([]byte, 24)) // [64, 96)
+	require.NoError(t, err)
+	for i := 0; i < 2; i++ {
+		_, err := c.Next()
+		require.NoError(t, err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := p.Write(make([]byte, 40)); done <- err }() // pads [96, 128), waits
+	_, err = c.Next()
+	assert.ErrorIs(t, err, ErrViewsHeld)
+	c.Release()
+	require.NoError(t, <-done)
+	got, err := c.Next()
+	require.NoError(t, err)
+	assert.Len(t, got, 40)
 }
 
 func TestCommitAfterCloseFails(t *testing.T) {
@@ -562,4 +822,77 @@ func TestConsumerUnusableAfterClose(t *testing.T) {
 	assert.ErrorIs(t, err, ErrClosed)
 	c.Release()
 	assert.Zero(t, u64At(mem, ConsumerSlotOffset).Load(), "Release after Close writes nothing")
+}
+
+// TestSmallReleasesAreProgress: a producer waiting for room for a large
+// record while the consumer releases one small record at a time is woken by
+// every release. Each is progress, so none is slept off: the guard against a
+// peer that only wakes us must not slow this case down.
+func TestSmallReleasesAreProgress(t *testing.T) {
+	p, c, mem := pair(t, 4096) // parks at once
+	for i := 0; i < 64; i++ {
+		_, err := p.Write(make([]byte, 56)) // 64 records of 64 bytes fill the ring
+		require.NoError(t, err)
+	}
+	done := make(chan error, 1)
+	go func() { _, err := p.Write(make([]byte, 4000)); done <- err }() // needs 63 of them back
+	sleep := u32At(mem, ProducerSlotOffset+slotSleep)
+	for i := 0; i < 63; i++ {
+		require.Eventually(t, func() bool { return sleep.Load() == 1 }, time.Minute, 10*time.Microsecond,
+			"the producer parks before release %d", i)
+		_, err := c.Next()
+		require.NoError(t, err)
+		c.Release()
+	}
+	require.NoError(t, <-done)
+	assert.Zero(t, p.waiter.Throttled(), "every release moved head: no wake-up was for nothing")
+}
+
+// TestReadIntoReleasesInBatches: ReadInto hands room back once an eighth of
+// the ring (512 bytes here) is read, not per record, and before it waits.
+func TestReadIntoReleasesInBatches(t *testing.T) {
+	p, c, mem := pair(t, 4096)
+	head := u64At(mem, ConsumerSlotOffset+slotIndex)
+	buf := make([]byte, 24)
+	for i := 0; i < 20; i++ {
+		_, err := p.Write(make([]byte, 24)) // 32-byte records
+		require.NoError(t, err)
+	}
+	for i := 1; i <= 20; i++ {
+		_, err := c.ReadInto(buf)
+		require.NoError(t, err)
+		if i < 16 {
+			require.Zero(t, head.Load(), "record %d: no index store yet", i)
+		}
+	}
+	assert.EqualValues(t, 512, head.Load(), "one store for the first 512 bytes")
+	c.SetDeadline(expired())
+	_, err := c.ReadInto(buf)
+	assert.ErrorIs(t, err, os.ErrDeadlineExceeded)
+	assert.EqualValues(t, 640, head.Load(), "the rest goes back before waiting")
+}
+
+// TestReadIntoLagNeverBlocksProducer: a producer waiting for the whole ring
+// (its largest record) gets it from a consumer that copies with ReadInto and
+// then waits: the lag ReadInto keeps is released before it waits.
+func TestReadIntoLagNeverBlocksProducer(t *testing.T) {
+	p, c, _ := pair(t, 4096)
+	for i := 0; i < 100; i++ {
+		_, err := p.Write(make([]byte, 24)) // 3200 bytes
+		require.NoError(t, err)
+	}
+	big := bytes.Repeat([]byte{7}, p.MaxRecord()) // pads to the end, then needs all 4096
+	done := make(chan error, 1)
+	go func() { _, err := p.Write(big); done <- err }()
+	buf := make([]byte, p.MaxRecord())
+	c.SetDeadline(time.Now().Add(time.Minute))
+	for i := 0; i < 100; i++ {
+		n, err := c.ReadInto(buf)
+		require.NoError(t, err)
+		require.Equal(t, 24, n)
+	}
+	n, err := c.ReadInto(buf)
+	require.NoError(t, err, "the consumer got the big record, so the producer got its room")
+	assert.Equal(t, big, buf[:n])
+	require.NoError(t, <-done)
 }

@@ -163,7 +163,7 @@ func (r *Region) Close() error {
 	// their Close here waits for it to finish (endClose), wake-ups included.
 	var errs []error
 	if prod != nil {
-		errs = append(errs, prod.Close())
+		errs = append(errs, prod.close(false)) // another goroutine may be committing
 	}
 	if cons != nil {
 		errs = append(errs, cons.Close())

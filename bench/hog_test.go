@@ -1,0 +1,52 @@
+package bench
+
+import (
+	"os"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/sypas/sypas/futex"
+)
+
+// BenchmarkRoundTripHog is BenchmarkRoundTrip on a busy machine: a third
+// process keeps one thread busy for the whole run, and nothing is pinned, so
+// the scheduler places the two peers and the hog as it likes. On a 2-CPU host
+// this is the common case of a ring sharing the machine with other work.
+//
+// The hog is a separate process rather than a goroutine locked to a thread of
+// the benchmarking process: a goroutine would hold one of this process's
+// GOMAXPROCS Ps and be preempted by its runtime, so it would change how the
+// benchmark itself is scheduled, not only how busy the machine is.
+func BenchmarkRoundTripHog(b *testing.B) {
+	b.Run("ring-auto", func(b *testing.B) { startHog(b); benchRingRTT(b, futex.Config{}, false) })
+	b.Run("ring-park", func(b *testing.B) { startHog(b); benchRingRTT(b, futex.Config{Policy: futex.PolicyPark}, false) })
+	b.Run("ring-spin", func(b *testing.B) { startHog(b); benchRingRTT(b, futex.Config{Policy: futex.PolicySpin}, false) })
+	b.Run("raw-futex", func(b *testing.B) { startHog(b); benchFutexRTT(b) })
+	b.Run("unix-socket", func(b *testing.B) { startHog(b); benchUnixRTT(b) })
+}
+
+func init() { peers["hog"] = hog }
+
+// startHog starts the hog process and returns once it runs; it is killed when
+// the benchmark ends.
+func startHog(b *testing.B) {
+	ackR, ackW := ackPipe(b)
+	startPeer(b, "hog", false, []*os.File{ackW})
+	ackW.Close()
+	awaitAck(b, ackR)
+}
+
+// hog keeps one thread busy until it is killed, or its parent is gone.
+func hog() error {
+	runtime.GOMAXPROCS(1)
+	parent := os.Getppid()
+	if err := writeFull(3, []byte{1}); err != nil {
+		return err
+	}
+	for os.Getppid() == parent {
+		for start := time.Now(); time.Since(start) < 10*time.Millisecond; {
+		}
+	}
+	return nil
+}

@@ -1,4 +1,4 @@
-module github.com/sypas/sypas
+module github.com/sypas/go
 
 go 1.26.0
 

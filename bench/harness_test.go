@@ -14,7 +14,7 @@ import (
 	"github.com/klauspost/cpuid/v2"
 	"golang.org/x/sys/unix"
 
-	"github.com/sypas/sypas/internal/affinity"
+	"github.com/sypas/go/internal/affinity"
 )
 
 const helperEnv = "GO_WANT_HELPER_PROCESS"

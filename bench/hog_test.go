@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sypas/sypas/futex"
+	"github.com/sypas/go/futex"
 )
 
 // BenchmarkRoundTripHog is BenchmarkRoundTrip on a busy machine: a third

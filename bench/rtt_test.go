@@ -12,10 +12,10 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/sypas/sypas/futex"
-	"github.com/sypas/sypas/internal/ringpair"
-	"github.com/sypas/sypas/internal/shm"
-	"github.com/sypas/sypas/ring"
+	"github.com/sypas/go/futex"
+	"github.com/sypas/go/internal/ringpair"
+	"github.com/sypas/go/internal/shm"
+	"github.com/sypas/go/ring"
 )
 
 const msgSize = 64

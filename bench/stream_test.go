@@ -10,7 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/sypas/sypas/ring"
+	"github.com/sypas/go/ring"
 )
 
 // BenchmarkStream: one-way streaming to another process, timed until the

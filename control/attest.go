@@ -19,7 +19,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/sypas/sypas/control/token"
+	"github.com/sypas/go/control/token"
 )
 
 // PeerIdentity is what attestation established about the process at the

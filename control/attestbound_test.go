@@ -12,7 +12,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/wire"
 )
 
 // An executable above MaxExeSize is refused without being read (a sparse
@@ -49,7 +49,7 @@ func TestServerAcceptBoundsAttestation(t *testing.T) {
 	srv, err := NewServer(l, ServerConfig{Keys: testKeys(t), SessionConfig: SessionConfig{HandshakeTimeout: 100 * time.Millisecond}})
 	require.NoError(t, err)
 	c := rawDial(t, l.Path())
-	writeMsg(t, c, 1, &sypas.Hello{MinVersion: 1, MaxVersion: 1})
+	writeMsg(t, c, 1, &wire.Hello{MinVersion: 1, MaxVersion: 1})
 	base := countFDs(t)
 	s, err := srv.Accept(context.Background())
 	if s != nil {
@@ -71,7 +71,7 @@ func TestHandshakeRefusesUnattestedConn(t *testing.T) {
 	srv, err := NewServer(l, ServerConfig{Keys: testKeys(t)})
 	require.NoError(t, err)
 	a, b := socketPair(t)
-	hello := encodeMsg(t, 1, &sypas.Hello{MinVersion: 1, MaxVersion: 1})
+	hello := encodeMsg(t, 1, &wire.Hello{MinVersion: 1, MaxVersion: 1})
 	go func() {
 		// Play the daemon so the old code completes a handshake; the
 		// write fails once the Conn is refused and closed.

@@ -7,8 +7,8 @@ import (
 	"os"
 	"strconv"
 
-	"github.com/sypas/sypas/control/token"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/wire"
 )
 
 // Keys of audit records. They are stable: alerting and log processing may
@@ -113,7 +113,7 @@ func (s *Session) audit(err error, attrs ...slog.Attr) {
 // the limit that refused.
 func errAttrs(err error) []slog.Attr {
 	var a []slog.Attr
-	var e *sypas.Error
+	var e *wire.Error
 	if errors.As(err, &e) {
 		a = append(a, slog.String(LogKeyCode, e.Code.String()))
 	}
@@ -149,12 +149,12 @@ func eventOf(err error, kernel bool, st State) string {
 	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded):
 		return EventTimeout
 	}
-	switch sypas.CodeOf(err) {
-	case sypas.CodeAuth:
+	switch wire.CodeOf(err) {
+	case wire.CodeAuth:
 		return EventAuth
-	case sypas.CodePermission:
+	case wire.CodePermission:
 		return EventPermission
-	case sypas.CodeInternal:
+	case wire.CodeInternal:
 		return EventInternal
 	}
 	if !kernel && st == StateRegions {

@@ -15,8 +15,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
 )
 
 // auditSink is a slog.Handler that keeps every record, flattened to
@@ -167,7 +167,7 @@ func TestAuditKernelRefusals(t *testing.T) {
 		sink, log := newAuditSink()
 		ts := startServer(t, "", ServerConfig{SessionConfig: SessionConfig{Logger: log}})
 		c := rawDial(t, ts.path)
-		require.NoError(t, SendFDs(c, encodeMsg(t, 1, &sypas.Hello{MinVersion: 1, MaxVersion: 1}), memfd(t, "x")))
+		require.NoError(t, SendFDs(c, encodeMsg(t, 1, &wire.Hello{MinVersion: 1, MaxVersion: 1}), memfd(t, "x")))
 		readError(t, c)
 		ts.acceptErr(t)
 		assertSelf(t, sink.one(t, EventFDPassing))
@@ -189,7 +189,7 @@ func TestAuditKernelRefusals(t *testing.T) {
 		k := ts.session(t)
 		d.wmu.Lock()
 		d.wseq++
-		b, err := sypas.AppendFrame(nil, frame.Header{Sequence: d.wseq, CapRef: 12345}, &sypas.Heartbeat{})
+		b, err := wire.AppendFrame(nil, frame.Header{Sequence: d.wseq, CapRef: 12345}, &wire.Heartbeat{})
 		require.NoError(t, err)
 		_, err = d.conn.Write(b)
 		d.wmu.Unlock()
@@ -210,7 +210,7 @@ func TestAuditKernelRefusals(t *testing.T) {
 		ts := startServer(t, "", ServerConfig{SessionConfig: SessionConfig{Logger: log}})
 		d := dialT(t, ts.path, DialConfig{})
 		k := ts.session(t)
-		sendRaw(t, d, &sypas.TokenRefresh{TokenID: 0xdead}, d.corr.Add(1))
+		sendRaw(t, d, &wire.TokenRefresh{TokenID: 0xdead}, d.corr.Add(1))
 		r := sink.one(t, EventAuth)
 		assert.Contains(t, r[LogKeyReason], "0xdead")
 		assert.Equal(t, hexID(k.Token().ID), r[LogKeyTokenID])

@@ -11,18 +11,18 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/futex"
-	"github.com/sypas/sypas/internal/closetest"
-	"github.com/sypas/sypas/internal/shm"
-	"github.com/sypas/sypas/ring"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/futex"
+	"github.com/sypas/go/internal/closetest"
+	"github.com/sypas/go/internal/shm"
+	"github.com/sypas/go/ring"
+	"github.com/sypas/go/wire"
 )
 
 // closeConfig has the smallest rings, so that an idle peer leaves the near
 // producer blocked on a full ring within a few dozen records.
 func closeConfig(policy futex.Policy) SessionConfig {
 	return SessionConfig{
-		TxRingSize: sypas.MinRingSize, RxRingSize: sypas.MinRingSize,
+		TxRingSize: wire.MinRingSize, RxRingSize: wire.MinRingSize,
 		Ring: ring.Config{Idle: futex.Config{Policy: policy}},
 	}
 }

@@ -7,10 +7,10 @@ import (
 	"math"
 	"time"
 
-	"github.com/sypas/sypas/control/token"
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/ring"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/ring"
+	"github.com/sypas/go/wire"
 )
 
 // Defaults of SessionConfig, DialConfig and ServerConfig zero values.
@@ -23,7 +23,7 @@ const (
 	DefaultMaxRingSize       = 16 << 20
 	DefaultMaxInFlight       = 128
 	DefaultTokenTTL          = time.Hour
-	DefaultFeatures          = sypas.FeatureTokenRefresh
+	DefaultFeatures          = wire.FeatureTokenRefresh
 
 	// controlMaxPayload bounds a frame on the control socket: the largest
 	// control payload is a TOKEN (18 + 2048 bytes) or a HELLO with its name
@@ -49,7 +49,7 @@ type SessionConfig struct {
 	DrainTimeout time.Duration
 	// Features offered (daemon) or supported (kernel). Zero means
 	// DefaultFeatures. RequireFeatures must all be granted, or the
-	// handshake fails with E_PROTO. sypas.FeatureChecksum is reserved and
+	// handshake fails with E_PROTO. wire.FeatureChecksum is reserved and
 	// refused: it is never granted.
 	Features, RequireFeatures uint64
 	// TxRingSize and RxRingSize are the data-area sizes of the daemon→kernel
@@ -126,8 +126,8 @@ func (c SessionConfig) validate(owner string) error {
 		name string
 		v    uint32
 	}{{"MaxRingSize", c.MaxRingSize}, {"TxRingSize", c.TxRingSize}, {"RxRingSize", c.RxRingSize}} { // MaxRingSize first: NewServer derives default ring sizes from it
-		if r.v != 0 && (r.v&(r.v-1) != 0 || r.v < sypas.MinRingSize || r.v > sypas.MaxRingSize) {
-			return configErr(field(r.name), "%d: want 0 or a power of two in [%d, %d]", r.v, sypas.MinRingSize, sypas.MaxRingSize)
+		if r.v != 0 && (r.v&(r.v-1) != 0 || r.v < wire.MinRingSize || r.v > wire.MaxRingSize) {
+			return configErr(field(r.name), "%d: want 0 or a power of two in [%d, %d]", r.v, wire.MinRingSize, wire.MaxRingSize)
 		}
 		if r.name != "MaxRingSize" && c.MaxRingSize != 0 && r.v > c.MaxRingSize {
 			return configErr(field(r.name), "%d above MaxRingSize %d", r.v, c.MaxRingSize)
@@ -140,9 +140,9 @@ func (c SessionConfig) validate(owner string) error {
 		return configErr(field("HeartbeatInterval"), "%v above %v", c.HeartbeatInterval, maxHeartbeatMs*time.Millisecond)
 	case c.MaxPayload > frame.HardMaxPayload:
 		return configErr(field("MaxPayload"), "%d above %d", c.MaxPayload, frame.HardMaxPayload)
-	case len(c.Name) > sypas.MaxNameLen:
-		return configErr(field("Name"), "of %d bytes, at most %d", len(c.Name), sypas.MaxNameLen)
-	case (c.Features|c.RequireFeatures)&sypas.FeatureChecksum != 0:
+	case len(c.Name) > wire.MaxNameLen:
+		return configErr(field("Name"), "of %d bytes, at most %d", len(c.Name), wire.MaxNameLen)
+	case (c.Features|c.RequireFeatures)&wire.FeatureChecksum != 0:
 		return configErr(field("Features"), "has bit 0 (CHECKSUM), which is reserved: never offered or granted")
 	case c.RequireFeatures&^c.Features != 0:
 		return configErr(field("RequireFeatures"), "%#x not all in Features %#x", c.RequireFeatures, c.Features)

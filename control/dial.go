@@ -10,9 +10,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/ring"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/ring"
+	"github.com/sypas/go/wire"
 )
 
 // Dial connects to the kernel at path and runs the daemon side of the
@@ -82,8 +82,8 @@ func (s *Session) clientHandshake(cfg DialConfig) error {
 	}
 
 	s.setState(StateHandshake)
-	hello := sypas.Hello{
-		MinVersion: sypas.MinProtocolVersion, MaxVersion: sypas.ProtocolVersion,
+	hello := wire.Hello{
+		MinVersion: wire.MinProtocolVersion, MaxVersion: wire.ProtocolVersion,
 		Features: cfg.Features, TxRingSize: cfg.TxRingSize, RxRingSize: cfg.RxRingSize,
 		MaxPayload: cfg.MaxPayload, MaxInFlight: cfg.MaxInFlight, Name: []byte(cfg.Name),
 	}
@@ -142,10 +142,10 @@ const maxHeartbeatMs = 3_600_000
 
 // checkWelcome holds the kernel to what the daemon offered and to the
 // daemon's own limits.
-func checkWelcome(w *sypas.Welcome, h *sypas.Hello, cfg *SessionConfig) error {
+func checkWelcome(w *wire.Welcome, h *wire.Hello, cfg *SessionConfig) error {
 	switch {
 	case w.Version < h.MinVersion || w.Version > h.MaxVersion:
-		return &sypas.Error{Code: sypas.CodeVersion, Message: fmt.Sprintf("kernel chose version %d outside [%d, %d]", w.Version, h.MinVersion, h.MaxVersion)}
+		return &wire.Error{Code: wire.CodeVersion, Message: fmt.Sprintf("kernel chose version %d outside [%d, %d]", w.Version, h.MinVersion, h.MaxVersion)}
 	case w.Features&^h.Features != 0:
 		return protoErr("kernel granted features %#x, offered %#x", w.Features, h.Features)
 	case cfg.RequireFeatures&^w.Features != 0:
@@ -153,7 +153,7 @@ func checkWelcome(w *sypas.Welcome, h *sypas.Hello, cfg *SessionConfig) error {
 	case w.HeartbeatIntervalMs > maxHeartbeatMs:
 		return protoErr("heartbeat interval %d ms above %d", w.HeartbeatIntervalMs, maxHeartbeatMs)
 	case w.TxRingSize > cfg.MaxRingSize || w.RxRingSize > cfg.MaxRingSize:
-		return &sypas.Error{Code: sypas.CodeTooLarge, Message: fmt.Sprintf("rings %d/%d above the daemon's cap %d", w.TxRingSize, w.RxRingSize, cfg.MaxRingSize)}
+		return &wire.Error{Code: wire.CodeTooLarge, Message: fmt.Sprintf("rings %d/%d above the daemon's cap %d", w.TxRingSize, w.RxRingSize, cfg.MaxRingSize)}
 	case int(w.MaxPayload) > ring.MaxRecord(int(min(w.TxRingSize, w.RxRingSize)))-frame.MaxHeaderLen:
 		return protoErr("max payload %d does not fit the rings", w.MaxPayload)
 	}
@@ -168,12 +168,12 @@ func (s *Session) mapRegions(f *frame.Frame, files []*os.File) (err error) {
 			closeFiles(files)
 		}
 	}()
-	var m sypas.Regions
+	var m wire.Regions
 	if err := m.Decode(f.Payload); err != nil {
 		return protoErr("REGIONS: %v", err)
 	}
-	caps := map[sypas.RegionRole]uint32{sypas.RoleRingTx: s.welcome.TxRingSize, sypas.RoleRingRx: s.welcome.RxRingSize}
-	if len(m.Entries) != 2 || m.Entries[0].Role != sypas.RoleRingTx || m.Entries[1].Role != sypas.RoleRingRx {
+	caps := map[wire.RegionRole]uint32{wire.RoleRingTx: s.welcome.TxRingSize, wire.RoleRingRx: s.welcome.RxRingSize}
+	if len(m.Entries) != 2 || m.Entries[0].Role != wire.RoleRingTx || m.Entries[1].Role != wire.RoleRingRx {
 		return protoErr("REGIONS: want [RING_TX, RING_RX], got %v", m.Entries)
 	}
 	for _, e := range m.Entries {
@@ -188,15 +188,15 @@ func (s *Session) mapRegions(f *frame.Frame, files []*os.File) (err error) {
 		r, err := ring.OpenRegion(files[i], int(caps[e.Role])) // closes files[i] on failure
 		files[i] = nil
 		if err != nil {
-			return &sypas.Error{Code: sypas.CodeProto, Message: fmt.Sprintf("REGIONS: %v memfd refused", e.Role), Err: err}
+			return &wire.Error{Code: wire.CodeProto, Message: fmt.Sprintf("REGIONS: %v memfd refused", e.Role), Err: err}
 		}
 		s.regions = append(s.regions, r)
 	}
 	if s.prod, err = s.regions[0].NewProducer(s.cfg.Ring); err != nil {
-		return &sypas.Error{Code: sypas.CodeProto, Message: "RING_TX", Err: err}
+		return &wire.Error{Code: wire.CodeProto, Message: "RING_TX", Err: err}
 	}
 	if s.cons, err = s.regions[1].NewConsumer(s.cfg.Ring); err != nil {
-		return &sypas.Error{Code: sypas.CodeProto, Message: "RING_RX", Err: err}
+		return &wire.Error{Code: wire.CodeProto, Message: "RING_RX", Err: err}
 	}
 	return nil
 }
@@ -204,7 +204,7 @@ func (s *Session) mapRegions(f *frame.Frame, files []*os.File) (err error) {
 // distinctFiles refuses two descriptors for one file (same device and
 // inode), naming the regions by entries. A kernel that passed one memfd for
 // both rings would have each end overwrite the other's control words.
-func distinctFiles(files []*os.File, entries []sypas.Region) error {
+func distinctFiles(files []*os.File, entries []wire.Region) error {
 	ids := make([]*syscall.Stat_t, len(files))
 	for i, f := range files {
 		fi, err := f.Stat() // fstat(2)

@@ -8,9 +8,9 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/sypas/sypas/control"
-	"github.com/sypas/sypas/control/token"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/control"
+	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/wire"
 )
 
 // A kernel that serves every daemon concurrently, within limits: each
@@ -74,7 +74,7 @@ func ExampleServer_Serve() {
 	fmt.Println(string(buf[:n]))
 
 	_, err = control.Dial(ctx, path, quiet)
-	fmt.Println("second session refused:", errors.Is(err, sypas.ErrResource), sypas.Retryable(err))
+	fmt.Println("second session refused:", errors.Is(err, wire.ErrResource), wire.Retryable(err))
 
 	d.Close() // the handler's ReadInto fails, it returns, Serve closes the kernel's end
 	stop()

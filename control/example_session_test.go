@@ -6,8 +6,8 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/sypas/sypas/control"
-	"github.com/sypas/sypas/control/token"
+	"github.com/sypas/go/control"
+	"github.com/sypas/go/control/token"
 )
 
 // A kernel and a daemon in one process: the daemon dials, the handshake

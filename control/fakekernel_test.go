@@ -12,10 +12,10 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
-	"github.com/sypas/sypas/control/token"
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/ring"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/ring"
+	"github.com/sypas/go/wire"
 )
 
 type fakeOpts struct {
@@ -55,9 +55,9 @@ func fakeKernel(t *testing.T, conn *net.UnixConn, o fakeOpts) {
 		}
 		return h
 	}
-	w := sypas.Welcome{Version: 1, HeartbeatMisses: uint16(o.misses), HeartbeatIntervalMs: uint32(o.interval),
+	w := wire.Welcome{Version: 1, HeartbeatMisses: uint16(o.misses), HeartbeatIntervalMs: uint32(o.interval),
 		SessionID: 9, TxRingSize: fakeCap, RxRingSize: fakeCap, MaxPayload: 1024, MaxInFlight: 1}
-	wb, _ := sypas.AppendFrame(nil, hdr(frame.TypeWelcome), &w)
+	wb, _ := wire.AppendFrame(nil, hdr(frame.TypeWelcome), &w)
 
 	var files []*os.File
 	mk := func(capacity int) *os.File {
@@ -78,9 +78,9 @@ func fakeKernel(t *testing.T, conn *net.UnixConn, o fakeOpts) {
 		files = append(files, f)
 		return f
 	}
-	entries := []sypas.Region{
-		{Role: sypas.RoleRingTx, ID: 1, Size: regionSize(fakeCap)},
-		{Role: sypas.RoleRingRx, ID: 2, Size: regionSize(fakeCap)},
+	entries := []wire.Region{
+		{Role: wire.RoleRingTx, ID: 1, Size: regionSize(fakeCap)},
+		{Role: wire.RoleRingRx, ID: 2, Size: regionSize(fakeCap)},
 	}
 	send := []*os.File{mk(fakeCap), mk(fakeCap)}
 	switch o.fds {
@@ -95,12 +95,12 @@ func fakeKernel(t *testing.T, conn *net.UnixConn, o fakeOpts) {
 	case "same-memfd": // both rings over one memory: each end would corrupt the other
 		send[1] = send[0]
 	case "wrong-roles":
-		entries[0].Role, entries[1].Role = sypas.RoleRingRx, sypas.RoleRingTx
+		entries[0].Role, entries[1].Role = wire.RoleRingRx, wire.RoleRingTx
 	case "bulk-entry":
-		entries = append(entries, sypas.Region{Role: sypas.RoleBulk, ID: 3, Size: 4096})
+		entries = append(entries, wire.Region{Role: wire.RoleBulk, ID: 3, Size: 4096})
 		send = append(send, mk(fakeCap))
 	}
-	rb, err := sypas.AppendFrame(nil, hdr(frame.TypeRegions), &sypas.Regions{Entries: entries})
+	rb, err := wire.AppendFrame(nil, hdr(frame.TypeRegions), &wire.Regions{Entries: entries})
 	require.NoError(t, err)
 	switch o.fds {
 	case "none":
@@ -126,7 +126,7 @@ func fakeKernel(t *testing.T, conn *net.UnixConn, o fakeOpts) {
 	if o.badToken {
 		tp.ID++
 	}
-	tb, _ := sypas.AppendFrame(nil, hdr(frame.TypeToken), &sypas.Token{TokenID: tp.ID, ExpiryUnix: tp.Expiry, Token: tok})
+	tb, _ := wire.AppendFrame(nil, hdr(frame.TypeToken), &wire.Token{TokenID: tp.ID, ExpiryUnix: tp.Expiry, Token: tok})
 	if _, err := conn.Write(tb); err != nil {
 		return
 	}
@@ -165,7 +165,7 @@ func TestDialRefusesBadFDs(t *testing.T) {
 				s.Close()
 			}
 			require.ErrorIs(t, err, ErrHandshake)
-			assert.ErrorIs(t, err, sypas.ErrProto)
+			assert.ErrorIs(t, err, wire.ErrProto)
 			if mode == "same-memfd" {
 				assert.ErrorContains(t, err, "RING_TX and RING_RX are the same memfd")
 			}
@@ -210,7 +210,7 @@ func TestDialCapsKernelHeartbeat(t *testing.T) {
 				assert.NoError(t, err)
 			} else {
 				require.ErrorIs(t, err, ErrHandshake)
-				assert.ErrorIs(t, err, sypas.ErrProto)
+				assert.ErrorIs(t, err, wire.ErrProto)
 				assert.ErrorContains(t, err, "above the daemon's limit")
 			}
 		})
@@ -261,7 +261,7 @@ func TestDialRefusesCapRefBeforeToken(t *testing.T) {
 				}
 				err := dialFake(t, fakeOpts{header: edit}, DialConfig{})
 				require.ErrorIs(t, err, ErrHandshake)
-				assert.ErrorIs(t, err, sypas.ErrProto)
+				assert.ErrorIs(t, err, wire.ErrProto)
 				assert.ErrorContains(t, err, "before TOKEN")
 				assert.Equal(t, base, countFDs(t), "fds leaked")
 			})

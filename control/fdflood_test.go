@@ -10,9 +10,9 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/ring"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/ring"
+	"github.com/sypas/go/wire"
 )
 
 // floodFiles returns MaxFDs descriptors of one memfd to attach to every
@@ -62,7 +62,7 @@ func ringFile(t *testing.T) *os.File {
 // holds more than that one batch, for the instant before it closes it.
 func TestKernelRefusesFDFlood(t *testing.T) {
 	ts := startServer(t, "", ServerConfig{})
-	hello := encodeMsg(t, 1, &sypas.Hello{MinVersion: 1, MaxVersion: 1, Name: bytes.Repeat([]byte("n"), 200)})
+	hello := encodeMsg(t, 1, &wire.Hello{MinVersion: 1, MaxVersion: 1, Name: bytes.Repeat([]byte("n"), 200)})
 	files := floodFiles(t)
 	c := rawDial(t, ts.path)
 	base := countFDs(t)
@@ -79,7 +79,7 @@ func TestKernelRefusesFDFlood(t *testing.T) {
 	err := ts.acceptErr(t)
 	assert.ErrorIs(t, err, ErrHandshake)
 	assert.ErrorIs(t, err, ErrFDPassing)
-	assert.ErrorIs(t, err, sypas.ErrProto)
+	assert.ErrorIs(t, err, wire.ErrProto)
 	require.Eventually(t, func() bool { return countFDs(t) <= base }, 5*time.Second, 10*time.Millisecond, "fds leaked")
 }
 
@@ -112,18 +112,18 @@ func TestDaemonRefusesFDFlood(t *testing.T) {
 			f, err := r.ReadFrame()
 			require.NoError(t, err)
 			require.Equal(t, frame.TypeHello, f.Type)
-			welcome := encodeMsg(t, 1, &sypas.Welcome{Version: 1, HeartbeatMisses: 3, HeartbeatIntervalMs: 1000,
+			welcome := encodeMsg(t, 1, &wire.Welcome{Version: 1, HeartbeatMisses: 3, HeartbeatIntervalMs: 1000,
 				SessionID: 9, TxRingSize: fakeCap, RxRingSize: fakeCap, MaxPayload: 1024, MaxInFlight: 1})
 			flood := welcome
 			if tc.regions {
 				_, err := b.Write(welcome)
 				require.NoError(t, err)
-				regions := encodeMsg(t, 2, &sypas.Regions{Entries: []sypas.Region{
-					{Role: sypas.RoleRingTx, ID: 1, Size: regionSize(fakeCap)},
-					{Role: sypas.RoleRingRx, ID: 2, Size: regionSize(fakeCap)},
+				regions := encodeMsg(t, 2, &wire.Regions{Entries: []wire.Region{
+					{Role: wire.RoleRingTx, ID: 1, Size: regionSize(fakeCap)},
+					{Role: wire.RoleRingRx, ID: 2, Size: regionSize(fakeCap)},
 				}})
 				require.NoError(t, SendFDs(b, regions, rings...))
-				flood = encodeMsg(t, 3, &sypas.Token{TokenID: 1, ExpiryUnix: time.Now().Add(time.Hour).UnixNano(), Token: bytes.Repeat([]byte{1}, 200)})
+				flood = encodeMsg(t, 3, &wire.Token{TokenID: 1, ExpiryUnix: time.Now().Add(time.Hour).UnixNano(), Token: bytes.Repeat([]byte{1}, 200)})
 			}
 			peak := sendFlood(t, func(p []byte) error { return SendFDs(b, p, files...) }, flood, base)
 			t.Logf("descriptor growth peaked at %d", peak)

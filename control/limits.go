@@ -10,14 +10,14 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/wire"
 )
 
 // Limits bound what the daemons, one uid and all together, can make the
 // kernel hold or do (docs/SECURITY.md §9). The zero value is the defaults
 // below; a negative field is refused with ErrConfig. A refused connection
 // gets ERROR E_RESOURCE with the reason (and a retry_after hint), so its
-// Dial fails with an error matching sypas.ErrResource; each refusal is one
+// Dial fails with an error matching wire.ErrResource; each refusal is one
 // audit record (event limit, key limit naming the field).
 type Limits struct {
 	// MaxSessions bounds the kernel's sessions, handshakes in progress
@@ -139,7 +139,7 @@ func (e *limitError) Is(target error) bool { return target == errLimit }
 // limitErr is the E_RESOURCE refusal by limit field, with its reason for
 // the peer and a retry hint.
 func limitErr(field string, retry time.Duration, format string, args ...any) error {
-	return &sypas.Error{Code: sypas.CodeResource, Message: fmt.Sprintf(format, args...) + " (" + field + ")",
+	return &wire.Error{Code: wire.CodeResource, Message: fmt.Sprintf(format, args...) + " (" + field + ")",
 		RetryAfter: retry, Err: &limitError{field}}
 }
 

@@ -14,7 +14,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/wire"
 )
 
 // serving is a Server running Serve in the background, every session
@@ -90,9 +90,9 @@ func exchange(t *testing.T, d *Session, msg string) {
 func refusedWith(t *testing.T, err error, field string) {
 	t.Helper()
 	require.ErrorIs(t, err, ErrHandshake)
-	require.ErrorIs(t, err, sypas.ErrResource, "%v", err)
+	require.ErrorIs(t, err, wire.ErrResource, "%v", err)
 	assert.ErrorIs(t, err, errPeerSent, "told by the kernel")
-	var e *sypas.Error
+	var e *wire.Error
 	require.True(t, errors.As(err, &e))
 	assert.Contains(t, e.Message, field)
 	assert.Positive(t, e.RetryAfter)
@@ -155,7 +155,7 @@ func TestAcceptHonoursLimits(t *testing.T) {
 	}
 	refusedWith(t, err, "MaxSessionsPerUID")
 	kerr := ts.acceptErr(t)
-	assert.ErrorIs(t, kerr, sypas.ErrResource)
+	assert.ErrorIs(t, kerr, wire.ErrResource)
 	assert.ErrorIs(t, kerr, ErrHandshake)
 
 	l := listenFor(t, sockPath(t), nil)
@@ -177,7 +177,7 @@ func TestAcceptHonoursLimits(t *testing.T) {
 			t.Cleanup(func() { k.Close() })
 			continue
 		}
-		assert.ErrorIs(t, err, sypas.ErrResource)
+		assert.ErrorIs(t, err, wire.ErrResource)
 	}
 	// Either Dial may return first: the first one may still be reading
 	// TOKEN when the second is refused.
@@ -209,7 +209,7 @@ func TestHandshakeLimitPerUID(t *testing.T) {
 	waitHandshakes(t, sv.srv, 2)
 	start := time.Now()
 	e := readError(t, rawDial(t, sv.path))
-	assert.Equal(t, sypas.CodeResource, e.Code)
+	assert.Equal(t, wire.CodeResource, e.Code)
 	assert.Contains(t, e.Message, "MaxHandshakesPerUID")
 	assert.Equal(t, retryHandshake, e.RetryAfter)
 	assert.Less(t, time.Since(start), DefaultHandshakeTimeout/2, "refused at once, not at the handshake timeout")
@@ -317,7 +317,7 @@ func TestRefreshRateLimited(t *testing.T) {
 	tok := d.Token()
 	served := 0
 	for served < 50 {
-		sendRaw(t, d, &sypas.TokenRefresh{TokenID: d.Token().ID}, d.corr.Add(1))
+		sendRaw(t, d, &wire.TokenRefresh{TokenID: d.Token().ID}, d.corr.Add(1))
 		select {
 		case <-d.tokenUp:
 			served++
@@ -331,8 +331,8 @@ func TestRefreshRateLimited(t *testing.T) {
 	assert.Equal(t, 3, served, "the burst is served")
 	assert.NotEqual(t, tok.ID, d.Token().ID)
 	err := d.Err()
-	require.ErrorIs(t, err, sypas.ErrResource, "%v", err)
-	var e *sypas.Error
+	require.ErrorIs(t, err, wire.ErrResource, "%v", err)
+	var e *wire.Error
 	require.True(t, errors.As(err, &e))
 	assert.Contains(t, e.Message, "MaxRefreshes")
 	assert.InDelta(t, float64(20*time.Minute), float64(e.RetryAfter), float64(time.Minute), "one refresh per 20 min")
@@ -349,12 +349,12 @@ func TestControlFrameFlood(t *testing.T) {
 	good := dialT(t, sv.path, DialConfig{})
 	d := dialT(t, sv.path, DialConfig{})
 	for i := range 10 * DefaultMaxControlFrames {
-		if trySendRaw(d, &sypas.Heartbeat{Nonce: uint64(i)}, 0) != nil {
+		if trySendRaw(d, &wire.Heartbeat{Nonce: uint64(i)}, 0) != nil {
 			break // cut off
 		}
 	}
 	waitDone(t, d, "flooding daemon")
-	require.ErrorIs(t, d.Err(), sypas.ErrResource, "%v", d.Err())
+	require.ErrorIs(t, d.Err(), wire.ErrResource, "%v", d.Err())
 	assert.ErrorContains(t, d.Err(), "MaxControlFrames")
 	assert.Equal(t, "MaxControlFrames", sv.sink.one(t, EventLimit)[LogKeyLimit])
 	exchange(t, good, "still here")

@@ -23,10 +23,10 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
-	"github.com/sypas/sypas/control"
-	"github.com/sypas/sypas/control/token"
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/control"
+	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
 )
 
 // Appendix A of docs/PROTOCOL.md is the transcript of a real session: a
@@ -59,7 +59,7 @@ var docKey = func() []byte {
 
 // docFeatures is what both sides offer, so that the data-plane examples
 // are legal in the session shown.
-const docFeatures = sypas.FeatureBulk | sypas.FeatureSubscribe | sypas.FeatureTokenRefresh
+const docFeatures = wire.FeatureBulk | wire.FeatureSubscribe | wire.FeatureTokenRefresh
 
 // docTokenTTL is short so that the daemon refreshes within the test: at
 // 70..80 % of it, after the first heartbeats (1 s) and well before the
@@ -354,15 +354,15 @@ func captureRefusal(t *testing.T, ctx context.Context, srv *control.Server, kpat
 	c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: kpath, Net: "unix"})
 	require.NoError(t, err)
 	defer c.Close()
-	hello, err := sypas.AppendFrame(nil, frame.Header{Sequence: 1},
-		&sypas.Hello{MinVersion: 2, MaxVersion: 3, Features: docFeatures, Name: []byte("netd")})
+	hello, err := wire.AppendFrame(nil, frame.Header{Sequence: 1},
+		&wire.Hello{MinVersion: 2, MaxVersion: 3, Features: docFeatures, Name: []byte("netd")})
 	require.NoError(t, err)
 	_, err = c.Write(hello)
 	require.NoError(t, err)
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	b, err := io.ReadAll(c)
 	require.NoError(t, err)
-	require.ErrorIs(t, <-refused, sypas.ErrVersion)
+	require.ErrorIs(t, <-refused, wire.ErrVersion)
 	var f frame.Frame
 	n, err := f.Decode(b, frame.Config{})
 	require.NoError(t, err)
@@ -523,20 +523,20 @@ func checkSessionRules(t *testing.T, frames []captured) {
 		assert.Equal(t, s.corr, h.Correlation, "frame %d: correlation", i+1)
 		wantFDs := 0
 		switch m := decode(t, c).(type) {
-		case *sypas.Token:
+		case *wire.Token:
 			if toks[1] == 0 {
 				toks[1] = m.TokenID
 			} else {
 				toks[2] = m.TokenID
 			}
-		case *sypas.TokenRefresh:
+		case *wire.TokenRefresh:
 			assert.Equal(t, toks[1], m.TokenID, "the refresh names the current token")
-		case *sypas.Heartbeat:
+		case *wire.Heartbeat:
 			assert.EqualValues(t, 1, m.Nonce, "first heartbeat, or its echo")
-		case *sypas.GoAway:
+		case *wire.GoAway:
 			assert.Equal(t, uint64(math.MaxUint64), m.LastCorrelation)
-			assert.Equal(t, sypas.CodeOK, m.Code)
-		case *sypas.Regions:
+			assert.Equal(t, wire.CodeOK, m.Code)
+		case *wire.Regions:
 			assert.Len(t, m.Entries, 2)
 			wantFDs = 2
 		}
@@ -554,7 +554,7 @@ func checkTokens(t *testing.T, frames []captured) {
 	keys := token.NewKeyring()
 	require.NoError(t, keys.Add(docKeyID, docKey))
 	for _, c := range frames {
-		if m, ok := decode(t, c).(*sypas.Token); ok {
+		if m, ok := decode(t, c).(*wire.Token); ok {
 			tk, err := token.Parse(m.Token)
 			require.NoError(t, err)
 			v := token.Verifier{Keys: keys, Clock: func() time.Time { return time.Unix(0, tk.Expiry-1) }}
@@ -564,12 +564,12 @@ func checkTokens(t *testing.T, frames []captured) {
 	}
 }
 
-func decode(t *testing.T, c captured) sypas.Message {
+func decode(t *testing.T, c captured) wire.Message {
 	var f frame.Frame
 	_, err := f.Decode(c.b, frame.Config{MaxPayload: frame.HardMaxPayload})
 	require.NoError(t, err)
-	m := sypas.NewMessage(f.Type)
-	require.NoError(t, sypas.DecodeFrame(&f, m))
+	m := wire.NewMessage(f.Type)
+	require.NoError(t, wire.DecodeFrame(&f, m))
 	return m
 }
 
@@ -578,7 +578,7 @@ func decode(t *testing.T, c captured) sypas.Message {
 type dataExample struct {
 	dir  int
 	h    frame.Header
-	m    sypas.Message
+	m    wire.Message
 	note string
 }
 
@@ -589,22 +589,22 @@ func dataExamples(capRef uint64) []dataExample {
 		return frame.Header{Flags: flags, StreamID: 1, Sequence: seq, Correlation: corr, CapRef: capRef}
 	}
 	return []dataExample{
-		{toKernel, h(1, 1, 0), &sypas.Request{Timeout: 250 * time.Millisecond, Method: []byte("kv.get"), Body: []byte(`{"key":"a"}`)}, "request 1"},
-		{toDaemon, h(1, 1, frame.FlagEndStream), &sypas.Response{Body: []byte(`{"value":1}`)}, "the whole answer to request 1"},
-		{toKernel, h(2, 0, 0), &sypas.Subscribe{SubscriptionID: 7, Options: sypas.SubLastValue, Topic: []byte("cpu.*")}, "subscription 7"},
-		{toDaemon, h(2, 0, frame.FlagChecksum), &sypas.Event{SubscriptionID: 7, Timestamp: 1_767_225_600_000_000_000, Topic: []byte("cpu.load"), Body: []byte("0.42")},
+		{toKernel, h(1, 1, 0), &wire.Request{Timeout: 250 * time.Millisecond, Method: []byte("kv.get"), Body: []byte(`{"key":"a"}`)}, "request 1"},
+		{toDaemon, h(1, 1, frame.FlagEndStream), &wire.Response{Body: []byte(`{"value":1}`)}, "the whole answer to request 1"},
+		{toKernel, h(2, 0, 0), &wire.Subscribe{SubscriptionID: 7, Options: wire.SubLastValue, Topic: []byte("cpu.*")}, "subscription 7"},
+		{toDaemon, h(2, 0, frame.FlagChecksum), &wire.Event{SubscriptionID: 7, Timestamp: 1_767_225_600_000_000_000, Topic: []byte("cpu.load"), Body: []byte("0.42")},
 			"an event of subscription 7, with the optional CRC32C"},
-		{toKernel, h(3, 2, 0), &sypas.Request{Method: []byte("kv.put"), Body: []byte(`{"key":"a","value":2}`)}, "request 2, no deadline"},
-		{toDaemon, h(3, 2, frame.FlagEndStream), &sypas.ErrorMsg{Code: sypas.CodeNotFound, Message: []byte("no method kv.put")}, "request 2 fails"},
-		{toKernel, h(4, 0, 0), &sypas.Unsubscribe{SubscriptionID: 7}, "end of subscription 7"},
-		{toDaemon, h(4, 3, frame.FlagEndStream), &sypas.Bulk{InnerType: frame.TypeResponse, Flags: sypas.BulkChecksum, Region: 3,
+		{toKernel, h(3, 2, 0), &wire.Request{Method: []byte("kv.put"), Body: []byte(`{"key":"a","value":2}`)}, "request 2, no deadline"},
+		{toDaemon, h(3, 2, frame.FlagEndStream), &wire.ErrorMsg{Code: wire.CodeNotFound, Message: []byte("no method kv.put")}, "request 2 fails"},
+		{toKernel, h(4, 0, 0), &wire.Unsubscribe{SubscriptionID: 7}, "end of subscription 7"},
+		{toDaemon, h(4, 3, frame.FlagEndStream), &wire.Bulk{InnerType: frame.TypeResponse, Flags: wire.BulkChecksum, Region: 3,
 			Offset: 1 << 20, Length: 300 << 10, Lease: 99, Checksum: 0xdeadbeef},
 			"layout only: region 3 would be a BULK region, which no version 1 kernel announces, so this frame cannot occur in the session shown"},
 	}
 }
 
 // describe renders the fields of m, byte slices as quoted strings.
-func describe(m sypas.Message) string {
+func describe(m wire.Message) string {
 	v := reflect.ValueOf(m).Elem()
 	var parts []string
 	for i := range v.NumField() {
@@ -616,7 +616,7 @@ func describe(m sypas.Message) string {
 			if bytes.ContainsFunc(x, func(r rune) bool { return r < ' ' || r > '~' }) {
 				s = fmt.Sprintf("(%d bytes)", len(x))
 			}
-		case []sypas.Region:
+		case []wire.Region:
 			var rs []string
 			for _, r := range x {
 				rs = append(rs, fmt.Sprintf("{%v flags=%d id=%d size=%d}", r.Role, r.Flags, r.ID, r.Size))
@@ -670,7 +670,7 @@ func renderExamples(t *testing.T, frames []captured) string {
 
 	var tok1, tok2 uint64
 	for _, c := range frames {
-		if m, ok := decode(t, c).(*sypas.Token); ok {
+		if m, ok := decode(t, c).(*wire.Token); ok {
 			if tok1 == 0 {
 				tok1 = m.TokenID
 			} else {
@@ -692,7 +692,7 @@ func renderExamples(t *testing.T, frames []captured) string {
 		fmt.Fprintf(&sb, "#### A.1.%d %v, %s\n\n", i+1, h.Type, dirNames[c.dir])
 		fmt.Fprintf(&sb, "Header: %v.\n\n", h)
 		fmt.Fprintf(&sb, "Payload: %s.\n\n", describe(m))
-		if tm, ok := m.(*sypas.Token); ok {
+		if tm, ok := m.(*wire.Token); ok {
 			fmt.Fprintf(&sb, "Token: %s.\n\n", describeToken(tm.Token))
 		}
 		if c.fds > 0 {
@@ -717,7 +717,7 @@ func renderExamples(t *testing.T, frames []captured) string {
 	}
 	sb.WriteString("\n")
 	for i, e := range examples {
-		b, err := sypas.AppendFrame(nil, e.h, e.m)
+		b, err := wire.AppendFrame(nil, e.h, e.m)
 		require.NoError(t, err)
 		var f frame.Frame
 		_, err = f.Decode(b, frame.Config{})

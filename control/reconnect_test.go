@@ -16,7 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
-	"github.com/sypas/sypas/control/token"
+	"github.com/sypas/go/control/token"
 )
 
 // monoNow is CLOCK_MONOTONIC, which every process of the machine shares.

@@ -8,8 +8,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/futex"
-	"github.com/sypas/sypas/ring"
+	"github.com/sypas/go/futex"
+	"github.com/sypas/go/ring"
 )
 
 // An invalid ring idle policy is refused up front with the field named.

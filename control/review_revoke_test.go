@@ -9,8 +9,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/control/token"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/wire"
 )
 
 // inGoroutine reports whether the calling goroutine's stack holds fn.
@@ -57,7 +57,7 @@ func TestRevocationDuringRefreshNotLost(t *testing.T) {
 
 	refresh := func() {
 		t.Helper()
-		sendRaw(t, d, &sypas.TokenRefresh{TokenID: d.Token().ID}, d.corr.Add(1))
+		sendRaw(t, d, &wire.TokenRefresh{TokenID: d.Token().ID}, d.corr.Add(1))
 		select {
 		case <-d.tokenUp:
 		case <-time.After(5 * time.Second):

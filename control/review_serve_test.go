@@ -10,7 +10,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/wire"
 )
 
 // Serve under a context deadline ends with the context's error and writes
@@ -105,7 +105,7 @@ func TestServeStopMidHandshake(t *testing.T) {
 	cancel()
 	require.ErrorIs(t, <-served, context.Canceled)
 	e := readError(t, c)
-	assert.Equal(t, sypas.CodeUnavailable, e.Code, "%v", e)
+	assert.Equal(t, wire.CodeUnavailable, e.Code, "%v", e)
 	assert.Contains(t, e.Message, "kernel stopped the handshake")
 
 	accepted := make(chan error, 1)

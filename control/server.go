@@ -11,10 +11,10 @@ import (
 	"sync"
 	"time"
 
-	"github.com/sypas/sypas/control/token"
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/ring"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/ring"
+	"github.com/sypas/go/wire"
 )
 
 // Server is the kernel side: it accepts attested connections on a Listener
@@ -137,7 +137,7 @@ func (srv *Server) Serve(ctx context.Context, handle func(*Session)) error {
 // before a byte is read, and runs the handshake on it. Attestation and
 // handshake together are bounded by ctx and HandshakeTimeout, counted from
 // accept(2). A refused or failed peer gives an error (ErrPeerRejected,
-// ErrHandshake, sypas.ErrResource for a limit) and leaves the Server
+// ErrHandshake, wire.ErrResource for a limit) and leaves the Server
 // usable: accept again. One connection holds up the next Accept for at
 // most HandshakeTimeout; Serve overlaps them. The session holds its share
 // of the Limits until it is closed. Accept is not for concurrent use (it
@@ -222,7 +222,7 @@ func (srv *Server) admit(uc *net.UnixConn) (*slot, error) {
 func (srv *Server) refuse(uc *net.UnixConn, peer PeerIdentity, err error) {
 	if srv.l.policy.allowsUID(peer.UID) {
 		m := errorMsg(err)
-		if b, e := sypas.AppendFrame(nil, frame.Header{Sequence: 1}, &m); e == nil {
+		if b, e := wire.AppendFrame(nil, frame.Header{Sequence: 1}, &m); e == nil {
 			uc.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
 			uc.Write(b) // best effort: the daemon may be gone
 		}
@@ -236,7 +236,7 @@ func (srv *Server) refuse(uc *net.UnixConn, peer PeerIdentity, err error) {
 // HandshakeTimeout starts now, after attestation. A Conn that did not come
 // from a Listener (no pidfd, no attested identity) is refused, and so is
 // one beyond the Limits (ERROR E_RESOURCE to the daemon, an error matching
-// sypas.ErrResource here). The session holds its share of the Limits until
+// wire.ErrResource here). The session holds its share of the Limits until
 // it is closed.
 func (srv *Server) Handshake(ctx context.Context, c *Conn) (*Session, error) {
 	if c == nil || c.UnixConn == nil || c.pidfd == nil {
@@ -283,14 +283,14 @@ func (s *Session) serverHandshake() error {
 	if err != nil {
 		return err
 	}
-	var h sypas.Hello
+	var h wire.Hello
 	if err := h.Decode(f.Payload); err != nil {
 		return protoErr("HELLO: %v", err)
 	}
-	lo, hi := max(h.MinVersion, sypas.MinProtocolVersion), min(h.MaxVersion, sypas.ProtocolVersion)
+	lo, hi := max(h.MinVersion, wire.MinProtocolVersion), min(h.MaxVersion, wire.ProtocolVersion)
 	if lo > hi {
-		return &sypas.Error{Code: sypas.CodeVersion, Message: fmt.Sprintf("daemon speaks versions [%d, %d], kernel [%d, %d]",
-			h.MinVersion, h.MaxVersion, sypas.MinProtocolVersion, sypas.ProtocolVersion)}
+		return &wire.Error{Code: wire.CodeVersion, Message: fmt.Sprintf("daemon speaks versions [%d, %d], kernel [%d, %d]",
+			h.MinVersion, h.MaxVersion, wire.MinProtocolVersion, wire.ProtocolVersion)}
 	}
 	granted := h.Features & cfg.Features
 	if miss := cfg.RequireFeatures &^ granted; miss != 0 {
@@ -312,7 +312,7 @@ func (s *Session) serverHandshake() error {
 	if h.MaxInFlight != 0 {
 		inFlight = min(inFlight, h.MaxInFlight)
 	}
-	s.welcome = sypas.Welcome{
+	s.welcome = wire.Welcome{
 		Version: hi, HeartbeatMisses: uint16(cfg.HeartbeatMisses),
 		HeartbeatIntervalMs: uint32(max(cfg.HeartbeatInterval/time.Millisecond, 1)),
 		Features:            granted, SessionID: randomID(), TxRingSize: tx, RxRingSize: rx,
@@ -327,19 +327,19 @@ func (s *Session) serverHandshake() error {
 	for _, c := range []uint32{tx, rx} {
 		r, err := ring.CreateRegion(int(c))
 		if err != nil {
-			return &sypas.Error{Code: sypas.CodeResource, Message: "create ring", Err: err}
+			return &wire.Error{Code: wire.CodeResource, Message: "create ring", Err: err}
 		}
 		s.regions = append(s.regions, r)
 	}
 	if s.cons, err = s.regions[0].NewConsumer(s.cfg.Ring); err != nil {
-		return &sypas.Error{Code: sypas.CodeInternal, Message: "attach the RING_TX consumer", Err: err}
+		return &wire.Error{Code: wire.CodeInternal, Message: "attach the RING_TX consumer", Err: err}
 	}
 	if s.prod, err = s.regions[1].NewProducer(s.cfg.Ring); err != nil {
-		return &sypas.Error{Code: sypas.CodeInternal, Message: "attach the RING_RX producer", Err: err}
+		return &wire.Error{Code: wire.CodeInternal, Message: "attach the RING_RX producer", Err: err}
 	}
-	regions := sypas.Regions{Entries: []sypas.Region{
-		{Role: sypas.RoleRingTx, ID: 1, Size: regionSize(tx)},
-		{Role: sypas.RoleRingRx, ID: 2, Size: regionSize(rx)},
+	regions := wire.Regions{Entries: []wire.Region{
+		{Role: wire.RoleRingTx, ID: 1, Size: regionSize(tx)},
+		{Role: wire.RoleRingRx, ID: 2, Size: regionSize(rx)},
 	}}
 	if err := s.sendFDs(&regions, s.regions[0].File(), s.regions[1].File()); err != nil {
 		return err
@@ -364,7 +364,7 @@ func (s *Session) sendTokenFirst(t *Token) error {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	s.wseq++
-	m := sypas.Token{TokenID: t.ID, ExpiryUnix: t.Expiry.UnixNano(), Token: t.Bytes}
+	m := wire.Token{TokenID: t.ID, ExpiryUnix: t.Expiry.UnixNano(), Token: t.Bytes}
 	p, err := m.Append(s.wbuf[:0])
 	if err != nil {
 		return err

@@ -17,10 +17,10 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/sypas/sypas/control/token"
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/ring"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/ring"
+	"github.com/sypas/go/wire"
 )
 
 // State is the phase of a session. A session moves forward only, one step
@@ -124,7 +124,7 @@ type Session struct {
 	wbuf []byte
 	live bool // under wmu: handshake over, each write sets its own deadline
 
-	welcome sypas.Welcome
+	welcome wire.Welcome
 	regions []*ring.Region // daemon→kernel ring, kernel→daemon ring
 	prod    *ring.Producer
 	cons    *ring.Consumer
@@ -193,7 +193,7 @@ func (s *Session) Capability() *token.Capability { return s.capab.Load() }
 func (s *Session) Peer() PeerIdentity { return s.peer }
 
 // Params are the parameters the kernel granted in WELCOME.
-func (s *Session) Params() sypas.Welcome { return s.welcome }
+func (s *Session) Params() wire.Welcome { return s.welcome }
 
 // State is the session's current phase.
 func (s *Session) State() State { return State(s.state.Load()) }
@@ -208,7 +208,7 @@ func (s *Session) GoAway() <-chan struct{} { return s.goAwayRecv }
 
 // Err is nil while the session is live, then the reason it ended: an error
 // matching ErrPeerGone (death, hang-up, missed heartbeats), ErrSessionClosed
-// (Close or a completed GOAWAY exchange), a *sypas.Error (protocol
+// (Close or a completed GOAWAY exchange), a *wire.Error (protocol
 // violation, or the peer's ERROR), or ErrGoAway.
 func (s *Session) Err() error {
 	s.errMu.Lock()
@@ -272,17 +272,17 @@ func (s *Session) failProto(err error) {
 // the error's message; else, for anything but E_INTERNAL, the text of its
 // local cause, which then describes the peer's own bytes (a framing error
 // such as a bad magic); else the code's name.
-func errorMsg(err error) sypas.ErrorMsg {
-	m := sypas.NewErrorMsg(err)
+func errorMsg(err error) wire.ErrorMsg {
+	m := wire.NewErrorMsg(err)
 	if len(m.Message) > 0 {
 		return m
 	}
 	reason := m.Code.String()
-	var e *sypas.Error
-	if errors.As(err, &e) && e.Err != nil && m.Code != sypas.CodeInternal {
+	var e *wire.Error
+	if errors.As(err, &e) && e.Err != nil && m.Code != wire.CodeInternal {
 		reason = e.Err.Error()
 	}
-	m.Message = []byte(reason[:min(len(reason), sypas.MaxMessageLen)])
+	m.Message = []byte(reason[:min(len(reason), wire.MaxMessageLen)])
 	return m
 }
 
@@ -351,7 +351,7 @@ func (s *Session) sendGoAway() error {
 		return nil
 	}
 	s.state.CompareAndSwap(int32(StateOperation), int32(StateDraining))
-	return s.send(&sypas.GoAway{LastCorrelation: math.MaxUint64, Code: sypas.CodeOK}, 0, 0, 0)
+	return s.send(&wire.GoAway{LastCorrelation: math.MaxUint64, Code: wire.CodeOK}, 0, 0, 0)
 }
 
 // deadAfter is how long the peer may stay silent.
@@ -361,7 +361,7 @@ func (s *Session) deadAfter() time.Duration {
 
 // send writes one frame. timeout 0 means the session's write timeout (a
 // peer that does not read for deadAfter is as dead as a silent one).
-func (s *Session) send(m sypas.Message, flags frame.Flags, corr uint64, timeout time.Duration) error {
+func (s *Session) send(m wire.Message, flags frame.Flags, corr uint64, timeout time.Duration) error {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	p, err := m.Append(s.wbuf[:0])
@@ -390,11 +390,11 @@ func writeErr(err error) error {
 
 // sendFDs writes one frame with files attached (REGIONS), during the
 // handshake only.
-func (s *Session) sendFDs(m sypas.Message, files ...*os.File) error {
+func (s *Session) sendFDs(m wire.Message, files ...*os.File) error {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	s.wseq++
-	b, err := sypas.AppendFrame(nil, frame.Header{Sequence: s.wseq}, m)
+	b, err := wire.AppendFrame(nil, frame.Header{Sequence: s.wseq}, m)
 	if err != nil {
 		return err
 	}
@@ -422,7 +422,7 @@ func (s *Session) readFrame() (*frame.Frame, []*os.File, error) {
 	start := s.consumed
 	s.consumed += int64(f.FrameLen())
 	want := -1
-	var regions sypas.Regions
+	var regions wire.Regions
 	if f.Type == frame.TypeRegions && accepts(s.kernel, s.State(), f.Type) {
 		if err := regions.Decode(f.Payload); err != nil {
 			s.fdr.claim(start, s.consumed, 0)
@@ -432,7 +432,7 @@ func (s *Session) readFrame() (*frame.Frame, []*os.File, error) {
 	}
 	files, err := s.fdr.claim(start, s.consumed, want)
 	if err != nil {
-		return nil, nil, &sypas.Error{Code: sypas.CodeProto, Message: "fd passing", Err: err}
+		return nil, nil, &wire.Error{Code: wire.CodeProto, Message: "fd passing", Err: err}
 	}
 	bad := func(err error) (*frame.Frame, []*os.File, error) {
 		closeFiles(files)
@@ -450,7 +450,7 @@ func (s *Session) readFrame() (*frame.Frame, []*os.File, error) {
 		// and nothing is a request (§6.1).
 		return bad(protoErr("%v frame with cap_ref %#x and correlation %d before TOKEN: both must be 0", f.Type, f.CapRef, f.Correlation))
 	case f.Type == frame.TypeError:
-		var m sypas.ErrorMsg
+		var m wire.ErrorMsg
 		if err := m.Decode(f.Payload); err != nil {
 			return bad(protoErr("ERROR: %v", err))
 		}
@@ -481,13 +481,13 @@ func (s *Session) readErr(err error) error {
 	case errors.Is(err, os.ErrDeadlineExceeded) && s.State() >= StateOperation:
 		return fmt.Errorf("%w: no frame for %v (%d heartbeats missed)", ErrPeerGone, s.deadAfter(), s.cfg.HeartbeatMisses)
 	case errors.Is(err, ErrFDPassing):
-		return &sypas.Error{Code: sypas.CodeProto, Message: "fd passing", Err: err}
+		return &wire.Error{Code: wire.CodeProto, Message: "fd passing", Err: err}
 	}
-	var se *sypas.Error
+	var se *wire.Error
 	if errors.As(err, &se) {
 		return err
 	}
-	return &sypas.Error{Code: sypas.CodeOf(err), Err: err}
+	return &wire.Error{Code: wire.CodeOf(err), Err: err}
 }
 
 func isClosed(c <-chan struct{}) bool {
@@ -500,7 +500,7 @@ func isClosed(c <-chan struct{}) bool {
 }
 
 func protoErr(format string, args ...any) error {
-	return &sypas.Error{Code: sypas.CodeProto, Message: fmt.Sprintf(format, args...)}
+	return &wire.Error{Code: wire.CodeProto, Message: fmt.Sprintf(format, args...)}
 }
 
 // handshakeDeadline applies ctx to the socket for the handshake: its
@@ -532,11 +532,11 @@ func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error)
 		if errors.Is(err, context.Canceled) {
 			// Our side gave up (a kernel's Serve stopping, a daemon's
 			// caller cancelling): not the peer's slowness.
-			err = &sypas.Error{Code: sypas.CodeUnavailable, Message: s.side() + " stopped the handshake", Err: err}
+			err = &wire.Error{Code: wire.CodeUnavailable, Message: s.side() + " stopped the handshake", Err: err}
 		}
 		st := s.State()
-		var pe *sypas.Error
-		if errors.As(err, &pe) && pe.Code != sypas.CodeOK && !isPeerError(err) {
+		var pe *wire.Error
+		if errors.As(err, &pe) && pe.Code != wire.CodeOK && !isPeerError(err) {
 			s.failProto(err) // tell the peer why
 		} else if errors.Is(err, ErrPeerRejected) {
 			s.audit(err) // a daemon refusing the kernel's uid says nothing to it
@@ -571,7 +571,7 @@ func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error)
 	if s.kernel {
 		s.wg.Add(1)
 		go s.watchPidfd()
-	} else if s.welcome.Features&sypas.FeatureTokenRefresh != 0 {
+	} else if s.welcome.Features&wire.FeatureTokenRefresh != 0 {
 		s.wg.Add(1)
 		go s.refreshLoop()
 	}
@@ -594,7 +594,7 @@ func (s *Session) readLoop() {
 			err = s.handle(f)
 		}
 		if err != nil {
-			var pe *sypas.Error
+			var pe *wire.Error
 			if errors.As(err, &pe) && !isPeerError(err) && !errors.Is(err, ErrPeerGone) {
 				s.failProto(err)
 			}
@@ -609,7 +609,7 @@ func (s *Session) readLoop() {
 func (s *Session) handle(f *frame.Frame) error {
 	if s.kernel {
 		if id := f.CapRef; id != s.capRef() && (id == 0 || id != s.prevTokID.Load()) {
-			return &sypas.Error{Code: sypas.CodeAuth, Message: fmt.Sprintf("cap_ref %#x names no token of this session", id)}
+			return &wire.Error{Code: wire.CodeAuth, Message: fmt.Sprintf("cap_ref %#x names no token of this session", id)}
 		}
 		if ok, _ := s.frames.take(time.Now()); !ok {
 			return limitErr("MaxControlFrames", 0, "more than %d control frames in %v", s.srv.cfg.Limits.MaxControlFrames, s.cfg.HeartbeatInterval)
@@ -617,7 +617,7 @@ func (s *Session) handle(f *frame.Frame) error {
 	}
 	switch f.Type {
 	case frame.TypeHeartbeat:
-		var m sypas.Heartbeat
+		var m wire.Heartbeat
 		if err := m.Decode(f.Payload); err != nil {
 			return protoErr("HEARTBEAT: %v", err)
 		}
@@ -628,14 +628,14 @@ func (s *Session) handle(f *frame.Frame) error {
 			}
 		}
 	case frame.TypeGoAway:
-		var m sypas.GoAway
+		var m wire.GoAway
 		if err := m.Decode(f.Payload); err != nil {
 			return protoErr("GOAWAY: %v", err)
 		}
-		if m.Code != sypas.CodeOK {
+		if m.Code != wire.CodeOK {
 			// The peer ends the session for a reason (E_AUTH: its token was
 			// revoked) and closes: nothing is left to drain.
-			return fmt.Errorf("%w: GOAWAY: %w", errPeerSent, &sypas.Error{Code: m.Code, Message: string(m.Message)})
+			return fmt.Errorf("%w: GOAWAY: %w", errPeerSent, &wire.Error{Code: m.Code, Message: string(m.Message)})
 		}
 		s.state.CompareAndSwap(int32(StateOperation), int32(StateDraining))
 		s.recvOnce.Do(func() {
@@ -678,7 +678,7 @@ func (s *Session) heartbeatLoop() {
 			return
 		case <-t.C:
 		}
-		if err := s.send(&sypas.Heartbeat{Nonce: nonce, SentAt: monotonic()}, 0, 0, 0); err != nil {
+		if err := s.send(&wire.Heartbeat{Nonce: nonce, SentAt: monotonic()}, 0, 0, 0); err != nil {
 			s.fail(fmt.Errorf("%w: heartbeat: %w", ErrPeerGone, err))
 			return
 		}
@@ -772,10 +772,10 @@ func (s *Session) expiryLoop() {
 		exp, now := s.tokenExpiry()
 		if !now.Before(exp) {
 			msg := "session token expired; reconnect for a new one"
-			if s.welcome.Features&sypas.FeatureTokenRefresh == 0 {
+			if s.welcome.Features&wire.FeatureTokenRefresh == 0 {
 				msg = "session token expired and TOKEN_REFRESH was not negotiated; reconnect for a new one"
 			}
-			s.failProto(&sypas.Error{Code: sypas.CodeAuth, Message: msg, Err: token.ErrExpired})
+			s.failProto(&wire.Error{Code: wire.CodeAuth, Message: msg, Err: token.ErrExpired})
 			return
 		}
 		t := time.NewTimer(exp.Sub(now))
@@ -820,17 +820,17 @@ func (s *Session) revokedToken() (uint64, bool) {
 }
 
 // endRevoked ends the session because token id was revoked: its ring
-// waiters are woken with an error matching sypas.ErrAuth at once, the
+// waiters are woken with an error matching wire.ErrAuth at once, the
 // daemon gets GOAWAY E_AUTH (bounded by a short write timeout), then the
 // socket is closed.
 func (s *Session) endRevoked(id uint64) {
 	msg := fmt.Sprintf("token %#x revoked", id)
-	var err error = &sypas.Error{Code: sypas.CodeAuth, Message: msg, Err: token.ErrRevoked}
+	var err error = &wire.Error{Code: wire.CodeAuth, Message: msg, Err: token.ErrRevoked}
 	if s.Err() == nil && s.ending.CompareAndSwap(nil, &err) {
 		s.audit(err)
 		s.prod.Interrupt(err)
 		s.cons.Interrupt(err)
-		s.send(&sypas.GoAway{Code: sypas.CodeAuth, Message: []byte(msg)}, 0, 0, 100*time.Millisecond)
+		s.send(&wire.GoAway{Code: wire.CodeAuth, Message: []byte(msg)}, 0, 0, 100*time.Millisecond)
 	}
 	s.fail(err)
 }
@@ -844,21 +844,21 @@ func (s *Session) mint(ttl time.Duration) (*Token, error) {
 		Subject: s.peer.Subject(), Rights: cfg.Rights, Scope: cfg.Scope, Expiry: exp,
 	})
 	if err != nil {
-		return nil, &sypas.Error{Code: sypas.CodeInternal, Message: "mint token", Err: err}
+		return nil, &wire.Error{Code: wire.CodeInternal, Message: "mint token", Err: err}
 	}
 	// With the server's revocations and clock, so the cached Capability
 	// sees later revocations in Allows and Valid.
 	v := token.Verifier{Keys: cfg.Keys, Revoked: cfg.Revoked, Clock: cfg.Clock}
 	c, err := v.Verify(b, s.peer.Subject())
 	if err != nil {
-		return nil, &sypas.Error{Code: sypas.CodeInternal, Message: "verify own token", Err: err}
+		return nil, &wire.Error{Code: wire.CodeInternal, Message: "verify own token", Err: err}
 	}
 	s.capab.Store(c)
 	return &Token{ID: c.ID, Bytes: b, Issued: now, Expiry: exp}, nil
 }
 
 func (s *Session) sendToken(t *Token, corr uint64) error {
-	return s.send(&sypas.Token{TokenID: t.ID, ExpiryUnix: t.Expiry.UnixNano(), Token: t.Bytes}, 0, corr, 0)
+	return s.send(&wire.Token{TokenID: t.ID, ExpiryUnix: t.Expiry.UnixNano(), Token: t.Bytes}, 0, corr, 0)
 }
 
 // serveRefresh answers TOKEN_REFRESH (kernel): a fresh token for the same
@@ -866,11 +866,11 @@ func (s *Session) sendToken(t *Token, corr uint64) error {
 // A current token that is revoked or expired is not renewed: the session
 // ends with E_AUTH (the daemon may reconnect and be attested again).
 func (s *Session) serveRefresh(f *frame.Frame) error {
-	var m sypas.TokenRefresh
+	var m wire.TokenRefresh
 	if err := m.Decode(f.Payload); err != nil {
 		return protoErr("TOKEN_REFRESH: %v", err)
 	}
-	if s.welcome.Features&sypas.FeatureTokenRefresh == 0 || f.Correlation == 0 {
+	if s.welcome.Features&wire.FeatureTokenRefresh == 0 || f.Correlation == 0 {
 		return protoErr("TOKEN_REFRESH without the feature or a correlation")
 	}
 	if ok, wait := s.refreshes.take(time.Now()); !ok {
@@ -881,12 +881,12 @@ func (s *Session) serveRefresh(f *frame.Frame) error {
 		return s.send(&em, 0, f.Correlation, 0)
 	}
 	if m.TokenID != s.capRef() {
-		em := sypas.ErrorMsg{Code: sypas.CodeAuth, Message: []byte("not the session's current token")}
-		s.audit(&sypas.Error{Code: em.Code, Message: fmt.Sprintf("TOKEN_REFRESH of token %#x: %s", m.TokenID, em.Message)})
+		em := wire.ErrorMsg{Code: wire.CodeAuth, Message: []byte("not the session's current token")}
+		s.audit(&wire.Error{Code: em.Code, Message: fmt.Sprintf("TOKEN_REFRESH of token %#x: %s", m.TokenID, em.Message)})
 		return s.send(&em, 0, f.Correlation, 0)
 	}
 	if err := s.Capability().Valid(s.srv.now()); err != nil {
-		return &sypas.Error{Code: sypas.CodeAuth, Message: "TOKEN_REFRESH of a token no longer valid", Err: err}
+		return &wire.Error{Code: wire.CodeAuth, Message: "TOKEN_REFRESH of a token no longer valid", Err: err}
 	}
 	ttl := s.srv.tokenTTL()
 	if req := time.Duration(m.RequestedTTLMs) * time.Millisecond; req > 0 && req < ttl {
@@ -904,9 +904,9 @@ func (s *Session) serveRefresh(f *frame.Frame) error {
 // carry the announced id and expiry. It copies the bytes out of the frame.
 func decodeToken(f *frame.Frame) (*Token, error) {
 	bad := func(format string, args ...any) error {
-		return &sypas.Error{Code: sypas.CodeProto, Message: fmt.Sprintf(format, args...), Err: errBadToken}
+		return &wire.Error{Code: wire.CodeProto, Message: fmt.Sprintf(format, args...), Err: errBadToken}
 	}
-	var m sypas.Token
+	var m wire.Token
 	if err := m.Decode(f.Payload); err != nil {
 		return nil, bad("TOKEN: %v", err)
 	}
@@ -961,7 +961,7 @@ func (s *Session) refreshLoop() {
 			return
 		}
 		corr := s.corr.Add(1)
-		if err := s.send(&sypas.TokenRefresh{TokenID: cur.ID}, 0, corr, 0); err != nil {
+		if err := s.send(&wire.TokenRefresh{TokenID: cur.ID}, 0, corr, 0); err != nil {
 			s.fail(fmt.Errorf("%w: token refresh: %w", ErrPeerGone, err))
 			return
 		}
@@ -973,7 +973,7 @@ func (s *Session) refreshLoop() {
 		case <-s.tokenUp:
 			t.Stop()
 		case <-t.C:
-			s.fail(&sypas.Error{Code: sypas.CodeAuth, Message: "token expired before TOKEN_REFRESH was answered"})
+			s.fail(&wire.Error{Code: wire.CodeAuth, Message: "token expired before TOKEN_REFRESH was answered"})
 			return
 		}
 	}

@@ -13,10 +13,10 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/control/token"
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/ring"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/ring"
+	"github.com/sypas/go/wire"
 )
 
 func testKeys(t *testing.T) *token.Keyring {
@@ -142,12 +142,12 @@ func TestSessionHappyPath(t *testing.T) {
 	assert.Equal(t, StateOperation, k.State())
 	assert.Equal(t, k.Params(), d.Params())
 	p := d.Params()
-	assert.EqualValues(t, sypas.ProtocolVersion, p.Version)
+	assert.EqualValues(t, wire.ProtocolVersion, p.Version)
 	assert.EqualValues(t, 8<<10, p.TxRingSize)
 	assert.EqualValues(t, DefaultRingSize, p.RxRingSize)
 	assert.EqualValues(t, 1000, p.HeartbeatIntervalMs)
 	assert.EqualValues(t, 3, p.HeartbeatMisses)
-	assert.Equal(t, sypas.FeatureTokenRefresh, p.Features)
+	assert.Equal(t, wire.FeatureTokenRefresh, p.Features)
 
 	assert.Equal(t, os.Getpid(), k.Peer().PID)
 	dt, kt := d.Token(), k.Token()
@@ -335,27 +335,27 @@ func TestStateMachineAccepts(t *testing.T) {
 // required feature gets E_PROTO naming it. Both sides report why.
 func TestHandshakeNegotiationFailures(t *testing.T) {
 	ts := startServer(t, "", ServerConfig{SessionConfig: SessionConfig{
-		Features: sypas.FeatureTokenRefresh | sypas.FeatureBulk, RequireFeatures: sypas.FeatureBulk}})
+		Features: wire.FeatureTokenRefresh | wire.FeatureBulk, RequireFeatures: wire.FeatureBulk}})
 
 	// Feature set: the daemon does not offer BULK.
 	_, err := Dial(context.Background(), ts.path, DialConfig{})
 	require.ErrorIs(t, err, ErrHandshake)
-	assert.ErrorIs(t, err, sypas.ErrProto)
+	assert.ErrorIs(t, err, wire.ErrProto)
 	assert.Contains(t, err.Error(), "required features")
 	kerr := ts.acceptErr(t)
-	assert.ErrorIs(t, kerr, sypas.ErrProto)
+	assert.ErrorIs(t, kerr, wire.ErrProto)
 
 	// Version: a raw daemon offering [2, 3].
 	c := rawDial(t, ts.path)
-	writeMsg(t, c, 1, &sypas.Hello{MinVersion: 2, MaxVersion: 3, Features: sypas.FeatureBulk})
+	writeMsg(t, c, 1, &wire.Hello{MinVersion: 2, MaxVersion: 3, Features: wire.FeatureBulk})
 	e := readError(t, c)
-	assert.Equal(t, sypas.CodeVersion, e.Code)
+	assert.Equal(t, wire.CodeVersion, e.Code)
 	assert.Contains(t, e.Message, "[2, 3]")
-	assert.ErrorIs(t, ts.acceptErr(t), sypas.ErrVersion)
+	assert.ErrorIs(t, ts.acceptErr(t), wire.ErrVersion)
 
 	// And a daemon that requires a feature the kernel lacks refuses WELCOME.
 	_, err = Dial(context.Background(), ts.path, DialConfig{SessionConfig: SessionConfig{
-		Features: sypas.FeatureBulk | sypas.FeatureSubscribe, RequireFeatures: sypas.FeatureSubscribe}})
+		Features: wire.FeatureBulk | wire.FeatureSubscribe, RequireFeatures: wire.FeatureSubscribe}})
 	require.ErrorIs(t, err, ErrHandshake)
 	assert.Contains(t, err.Error(), "kernel lacks required features")
 	// The kernel does not wait for a verdict on WELCOME: its handshake may
@@ -370,7 +370,7 @@ func TestHandshakeNegotiationFailures(t *testing.T) {
 		t.Fatal("kernel did not see the daemon give up")
 	}
 	// Its ERROR, or the hang-up if the kernel was still writing.
-	assert.True(t, errors.Is(err, sypas.ErrProto) || errors.Is(err, ErrPeerGone), "kernel sees the daemon give up: %v", err)
+	assert.True(t, errors.Is(err, wire.ErrProto) || errors.Is(err, ErrPeerGone), "kernel sees the daemon give up: %v", err)
 }
 
 func rawDial(t *testing.T, path string) *net.UnixConn {
@@ -382,21 +382,21 @@ func rawDial(t *testing.T, path string) *net.UnixConn {
 	return c
 }
 
-func encodeMsg(t *testing.T, seq uint64, m sypas.Message) []byte {
+func encodeMsg(t *testing.T, seq uint64, m wire.Message) []byte {
 	t.Helper()
-	b, err := sypas.AppendFrame(nil, frame.Header{Sequence: seq}, m)
+	b, err := wire.AppendFrame(nil, frame.Header{Sequence: seq}, m)
 	require.NoError(t, err)
 	return b
 }
 
-func writeMsg(t *testing.T, c net.Conn, seq uint64, m sypas.Message) {
+func writeMsg(t *testing.T, c net.Conn, seq uint64, m wire.Message) {
 	t.Helper()
 	_, err := c.Write(encodeMsg(t, seq, m))
 	require.NoError(t, err)
 }
 
 // readError reads frames until an ERROR, then expects the kernel to hang up.
-func readError(t *testing.T, c net.Conn) *sypas.Error {
+func readError(t *testing.T, c net.Conn) *wire.Error {
 	t.Helper()
 	r := frame.NewReader(c, frame.Config{MaxPayload: frame.HardMaxPayload})
 	for {
@@ -405,7 +405,7 @@ func readError(t *testing.T, c net.Conn) *sypas.Error {
 		if f.Type != frame.TypeError {
 			continue
 		}
-		var m sypas.ErrorMsg
+		var m wire.ErrorMsg
 		require.NoError(t, m.Decode(f.Payload))
 		e := m.Err()
 		_, err = r.ReadFrame()
@@ -419,7 +419,7 @@ func readError(t *testing.T, c net.Conn) *sypas.Error {
 // its Accept reports the violation without a panic or a leak.
 func TestHandshakeHostileDaemon(t *testing.T) {
 	ts := startServer(t, "", ServerConfig{})
-	hello := encodeMsg(t, 1, &sypas.Hello{MinVersion: 1, MaxVersion: 1})
+	hello := encodeMsg(t, 1, &wire.Hello{MinVersion: 1, MaxVersion: 1})
 	badReserved := bytes.Clone(hello)
 	badReserved[frame.HeaderSize+4] = 1 // HELLO reserved bytes
 	oversized := bytes.Clone(hello)
@@ -428,7 +428,7 @@ func TestHandshakeHostileDaemon(t *testing.T) {
 	wrongVersion[4] = 2
 	helloWith := func(h frame.Header) []byte {
 		h.Sequence = 1
-		b, err := sypas.AppendFrame(nil, h, &sypas.Hello{MinVersion: 1, MaxVersion: 1})
+		b, err := wire.AppendFrame(nil, h, &wire.Hello{MinVersion: 1, MaxVersion: 1})
 		require.NoError(t, err)
 		return b
 	}
@@ -436,21 +436,21 @@ func TestHandshakeHostileDaemon(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		send   []byte
-		code   sypas.Code // expected ERROR; 0: just a close
-		target error      // what the kernel's Accept reports
+		code   wire.Code // expected ERROR; 0: just a close
+		target error     // what the kernel's Accept reports
 	}{
-		{"garbage", []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), sypas.CodeProto, frame.ErrBadMagic},
-		{"framing-version", wrongVersion, sypas.CodeVersion, frame.ErrVersion},
-		{"oversized", oversized[:frame.HeaderSize], sypas.CodeTooLarge, frame.ErrTooLarge},
+		{"garbage", []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), wire.CodeProto, frame.ErrBadMagic},
+		{"framing-version", wrongVersion, wire.CodeVersion, frame.ErrVersion},
+		{"oversized", oversized[:frame.HeaderSize], wire.CodeTooLarge, frame.ErrTooLarge},
 		{"truncated-header", hello[:20], 0, ErrPeerGone},
 		{"truncated-payload", hello[:len(hello)-3], 0, ErrPeerGone},
-		{"malformed-hello", badReserved, sypas.CodeProto, sypas.ErrProto},
-		{"heartbeat-first", encodeMsg(t, 1, &sypas.Heartbeat{Nonce: 1}), sypas.CodeProto, sypas.ErrProto},
-		{"regions-first", encodeMsg(t, 1, &sypas.Regions{Entries: []sypas.Region{{Role: 2, Size: 4096}}}), sypas.CodeProto, sypas.ErrProto},
-		{"bad-sequence", encodeMsg(t, 7, &sypas.Hello{MinVersion: 1, MaxVersion: 1}), sypas.CodeProto, sypas.ErrProto},
+		{"malformed-hello", badReserved, wire.CodeProto, wire.ErrProto},
+		{"heartbeat-first", encodeMsg(t, 1, &wire.Heartbeat{Nonce: 1}), wire.CodeProto, wire.ErrProto},
+		{"regions-first", encodeMsg(t, 1, &wire.Regions{Entries: []wire.Region{{Role: 2, Size: 4096}}}), wire.CodeProto, wire.ErrProto},
+		{"bad-sequence", encodeMsg(t, 7, &wire.Hello{MinVersion: 1, MaxVersion: 1}), wire.CodeProto, wire.ErrProto},
 		// cap_ref and correlation are 0 before TOKEN (§6.1).
-		{"hello-cap-ref", helloWith(frame.Header{CapRef: 7}), sypas.CodeProto, sypas.ErrProto},
-		{"hello-correlation", helloWith(frame.Header{Correlation: 3}), sypas.CodeProto, sypas.ErrProto},
+		{"hello-cap-ref", helloWith(frame.Header{CapRef: 7}), wire.CodeProto, wire.ErrProto},
+		{"hello-correlation", helloWith(frame.Header{Correlation: 3}), wire.CodeProto, wire.ErrProto},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := rawDial(t, ts.path)
@@ -474,7 +474,7 @@ func TestHandshakeHostileDaemon(t *testing.T) {
 		f := memfd(t, "x")
 		require.NoError(t, SendFDs(c, hello, f))
 		e := readError(t, c)
-		assert.Equal(t, sypas.CodeProto, e.Code)
+		assert.Equal(t, wire.CodeProto, e.Code)
 		assert.ErrorIs(t, ts.acceptErr(t), ErrFDPassing)
 	})
 	t.Run("silent", func(t *testing.T) {
@@ -496,21 +496,21 @@ func TestOperationHostileFrames(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		mod  func(h *frame.Header)
-		msg  sypas.Message
-		code sypas.Code
+		msg  wire.Message
+		code wire.Code
 		// answered with an ERROR for the request only: the daemon gives
 		// up, the kernel just sees it leave
 		perRequest bool
 	}{
-		{"bad-cap-ref", func(h *frame.Header) { h.CapRef = 12345 }, &sypas.Heartbeat{}, sypas.CodeAuth, false},
-		{"zero-cap-ref", func(h *frame.Header) { h.CapRef = 0 }, &sypas.Heartbeat{}, sypas.CodeAuth, false},
-		{"sequence-gap", func(h *frame.Header) { h.Sequence += 5 }, &sypas.Heartbeat{}, sypas.CodeProto, false},
-		{"stream-1", func(h *frame.Header) { h.StreamID = 1 }, &sypas.Heartbeat{}, sypas.CodeProto, false},
-		{"request-on-socket", nil, &sypas.Request{Method: []byte("m")}, sypas.CodeProto, false},
-		{"hello-again", nil, &sypas.Hello{MinVersion: 1, MaxVersion: 1}, sypas.CodeProto, false},
-		{"refresh-wrong-token", func(h *frame.Header) { h.Correlation = 9 }, &sypas.TokenRefresh{TokenID: 1}, sypas.CodeAuth, true},
-		{"refresh-no-correlation", nil, &sypas.TokenRefresh{TokenID: 1}, sypas.CodeProto, false},
-		{"oversized", nil, &sypas.Response{Body: make([]byte, controlMaxPayload+1)}, sypas.CodeTooLarge, false},
+		{"bad-cap-ref", func(h *frame.Header) { h.CapRef = 12345 }, &wire.Heartbeat{}, wire.CodeAuth, false},
+		{"zero-cap-ref", func(h *frame.Header) { h.CapRef = 0 }, &wire.Heartbeat{}, wire.CodeAuth, false},
+		{"sequence-gap", func(h *frame.Header) { h.Sequence += 5 }, &wire.Heartbeat{}, wire.CodeProto, false},
+		{"stream-1", func(h *frame.Header) { h.StreamID = 1 }, &wire.Heartbeat{}, wire.CodeProto, false},
+		{"request-on-socket", nil, &wire.Request{Method: []byte("m")}, wire.CodeProto, false},
+		{"hello-again", nil, &wire.Hello{MinVersion: 1, MaxVersion: 1}, wire.CodeProto, false},
+		{"refresh-wrong-token", func(h *frame.Header) { h.Correlation = 9 }, &wire.TokenRefresh{TokenID: 1}, wire.CodeAuth, true},
+		{"refresh-no-correlation", nil, &wire.TokenRefresh{TokenID: 1}, wire.CodeProto, false},
+		{"oversized", nil, &wire.Response{Body: make([]byte, controlMaxPayload+1)}, wire.CodeTooLarge, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			base := countFDs(t)
@@ -523,7 +523,7 @@ func TestOperationHostileFrames(t *testing.T) {
 			if tc.mod != nil {
 				tc.mod(&h)
 			}
-			b, err := sypas.AppendFrame(nil, h, tc.msg)
+			b, err := wire.AppendFrame(nil, h, tc.msg)
 			require.NoError(t, err)
 			_, err = d.conn.Write(b)
 			d.wmu.Unlock()
@@ -537,13 +537,13 @@ func TestOperationHostileFrames(t *testing.T) {
 			if tc.perRequest {
 				assert.ErrorIs(t, k.Err(), ErrPeerGone)
 			} else {
-				assert.Equal(t, tc.code, sypas.CodeOf(k.Err()), "kernel: %v", k.Err())
+				assert.Equal(t, tc.code, wire.CodeOf(k.Err()), "kernel: %v", k.Err())
 			}
-			assert.Equal(t, tc.code, sypas.CodeOf(d.Err()), "daemon: %v", d.Err())
+			assert.Equal(t, tc.code, wire.CodeOf(d.Err()), "daemon: %v", d.Err())
 			assert.ErrorIs(t, d.Err(), errPeerSent)
 			var w wake
 			_, w.err = d.Consumer().Next()
-			assert.Equal(t, tc.code, sypas.CodeOf(w.err), "ring waiter gets the reason")
+			assert.Equal(t, tc.code, wire.CodeOf(w.err), "ring waiter gets the reason")
 			d.Close()
 			k.Close()
 			assert.Equal(t, base, countFDs(t))
@@ -572,7 +572,7 @@ func TestSessionConfigDefaultsAndValidation(t *testing.T) {
 	assert.Equal(t, time.Second, c.HeartbeatInterval)
 	assert.Equal(t, 3, c.HeartbeatMisses)
 	assert.Equal(t, 5*time.Second, c.DrainTimeout)
-	assert.Equal(t, sypas.FeatureTokenRefresh, c.Features)
+	assert.Equal(t, wire.FeatureTokenRefresh, c.Features)
 	assert.EqualValues(t, 16<<20, c.MaxRingSize)
 	assert.EqualValues(t, frame.DefaultMaxPayload, c.MaxPayload)
 	require.NoError(t, c.validate("DialConfig"))
@@ -586,8 +586,8 @@ func TestSessionConfigDefaultsAndValidation(t *testing.T) {
 		{SessionConfig{MaxPayload: frame.HardMaxPayload + 1}, "DialConfig.MaxPayload"},
 		{SessionConfig{HeartbeatMisses: 1 << 16}, "DialConfig.HeartbeatMisses"},
 		{SessionConfig{HeartbeatInterval: 2 * time.Hour}, "DialConfig.HeartbeatInterval"},
-		{SessionConfig{Name: string(make([]byte, sypas.MaxNameLen+1))}, "DialConfig.Name"},
-		{SessionConfig{Features: sypas.FeatureBulk, RequireFeatures: sypas.FeatureSubscribe}, "DialConfig.RequireFeatures"},
+		{SessionConfig{Name: string(make([]byte, wire.MaxNameLen+1))}, "DialConfig.Name"},
+		{SessionConfig{Features: wire.FeatureBulk, RequireFeatures: wire.FeatureSubscribe}, "DialConfig.RequireFeatures"},
 		{SessionConfig{TxRingSize: 1 << 20, MaxRingSize: 64 << 10}, "DialConfig.TxRingSize"},
 		// Negative values used to become the defaults silently.
 		{SessionConfig{HeartbeatInterval: -time.Second}, "DialConfig.HeartbeatInterval"},
@@ -693,9 +693,9 @@ func TestRefreshAnswerTakenOnce(t *testing.T) {
 	require.Eventually(t, func() bool { return d.Token().ID != first.ID }, 5*time.Second, 5*time.Millisecond)
 	answered := d.corr.Load()
 	tok := d.Token()
-	p, err := (&sypas.Token{TokenID: tok.ID, ExpiryUnix: tok.Expiry.UnixNano(), Token: tok.Bytes}).Append(nil)
+	p, err := (&wire.Token{TokenID: tok.ID, ExpiryUnix: tok.Expiry.UnixNano(), Token: tok.Bytes}).Append(nil)
 	require.NoError(t, err)
 	f := &frame.Frame{Header: frame.Header{Type: frame.TypeToken, Correlation: answered}, Payload: p}
 	err = d.takeRefreshed(f)
-	assert.ErrorIs(t, err, sypas.ErrProto, "a second answer to refresh %d", answered)
+	assert.ErrorIs(t, err, wire.ErrProto, "a second answer to refresh %d", answered)
 }

@@ -7,9 +7,9 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/control/token"
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
 )
 
 // Feature bit 0 (CHECKSUM) is reserved (docs/PROTOCOL.md §2.4, §3.10): no
@@ -17,8 +17,8 @@ import (
 // to a daemon that offers every bit.
 func TestChecksumFeatureNeverGranted(t *testing.T) {
 	for _, cfg := range []SessionConfig{
-		{Features: sypas.FeatureChecksum | sypas.FeatureTokenRefresh},
-		{Features: sypas.FeatureChecksum, RequireFeatures: sypas.FeatureChecksum},
+		{Features: wire.FeatureChecksum | wire.FeatureTokenRefresh},
+		{Features: wire.FeatureChecksum, RequireFeatures: wire.FeatureChecksum},
 	} {
 		_, err := NewServer(listenFor(t, sockPath(t), nil), ServerConfig{Keys: testKeys(t), SessionConfig: cfg})
 		assert.ErrorContains(t, err, "CHECKSUM", "kernel %+v", cfg)
@@ -27,19 +27,19 @@ func TestChecksumFeatureNeverGranted(t *testing.T) {
 	}
 
 	ts := startServer(t, "", ServerConfig{SessionConfig: SessionConfig{
-		Features: sypas.FeatureBulk | sypas.FeatureSubscribe | sypas.FeatureTokenRefresh}})
+		Features: wire.FeatureBulk | wire.FeatureSubscribe | wire.FeatureTokenRefresh}})
 	c := rawDial(t, ts.path)
-	writeMsg(t, c, 1, &sypas.Hello{MinVersion: 1, MaxVersion: 1, Features: ^uint64(0)})
+	writeMsg(t, c, 1, &wire.Hello{MinVersion: 1, MaxVersion: 1, Features: ^uint64(0)})
 	f, err := frame.NewReader(c, frame.Config{MaxPayload: controlMaxPayload}).ReadFrame()
 	require.NoError(t, err)
-	var w sypas.Welcome
-	require.NoError(t, sypas.DecodeFrame(f, &w))
-	assert.Equal(t, sypas.FeatureBulk|sypas.FeatureSubscribe|sypas.FeatureTokenRefresh, w.Features)
+	var w wire.Welcome
+	require.NoError(t, wire.DecodeFrame(f, &w))
+	assert.Equal(t, wire.FeatureBulk|wire.FeatureSubscribe|wire.FeatureTokenRefresh, w.Features)
 }
 
 // One token size limit (docs/PROTOCOL.md §3.12, §6.6, §7.1): what the TOKEN
 // codec accepts is what a token may be.
 func TestTokenSizeLimitIsOne(t *testing.T) {
-	assert.Equal(t, token.MaxTokenSize, sypas.MaxTokenLen)
-	assert.GreaterOrEqual(t, controlMaxPayload, (&sypas.Token{Token: make([]byte, sypas.MaxTokenLen)}).Len())
+	assert.Equal(t, token.MaxTokenSize, wire.MaxTokenLen)
+	assert.GreaterOrEqual(t, controlMaxPayload, (&wire.Token{Token: make([]byte, wire.MaxTokenLen)}).Len())
 }

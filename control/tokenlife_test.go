@@ -14,25 +14,25 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/control/token"
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
 )
 
 // sendRaw writes m from the daemon session d as the next frame, with the
 // session's cap_ref and correlation corr, as if d had sent it itself.
-func sendRaw(t *testing.T, d *Session, m sypas.Message, corr uint64) {
+func sendRaw(t *testing.T, d *Session, m wire.Message, corr uint64) {
 	t.Helper()
 	require.NoError(t, trySendRaw(d, m, corr))
 }
 
 // trySendRaw writes m on d's control socket as d would, bypassing its state
 // checks, and reports the write error.
-func trySendRaw(d *Session, m sypas.Message, corr uint64) error {
+func trySendRaw(d *Session, m wire.Message, corr uint64) error {
 	d.wmu.Lock()
 	defer d.wmu.Unlock()
 	d.wseq++
-	b, err := sypas.AppendFrame(nil, frame.Header{Sequence: d.wseq, CapRef: d.capRef(), Correlation: corr}, m)
+	b, err := wire.AppendFrame(nil, frame.Header{Sequence: d.wseq, CapRef: d.capRef(), Correlation: corr}, m)
 	if err != nil {
 		return err
 	}
@@ -50,7 +50,7 @@ func waitDone(t *testing.T, s *Session, what string) {
 }
 
 // Revoking a session's token ends the session: the kernel's and the
-// daemon's ring waiters are woken with an error matching sypas.ErrAuth
+// daemon's ring waiters are woken with an error matching wire.ErrAuth
 // within milliseconds, the daemon gets GOAWAY E_AUTH, the capability
 // refuses at once, and the kernel writes one audit record. Before, the
 // session kept its socket and rings until its next refresh or its expiry
@@ -84,13 +84,13 @@ func TestSessionTokenRevoked(t *testing.T) {
 			}
 		}
 		lats = append(lats, kw.at.Sub(revoked), dw.at.Sub(revoked))
-		assert.ErrorIs(t, kw.err, sypas.ErrAuth, "kernel ring waiter: %v", kw.err)
-		assert.ErrorIs(t, dw.err, sypas.ErrAuth, "daemon ring waiter: %v", dw.err)
+		assert.ErrorIs(t, kw.err, wire.ErrAuth, "kernel ring waiter: %v", kw.err)
+		assert.ErrorIs(t, dw.err, wire.ErrAuth, "daemon ring waiter: %v", dw.err)
 		waitDone(t, k, "kernel")
 		waitDone(t, d, "daemon")
-		assert.ErrorIs(t, k.Err(), sypas.ErrAuth)
+		assert.ErrorIs(t, k.Err(), wire.ErrAuth)
 		assert.ErrorIs(t, k.Err(), token.ErrRevoked)
-		assert.ErrorIs(t, d.Err(), sypas.ErrAuth, "daemon: %v", d.Err())
+		assert.ErrorIs(t, d.Err(), wire.ErrAuth, "daemon: %v", d.Err())
 		assert.ErrorIs(t, d.Err(), errPeerSent, "told by GOAWAY")
 		assert.ErrorContains(t, d.Err(), "GOAWAY")
 		assert.ErrorContains(t, d.Err(), "revoked")
@@ -115,7 +115,7 @@ func TestSessionTokenRevoked(t *testing.T) {
 // heartbeat is answered.
 func assertAlive(t *testing.T, d *Session) {
 	t.Helper()
-	sendRaw(t, d, &sypas.Heartbeat{Nonce: 42}, 0)
+	sendRaw(t, d, &wire.Heartbeat{Nonce: 42}, 0)
 	time.Sleep(10 * time.Millisecond)
 	assert.NoError(t, d.Err())
 }
@@ -129,7 +129,7 @@ func TestPreviousTokenRevoked(t *testing.T) {
 	d := dialT(t, ts.path, DialConfig{})
 	k := ts.session(t)
 	first := k.Capability()
-	sendRaw(t, d, &sypas.TokenRefresh{TokenID: d.Token().ID}, d.corr.Add(1))
+	sendRaw(t, d, &wire.TokenRefresh{TokenID: d.Token().ID}, d.corr.Add(1))
 	select {
 	case <-d.tokenUp:
 	case <-time.After(5 * time.Second):
@@ -147,7 +147,7 @@ func TestPreviousTokenRevoked(t *testing.T) {
 	waitDone(t, d, "daemon")
 	assert.ErrorIs(t, k.Err(), token.ErrRevoked)
 	assert.ErrorContains(t, k.Err(), fmt.Sprintf("%#x", first.ID))
-	assert.ErrorIs(t, d.Err(), sypas.ErrAuth)
+	assert.ErrorIs(t, d.Err(), wire.ErrAuth)
 	require.NoError(t, k.Close())
 	require.NoError(t, d.Close())
 	assert.Zero(t, rev.Watching(), "an ended session stops watching")
@@ -164,15 +164,15 @@ func TestRefreshOfExpiredTokenRefused(t *testing.T) {
 	// The kernel's expiry check may see the skewed clock first and end the
 	// session with the same E_AUTH before the refresh is written; then the
 	// write finds the connection closed, and the assertions below still hold.
-	if err := trySendRaw(d, &sypas.TokenRefresh{TokenID: d.Token().ID}, d.corr.Add(1)); err != nil {
+	if err := trySendRaw(d, &wire.TokenRefresh{TokenID: d.Token().ID}, d.corr.Add(1)); err != nil {
 		closed := errors.Is(err, net.ErrClosed) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNRESET)
 		require.True(t, closed, "send refresh: %v", err)
 	}
 	waitDone(t, k, "kernel")
 	waitDone(t, d, "daemon")
-	assert.Equal(t, sypas.CodeAuth, sypas.CodeOf(k.Err()), "kernel: %v", k.Err())
+	assert.Equal(t, wire.CodeAuth, wire.CodeOf(k.Err()), "kernel: %v", k.Err())
 	assert.ErrorIs(t, k.Err(), token.ErrExpired)
-	assert.Equal(t, sypas.CodeAuth, sypas.CodeOf(d.Err()), "daemon: %v", d.Err())
+	assert.Equal(t, wire.CodeAuth, wire.CodeOf(d.Err()), "daemon: %v", d.Err())
 }
 
 // Without TOKEN_REFRESH a session used to outlive its token forever. Now
@@ -194,15 +194,15 @@ func TestSessionEndsAtTokenExpiry(t *testing.T) {
 			clock := func() time.Time { return time.Now().Add(tc.skew) }
 			ts := startServer(t, "", ServerConfig{Clock: clock, TokenTTL: ttl})
 			start := time.Now()
-			d := dialT(t, ts.path, DialConfig{SessionConfig: SessionConfig{Features: sypas.FeatureBulk}})
+			d := dialT(t, ts.path, DialConfig{SessionConfig: SessionConfig{Features: wire.FeatureBulk}})
 			k := ts.session(t)
-			require.Zero(t, d.Params().Features&sypas.FeatureTokenRefresh)
+			require.Zero(t, d.Params().Features&wire.FeatureTokenRefresh)
 			waitDone(t, k, "kernel")
 			waitDone(t, d, "daemon")
 			el := time.Since(start)
 			t.Logf("ended after %v: kernel %v; daemon %v", el, k.Err(), d.Err())
-			assert.Equal(t, sypas.CodeAuth, sypas.CodeOf(k.Err()), "kernel: %v", k.Err())
-			assert.Equal(t, sypas.CodeAuth, sypas.CodeOf(d.Err()), "daemon: %v", d.Err())
+			assert.Equal(t, wire.CodeAuth, wire.CodeOf(k.Err()), "kernel: %v", k.Err())
+			assert.Equal(t, wire.CodeAuth, wire.CodeOf(d.Err()), "daemon: %v", d.Err())
 			first, second := k, d
 			if !tc.kernel {
 				first, second = d, k
@@ -225,7 +225,7 @@ func TestRefreshWhileDraining(t *testing.T) {
 	require.NoError(t, k.sendGoAway())
 	require.Equal(t, StateDraining, k.State())
 	old := d.Token().ID
-	sendRaw(t, d, &sypas.TokenRefresh{TokenID: old}, d.corr.Add(1))
+	sendRaw(t, d, &wire.TokenRefresh{TokenID: old}, d.corr.Add(1))
 	require.Eventually(t, func() bool { return d.Token().ID != old || d.Err() != nil }, 5*time.Second, time.Millisecond)
 	require.NoError(t, d.Err())
 	require.NoError(t, k.Err())

@@ -9,9 +9,9 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/control/token"
-	"github.com/sypas/sypas/futex"
-	"github.com/sypas/sypas/internal/closetest"
+	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/futex"
+	"github.com/sypas/go/internal/closetest"
 )
 
 // closePeerHelper plays the far side of the cross-process close test in

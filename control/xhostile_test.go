@@ -14,8 +14,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
 )
 
 // The hostile-peer tables again, across real processes: the test binary
@@ -28,15 +28,15 @@ import (
 // parent's Accept expects target.
 type hostileDaemonCase struct {
 	send    []byte
-	fds     bool       // attach a memfd to send
-	require uint64     // the kernel's RequireFeatures
-	code    sypas.Code // the ERROR the child expects; 0: a hang-up only
-	msg     string     // in the ERROR's message
-	target  error      // what the parent's Accept reports
+	fds     bool      // attach a memfd to send
+	require uint64    // the kernel's RequireFeatures
+	code    wire.Code // the ERROR the child expects; 0: a hang-up only
+	msg     string    // in the ERROR's message
+	target  error     // what the parent's Accept reports
 }
 
 func hostileDaemonCases(t *testing.T) map[string]hostileDaemonCase {
-	hello := encodeMsg(t, 1, &sypas.Hello{MinVersion: 1, MaxVersion: 1})
+	hello := encodeMsg(t, 1, &wire.Hello{MinVersion: 1, MaxVersion: 1})
 	badMagic := bytes.Clone(hello)
 	badMagic[0] ^= 0xFF
 	wrongFraming := bytes.Clone(hello)
@@ -46,15 +46,15 @@ func hostileDaemonCases(t *testing.T) map[string]hostileDaemonCase {
 	malformed := bytes.Clone(hello)
 	malformed[frame.HeaderSize+4] = 1 // HELLO reserved bytes
 	return map[string]hostileDaemonCase{
-		"bad-magic":         {send: badMagic, code: sypas.CodeProto, target: frame.ErrBadMagic},
-		"framing-version":   {send: wrongFraming, code: sypas.CodeVersion, target: frame.ErrVersion},
-		"protocol-version":  {send: encodeMsg(t, 1, &sypas.Hello{MinVersion: 2, MaxVersion: 3}), code: sypas.CodeVersion, msg: "[2, 3]", target: sypas.ErrVersion},
-		"missing-feature":   {send: hello, require: sypas.FeatureBulk, code: sypas.CodeProto, msg: "required features", target: sypas.ErrProto},
+		"bad-magic":         {send: badMagic, code: wire.CodeProto, target: frame.ErrBadMagic},
+		"framing-version":   {send: wrongFraming, code: wire.CodeVersion, target: frame.ErrVersion},
+		"protocol-version":  {send: encodeMsg(t, 1, &wire.Hello{MinVersion: 2, MaxVersion: 3}), code: wire.CodeVersion, msg: "[2, 3]", target: wire.ErrVersion},
+		"missing-feature":   {send: hello, require: wire.FeatureBulk, code: wire.CodeProto, msg: "required features", target: wire.ErrProto},
 		"truncated-header":  {send: hello[:20], target: ErrPeerGone},
 		"truncated-payload": {send: hello[:len(hello)-3], target: ErrPeerGone},
-		"oversized":         {send: oversized[:frame.HeaderSize], code: sypas.CodeTooLarge, target: frame.ErrTooLarge},
-		"malformed-hello":   {send: malformed, code: sypas.CodeProto, target: sypas.ErrProto},
-		"fds-with-hello":    {send: hello, fds: true, code: sypas.CodeProto, target: ErrFDPassing},
+		"oversized":         {send: oversized[:frame.HeaderSize], code: wire.CodeTooLarge, target: frame.ErrTooLarge},
+		"malformed-hello":   {send: malformed, code: wire.CodeProto, target: wire.ErrProto},
+		"fds-with-hello":    {send: hello, fds: true, code: wire.CodeProto, target: ErrFDPassing},
 	}
 }
 
@@ -102,7 +102,7 @@ func hostileHelper(t *testing.T, mode, sock string) int {
 			fmt.Fprintln(os.Stderr, "Dial succeeded against a kernel sending", name)
 			return 1
 		}
-		if !assert.ErrorIs(t, err, ErrHandshake) || !assert.ErrorIs(t, err, sypas.ErrProto) {
+		if !assert.ErrorIs(t, err, ErrHandshake) || !assert.ErrorIs(t, err, wire.ErrProto) {
 			return 1
 		}
 		if n := countFDs(t); n != base {
@@ -137,7 +137,7 @@ func TestCrossProcessHostileDaemon(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			var cfg ServerConfig
 			if tc.require != 0 {
-				cfg.Features, cfg.RequireFeatures = sypas.FeatureTokenRefresh|tc.require, tc.require
+				cfg.Features, cfg.RequireFeatures = wire.FeatureTokenRefresh|tc.require, tc.require
 			}
 			ts := startServer(t, "", cfg)
 			base := countFDs(t)
@@ -146,7 +146,7 @@ func TestCrossProcessHostileDaemon(t *testing.T) {
 			assert.ErrorIs(t, err, ErrHandshake)
 			assert.ErrorIs(t, err, tc.target)
 			if tc.code != 0 {
-				assert.Equal(t, tc.code, sypas.CodeOf(err), "kernel: %v", err)
+				assert.Equal(t, tc.code, wire.CodeOf(err), "kernel: %v", err)
 			}
 			assert.Contains(t, waitHelper(t, cmd), "OK")
 			assert.Equal(t, base, countFDs(t), "kernel fds leaked")

@@ -18,8 +18,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
 )
 
 // misbehave plays a daemon that tries every way this package knows to
@@ -37,8 +37,8 @@ func misbehave(sock string) int {
 	)
 	want := []string{"MaxHandshakesPerUID", "MaxSessionsPerUID", "MaxRefreshes", "MaxControlFrames"}
 	refused := func(err error) {
-		var e *sypas.Error
-		if !errors.As(err, &e) || e.Code != sypas.CodeResource {
+		var e *wire.Error
+		if !errors.As(err, &e) || e.Code != wire.CodeResource {
 			return
 		}
 		mu.Lock()
@@ -66,7 +66,7 @@ func misbehave(sock string) int {
 		defer c.Close()
 		r := frame.NewReader(c, frame.Config{})
 		if f, err := r.ReadFrame(); err == nil && f.Type == frame.TypeError {
-			var m sypas.ErrorMsg
+			var m wire.ErrorMsg
 			if m.Decode(f.Payload) == nil {
 				refused(m.Err())
 			}
@@ -93,14 +93,14 @@ func misbehave(sock string) int {
 			idle++
 		case i%3 == 2:
 			go func() {
-				for n := uint64(0); trySendRaw(s, &sypas.Heartbeat{Nonce: n}, 0) == nil; n++ {
+				for n := uint64(0); trySendRaw(s, &wire.Heartbeat{Nonce: n}, 0) == nil; n++ {
 				}
 				<-s.Done()
 				refused(s.Err())
 			}()
 		default:
 			go func() {
-				for s.Err() == nil && trySendRaw(s, &sypas.TokenRefresh{TokenID: s.Token().ID}, s.corr.Add(1)) == nil {
+				for s.Err() == nil && trySendRaw(s, &wire.TokenRefresh{TokenID: s.Token().ID}, s.corr.Add(1)) == nil {
 					select {
 					case <-s.tokenUp:
 					case <-s.Done():

@@ -17,9 +17,9 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/control/token"
-	"github.com/sypas/sypas/ring"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/ring"
+	"github.com/sypas/go/wire"
 )
 
 // sessionHelper plays a session peer in another process (TestHelperProcess,
@@ -438,7 +438,7 @@ func TestClientReconnectInProcess(t *testing.T) {
 	_, err = s2.Producer().Write([]byte("again"))
 	require.NoError(t, err)
 	assert.Equal(t, "again", readRecord(t, k2.Consumer()))
-	var se *sypas.Error
+	var se *wire.Error
 	assert.False(t, errors.As(s2.Err(), &se))
 }
 

@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"io"
 
-	"github.com/sypas/sypas/frame"
+	"github.com/sypas/go/frame"
 )
 
 func Example() {

@@ -7,7 +7,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/sypas/sypas/futex"
+	"github.com/sypas/go/futex"
 )
 
 // A consumer waits for items that a producer counts up. Here both are

@@ -13,7 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
-	"github.com/sypas/sypas/internal/shm"
+	"github.com/sypas/go/internal/shm"
 )
 
 // TestWaiterWakeFlood: a peer that clears a parked Waiter's sleep word and

@@ -16,7 +16,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/internal/shm"
+	"github.com/sypas/go/internal/shm"
 )
 
 // Layout of the page shared by TestStressCrossProcess and its helper: one

@@ -12,7 +12,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/internal/affinity"
+	"github.com/sypas/go/internal/affinity"
 )
 
 var policies = []struct {

@@ -14,10 +14,10 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/control"
-	"github.com/sypas/sypas/control/token"
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/control"
+	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
 )
 
 // FuzzTokenParse: token.Parse never panics and fails only with ErrMalformed
@@ -72,26 +72,26 @@ func FuzzTokenParse(f *testing.F) {
 // never succeed), and leaks no descriptor.
 func FuzzDialHandshake(f *testing.F) {
 	seq := uint64(0)
-	enc := func(ms ...sypas.Message) []byte {
+	enc := func(ms ...wire.Message) []byte {
 		var b []byte
 		for _, m := range ms {
 			seq++
 			var err error
-			b, err = sypas.AppendFrame(b, frame.Header{Sequence: seq}, m)
+			b, err = wire.AppendFrame(b, frame.Header{Sequence: seq}, m)
 			require.NoError(f, err)
 		}
 		seq = 0
 		return b
 	}
-	welcome := &sypas.Welcome{Version: 1, HeartbeatMisses: 3, HeartbeatIntervalMs: 1000, Features: sypas.FeatureTokenRefresh,
+	welcome := &wire.Welcome{Version: 1, HeartbeatMisses: 3, HeartbeatIntervalMs: 1000, Features: wire.FeatureTokenRefresh,
 		SessionID: 5, TxRingSize: 4096, RxRingSize: 4096, MaxPayload: 1024, MaxInFlight: 8}
-	regions := &sypas.Regions{Entries: []sypas.Region{{Role: sypas.RoleRingTx, ID: 1, Size: 8192}, {Role: sypas.RoleRingRx, ID: 2, Size: 8192}}}
-	tok := &sypas.Token{TokenID: 7, ExpiryUnix: 1, Token: bytes.Repeat([]byte{1}, token.MinTokenSize)}
+	regions := &wire.Regions{Entries: []wire.Region{{Role: wire.RoleRingTx, ID: 1, Size: 8192}, {Role: wire.RoleRingRx, ID: 2, Size: 8192}}}
+	tok := &wire.Token{TokenID: 7, ExpiryUnix: 1, Token: bytes.Repeat([]byte{1}, token.MinTokenSize)}
 	f.Add(enc(welcome))
 	f.Add(enc(welcome, regions, tok))
 	f.Add(enc(welcome, tok))
-	f.Add(enc(&sypas.ErrorMsg{Code: sypas.CodeVersion, Message: []byte("no")}))
-	f.Add(enc(&sypas.Heartbeat{Nonce: 1}))
+	f.Add(enc(&wire.ErrorMsg{Code: wire.CodeVersion, Message: []byte("no")}))
+	f.Add(enc(&wire.Heartbeat{Nonce: 1}))
 	f.Add([]byte("SYPS"))
 
 	path := filepath.Join(f.TempDir(), "k.sock")
@@ -171,17 +171,17 @@ func fuzzServer(f *testing.F) (*control.Server, string) {
 }
 
 func FuzzServerHandshake(f *testing.F) {
-	hello := func(h sypas.Hello, seq uint64) []byte {
-		b, err := sypas.AppendFrame(nil, frame.Header{Sequence: seq}, &h)
+	hello := func(h wire.Hello, seq uint64) []byte {
+		b, err := wire.AppendFrame(nil, frame.Header{Sequence: seq}, &h)
 		require.NoError(f, err)
 		return b
 	}
-	f.Add(hello(sypas.Hello{MinVersion: 1, MaxVersion: 1, Features: sypas.FeatureTokenRefresh, Name: []byte("d")}, 1))
-	f.Add(hello(sypas.Hello{MinVersion: 1, MaxVersion: 3, TxRingSize: 4096, RxRingSize: 1 << 30, MaxPayload: 1}, 1))
-	f.Add(hello(sypas.Hello{MinVersion: 2, MaxVersion: 9}, 1))
-	f.Add(hello(sypas.Hello{MinVersion: 1, MaxVersion: 1}, 2))
+	f.Add(hello(wire.Hello{MinVersion: 1, MaxVersion: 1, Features: wire.FeatureTokenRefresh, Name: []byte("d")}, 1))
+	f.Add(hello(wire.Hello{MinVersion: 1, MaxVersion: 3, TxRingSize: 4096, RxRingSize: 1 << 30, MaxPayload: 1}, 1))
+	f.Add(hello(wire.Hello{MinVersion: 2, MaxVersion: 9}, 1))
+	f.Add(hello(wire.Hello{MinVersion: 1, MaxVersion: 1}, 2))
 	f.Add([]byte("GET / HTTP/1.1\r\n\r\n"))
-	f.Add(append(hello(sypas.Hello{MinVersion: 1, MaxVersion: 1}, 1), "0000"...))
+	f.Add(append(hello(wire.Hello{MinVersion: 1, MaxVersion: 1}, 1), "0000"...))
 	f.Add([]byte{})
 
 	srv, path := fuzzServer(f)
@@ -209,7 +209,7 @@ func FuzzServerHandshake(f *testing.F) {
 		s, err := srv.Accept(ctx)
 		if err == nil {
 			<-s.Done() // the daemon hung up, or sent garbage after HELLO
-			var pe *sypas.Error
+			var pe *wire.Error
 			if !errors.Is(s.Err(), control.ErrPeerGone) {
 				require.ErrorAs(t, s.Err(), &pe)
 			}
@@ -225,9 +225,9 @@ func FuzzServerHandshake(f *testing.F) {
 				break
 			}
 			require.NoError(t, err, "the kernel wrote a bad frame")
-			m := sypas.NewMessage(fr.Type)
+			m := wire.NewMessage(fr.Type)
 			require.NotNil(t, m)
-			require.NoError(t, sypas.DecodeFrame(fr, m), "the kernel wrote a bad %v payload", fr.Type)
+			require.NoError(t, wire.DecodeFrame(fr, m), "the kernel wrote a bad %v payload", fr.Type)
 		}
 		// ≤, not =: in -fuzz mode the count at the start of an iteration
 		// was seen to include a few descriptors closed during it (not
@@ -242,7 +242,7 @@ func FuzzServerHandshake(f *testing.F) {
 // descriptor-bearing byte never succeeds, nothing panics or hangs, and every
 // descriptor is closed whatever happens.
 func FuzzServerHandshakeFDs(f *testing.F) {
-	hello, err := sypas.AppendFrame(nil, frame.Header{Sequence: 1}, &sypas.Hello{MinVersion: 1, MaxVersion: 1, Name: []byte("d")})
+	hello, err := wire.AppendFrame(nil, frame.Header{Sequence: 1}, &wire.Hello{MinVersion: 1, MaxVersion: 1, Name: []byte("d")})
 	require.NoError(f, err)
 	f.Add(hello, uint16(0), uint8(1))
 	f.Add(hello, uint16(len(hello)-1), uint8(16))

@@ -10,8 +10,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -87,10 +87,10 @@ func FuzzFrameDecode(f *testing.F) {
 
 		// The payload decoder of the type never panics, and fails only
 		// with ErrMalformed.
-		m := sypas.NewMessage(fr.Type)
+		m := wire.NewMessage(fr.Type)
 		require.NotNil(t, m)
-		if err := sypas.DecodeFrame(&fr, m); err != nil {
-			require.ErrorIs(t, err, sypas.ErrMalformed)
+		if err := wire.DecodeFrame(&fr, m); err != nil {
+			require.ErrorIs(t, err, wire.ErrMalformed)
 		}
 	})
 }

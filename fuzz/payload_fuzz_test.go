@@ -6,8 +6,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
 )
 
 // fuzzPayload is the body of every payload target: decoding never panics
@@ -16,7 +16,7 @@ import (
 // and decodes again to an equal struct.
 func fuzzPayload[M any, PM interface {
 	*M
-	sypas.Message
+	wire.Message
 }](f *testing.F, typ frame.Type) {
 	for _, in := range targets(f)[payloadTarget(typ)] {
 		f.Add(in...)
@@ -26,7 +26,7 @@ func fuzzPayload[M any, PM interface {
 		pm1 := PM(&m1)
 		require.Equal(t, typ, pm1.Type())
 		if err := pm1.Decode(p); err != nil {
-			require.ErrorIs(t, err, sypas.ErrMalformed)
+			require.ErrorIs(t, err, wire.ErrMalformed)
 			return
 		}
 		enc, err := pm1.Append(nil)
@@ -43,34 +43,34 @@ func fuzzPayload[M any, PM interface {
 		require.Equal(t, m1, m2)
 
 		// And inside a frame.
-		b, err := sypas.AppendFrame(nil, frame.Header{Flags: frame.FlagChecksum}, pm1)
+		b, err := wire.AppendFrame(nil, frame.Header{Flags: frame.FlagChecksum}, pm1)
 		require.NoError(t, err)
 		var fr frame.Frame
 		_, err = fr.Decode(b, frame.Config{MaxPayload: frame.HardMaxPayload})
 		require.NoError(t, err)
 		var m3 M
-		require.NoError(t, sypas.DecodeFrame(&fr, PM(&m3)))
+		require.NoError(t, wire.DecodeFrame(&fr, PM(&m3)))
 		require.Equal(t, m1, m3)
 	})
 }
 
-func FuzzDecodeRequest(f *testing.F)  { fuzzPayload[sypas.Request](f, frame.TypeRequest) }
-func FuzzDecodeResponse(f *testing.F) { fuzzPayload[sypas.Response](f, frame.TypeResponse) }
-func FuzzDecodeEvent(f *testing.F)    { fuzzPayload[sypas.Event](f, frame.TypeEvent) }
+func FuzzDecodeRequest(f *testing.F)  { fuzzPayload[wire.Request](f, frame.TypeRequest) }
+func FuzzDecodeResponse(f *testing.F) { fuzzPayload[wire.Response](f, frame.TypeResponse) }
+func FuzzDecodeEvent(f *testing.F)    { fuzzPayload[wire.Event](f, frame.TypeEvent) }
 func FuzzDecodeSubscribe(f *testing.F) {
-	fuzzPayload[sypas.Subscribe](f, frame.TypeSubscribe)
+	fuzzPayload[wire.Subscribe](f, frame.TypeSubscribe)
 }
 func FuzzDecodeUnsubscribe(f *testing.F) {
-	fuzzPayload[sypas.Unsubscribe](f, frame.TypeUnsubscribe)
+	fuzzPayload[wire.Unsubscribe](f, frame.TypeUnsubscribe)
 }
-func FuzzDecodeErrorMsg(f *testing.F)  { fuzzPayload[sypas.ErrorMsg](f, frame.TypeError) }
-func FuzzDecodeHeartbeat(f *testing.F) { fuzzPayload[sypas.Heartbeat](f, frame.TypeHeartbeat) }
-func FuzzDecodeBulk(f *testing.F)      { fuzzPayload[sypas.Bulk](f, frame.TypeBulk) }
-func FuzzDecodeGoAway(f *testing.F)    { fuzzPayload[sypas.GoAway](f, frame.TypeGoAway) }
-func FuzzDecodeHello(f *testing.F)     { fuzzPayload[sypas.Hello](f, frame.TypeHello) }
-func FuzzDecodeWelcome(f *testing.F)   { fuzzPayload[sypas.Welcome](f, frame.TypeWelcome) }
-func FuzzDecodeToken(f *testing.F)     { fuzzPayload[sypas.Token](f, frame.TypeToken) }
+func FuzzDecodeErrorMsg(f *testing.F)  { fuzzPayload[wire.ErrorMsg](f, frame.TypeError) }
+func FuzzDecodeHeartbeat(f *testing.F) { fuzzPayload[wire.Heartbeat](f, frame.TypeHeartbeat) }
+func FuzzDecodeBulk(f *testing.F)      { fuzzPayload[wire.Bulk](f, frame.TypeBulk) }
+func FuzzDecodeGoAway(f *testing.F)    { fuzzPayload[wire.GoAway](f, frame.TypeGoAway) }
+func FuzzDecodeHello(f *testing.F)     { fuzzPayload[wire.Hello](f, frame.TypeHello) }
+func FuzzDecodeWelcome(f *testing.F)   { fuzzPayload[wire.Welcome](f, frame.TypeWelcome) }
+func FuzzDecodeToken(f *testing.F)     { fuzzPayload[wire.Token](f, frame.TypeToken) }
 func FuzzDecodeTokenRefresh(f *testing.F) {
-	fuzzPayload[sypas.TokenRefresh](f, frame.TypeTokenRefresh)
+	fuzzPayload[wire.TokenRefresh](f, frame.TypeTokenRefresh)
 }
-func FuzzDecodeRegions(f *testing.F) { fuzzPayload[sypas.Regions](f, frame.TypeRegions) }
+func FuzzDecodeRegions(f *testing.F) { fuzzPayload[wire.Regions](f, frame.TypeRegions) }

@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sypas/sypas/futex"
-	"github.com/sypas/sypas/ring"
+	"github.com/sypas/go/futex"
+	"github.com/sypas/go/ring"
 )
 
 // A hostile producer controls every byte of the region the consumer maps.

@@ -12,8 +12,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
 )
 
 var genCorpus = flag.Bool("gen-corpus", false, "rewrite the seed files under testdata/fuzz")
@@ -22,44 +22,44 @@ var genCorpus = flag.Bool("gen-corpus", false, "rewrite the seed files under tes
 // minimal one and one with extreme values. Seeds are kept small (no
 // maximum-length fields): the fuzzer minimises every new interesting input,
 // and that takes minutes on inputs of several KiB.
-func sampleMessages() []sypas.Message {
+func sampleMessages() []wire.Message {
 	name := bytes.Repeat([]byte("n"), 40)
-	return []sypas.Message{
-		&sypas.Request{Timeout: 250_000_000, Method: []byte("kv.get"), Body: []byte(`{"key":"a"}`)},
-		&sypas.Request{Method: []byte("m")},
-		&sypas.Request{Timeout: 1<<63 - 1, Method: name, Body: bytes.Repeat([]byte("b"), 40)},
-		&sypas.Response{Body: []byte(`{"value":1}`)},
-		&sypas.Response{},
-		&sypas.Event{SubscriptionID: 7, Timestamp: 1_767_225_600_000_000_000, Topic: []byte("cpu.load"), Body: []byte("0.42")},
-		&sypas.Event{SubscriptionID: 1, Topic: []byte("t")},
-		&sypas.Subscribe{SubscriptionID: 7, Options: sypas.SubLastValue, Topic: []byte("cpu.*")},
-		&sypas.Subscribe{SubscriptionID: ^uint64(0), Topic: name},
-		&sypas.Unsubscribe{SubscriptionID: 7},
-		&sypas.ErrorMsg{Code: sypas.CodeNotFound, Message: []byte("no method kv.put")},
-		&sypas.ErrorMsg{Code: sypas.CodeResource, RetryAfterMs: 20},
-		&sypas.ErrorMsg{Code: 0xffff, Message: bytes.Repeat([]byte("m"), 40)},
-		&sypas.Heartbeat{Nonce: 0x0123456789abcdef, SentAt: 1_000_000_000},
-		&sypas.Heartbeat{},
-		&sypas.Bulk{InnerType: frame.TypeResponse, Flags: sypas.BulkChecksum, Region: 3, Offset: 1 << 20, Length: 300 << 10, Lease: 99, Checksum: 0xdeadbeef},
-		&sypas.Bulk{InnerType: frame.TypeEvent, Offset: ^uint64(0) - 1, Length: 1},
-		&sypas.GoAway{LastCorrelation: 41, Message: []byte("shutdown")},
-		&sypas.GoAway{Code: sypas.CodeClosed},
-		&sypas.Hello{MinVersion: 1, MaxVersion: 1, Features: 0xf, TxRingSize: 1 << 20, RxRingSize: 1 << 20,
+	return []wire.Message{
+		&wire.Request{Timeout: 250_000_000, Method: []byte("kv.get"), Body: []byte(`{"key":"a"}`)},
+		&wire.Request{Method: []byte("m")},
+		&wire.Request{Timeout: 1<<63 - 1, Method: name, Body: bytes.Repeat([]byte("b"), 40)},
+		&wire.Response{Body: []byte(`{"value":1}`)},
+		&wire.Response{},
+		&wire.Event{SubscriptionID: 7, Timestamp: 1_767_225_600_000_000_000, Topic: []byte("cpu.load"), Body: []byte("0.42")},
+		&wire.Event{SubscriptionID: 1, Topic: []byte("t")},
+		&wire.Subscribe{SubscriptionID: 7, Options: wire.SubLastValue, Topic: []byte("cpu.*")},
+		&wire.Subscribe{SubscriptionID: ^uint64(0), Topic: name},
+		&wire.Unsubscribe{SubscriptionID: 7},
+		&wire.ErrorMsg{Code: wire.CodeNotFound, Message: []byte("no method kv.put")},
+		&wire.ErrorMsg{Code: wire.CodeResource, RetryAfterMs: 20},
+		&wire.ErrorMsg{Code: 0xffff, Message: bytes.Repeat([]byte("m"), 40)},
+		&wire.Heartbeat{Nonce: 0x0123456789abcdef, SentAt: 1_000_000_000},
+		&wire.Heartbeat{},
+		&wire.Bulk{InnerType: frame.TypeResponse, Flags: wire.BulkChecksum, Region: 3, Offset: 1 << 20, Length: 300 << 10, Lease: 99, Checksum: 0xdeadbeef},
+		&wire.Bulk{InnerType: frame.TypeEvent, Offset: ^uint64(0) - 1, Length: 1},
+		&wire.GoAway{LastCorrelation: 41, Message: []byte("shutdown")},
+		&wire.GoAway{Code: wire.CodeClosed},
+		&wire.Hello{MinVersion: 1, MaxVersion: 1, Features: 0xf, TxRingSize: 1 << 20, RxRingSize: 1 << 20,
 			MaxPayload: 64 << 10, MaxInFlight: 128, Name: []byte("netd")},
-		&sypas.Hello{MinVersion: 1, MaxVersion: 0xffff, TxRingSize: sypas.MinRingSize, RxRingSize: sypas.MaxRingSize,
+		&wire.Hello{MinVersion: 1, MaxVersion: 0xffff, TxRingSize: wire.MinRingSize, RxRingSize: wire.MaxRingSize,
 			MaxPayload: frame.HardMaxPayload, Features: ^uint64(0)},
-		&sypas.Welcome{Version: 1, HeartbeatMisses: 3, HeartbeatIntervalMs: 1000, Features: 3, SessionID: 0x5e55,
+		&wire.Welcome{Version: 1, HeartbeatMisses: 3, HeartbeatIntervalMs: 1000, Features: 3, SessionID: 0x5e55,
 			TxRingSize: 1 << 20, RxRingSize: 1 << 20, MaxPayload: 64 << 10, MaxInFlight: 64},
-		&sypas.Token{TokenID: 0x8badf00d, ExpiryUnix: 1_767_229_200_000_000_000, Token: []byte("\x01opaque-macaroon-bytes")},
-		&sypas.Token{TokenID: 1, ExpiryUnix: 1, Token: bytes.Repeat([]byte("t"), 40)},
-		&sypas.TokenRefresh{TokenID: 0x8badf00d, RequestedTTLMs: 3_600_000},
-		&sypas.Regions{Entries: []sypas.Region{
-			{Role: sypas.RoleControl, ID: 0, Size: 4096},
-			{Role: sypas.RoleRingTx, ID: 1, Size: 1 << 20},
-			{Role: sypas.RoleRingRx, ID: 2, Size: 1 << 20},
-			{Role: sypas.RoleBulk, ID: 3, Size: 64 << 20, Flags: sypas.RegionReadOnly},
+		&wire.Token{TokenID: 0x8badf00d, ExpiryUnix: 1_767_229_200_000_000_000, Token: []byte("\x01opaque-macaroon-bytes")},
+		&wire.Token{TokenID: 1, ExpiryUnix: 1, Token: bytes.Repeat([]byte("t"), 40)},
+		&wire.TokenRefresh{TokenID: 0x8badf00d, RequestedTTLMs: 3_600_000},
+		&wire.Regions{Entries: []wire.Region{
+			{Role: wire.RoleControl, ID: 0, Size: 4096},
+			{Role: wire.RoleRingTx, ID: 1, Size: 1 << 20},
+			{Role: wire.RoleRingRx, ID: 2, Size: 1 << 20},
+			{Role: wire.RoleBulk, ID: 3, Size: 64 << 20, Flags: wire.RegionReadOnly},
 		}},
-		&sypas.Regions{Entries: []sypas.Region{{Role: sypas.RoleBulk, ID: 9, Size: ^uint64(0) &^ 4095}}},
+		&wire.Regions{Entries: []wire.Region{{Role: wire.RoleBulk, ID: 9, Size: ^uint64(0) &^ 4095}}},
 	}
 }
 
@@ -87,7 +87,7 @@ func frameSeeds(t testing.TB) [][]byte {
 		if i%2 == 0 {
 			h.Flags = frame.FlagChecksum
 		}
-		b, err := sypas.AppendFrame(nil, h, m)
+		b, err := wire.AppendFrame(nil, h, m)
 		require.NoError(t, err)
 		out = append(out, b)
 	}
@@ -143,7 +143,7 @@ func targets(t testing.TB) map[string][][]any {
 // payloadTarget names the fuzz target of a payload type after its Go
 // struct: FuzzDecodeTokenRefresh.
 func payloadTarget(typ frame.Type) string {
-	return "FuzzDecode" + reflect.TypeOf(sypas.NewMessage(typ)).Elem().Name()
+	return "FuzzDecode" + reflect.TypeOf(wire.NewMessage(typ)).Elem().Name()
 }
 
 // marshalCorpus encodes one input in the "go test fuzz v1" file format.

@@ -6,7 +6,7 @@ import (
 	"io"
 	"testing"
 
-	"github.com/sypas/sypas/internal/benchcheck"
+	"github.com/sypas/go/internal/benchcheck"
 )
 
 var benchSizes = []int{64, 1024, 64 << 10}

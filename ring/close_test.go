@@ -17,9 +17,9 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
-	"github.com/sypas/sypas/futex"
-	"github.com/sypas/sypas/internal/closetest"
-	"github.com/sypas/sypas/ring"
+	"github.com/sypas/go/futex"
+	"github.com/sypas/go/internal/closetest"
+	"github.com/sypas/go/ring"
 )
 
 // peerPair returns two mappings of one new ring: the creator's and the

@@ -1,6 +1,6 @@
 package ring
 
-import "github.com/sypas/sypas/futex"
+import "github.com/sypas/go/futex"
 
 // Config tunes an endpoint. The zero value is the recommended default.
 type Config struct {

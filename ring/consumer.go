@@ -8,7 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/sypas/sypas/futex"
+	"github.com/sypas/go/futex"
 )
 
 // Consumer is the reading end of a ring. Its methods are for one goroutine at

@@ -16,7 +16,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/futex"
+	"github.com/sypas/go/futex"
 )
 
 // The two-process stress: each process produces n sequenced, checksummed

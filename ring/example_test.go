@@ -10,7 +10,7 @@ import (
 	"time"
 	"unsafe"
 
-	"github.com/sypas/sypas/ring"
+	"github.com/sypas/go/ring"
 )
 
 // A ring over a plain, 8-byte aligned []byte: both ends in one process.

@@ -14,7 +14,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/futex"
+	"github.com/sypas/go/futex"
 )
 
 // newMem returns an 8-byte aligned, initialised region for a ring of capacity bytes.

@@ -7,8 +7,8 @@ import (
 	"sync"
 	"sync/atomic"
 
-	"github.com/sypas/sypas/futex"
-	"github.com/sypas/sypas/internal/shm"
+	"github.com/sypas/go/futex"
+	"github.com/sypas/go/internal/shm"
 )
 
 // Region is the memory of one ring in a sealed memfd, mapped into this

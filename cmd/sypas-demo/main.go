@@ -19,10 +19,10 @@ import (
 	"slices"
 	"time"
 
-	"github.com/sypas/sypas/futex"
-	"github.com/sypas/sypas/internal/affinity"
-	"github.com/sypas/sypas/internal/ringpair"
-	"github.com/sypas/sypas/ring"
+	"github.com/sypas/go/futex"
+	"github.com/sypas/go/internal/affinity"
+	"github.com/sypas/go/internal/ringpair"
+	"github.com/sypas/go/ring"
 )
 
 const capacity = 1 << 18

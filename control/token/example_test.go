@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/sypas/sypas/control/token"
+	"github.com/sypas/go/control/token"
 )
 
 // The kernel mints a token for an attested daemon; the daemon narrows it

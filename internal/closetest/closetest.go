@@ -18,9 +18,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/sypas/sypas/futex"
-	"github.com/sypas/sypas/internal/shm"
-	"github.com/sypas/sypas/ring"
+	"github.com/sypas/go/futex"
+	"github.com/sypas/go/internal/shm"
+	"github.com/sypas/go/ring"
 )
 
 // Loop is the sequence of ring calls one goroutine repeats.

@@ -9,7 +9,7 @@ import (
 	"fmt"
 	"os"
 
-	"github.com/sypas/sypas/ring"
+	"github.com/sypas/go/ring"
 )
 
 // Inherited maps both regions (checking seals and size) and attaches a

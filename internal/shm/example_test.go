@@ -3,7 +3,7 @@ package shm_test
 import (
 	"fmt"
 
-	"github.com/sypas/sypas/internal/shm"
+	"github.com/sypas/go/internal/shm"
 )
 
 // A region is created on one side and opened from its file on the other.

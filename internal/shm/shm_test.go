@@ -13,8 +13,8 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
-	"github.com/sypas/sypas/internal/closetest"
-	"github.com/sypas/sypas/internal/shm"
+	"github.com/sypas/go/internal/closetest"
+	"github.com/sypas/go/internal/shm"
 )
 
 // dupFile returns a new *os.File for the same open file description as f,

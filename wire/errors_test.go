@@ -1,4 +1,4 @@
-package sypas
+package wire
 
 import (
 	"context"
@@ -12,8 +12,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/ring"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/ring"
 )
 
 var errorsIs = errors.Is

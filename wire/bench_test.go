@@ -1,11 +1,11 @@
-package sypas
+package wire
 
 import (
 	"fmt"
 	"testing"
 
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/internal/benchcheck"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/internal/benchcheck"
 )
 
 var benchSizes = []int{64, 1 << 10, 64<<10 - 64}

@@ -1,4 +1,4 @@
-package sypas
+package wire
 
 import (
 	"bytes"
@@ -10,7 +10,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/sypas/frame"
+	"github.com/sypas/go/frame"
 )
 
 // samples returns one valid, fully populated message of every type, in

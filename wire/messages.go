@@ -1,4 +1,4 @@
-package sypas
+package wire
 
 import (
 	"fmt"
@@ -7,7 +7,7 @@ import (
 	"slices"
 	"time"
 
-	"github.com/sypas/sypas/frame"
+	"github.com/sypas/go/frame"
 )
 
 // Payload limits (docs/PROTOCOL.md, section 7).

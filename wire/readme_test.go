@@ -1,4 +1,4 @@
-package sypas
+package wire
 
 import (
 	"io/fs"

@@ -1,6 +1,8 @@
-// Package sypas holds the SYPAS message layer: the payload codecs of every
-// frame type (messages.go), the protocol error codes with their retry
-// classes (errors.go), and — later — the top-level client and server.
+// Package wire holds the SYPAS message layer: the payload codecs of every
+// frame type (messages.go) and the protocol error codes with their retry
+// classes (errors.go). It sits below package control, which speaks the
+// control plane with it; applications use package sypas, which re-exports
+// the error codes and sentinels.
 //
 // Every payload type implements [Message]: Len, Append (append-style, no
 // allocation when the slice has room) and Decode (zero-copy: byte fields
@@ -20,4 +22,4 @@
 // [RetryClass]; [Error] carries a code as a Go error that matches the
 // sentinels [ErrAuth], [ErrResource], ... with errors.Is. Malformed payloads
 // fail with errors wrapping [ErrMalformed].
-package sypas
+package wire

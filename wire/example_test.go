@@ -1,18 +1,18 @@
-package sypas_test
+package wire_test
 
 import (
 	"errors"
 	"fmt"
 
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/sypas"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
 )
 
 func Example() {
 	// Encode a REQUEST frame straight into a buffer (a ring slot would do).
-	req := sypas.Request{Method: []byte("kv.get"), Body: []byte("key=a")}
+	req := wire.Request{Method: []byte("kv.get"), Body: []byte("key=a")}
 	h := frame.Header{Flags: frame.FlagChecksum, StreamID: 1, Correlation: 42, CapRef: 0x8badf00d}
-	buf, err := sypas.AppendFrame(make([]byte, 0, 128), h, &req)
+	buf, err := wire.AppendFrame(make([]byte, 0, 128), h, &req)
 	if err != nil {
 		panic(err)
 	}
@@ -22,8 +22,8 @@ func Example() {
 	if _, err := f.Decode(buf, frame.Config{}); err != nil {
 		panic(err)
 	}
-	var got sypas.Request
-	if err := sypas.DecodeFrame(&f, &got); err != nil {
+	var got wire.Request
+	if err := wire.DecodeFrame(&f, &got); err != nil {
 		panic(err)
 	}
 	fmt.Printf("%v corr=%d method=%s body=%s\n", f.Type, f.Correlation, got.Method, got.Body)
@@ -33,14 +33,14 @@ func Example() {
 
 func ExampleError() {
 	// An ERROR payload as received from the peer...
-	wire := sypas.ErrorMsg{Code: sypas.CodeResource, RetryAfterMs: 20, Message: []byte("ring full")}
-	var err error = wire.Err()
+	msg := wire.ErrorMsg{Code: wire.CodeResource, RetryAfterMs: 20, Message: []byte("ring full")}
+	var err error = msg.Err()
 
 	// ...is an ordinary Go error.
 	fmt.Println(err)
-	fmt.Println(errors.Is(err, sypas.ErrResource), errors.Is(err, sypas.ErrAuth))
-	fmt.Println(sypas.Retryable(err), sypas.ClassOf(err))
-	var e *sypas.Error
+	fmt.Println(errors.Is(err, wire.ErrResource), errors.Is(err, wire.ErrAuth))
+	fmt.Println(wire.Retryable(err), wire.ClassOf(err))
+	var e *wire.Error
 	if errors.As(err, &e) {
 		fmt.Println(e.Code, e.RetryAfter)
 	}
@@ -52,7 +52,7 @@ func ExampleError() {
 }
 
 func ExampleCode_Class() {
-	for _, c := range []sypas.Code{sypas.CodeAuth, sypas.CodeTimeout, sypas.CodeProto, 0x1234} {
+	for _, c := range []wire.Code{wire.CodeAuth, wire.CodeTimeout, wire.CodeProto, 0x1234} {
 		fmt.Println(c, c.Class())
 	}
 	// Output:
@@ -63,16 +63,16 @@ func ExampleCode_Class() {
 }
 
 func ExampleRegions_Decode() {
-	announce := sypas.Regions{Entries: []sypas.Region{
-		{Role: sypas.RoleControl, ID: 0, Size: 4096},
-		{Role: sypas.RoleBulk, ID: 1, Size: 1 << 20, Flags: sypas.RegionReadOnly},
+	announce := wire.Regions{Entries: []wire.Region{
+		{Role: wire.RoleControl, ID: 0, Size: 4096},
+		{Role: wire.RoleBulk, ID: 1, Size: 1 << 20, Flags: wire.RegionReadOnly},
 	}}
 	p, err := announce.Append(nil)
 	if err != nil {
 		panic(err)
 	}
 	// Reuse one Regions value to decode without allocating.
-	got := sypas.Regions{Entries: make([]sypas.Region, 0, sypas.MaxRegions)}
+	got := wire.Regions{Entries: make([]wire.Region, 0, wire.MaxRegions)}
 	if err := got.Decode(p); err != nil {
 		panic(err)
 	}

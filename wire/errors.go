@@ -1,4 +1,4 @@
-package sypas
+package wire
 
 import (
 	"context"
@@ -8,8 +8,8 @@ import (
 	"os"
 	"time"
 
-	"github.com/sypas/sypas/frame"
-	"github.com/sypas/sypas/ring"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/ring"
 )
 
 // Code is a SYPAS error code, carried by ERROR and GOAWAY payloads

@@ -1,11 +1,11 @@
-package sypas
+package wire
 
 import (
 	"encoding/binary"
 	"fmt"
 	"slices"
 
-	"github.com/sypas/sypas/frame"
+	"github.com/sypas/go/frame"
 )
 
 var le = binary.LittleEndian

@@ -151,15 +151,9 @@ func (c *Client) Session(ctx context.Context) (*Session, error) {
 	}
 	for {
 		c.mu.Lock()
-		s, last, ch := c.cur, c.lastErr, c.changed
-		// A draining session (GOAWAY received) is not handed out: the
-		// Client is about to replace it.
-		live := s != nil && s.Err() == nil && (c.given || s.State() == StateOperation)
-		if live {
-			c.given = true
-		}
+		s, last, ch := c.claim(), c.lastErr, c.changed
 		c.mu.Unlock()
-		if live {
+		if s != nil {
 			return s, nil
 		}
 		select {
@@ -173,6 +167,36 @@ func (c *Client) Session(ctx context.Context) (*Session, error) {
 			return nil, ErrClientClosed
 		}
 	}
+}
+
+// Current is Session without waiting: the live session if there is one,
+// else nil and the last dial error (nil while the first dial is under way,
+// ErrClientClosed after Close).
+func (c *Client) Current() (*Session, error) {
+	if c.cfgErr != nil {
+		return nil, c.cfgErr
+	}
+	if c.ctx.Err() != nil {
+		return nil, ErrClientClosed
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s := c.claim(); s != nil {
+		return s, nil
+	}
+	return nil, c.lastErr
+}
+
+// claim returns the current session if it is live, marking it handed out;
+// under mu. A draining session (GOAWAY received) is not handed out: the
+// Client is about to replace it.
+func (c *Client) claim() *Session {
+	s := c.cur
+	if s == nil || s.Err() != nil || !c.given && s.State() != StateOperation {
+		return nil
+	}
+	c.given = true
+	return s
 }
 
 // Close stops reconnecting and closes the current session, even one Session

@@ -189,6 +189,21 @@ func (s *Session) Token() Token { return *s.tok.Load() }
 // nil on a daemon). Check operations with its Allows.
 func (s *Session) Capability() *token.Capability { return s.capab.Load() }
 
+// Admits reports whether a data-plane frame carrying capRef may be served
+// (kernel side): capRef names the session's current token, or the one the
+// last refresh replaced (docs/PROTOCOL.md §6.1), neither has been revoked,
+// and the session is live (it ends when its token expires). A few atomic
+// loads: the enforcer calls it for every frame read from a ring.
+func (s *Session) Admits(capRef uint64) bool {
+	if capRef == 0 || s.revokedID.Load() != 0 || s.State() == StateClosed {
+		return false
+	}
+	if t := s.tok.Load(); t != nil && t.ID == capRef {
+		return true
+	}
+	return capRef == s.prevTokID.Load()
+}
+
 // Peer is the attested identity of the daemon (kernel side; zero on a daemon).
 func (s *Session) Peer() PeerIdentity { return s.peer }
 
@@ -248,6 +263,13 @@ func (s *Session) fail(err error) {
 	s.conn.Close()
 	close(s.done)
 }
+
+// Abort ends the session because of err, a violation the owner found on
+// the data plane (a ring frame that cannot be parsed, say): the peer gets
+// ERROR (correlation 0) with err's code and reason on the socket, the
+// refusal is audited, and the session ends with err as its Err. Close it
+// afterwards, as always.
+func (s *Session) Abort(err error) { s.failProto(err) }
 
 // failProto reports a protocol violation to the peer with an ERROR frame
 // (best effort, bounded by a short deadline), then ends the session. The
@@ -400,6 +422,10 @@ func (s *Session) sendFDs(m wire.Message, files ...*os.File) error {
 	}
 	return writeErr(SendFDs(s.conn, b, files...))
 }
+
+// CapRef is the id of the token this side puts in the cap_ref of its
+// frames: the session's current token (docs/PROTOCOL.md §6.1, §8.1).
+func (s *Session) CapRef() uint64 { return s.capRef() }
 
 func (s *Session) capRef() uint64 {
 	if t := s.tok.Load(); t != nil {

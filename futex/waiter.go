@@ -438,6 +438,15 @@ func (w *Waiter) sleepOff(d time.Duration) {
 // applies to a pending Wait too: one parked with the old deadline is woken to
 // re-read it.
 func (w *Waiter) SetDeadline(t time.Time) {
+	w.SetWaitDeadline(t)
+	w.kick()
+}
+
+// SetWaitDeadline is SetDeadline for the goroutine that calls Wait, between
+// its waits: it wakes no Wait in progress (there is none), so it makes no
+// system call. A deadline set this way while another goroutine waits
+// applies to that wait only from its next round.
+func (w *Waiter) SetWaitDeadline(t time.Time) {
 	var dl int64
 	if !t.IsZero() {
 		dl = max(int64(t.Sub(w.base)), -1)
@@ -446,7 +455,6 @@ func (w *Waiter) SetDeadline(t time.Time) {
 		}
 	}
 	w.deadline.Store(dl)
-	w.kick()
 }
 
 // Close makes any pending and future Wait fail with ErrClosed, waking a

@@ -225,6 +225,11 @@ func (c *Consumer) SetDeadline(t time.Time) {
 	runtime.KeepAlive(c) // the waiter touches the mapping, which c keeps (owner)
 }
 
+// SetWaitDeadline is SetDeadline for the goroutine that calls Next and
+// ReadInto, between its calls (a per-call deadline, say): it wakes no call
+// in progress, so it makes no system call.
+func (c *Consumer) SetWaitDeadline(t time.Time) { c.waiter.SetWaitDeadline(t) }
+
 // Interrupt makes a waiting or future wait for records fail with err; the
 // control plane calls it when the producer's process dies. Records already
 // published can still be read. The first error sticks.

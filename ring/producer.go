@@ -252,6 +252,11 @@ func (p *Producer) SetDeadline(t time.Time) {
 	runtime.KeepAlive(p) // the waiter touches the mapping, which p keeps (owner)
 }
 
+// SetWaitDeadline is SetDeadline for the goroutine that calls Reserve and
+// Write, between its calls (a per-call deadline, say): it wakes no call in
+// progress, so it makes no system call.
+func (p *Producer) SetWaitDeadline(t time.Time) { p.waiter.SetWaitDeadline(t) }
+
 // Interrupt makes a waiting or future wait for room fail with err; the control
 // plane calls it when the consumer's process dies, or the session ends. The
 // first error sticks. After it, Close publishes nothing more: nobody would

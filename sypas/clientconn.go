@@ -1,0 +1,498 @@
+package sypas
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sypas/go/control"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
+)
+
+// clientConn is the Client's side of one session: the pending table and
+// the reading of the kernel's ring.
+//
+// Replies are read by the callers themselves (leader/follower): a caller
+// waiting for its reply takes the reader role if nobody holds it, reads
+// frames until its own reply, delivering the others' replies to their
+// slots and waking their callers, then hands the role to a waiting caller.
+// With one call in flight a caller reads its own reply, so a call makes no
+// goroutine hand-off. While subscriptions exist and no caller reads, a
+// background reader does (subReader).
+type clientConn struct {
+	cl   *Client
+	sess *control.Session
+	tr   transport
+
+	slots []slot
+	free  chan *slot // idle slots; a caller waits here when max_in_flight are out
+
+	mu       sync.Mutex
+	leading  bool    // the reader role is held
+	bgLeads  bool    // by the background reader
+	waiters  []*slot // callers waiting for a reply or for the role
+	bg       *slot   // the background reader's pseudo-slot, when it runs
+	bgCancel context.CancelFunc
+
+	draining atomic.Bool // GOAWAY received: start nothing new
+	pending  atomic.Int32
+	idle     chan struct{}
+}
+
+// Slot states.
+const (
+	slotIdle      = iota
+	slotWaiting   // request sent, reply awaited
+	slotDone      // reply (or error) delivered
+	slotAbandoned // caller gone (ctx): the late reply frees the slot
+)
+
+// slot is one request in flight. Its correlation is gen<<32 | index+1, so
+// a reply to an earlier use of the slot, or a forged id, never matches.
+type slot struct {
+	idx   uint32
+	gen   uint32
+	id    uint64
+	state atomic.Uint32
+	wake  chan struct{} // cap 1: reply delivered, or the reader role is ours
+
+	req wire.Request // encoded from here: no allocation per call
+
+	// How the reply is delivered when another goroutine reads it.
+	mode  uint8
+	dst   []byte // modeInto: the caller's buffer, the reply appended to it
+	buf   []byte // modeView: a slot-owned copy, reused
+	reply []byte // the delivered body (modeOwn: a new slice; else dst or buf)
+	err   error  // the kernel's ERROR, or the callback's error
+}
+
+// Delivery modes.
+const (
+	modeOwn  = iota // a new slice the caller keeps (Call)
+	modeInto        // appended to the caller's buffer (CallInto)
+	modeView        // a view for a callback (CallFunc)
+)
+
+func newClientConn(cl *Client, sess *control.Session) *clientConn {
+	n := int(sess.Params().MaxInFlight)
+	c := &clientConn{
+		cl: cl, sess: sess, tr: newRingTransport(sess, 0),
+		slots: make([]slot, n), free: make(chan *slot, n), idle: make(chan struct{}, 1),
+	}
+	for i := range c.slots {
+		s := &c.slots[i]
+		s.idx, s.wake = uint32(i), make(chan struct{}, 1)
+		c.free <- s
+	}
+	return c
+}
+
+// acquire takes an idle slot, waiting while max_in_flight are out.
+func (c *clientConn) acquire(ctx context.Context) (*slot, error) {
+	select {
+	case s := <-c.free:
+		return c.arm(s), nil
+	default:
+	}
+	select {
+	case s := <-c.free:
+		return c.arm(s), nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-c.sess.Done():
+		return nil, c.tr.(*ringTransport).sessErr(nil)
+	}
+}
+
+// arm gives s a new correlation. The caller fills in the request and the
+// delivery, then publishes the slot (state slotWaiting) before it sends:
+// the reader reads those fields only after it has loaded that state.
+func (c *clientConn) arm(s *slot) *slot {
+	s.gen++
+	s.id = uint64(s.gen)<<32 | uint64(s.idx+1)
+	s.err, s.reply = nil, nil
+	select { // a stale wake-up from the slot's last use
+	case <-s.wake:
+	default:
+	}
+	c.pending.Add(1)
+	return s
+}
+
+// put returns s to the free list.
+func (c *clientConn) put(s *slot) {
+	s.state.Store(slotIdle)
+	s.dst, s.req.Body, s.req.Method = nil, nil, nil
+	c.free <- s
+	if c.pending.Add(-1) == 0 && c.draining.Load() {
+		select {
+		case c.idle <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// call sends s's request and waits for the answer, delivered as s.mode
+// says; fn, for modeView, sees the reply before call returns. s is free
+// again when call returns. sent reports whether the request reached the
+// ring (it may have been served).
+func (c *clientConn) call(ctx context.Context, s *slot, t frame.Type, m wire.Message, oneWay bool, fn func([]byte) error) (reply []byte, sent bool, err error) {
+	corr := s.id
+	if oneWay {
+		corr = 0
+	}
+	s.state.Store(slotWaiting) // publishes the slot's fields to the reader
+	if err := c.tr.send(ctx, frame.Header{Type: t, Correlation: corr}, nil, m, false); err != nil {
+		c.put(s)
+		return nil, false, err
+	}
+	if oneWay {
+		c.put(s)
+		return nil, true, nil
+	}
+	reply, err = c.await(ctx, s, fn)
+	return reply, true, err
+}
+
+// await waits for s's reply: as the reader if the role is free, else as a
+// follower woken with the reply or with the role.
+func (c *clientConn) await(ctx context.Context, s *slot, fn func([]byte) error) ([]byte, error) {
+	for {
+		if s.state.Load() == slotDone {
+			return c.take(s, fn)
+		}
+		c.mu.Lock()
+		if s.state.Load() == slotDone {
+			c.mu.Unlock()
+			return c.take(s, fn)
+		}
+		if !c.leading {
+			c.leading = true
+			c.mu.Unlock()
+			err := c.lead(ctx, s, fn, false)
+			c.handOff()
+			if err != errOwnReply {
+				return c.abandon(s, err)
+			}
+			return c.take(s, nil)
+		}
+		c.waiters = append(c.waiters, s)
+		nudge := c.bgLeads
+		c.mu.Unlock()
+		if nudge {
+			c.tr.nudge() // the background reader hands us the role at once
+		}
+		select {
+		case <-s.wake:
+		case <-ctx.Done():
+			c.unregister(s)
+			return c.abandon(s, ctx.Err())
+		case <-c.sess.Done():
+			c.unregister(s)
+			return c.abandon(s, c.tr.(*ringTransport).sessErr(nil))
+		}
+	}
+}
+
+// errOwnReply ends lead: the leader's own reply has been taken in place.
+var errOwnReply = errors.New("own reply")
+
+// lead reads the kernel's ring as the reader until s's reply arrives (then
+// errOwnReply, with fn having seen it in place), ctx ends or the session
+// fails. With bg (the background reader) it also returns when a caller
+// waits for the role. The caller holds the role; handOff gives it up.
+func (c *clientConn) lead(ctx context.Context, s *slot, fn func([]byte) error, bg bool) error {
+	dl, hasDL := ctx.Deadline()
+	cancellable := ctx.Done() != nil && !hasDL
+	for {
+		wait := dl
+		if cancellable || bg {
+			wait = time.Now().Add(readSlice)
+		}
+		f, err := c.tr.recv(wait)
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+				if hasDL && !time.Now().Before(dl) {
+					return context.DeadlineExceeded // before ctx's timer says so
+				}
+				if bg && c.callerWaiting() {
+					return nil
+				}
+				continue
+			}
+			return c.fail(err)
+		}
+		own, err := c.deliver(&f, s, fn)
+		c.tr.release()
+		if err != nil {
+			return c.fail(err)
+		}
+		if own {
+			return errOwnReply
+		}
+		if bg && c.callerWaiting() {
+			return nil
+		}
+	}
+}
+
+// readSlice bounds one wait of a reader whose context can be cancelled
+// without a deadline: it looks at the context this often.
+const readSlice = time.Millisecond
+
+// deliver routes one frame from the kernel: a reply to its slot (own: it
+// is s's, and fn or a copy has taken it), an event to its subscription.
+func (c *clientConn) deliver(f *frame.Frame, s *slot, fn func([]byte) error) (own bool, err error) {
+	switch f.Type {
+	case frame.TypeResponse, frame.TypeError:
+	case frame.TypeEvent:
+		return false, c.cl.subs.deliver(f)
+	default:
+		return false, errorf(CodeProto, fmt.Sprintf("%v frame on the kernel's ring", f.Type))
+	}
+	corr := f.Correlation
+	i := uint32(corr) - 1
+	if corr == 0 || uint64(i) >= uint64(len(c.slots)) {
+		return false, errorf(CodeProto, fmt.Sprintf("%v for correlation %#x, which names no request", f.Type, corr))
+	}
+	t := &c.slots[i]
+	// The state first: it orders the owner's writes of id, mode and dst
+	// before our reads.
+	if st := t.state.Load(); st != slotWaiting && st != slotAbandoned || t.id != corr {
+		return false, nil // a stale reply: its caller gave up, and the slot moved on
+	}
+	var body []byte
+	var rerr error
+	if f.Type == frame.TypeError {
+		var m wire.ErrorMsg
+		if err := m.Decode(f.Payload); err != nil {
+			return false, &Error{Code: CodeProto, Message: "ERROR payload", Err: err}
+		}
+		rerr = m.Err()
+	} else {
+		if !f.Flags.Has(frame.FlagEndStream) {
+			return false, errorf(CodeProto, "a streamed RESPONSE: version 1 replies are one frame")
+		}
+		body = f.Payload
+	}
+	if t == s {
+		s.err = rerr
+		if rerr == nil {
+			switch {
+			case fn != nil:
+				s.err = fn(body)
+			case s.mode == modeInto:
+				s.reply = append(s.dst, body...)
+			default:
+				s.reply = append([]byte(nil), body...)
+			}
+		}
+		s.state.Store(slotDone)
+		return true, nil
+	}
+	switch t.state.Load() {
+	case slotWaiting:
+		t.err = rerr
+		if rerr == nil {
+			switch t.mode {
+			case modeInto:
+				t.reply = append(t.dst, body...)
+			case modeView:
+				t.buf = append(t.buf[:0], body...)
+				t.reply = t.buf
+			default:
+				t.reply = append([]byte(nil), body...)
+			}
+		}
+		if t.state.CompareAndSwap(slotWaiting, slotDone) {
+			select {
+			case t.wake <- struct{}{}:
+			default:
+			}
+			return false, nil
+		}
+		fallthrough // abandoned meanwhile
+	case slotAbandoned:
+		if t.state.CompareAndSwap(slotAbandoned, slotIdle) {
+			t.gen++ // nothing may match it any more
+			t.id = 0
+			c.put(t)
+		}
+	}
+	return false, nil
+}
+
+// take returns the result delivered to s, handing a follower's view to fn
+// first, and frees s. (A leader's own reply already went to fn, in place.)
+func (c *clientConn) take(s *slot, fn func([]byte) error) ([]byte, error) {
+	reply, err := s.reply, s.err
+	if err == nil && fn != nil {
+		err = fn(reply) // s.buf: read before the slot is reused
+		reply = nil
+	}
+	c.put(s)
+	return reply, err
+}
+
+// abandon gives up on s's reply because of err. A reply delivered
+// meanwhile wins: it is returned as usual.
+func (c *clientConn) abandon(s *slot, err error) ([]byte, error) {
+	if s.state.CompareAndSwap(slotWaiting, slotAbandoned) {
+		return nil, err // the late reply frees the slot; or it dies with the session
+	}
+	return c.take(s, nil)
+}
+
+// handOff gives up the reader role and wakes a waiting caller to take it:
+// the most recent one still waiting, or else the background reader.
+func (c *clientConn) handOff() {
+	c.mu.Lock()
+	c.leading, c.bgLeads = false, false
+	var next *slot
+	for i := len(c.waiters) - 1; i >= 0; i-- {
+		w := c.waiters[i]
+		if w != c.bg && w.state.Load() == slotWaiting {
+			next = w
+			c.waiters = append(c.waiters[:i], c.waiters[i+1:]...)
+			break
+		}
+	}
+	if next == nil {
+		// Callers with a reply delivered leave by themselves.
+		c.waiters = c.waiters[:0]
+		if c.bg != nil && c.bgWaiting() {
+			next = c.bg
+		}
+	}
+	c.mu.Unlock()
+	if next != nil {
+		select {
+		case next.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+func (c *clientConn) unregister(s *slot) {
+	c.mu.Lock()
+	for i, w := range c.waiters {
+		if w == s {
+			c.waiters = append(c.waiters[:i], c.waiters[i+1:]...)
+			break
+		}
+	}
+	c.mu.Unlock()
+	// A role handed to us as we left must not be lost.
+	select {
+	case <-s.wake:
+		c.mu.Lock()
+		free := !c.leading
+		c.mu.Unlock()
+		if free {
+			c.handOffIfWaiting()
+		}
+	default:
+	}
+}
+
+// handOffIfWaiting wakes a waiter when nobody reads.
+func (c *clientConn) handOffIfWaiting() {
+	c.mu.Lock()
+	if c.leading || len(c.waiters) == 0 {
+		c.mu.Unlock()
+		return
+	}
+	c.leading = true
+	c.mu.Unlock()
+	c.handOff()
+}
+
+// bgWaiting reports whether the background reader is registered; under mu.
+func (c *clientConn) bgWaiting() bool { return c.bg != nil && c.bg.state.Load() == slotWaiting }
+
+// subReader reads the kernel's ring while subscriptions exist and no caller
+// does, so events keep flowing between calls. It gives the role to any
+// caller that asks (callers read their own replies faster) and takes it
+// back when the role is free.
+func (c *clientConn) subReader(ctx context.Context) {
+	bg := c.bg
+	for {
+		c.mu.Lock()
+		if !c.leading {
+			c.leading, c.bgLeads = true, true
+			bg.state.Store(slotIdle)
+			c.mu.Unlock()
+			err := c.lead(ctx, bg, nil, true)
+			c.handOff()
+			if err != nil {
+				return // ctx (no subscription left) or the session failed
+			}
+			c.mu.Lock()
+		}
+		bg.state.Store(slotWaiting)
+		c.mu.Unlock()
+		select {
+		case <-bg.wake:
+		case <-ctx.Done():
+			bg.state.Store(slotIdle)
+			return
+		case <-c.sess.Done():
+			return
+		}
+	}
+}
+
+// startSubReader runs subReader until stopSubReader.
+func (c *clientConn) startSubReader() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.bg != nil {
+		return
+	}
+	var ctx context.Context
+	ctx, c.bgCancel = context.WithCancel(context.Background())
+	c.bg = &slot{wake: make(chan struct{}, 1)}
+	go c.subReader(ctx)
+}
+
+// callerWaiting reports whether a caller (not the background reader)
+// waits for the role.
+func (c *clientConn) callerWaiting() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, w := range c.waiters {
+		if w != c.bg && w.state.Load() == slotWaiting {
+			return true
+		}
+	}
+	return false
+}
+
+// fail turns a reader's error into the session's end: a frame the kernel
+// should not have sent ends the session with the reason (the kernel is
+// told); every waiter sees the error.
+func (c *clientConn) fail(err error) error {
+	var e *Error
+	if errors.As(err, &e) && e.Code == CodeProto && c.sess.Err() == nil {
+		c.sess.Abort(err)
+	}
+	return err
+}
+
+// dropCount reads the kernel's count of events lost before this one, from
+// the EVENT's header extension (docs/PROTOCOL.md §8.3).
+func dropCount(f *frame.Frame) uint64 {
+	if len(f.Extension) >= 8 {
+		return binary.LittleEndian.Uint64(f.Extension)
+	}
+	return 0
+}

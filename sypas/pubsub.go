@@ -1,0 +1,215 @@
+package sypas
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sypas/go/control"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
+)
+
+// SlowPolicy is what Publish does for a subscriber whose ring has no room
+// for the event.
+type SlowPolicy uint8
+
+const (
+	// DropNewest drops the event for that subscriber at once, counts it,
+	// and tells the subscriber how many it lost with its next event
+	// (Subscription.Dropped). The publisher never waits.
+	DropNewest SlowPolicy = iota
+	// Block waits for room up to the publisher's context deadline (or
+	// ServerConfig.WriteTimeout), then drops as DropNewest does and makes
+	// Publish report it.
+	Block
+)
+
+// topics is the server's subscription registry: topic name → subscribers,
+// each list copied on write so that Publish reads it without a lock.
+type topics struct {
+	mu sync.Mutex
+	m  map[string]*atomic.Pointer[[]*subscriber]
+}
+
+// subscriber is one SUBSCRIBE of one session.
+type subscriber struct {
+	conn    *serverConn
+	id      uint64
+	topic   string
+	dropped atomic.Uint64 // since the last event delivered
+}
+
+func (t *topics) init() { t.m = make(map[string]*atomic.Pointer[[]*subscriber]) }
+
+func (t *topics) list(topic string) []*subscriber {
+	t.mu.Lock()
+	p := t.m[topic]
+	t.mu.Unlock()
+	if p == nil {
+		return nil
+	}
+	return *p.Load()
+}
+
+// add registers sub; it reports false if its session already uses its id.
+func (t *topics) add(sub *subscriber) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, p := range t.m {
+		for _, o := range *p.Load() {
+			if o.conn == sub.conn && o.id == sub.id {
+				return false
+			}
+		}
+	}
+	p := t.m[sub.topic]
+	if p == nil {
+		p = new(atomic.Pointer[[]*subscriber])
+		p.Store(new([]*subscriber))
+		t.m[sub.topic] = p
+	}
+	l := append(append([]*subscriber(nil), *p.Load()...), sub)
+	p.Store(&l)
+	return true
+}
+
+// remove drops the subscribers of c matching keep's false, and empty topics.
+func (t *topics) remove(drop func(*subscriber) bool) int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	n := 0
+	for name, p := range t.m {
+		old := *p.Load()
+		l := make([]*subscriber, 0, len(old))
+		for _, o := range old {
+			if drop(o) {
+				n++
+			} else {
+				l = append(l, o)
+			}
+		}
+		if len(l) == 0 {
+			delete(t.m, name)
+		} else if len(l) != len(old) {
+			p.Store(&l)
+		}
+	}
+	return n
+}
+
+func (t *topics) dropConn(c *serverConn) {
+	t.remove(func(s *subscriber) bool { return s.conn == c })
+}
+
+// serveSubscription answers SUBSCRIBE and UNSUBSCRIBE (reader goroutine).
+func (c *serverConn) serveSubscription(f *frame.Frame) {
+	corr := f.Correlation
+	if corr == 0 {
+		c.sess.Abort(errorf(CodeProto, fmt.Sprintf("%v without a correlation", f.Type)))
+		return
+	}
+	if !c.sess.Admits(f.CapRef) {
+		c.deny(corr, CodeAuth, control.EventAuth, "cap_ref names no valid token of this session")
+		return
+	}
+	if c.sess.Params().Features&wire.FeatureSubscribe == 0 {
+		c.deny(corr, CodeProto, control.EventProtocol, "SUBSCRIBE was not granted in WELCOME")
+		return
+	}
+	if cp := c.sess.Capability(); cp == nil || cp.Rights&RightSubscribe == 0 {
+		c.deny(corr, CodePermission, control.EventPermission, "the token lacks the subscribe right")
+		return
+	}
+	if f.Type == frame.TypeUnsubscribe {
+		var m wire.Unsubscribe
+		if err := m.Decode(f.Payload); err != nil {
+			c.sess.Abort(&Error{Code: CodeProto, Message: "UNSUBSCRIBE payload", Err: err})
+			return
+		}
+		if c.srv.topics.remove(func(s *subscriber) bool { return s.conn == c && s.id == m.SubscriptionID }) == 0 {
+			c.deny(corr, CodeNotFound, control.EventProtocol, "no such subscription")
+			return
+		}
+		c.ack(corr)
+		return
+	}
+	var m wire.Subscribe
+	if err := m.Decode(f.Payload); err != nil {
+		c.sess.Abort(&Error{Code: CodeProto, Message: "SUBSCRIBE payload", Err: err})
+		return
+	}
+	// Copied: the payload is shared memory, and the name outlives it.
+	sub := &subscriber{conn: c, id: m.SubscriptionID, topic: string(m.Topic)}
+	if !c.srv.topics.add(sub) {
+		c.deny(corr, CodeProto, control.EventProtocol, "subscription id already in use in this session")
+		return
+	}
+	c.ack(corr)
+}
+
+// ack answers corr with an empty final RESPONSE.
+func (c *serverConn) ack(corr uint64) {
+	c.resp.Body = nil
+	if err := c.tr.send(c.ctx, frame.Header{Type: frame.TypeResponse, Flags: frame.FlagEndStream, Correlation: corr}, nil, &c.resp, false); err != nil {
+		c.sendFailed(err)
+	}
+}
+
+// Publish sends body as an event on topic to every session subscribed to
+// it, as an EVENT with the subscription's id (docs/PROTOCOL.md §8.3). A
+// subscriber with no room meets the topic's SlowPolicy
+// (ServerConfig.Topics): it loses the event, counted, and learns how many
+// it lost with its next event. Publish returns an error matching
+// ErrResource if some subscriber lost this event under Block (after
+// waiting until ctx's deadline), or ErrTooLarge if the event exceeds a
+// session's max_payload; the other subscribers still got it. Publish may be
+// called from any goroutine; the body is copied into each ring.
+func (s *Server) Publish(ctx context.Context, topic string, body []byte) error {
+	subs := s.topics.list(topic)
+	if len(subs) == 0 {
+		return nil
+	}
+	noWait := s.cfg.Topics[topic] == DropNewest
+	ev := wire.Event{Timestamp: uint64(time.Now().UnixNano()), Topic: []byte(topic), Body: body}
+	var lost, tooLarge int
+	var ext [8]byte
+	for _, sub := range subs {
+		ev.SubscriptionID = sub.id
+		var x []byte
+		d := sub.dropped.Load()
+		if d != 0 {
+			binary.LittleEndian.PutUint64(ext[:], d)
+			x = ext[:]
+		}
+		err := sub.conn.tr.send(ctx, frame.Header{Type: frame.TypeEvent}, x, &ev, noWait)
+		switch {
+		case err == nil:
+			if d != 0 {
+				sub.dropped.Add(^(d - 1)) // told: subtract what this event reported
+			}
+			s.stats.published.Add(1)
+		case errors.Is(err, ErrTooLarge):
+			tooLarge++
+		default:
+			sub.dropped.Add(1)
+			s.stats.dropped.Add(1)
+			if !noWait {
+				lost++
+			}
+		}
+	}
+	switch {
+	case tooLarge > 0:
+		return &Error{Code: CodeTooLarge, Message: fmt.Sprintf("event on %q above the max_payload of %d subscribers", topic, tooLarge)}
+	case lost > 0:
+		s.log.LogAttrs(ctx, slog.LevelDebug, "sypas: subscribers lost an event", slog.String("topic", topic), slog.Int("lost", lost))
+		return &Error{Code: CodeResource, Message: fmt.Sprintf("%d subscribers of %q had no room before the deadline", lost, topic)}
+	}
+	return nil
+}

@@ -1,0 +1,82 @@
+package sypas
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/sypas/go/control"
+	"github.com/sypas/go/control/token"
+)
+
+// Request is one call as a handler sees it. It is valid until the handler
+// returns.
+type Request struct {
+	// Op is the operation, as registered with Handle.
+	Op string
+	// Body is the request body. For an Inline handler it is a view into
+	// the shared ring, which the daemon can still rewrite while the
+	// handler reads it: copy what you validate before you act on it. Other
+	// handlers get a private copy (a slow handler must not pin ring space
+	// the session needs).
+	Body []byte
+	// Peer is the daemon as attested when it connected (uid, gid, pid,
+	// executable).
+	Peer control.PeerIdentity
+	// Subject and TokenID identify the token the request was checked
+	// against.
+	Subject token.Subject
+	TokenID uint64
+	// Correlation is the request id; 0 for a one-way Send, which is never
+	// answered.
+	Correlation uint64
+}
+
+// reqContext is a handler's context: the session's context, narrowed to
+// the request's deadline. The timer a deadline needs is made only if the
+// handler asks for Done, so a call whose handler never waits on its
+// context allocates none.
+type reqContext struct {
+	parent   context.Context // ends with the session or the server
+	deadline time.Time       // zero: none
+
+	once    sync.Once
+	derived context.Context
+	cancel  context.CancelFunc
+}
+
+func (c *reqContext) Deadline() (time.Time, bool) {
+	if !c.deadline.IsZero() {
+		return c.deadline, true
+	}
+	return c.parent.Deadline()
+}
+
+func (c *reqContext) Done() <-chan struct{} {
+	if c.deadline.IsZero() {
+		return c.parent.Done()
+	}
+	c.once.Do(c.arm)
+	return c.derived.Done()
+}
+
+func (c *reqContext) arm() { c.derived, c.cancel = context.WithDeadline(c.parent, c.deadline) }
+
+func (c *reqContext) Err() error {
+	if err := c.parent.Err(); err != nil {
+		return err
+	}
+	if !c.deadline.IsZero() && !time.Now().Before(c.deadline) {
+		return context.DeadlineExceeded
+	}
+	return nil
+}
+
+func (c *reqContext) Value(key any) any { return c.parent.Value(key) }
+
+// end releases the deadline's timer, if one was made.
+func (c *reqContext) end() {
+	if c.cancel != nil {
+		c.cancel()
+	}
+}

@@ -1,0 +1,280 @@
+package sypas
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sypas/go/control"
+	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/wire"
+)
+
+// Rights are what a session's token grants, and what an operation needs
+// (control/token): RightRequest, RightSubscribe, RightPublish, RightBulk,
+// RightAdmin.
+type Rights = token.Rights
+
+// The rights an operation may need.
+const (
+	RightRequest   = token.RightRequest
+	RightSubscribe = token.RightSubscribe
+	RightPublish   = token.RightPublish
+	RightBulk      = token.RightBulk
+	RightAdmin     = token.RightAdmin
+)
+
+// Handler serves one operation. ctx ends when the request's deadline
+// (the caller's timeout) passes, when the session ends or when the server
+// is closed. The returned body is copied into the reply before Handler's
+// caller returns, so it may be the handler's own reusable memory.
+//
+// An error that is an *Error (or wraps one) is answered with its Code and
+// Message; any other error as E_INTERNAL, without its text, which only the
+// server's log sees. A panic is recovered and answered E_INTERNAL.
+//
+// req, its Body and ctx are valid until the handler returns: keep none of
+// them (copy the body, and derive a context of your own for work that
+// outlives the call).
+type Handler func(ctx context.Context, req *Request) ([]byte, error)
+
+// RouteOption changes how an operation is served.
+type RouteOption uint8
+
+const (
+	// Inline runs the handler on the session's reader goroutine: no
+	// hand-off, so the lowest latency, and Request.Body is a view into the
+	// shared ring itself. Only for handlers that never block: while one
+	// runs, the session reads nothing else.
+	Inline RouteOption = 1 << iota
+)
+
+// ServerConfig configures a Server. Keys is required; the zero value of
+// everything else is a documented default.
+type ServerConfig struct {
+	// ServerConfig is the control plane's: token keys and lifetime, the
+	// rights every session's token grants, limits, ring sizes, heartbeats,
+	// and the Logger that receives one audit record per refusal (nil:
+	// slog.Default()).
+	control.ServerConfig
+	// Workers bounds the handlers that run at once for one session (those
+	// not registered Inline). Zero means DefaultWorkers.
+	Workers int
+	// WriteTimeout bounds how long a reply or event waits for room in a
+	// daemon's ring before the session is ended as not reading. Zero means
+	// DefaultWriteTimeout.
+	WriteTimeout time.Duration
+	// Topics sets the SlowPolicy of topics by name; a topic not named
+	// here is DropNewest.
+	Topics map[string]SlowPolicy
+}
+
+// Defaults of ServerConfig.
+const (
+	DefaultWorkers      = 8
+	DefaultWriteTimeout = 5 * time.Second
+)
+
+// HealthOp is the operation every Server answers, with no right needed:
+// "SERVING", or "NOT_SERVING" once Shutdown has begun. Client.Health calls
+// it.
+const HealthOp = "sypas.health"
+
+// Server is the kernel side of the bridge: it accepts daemons on a
+// control.Listener, checks every frame they send against their session's
+// token (the enforcer), routes requests to handlers, and publishes events
+// to subscribers.
+type Server struct {
+	cfg ServerConfig
+	log *slog.Logger
+
+	routes atomic.Pointer[map[string]*route] // copied on write
+
+	mu       sync.Mutex
+	conns    map[*serverConn]struct{}
+	serving  bool
+	stopping bool
+	stop     context.CancelFunc
+	served   chan struct{} // closed when Serve returns
+	closed   chan struct{} // closed by Close: cancels every handler
+
+	notServing atomic.Bool
+	stats      serverStats
+	topics     topics
+}
+
+type route struct {
+	op     string
+	rights Rights
+	h      Handler
+	inline bool
+}
+
+// NewServer checks cfg and returns a Server with no operation but
+// HealthOp. Register operations with Handle, then Serve.
+func NewServer(cfg ServerConfig) (*Server, error) {
+	if cfg.Workers < 0 || cfg.WriteTimeout < 0 {
+		return nil, fmt.Errorf("%w: ServerConfig.Workers %d and WriteTimeout %v must not be negative", control.ErrConfig, cfg.Workers, cfg.WriteTimeout)
+	}
+	cfg.Workers = cmp.Or(cfg.Workers, DefaultWorkers)
+	cfg.WriteTimeout = cmp.Or(cfg.WriteTimeout, DefaultWriteTimeout)
+	if cfg.Keys == nil {
+		return nil, fmt.Errorf("%w: ServerConfig.Keys is required", control.ErrConfig)
+	}
+	cfg.Features = cmp.Or(cfg.Features, control.DefaultFeatures) | wire.FeatureSubscribe
+	s := &Server{cfg: cfg, log: cfg.Logger, conns: make(map[*serverConn]struct{}), closed: make(chan struct{})}
+	if s.log == nil {
+		s.log = slog.Default()
+	}
+	s.topics.init()
+	m := map[string]*route{}
+	s.routes.Store(&m)
+	s.Handle(HealthOp, 0, s.health, Inline)
+	return s, nil
+}
+
+// Handle registers h for op, which callers must have rights for (all the
+// bits; 0 means any session). It panics on an empty or over-long op, a nil
+// handler or an op registered twice, as http.ServeMux does: these are
+// mistakes in the program, not in its input. Handle may be called while
+// the server runs.
+func (s *Server) Handle(op string, rights Rights, h Handler, opts ...RouteOption) {
+	if op == "" || len(op) > wire.MaxNameLen || h == nil {
+		panic(fmt.Sprintf("sypas: Handle(%q): op must be 1..%d bytes and the handler non-nil", op, wire.MaxNameLen))
+	}
+	r := &route{op: op, rights: rights, h: h}
+	for _, o := range opts {
+		r.inline = r.inline || o&Inline != 0
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	old := *s.routes.Load()
+	if _, dup := old[op]; dup {
+		panic(fmt.Sprintf("sypas: Handle(%q): registered twice", op))
+	}
+	m := make(map[string]*route, len(old)+1)
+	for k, v := range old {
+		m[k] = v
+	}
+	m[op] = r
+	s.routes.Store(&m)
+}
+
+func (s *Server) health(context.Context, *Request) ([]byte, error) {
+	if s.notServing.Load() {
+		return notServing, nil
+	}
+	return serving, nil
+}
+
+var serving, notServing = []byte("SERVING"), []byte("NOT_SERVING")
+
+// Serve accepts daemons on l until Shutdown or Close, each session served
+// in its own goroutines; a slow or hostile handshake delays nobody else.
+// It returns nil after Shutdown or Close, or the listener's error. l stays
+// the caller's to close.
+func (s *Server) Serve(l *control.Listener) error {
+	cs, err := control.NewServer(l, s.cfg.ServerConfig)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s.mu.Lock()
+	if s.serving || s.stopping {
+		s.mu.Unlock()
+		cancel()
+		return fmt.Errorf("%w: Serve: the server is already serving, or was shut down", ErrClosed)
+	}
+	s.serving, s.stop, s.served = true, cancel, make(chan struct{})
+	s.mu.Unlock()
+	defer close(s.served)
+	err = cs.Serve(ctx, s.serveSession)
+	if errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+// serveSession runs one daemon's session until it ends (control closes
+// it when this returns).
+func (s *Server) serveSession(sess *control.Session) {
+	c := newServerConn(s, sess)
+	s.mu.Lock()
+	if s.stopping {
+		s.mu.Unlock()
+		sess.Shutdown(context.Background())
+		return
+	}
+	s.conns[c] = struct{}{}
+	s.mu.Unlock()
+	s.stats.sessions.Add(1)
+	defer func() {
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+		s.stats.sessions.Add(-1)
+		s.topics.dropConn(c)
+	}()
+	c.run()
+}
+
+// Shutdown stops the server in order: Health answers NOT_SERVING, no new
+// daemon is accepted, each session gets GOAWAY and its requests in flight
+// are answered (within ctx), then the sessions close and Serve returns.
+// When ctx ends first, Shutdown closes what is left (Close) and returns
+// ctx's error.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.notServing.Store(true)
+	s.mu.Lock()
+	s.stopping = true
+	stop, served := s.stop, s.served
+	conns := make([]*serverConn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, c := range conns {
+		wg.Add(1)
+		go func() { defer wg.Done(); c.drain(ctx) }()
+	}
+	wg.Wait()
+	if stop != nil {
+		stop()
+		select {
+		case <-served:
+		case <-ctx.Done():
+			s.Close()
+			return ctx.Err()
+		}
+	}
+	return ctx.Err()
+}
+
+// Close stops the server at once: every session ends, handlers' contexts
+// are cancelled, and Serve returns. It is idempotent.
+func (s *Server) Close() error {
+	s.notServing.Store(true)
+	s.mu.Lock()
+	s.stopping = true
+	select {
+	case <-s.closed:
+	default:
+		close(s.closed)
+	}
+	stop, served := s.stop, s.served
+	for c := range s.conns {
+		c.sess.Close()
+	}
+	s.mu.Unlock()
+	if stop != nil {
+		stop()
+		<-served
+	}
+	return nil
+}

@@ -1,0 +1,335 @@
+package sypas
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sypas/go/control"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
+)
+
+// serverConn serves one daemon's session: a reader goroutine that checks
+// and dispatches every frame of the daemon's ring, and up to Workers
+// goroutines for handlers that are not Inline. Replies go back through the
+// transport, whose lock keeps the kernel's ring single-producer.
+type serverConn struct {
+	srv  *Server
+	sess *control.Session
+	tr   transport
+	ctx  context.Context // ends with the session or the server
+	end  context.CancelFunc
+
+	maxInFlight int32
+	inFlight    atomic.Int32  // requests read and not yet answered
+	idle        chan struct{} // signalled when inFlight drops to 0 while draining
+	draining    atomic.Bool
+
+	jobs    chan *call
+	workers int // started; reader only
+	wg      sync.WaitGroup
+
+	// The reader's reusable payloads for its own replies.
+	resp wire.Response
+	emsg wire.ErrorMsg
+	req  wire.Request
+}
+
+// call is one request on its way through a handler.
+type call struct {
+	req  Request
+	ctx  reqContext
+	body []byte // a pool handler's copy of the body
+	rt   *route
+	resp wire.Response
+	emsg wire.ErrorMsg
+}
+
+func newServerConn(s *Server, sess *control.Session) *serverConn {
+	ctx, cancel := context.WithCancel(context.Background())
+	c := &serverConn{
+		srv: s, sess: sess, ctx: ctx, end: cancel,
+		tr:          newRingTransport(sess, s.cfg.WriteTimeout),
+		maxInFlight: int32(sess.Params().MaxInFlight),
+		idle:        make(chan struct{}, 1),
+		jobs:        make(chan *call, s.cfg.Workers),
+	}
+	return c
+}
+
+// run reads and serves the daemon's frames until the session ends, then
+// waits for the handlers it started.
+func (c *serverConn) run() {
+	stop := context.AfterFunc(c.srv.closedCtx(), c.end)
+	defer stop()
+	go func() {
+		select {
+		case <-c.sess.Done():
+		case <-c.ctx.Done():
+		}
+		c.end()
+	}()
+	go c.watchGoAway()
+	defer func() {
+		c.end()
+		close(c.jobs)
+		c.wg.Wait()
+	}()
+	for {
+		f, err := c.tr.recv(time.Time{})
+		if err != nil {
+			var e *Error
+			if errors.As(err, &e) && e.Code == CodeProto && c.sess.Err() == nil {
+				c.sess.Abort(err) // the daemon learns why: never a bare EOF
+			}
+			return
+		}
+		c.serve(&f)
+		c.tr.release()
+	}
+}
+
+// serve checks one frame against the session's token and limits (the
+// enforcer) and dispatches it. A refusal is answered with the request's
+// correlation; a frame that breaks the protocol ends the session.
+func (c *serverConn) serve(f *frame.Frame) {
+	switch f.Type {
+	case frame.TypeRequest:
+	case frame.TypeSubscribe, frame.TypeUnsubscribe:
+		c.serveSubscription(f)
+		return
+	default:
+		c.sess.Abort(errorf(CodeProto, fmt.Sprintf("%v frame on the daemon's ring (docs/PROTOCOL.md §8.1)", f.Type)))
+		return
+	}
+	corr := f.Correlation
+	if !c.sess.Admits(f.CapRef) {
+		c.deny(corr, CodeAuth, control.EventAuth, "cap_ref names no valid token of this session")
+		return
+	}
+	if int(f.PayloadLen) > c.tr.maxPayload() {
+		c.deny(corr, CodeTooLarge, control.EventProtocol, "request payload above the session's max_payload")
+		return
+	}
+	m := &c.req
+	if err := m.Decode(f.Payload); err != nil {
+		c.sess.Abort(&Error{Code: CodeProto, Message: "REQUEST payload", Err: err})
+		return
+	}
+	rt := (*c.srv.routes.Load())[string(m.Method)]
+	if rt == nil {
+		c.deny(corr, CodeNotFound, control.EventProtocol, "no such operation")
+		return
+	}
+	if need := rt.rights; need != 0 {
+		if cp := c.sess.Capability(); cp == nil || cp.Rights&need != need {
+			c.deny(corr, CodePermission, control.EventPermission, "the token lacks the operation's rights")
+			return
+		}
+	}
+	if corr != 0 {
+		if n := c.inFlight.Add(1); n > c.maxInFlight {
+			c.inFlight.Add(-1)
+			c.denyRetry(corr, CodeResource, control.EventLimit, "more requests in flight than max_in_flight", time.Millisecond)
+			return
+		}
+	}
+	cl := &call{rt: rt}
+	cl.req = Request{Op: rt.op, Peer: c.sess.Peer(), TokenID: f.CapRef, Correlation: corr}
+	if cp := c.sess.Capability(); cp != nil {
+		cl.req.Subject = cp.Subject
+	}
+	cl.ctx.parent = c.ctx
+	if m.Timeout > 0 {
+		cl.ctx.deadline = time.Now().Add(m.Timeout)
+	}
+	if rt.inline {
+		cl.req.Body = m.Body
+		c.handle(cl)
+		return
+	}
+	cl.body = append(cl.body, m.Body...)
+	cl.req.Body = cl.body
+	c.dispatch(cl)
+}
+
+// dispatch hands cl to a worker, starting one if fewer than Workers run;
+// with all busy it waits, which is the session's backpressure.
+func (c *serverConn) dispatch(cl *call) {
+	select {
+	case c.jobs <- cl:
+		if c.workers < cap(c.jobs) {
+			c.workers++
+			c.wg.Add(1)
+			go c.work()
+		}
+		return
+	default:
+	}
+	if c.workers < cap(c.jobs) {
+		c.workers++
+		c.wg.Add(1)
+		go c.work()
+	}
+	select {
+	case c.jobs <- cl:
+	case <-c.ctx.Done():
+		c.finish(cl)
+	}
+}
+
+func (c *serverConn) work() {
+	defer c.wg.Done()
+	for cl := range c.jobs {
+		c.handle(cl)
+	}
+}
+
+// handle runs the handler and answers (unless the request was one-way).
+func (c *serverConn) handle(cl *call) {
+	body, err := c.invoke(cl)
+	cl.ctx.end()
+	s := &c.srv.stats
+	if cl.req.Correlation == 0 {
+		if err != nil {
+			s.failed.Add(1)
+		} else {
+			s.ok.Add(1)
+		}
+		return
+	}
+	if err == nil {
+		cl.resp.Body = body
+		err = c.tr.send(c.ctx, frame.Header{Type: frame.TypeResponse, Flags: frame.FlagEndStream, Correlation: cl.req.Correlation}, nil, &cl.resp, false)
+		if err == nil {
+			s.ok.Add(1)
+		} else if errors.Is(err, ErrTooLarge) {
+			err = c.reply(cl, &Error{Code: CodeTooLarge, Message: "the handler's reply is above the session's max_payload"})
+		}
+	} else {
+		s.failed.Add(1)
+		err = c.reply(cl, err)
+	}
+	c.finish(cl)
+	if err != nil {
+		c.sendFailed(err)
+	}
+}
+
+// invoke calls the handler, turning a panic into E_INTERNAL.
+func (c *serverConn) invoke(cl *call) (body []byte, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			c.srv.stats.panics.Add(1)
+			c.srv.log.LogAttrs(c.ctx, slog.LevelError, "sypas: handler panicked",
+				slog.String("op", cl.req.Op), slog.Any("panic", p), slog.String("stack", string(debug.Stack())))
+			body, err = nil, errorf(CodeInternal, "the handler failed")
+		}
+	}()
+	return cl.rt.h(&cl.ctx, &cl.req)
+}
+
+// reply answers cl with ERROR for err: an *Error's code and message, or
+// E_INTERNAL with no detail for any other error (its text is logged).
+func (c *serverConn) reply(cl *call, err error) error {
+	var e *Error
+	if !errors.As(err, &e) {
+		c.srv.log.LogAttrs(c.ctx, slog.LevelWarn, "sypas: handler error",
+			slog.String("op", cl.req.Op), slog.String(control.LogKeyReason, err.Error()))
+		e = &Error{Code: CodeInternal, Message: "internal error"}
+	}
+	cl.emsg = wire.NewErrorMsg(e)
+	if len(cl.emsg.Message) == 0 {
+		cl.emsg.Message = []byte(e.Code.String())
+	}
+	return c.tr.send(c.ctx, frame.Header{Type: frame.TypeError, Correlation: cl.req.Correlation}, nil, &cl.emsg, false)
+}
+
+// finish ends cl's turn in flight.
+func (c *serverConn) finish(cl *call) {
+	if cl.req.Correlation != 0 && c.inFlight.Add(-1) == 0 && c.draining.Load() {
+		select {
+		case c.idle <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// sendFailed ends the session when a reply cannot be written: the daemon
+// does not read its ring (ErrResource after WriteTimeout), or the session
+// is already gone.
+func (c *serverConn) sendFailed(err error) {
+	if c.sess.Err() == nil && errors.Is(err, ErrResource) {
+		c.sess.Abort(&Error{Code: CodeResource, Message: "the daemon did not read its ring for WriteTimeout", Err: err})
+	}
+}
+
+// deny refuses a request with code, answering it (unless one-way),
+// counting and auditing the refusal.
+func (c *serverConn) deny(corr uint64, code Code, event, reason string) {
+	c.denyRetry(corr, code, event, reason, 0)
+}
+
+func (c *serverConn) denyRetry(corr uint64, code Code, event, reason string, retry time.Duration) {
+	c.srv.stats.denied.Add(1)
+	control.Audit(c.ctx, c.srv.cfg.Logger, slog.LevelWarn, "sypas: refused", event, reason,
+		append(c.sess.AuditAttrs(), slog.String(control.LogKeyCode, code.String()))...)
+	if corr == 0 {
+		return
+	}
+	c.emsg = wire.ErrorMsg{Code: code, Message: []byte(reason), RetryAfterMs: uint32(retry / time.Millisecond)}
+	if err := c.tr.send(c.ctx, frame.Header{Type: frame.TypeError, Correlation: corr}, nil, &c.emsg, false); err != nil {
+		c.sendFailed(err)
+	}
+}
+
+// watchGoAway answers the daemon's GOAWAY: the daemon starts nothing new,
+// so once the requests in flight are answered the session ends in order.
+func (c *serverConn) watchGoAway() {
+	select {
+	case <-c.sess.GoAway():
+		c.drain(c.ctx)
+	case <-c.ctx.Done():
+	}
+}
+
+// drain lets the requests in flight finish (within ctx), then ends the
+// session in order: GOAWAY, the daemon's GOAWAY, close.
+func (c *serverConn) drain(ctx context.Context) {
+	c.draining.Store(true)
+	for c.inFlight.Load() > 0 {
+		select {
+		case <-c.idle:
+		case <-ctx.Done():
+			c.sess.Close()
+			return
+		case <-c.sess.Done():
+			return
+		case <-time.After(10 * time.Millisecond): // a missed signal costs this much
+		}
+	}
+	c.sess.Shutdown(ctx)
+}
+
+// closedCtx is a context that ends when the server is closed.
+func (s *Server) closedCtx() context.Context { return closedContext{s.closed} }
+
+type closedContext struct{ ch chan struct{} }
+
+func (closedContext) Deadline() (time.Time, bool) { return time.Time{}, false }
+func (c closedContext) Done() <-chan struct{}     { return c.ch }
+func (c closedContext) Err() error {
+	select {
+	case <-c.ch:
+		return context.Canceled
+	default:
+		return nil
+	}
+}
+func (closedContext) Value(any) any { return nil }

@@ -1,0 +1,37 @@
+package sypas
+
+import "sync/atomic"
+
+// ServerStats is a snapshot of a Server's counters.
+type ServerStats struct {
+	Sessions  int64  // sessions being served now
+	OK        uint64 // requests answered with a RESPONSE (or one-way ones served)
+	Failed    uint64 // requests whose handler returned an error (answered ERROR)
+	Denied    uint64 // frames the enforcer refused: token, rights, size, in flight, unknown op
+	Panics    uint64 // handler panics, answered E_INTERNAL
+	InFlight  int64  // requests read and not yet answered, all sessions
+	Published uint64 // events written to subscribers' rings
+	Dropped   uint64 // events a slow subscriber lost (DropNewest, or Block past the deadline)
+}
+
+type serverStats struct {
+	sessions           atomic.Int64
+	ok, failed, denied atomic.Uint64
+	panics             atomic.Uint64
+	published, dropped atomic.Uint64
+}
+
+// Stats returns the server's counters, each read atomically.
+func (s *Server) Stats() ServerStats {
+	st := ServerStats{
+		Sessions: s.stats.sessions.Load(), OK: s.stats.ok.Load(), Failed: s.stats.failed.Load(),
+		Denied: s.stats.denied.Load(), Panics: s.stats.panics.Load(),
+		Published: s.stats.published.Load(), Dropped: s.stats.dropped.Load(),
+	}
+	s.mu.Lock()
+	for c := range s.conns {
+		st.InFlight += int64(c.inFlight.Load())
+	}
+	s.mu.Unlock()
+	return st
+}

@@ -1,0 +1,284 @@
+package sypas
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync/atomic"
+	"time"
+
+	"github.com/sypas/go/control"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/ring"
+	"github.com/sypas/go/wire"
+)
+
+// transport carries the data-plane frames of one session (docs/PROTOCOL.md
+// §8) between a daemon and the kernel. Client and Server speak only
+// through it: the shared-memory rings are the first implementation, and
+// frames inline on a socket, TCP and gRPC are each another.
+type transport interface {
+	// send writes one frame carrying m, with ext (nil, or a multiple of 8
+	// bytes) as its header extension. h gives Type, Flags and Correlation;
+	// the transport sets the lengths, the stream, the sequence and
+	// cap_ref. Safe for concurrent use. ctx bounds waiting for room and
+	// for the other senders; a payload over the session's limit fails
+	// with an error matching ErrTooLarge before anything is written. With
+	// noWait, a send that would wait for room fails with errFull instead.
+	send(ctx context.Context, h frame.Header, ext []byte, m wire.Message, noWait bool) error
+	// recv returns the next frame, waiting until the deadline (zero:
+	// none). Its Extension and Payload stay valid until release. One
+	// goroutine at a time.
+	recv(deadline time.Time) (frame.Frame, error)
+	// release hands back every frame recv returned.
+	release()
+	// nudge makes a recv waiting in another goroutine return at once with
+	// os.ErrDeadlineExceeded, as if its deadline had passed.
+	nudge()
+	// maxPayload is the largest payload send accepts.
+	maxPayload() int
+	// session is the control-plane session the frames belong to: identity,
+	// token, liveness.
+	session() *control.Session
+}
+
+// ringTransport carries frames in the session's two rings, one frame per
+// ring record.
+//
+// Senders take turns through lock, a one-slot channel rather than a mutex
+// so that a sender waiting for its turn still honours its context. The
+// producer publishes with one Flush per burst: a sender that sees another
+// waiting for the lock leaves the Flush to it, so callers arriving together
+// share one index store and at most one FUTEX_WAKE.
+type ringTransport struct {
+	sess *control.Session
+	max  int
+	// writeTimeout bounds a send's wait for room when ctx has no
+	// deadline (the kernel: a daemon that never reads must not hold its
+	// reply writers for ever); 0 means no bound.
+	writeTimeout time.Duration
+
+	lock    chan struct{}
+	waiting atomic.Int32
+	prod    *ring.Producer // under lock
+	seq     uint64         // under lock: sequence of the last frame sent
+	dirty   atomic.Bool    // committed, not flushed; written under lock
+
+	cons     *ring.Consumer // the receiving goroutine's
+	rseq     uint64         // sequence of the last frame received
+	deadline time.Time      // the consumer's wait deadline, as last set
+	nudged   atomic.Bool    // nudge changed the deadline behind recv's back
+	fcfg     frame.Config
+}
+
+func newRingTransport(s *control.Session, writeTimeout time.Duration) *ringTransport {
+	max := int(s.Params().MaxPayload)
+	return &ringTransport{
+		sess: s, max: max, writeTimeout: writeTimeout,
+		lock: make(chan struct{}, 1),
+		prod: s.Producer(), cons: s.Consumer(),
+		// Decode whatever fits a record: a frame over max_payload is still
+		// read whole, so the kernel can refuse it with its correlation.
+		fcfg: frame.Config{MaxPayload: frame.HardMaxPayload},
+	}
+}
+
+func (t *ringTransport) session() *control.Session { return t.sess }
+func (t *ringTransport) maxPayload() int            { return t.max }
+
+func (t *ringTransport) send(ctx context.Context, h frame.Header, ext []byte, m wire.Message, noWait bool) error {
+	n := m.Len()
+	if n > t.max {
+		return &Error{Code: CodeTooLarge, Message: fmt.Sprintf("%v payload of %d bytes, the session's limit is %d", h.Type, n, t.max)}
+	}
+	select {
+	case t.lock <- struct{}{}:
+	default:
+		t.waiting.Add(1)
+		select {
+		case t.lock <- struct{}{}:
+			t.waiting.Add(-1)
+		case <-ctx.Done():
+			t.leave()
+			return ctx.Err()
+		case <-t.sess.Done():
+			t.leave()
+			return t.sessErr(nil)
+		}
+	}
+	err := t.write(ctx, &h, ext, m, n, noWait)
+	return t.unlock(err)
+}
+
+// unlock publishes what is committed unless another sender waits for the
+// lock (it will), then releases the lock. A waiter that gives up after we
+// looked (leave) finds the lock free and settles in our place.
+func (t *ringTransport) unlock(err error) error {
+	for {
+		if t.dirty.Load() && t.waiting.Load() == 0 {
+			t.dirty.Store(false)
+			if ferr := t.prod.Flush(); err == nil && ferr != nil {
+				err = t.sessErr(ferr)
+			}
+		}
+		<-t.lock
+		if !t.dirty.Load() || t.waiting.Load() != 0 {
+			return err
+		}
+		select {
+		case t.lock <- struct{}{}: // a waiter left after we looked: settle again
+		default:
+			return err // another sender holds the lock: it settles
+		}
+	}
+}
+
+// leave is a waiting sender giving up: if the holder left the Flush to it,
+// it takes the lock (when free) and settles.
+func (t *ringTransport) leave() {
+	t.waiting.Add(-1)
+	select {
+	case t.lock <- struct{}{}:
+		t.unlock(nil)
+	default:
+	}
+}
+
+// write puts one frame of payload length n in the ring; under lock.
+func (t *ringTransport) write(ctx context.Context, h *frame.Header, ext []byte, m wire.Message, n int, noWait bool) error {
+	hl := frame.HeaderSize + len(ext)
+	total := hl + n
+	buf := t.prod.TryReserve(total)
+	if buf == nil {
+		var err error
+		if buf, err = t.reserve(ctx, total, noWait); err != nil {
+			return err
+		}
+	}
+	h.HeaderLen, h.PayloadLen, h.StreamID = uint16(hl), uint32(n), 1
+	h.Sequence, h.CapRef = t.seq+1, t.sess.CapRef()
+	if err := h.Put(buf); err != nil {
+		t.prod.Abandon()
+		return err
+	}
+	copy(buf[frame.HeaderSize:hl], ext)
+	if p, err := m.Append(buf[hl:hl:total]); err != nil || len(p) != n {
+		t.prod.Abandon()
+		return fmt.Errorf("sypas: encode %v: %w", h.Type, err)
+	}
+	if err := t.prod.Commit(total); err != nil {
+		return t.sessErr(err)
+	}
+	t.seq++
+	t.dirty.Store(true)
+	return nil
+}
+
+// errFull is a noWait send that found no room.
+var errFull = &Error{Code: CodeResource, Message: "no room in the peer's ring"}
+
+// reserve is the slow path of write: publish what is committed, then wait
+// for room until ctx's deadline (or writeTimeout); with noWait, not at all.
+func (t *ringTransport) reserve(ctx context.Context, total int, noWait bool) ([]byte, error) {
+	if t.dirty.Load() {
+		t.dirty.Store(false)
+		if err := t.prod.Flush(); err != nil {
+			return nil, t.sessErr(err)
+		}
+	}
+	dl, ok := ctx.Deadline()
+	if !ok && t.writeTimeout > 0 {
+		dl = time.Now().Add(t.writeTimeout)
+	}
+	if noWait {
+		dl = time.Unix(1, 0) // Reserve still takes room it finds, but does not wait
+	}
+	t.prod.SetWaitDeadline(dl)
+	buf, err := t.prod.Reserve(total)
+	t.prod.SetWaitDeadline(time.Time{})
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		if noWait {
+			return nil, errFull
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, &Error{Code: CodeResource, Message: "the peer's ring stayed full: it reads nothing", Err: err}
+	}
+	if err != nil {
+		return nil, t.sessErr(err)
+	}
+	return buf, nil
+}
+
+func (t *ringTransport) recv(deadline time.Time) (frame.Frame, error) {
+	if t.nudged.Load() && t.nudged.CompareAndSwap(true, false) || !deadline.Equal(t.deadline) {
+		t.cons.SetWaitDeadline(deadline)
+		t.deadline = deadline
+	}
+	var f frame.Frame
+	v, err := t.cons.Next()
+	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return f, err
+		}
+		return f, t.sessErr(err)
+	}
+	if _, err := f.Decode(v, t.fcfg); err != nil {
+		return f, &Error{Code: CodeProto, Message: "a ring record is not a frame", Err: err}
+	}
+	if f.Sequence != t.rseq+1 {
+		return f, errorf(CodeProto, fmt.Sprintf("%v frame with sequence %d on the ring, want %d", f.Type, f.Sequence, t.rseq+1))
+	}
+	t.rseq++
+	return f, nil
+}
+
+func (t *ringTransport) release() { t.cons.Release() }
+
+func (t *ringTransport) nudge() {
+	t.cons.SetDeadline(time.Unix(1, 0)) // wakes the waiting Next
+	t.nudged.Store(true)                // after: the next recv restores its own
+}
+
+// sessErr turns a ring error into the session's reason when the session
+// has ended (the control plane interrupts the rings with it), so callers
+// see ErrPeerGone, E_AUTH... rather than a bare ring.ErrClosed.
+func (t *ringTransport) sessErr(err error) error {
+	select {
+	case <-t.sess.Done():
+		if e := t.sess.Err(); e != nil {
+			return unavailable(e)
+		}
+	default:
+	}
+	if err == nil {
+		return unavailable(control.ErrSessionClosed)
+	}
+	return err
+}
+
+// sessionEnded is the error of a call whose session ended under it (or
+// was gone when it began): it wraps why the session ended, and matches
+// ErrUnavailable unless that reason carries a code of its own (E_AUTH for
+// a revoked token, say).
+type sessionEnded struct{ err error }
+
+func (e *sessionEnded) Error() string { return "sypas: no session: " + e.err.Error() }
+func (e *sessionEnded) Unwrap() error { return e.err }
+func (e *sessionEnded) Is(target error) bool {
+	var c *Error
+	return target == ErrUnavailable && !errors.As(e.err, &c)
+}
+
+func unavailable(err error) error {
+	if err == nil {
+		err = control.ErrSessionClosed
+	}
+	var se *sessionEnded
+	if errors.As(err, &se) {
+		return err
+	}
+	return &sessionEnded{err}
+}

@@ -85,7 +85,7 @@ func newRingTransport(s *control.Session, writeTimeout time.Duration) *ringTrans
 }
 
 func (t *ringTransport) session() *control.Session { return t.sess }
-func (t *ringTransport) maxPayload() int            { return t.max }
+func (t *ringTransport) maxPayload() int           { return t.max }
 
 func (t *ringTransport) send(ctx context.Context, h frame.Header, ext []byte, m wire.Message, noWait bool) error {
 	n := m.Len()

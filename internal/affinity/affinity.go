@@ -1,7 +1,9 @@
 package affinity
 
 import (
+	"os"
 	"runtime"
+	"strconv"
 
 	"golang.org/x/sys/unix"
 )
@@ -21,4 +23,27 @@ func Pin(cpu int) (unpin func()) {
 		_ = unix.SchedSetaffinity(0, &all)
 		runtime.UnlockOSThread()
 	}
+}
+
+// PinProcess moves every thread of the process to cpu; threads started
+// later inherit it. For a helper process whose work runs on goroutines the
+// caller does not control (a server's session readers), where Pin would
+// pin only the calling thread.
+func PinProcess(cpu int) error {
+	var set unix.CPUSet
+	set.Set(cpu)
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		return err
+	}
+	for _, t := range tasks {
+		tid, err := strconv.Atoi(t.Name())
+		if err != nil {
+			continue
+		}
+		if err := unix.SchedSetaffinity(tid, &set); err != nil && err != unix.ESRCH {
+			return err
+		}
+	}
+	return nil
 }

@@ -126,8 +126,8 @@ func demoCmd(args []string, _ io.Reader, stdout, stderr io.Writer) error {
 
 	// The table.
 	out.f("")
-	out.f("%d-byte calls from daemon A to the kernel, against a Unix-socket echo", msgSize)
-	out.f("between the same two processes; %v per figure, nothing pinned", *dur)
+	out.f("%d-byte calls from daemon A to the kernel, against a Unix-socket echo between", msgSize)
+	out.f("the same two processes (a connection per caller); %v per figure, nothing pinned", *dur)
 	out.f("machine: %s", machine())
 	o, err = a.do(step{Do: "bench", Duration: *dur, InFlight: *inFlight, Baseline: baseline})
 	if err != nil {

@@ -74,7 +74,7 @@ func demoCmd(args []string, _ io.Reader, stdout, stderr io.Writer) error {
 			return fmt.Errorf("daemon %s: %w", d.name, err)
 		}
 		out.f("daemon %s  pid %d, as the kernel attested it (op whoami):", d.name, o.PID)
-		for _, l := range wrapRecord(o.Whoami, 80) {
+		for _, l := range wrapRecord(o.Whoami, 88) {
 			out.f("            %s", l)
 		}
 		out.f("          its token %#x: rights %s, expires %s (in %v)", o.TokenID, o.Rights,

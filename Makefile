@@ -12,9 +12,10 @@ PKGS      := ./...
 
 all: lint test
 
-## demo: run kernel and daemon processes talking over the shared-memory rings
+## demo: a kernel and two daemon processes calling, refused, subscribing over the
+## shared-memory rings, then calls measured against a Unix socket
 demo:
-	$(GO) run ./cmd/sypas-demo
+	$(GO) run ./cmd/sypas demo
 
 ## test: vet, the race-enabled suite, the full-size cross-process stress tests,
 ## and one iteration of every benchmark so none of them rots

@@ -1,6 +1,6 @@
 // Package ringpair attaches a child process to the two rings its parent
 // passed it as inherited files 3 (parent to child) and 4 (child to parent),
-// as the demo's daemon and the benchmarks' echo peer are started. The control
+// as the benchmarks' echo peer is started. The control
 // plane passes regions over its socket instead; this is the short way for a
 // parent that starts its own peer.
 package ringpair

@@ -26,7 +26,7 @@ import (
 
 // TestSpecDaemonEndsSession: a frame the kernel cannot take ends the
 // session with ERROR on the control socket, whose reason the daemon gets
-// (§8.3, "What ends a session"); the kernel keeps serving other sessions.
+// (§8.4); the kernel keeps serving other sessions.
 func TestSpecDaemonEndsSession(t *testing.T) {
 	srv, path := specKernelServer(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

@@ -27,7 +27,7 @@ import (
 
 // Appendix A.2 of docs/PROTOCOL.md is the data plane of a real bridge
 // session: the reference kernel (Server) serving a daemon written from
-// docs/PROTOCOL.md §8 alone (specEnd: frames built with wire.AppendFrame,
+// docs/PROTOCOL.md §8 alone (specEnd: frames assembled with the wire codecs,
 // written to and read from the session's ring ends that control.Dial hands
 // out). The daemon records every frame it writes and reads, so no
 // production code has a hook, and the kernel's frames are its real bytes.

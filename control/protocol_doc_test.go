@@ -3,7 +3,6 @@ package control_test
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"flag"
@@ -13,7 +12,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -26,6 +24,7 @@ import (
 	"github.com/sypas/go/control"
 	"github.com/sypas/go/control/token"
 	"github.com/sypas/go/frame"
+	"github.com/sypas/go/internal/docgen"
 	"github.com/sypas/go/wire"
 )
 
@@ -47,15 +46,9 @@ const (
 
 // docKeyID and docKey sign the tokens of the transcript; the appendix gives
 // them so that a reader can check an HMAC-SHA256 chain against real bytes.
-const docKeyID = 1
+const docKeyID = docgen.KeyID
 
-var docKey = func() []byte {
-	k := make([]byte, 32)
-	for i := range k {
-		k[i] = byte(i)
-	}
-	return k
-}()
+var docKey = docgen.Key()
 
 // docFeatures is what both sides offer, so that the data-plane examples
 // are legal in the session shown.
@@ -371,12 +364,6 @@ func captureRefusal(t *testing.T, ctx context.Context, srv *control.Server, kpat
 	return captured{dir: toDaemon, b: b, note: "another connection: the kernel refuses a HELLO for versions 2..3, then closes"}
 }
 
-// span is a byte range of a frame that differs from run to run.
-type span struct {
-	off, n int
-	what   string
-}
-
 // Offsets inside frames: the header is 48 bytes, payloads follow it.
 const (
 	hdr        = frame.HeaderSize
@@ -384,73 +371,35 @@ const (
 	tokenStart = hdr + 18 // token bytes in a TOKEN frame
 )
 
+func span(off, n int, what string) docgen.Span { return docgen.Span{Off: off, N: n, What: what} }
+
 // varying lists the bytes of c that differ between runs.
-func varying(c captured) []span {
+func varying(c captured) []docgen.Span {
 	h := c.header()
-	var s []span
+	var s []docgen.Span
 	if h.CapRef != 0 {
-		s = append(s, span{capRefOff, 8, "cap_ref (the token id)"})
+		s = append(s, span(capRefOff, 8, "cap_ref (the token id)"))
 	}
 	switch h.Type {
 	case frame.TypeWelcome:
-		s = append(s, span{hdr + 16, 8, "session_id (random)"})
+		s = append(s, span(hdr+16, 8, "session_id (random)"))
 	case frame.TypeToken:
 		tl := len(c.b) - tokenStart
 		s = append(s,
-			span{hdr, 8, "token_id (random)"},
-			span{hdr + 8, 8, "expiry (the kernel's clock at minting + 2 s)"},
-			span{tokenStart + 8, 8, "token: token id"},
-			span{tokenStart + 16, 8, "token: uid and gid of the daemon (0 and 0 here)"},
-			span{tokenStart + 24, 4, "token: pid of the daemon"},
-			span{tokenStart + 28, 32, "token: SHA-256 of the daemon's executable"},
-			span{tokenStart + 76, 8, "token: expiry"},
-			span{tokenStart + tl - token.SigSize, token.SigSize, "token: signature"})
+			span(hdr, 8, "token_id (random)"),
+			span(hdr+8, 8, "expiry (the kernel's clock at minting + 2 s)"),
+			span(tokenStart+8, 8, "token: token id"),
+			span(tokenStart+16, 8, "token: uid and gid of the daemon (0 and 0 here)"),
+			span(tokenStart+24, 4, "token: pid of the daemon"),
+			span(tokenStart+28, 32, "token: SHA-256 of the daemon's executable"),
+			span(tokenStart+76, 8, "token: expiry"),
+			span(tokenStart+tl-token.SigSize, token.SigSize, "token: signature"))
 	case frame.TypeHeartbeat:
-		s = append(s, span{hdr + 8, 8, "sent_at (CLOCK_MONOTONIC)"})
+		s = append(s, span(hdr+8, 8, "sent_at (CLOCK_MONOTONIC)"))
 	case frame.TypeTokenRefresh:
-		s = append(s, span{hdr, 8, "token_id"})
+		s = append(s, span(hdr, 8, "token_id"))
 	}
 	return s
-}
-
-// merge returns fresh with its varying bytes taken from doc (the frames the
-// appendix shows), wherever doc has a frame of the same length: if nothing
-// but those bytes changed, the result is exactly doc.
-func merge(fresh []captured, doc [][]byte) []captured {
-	out := make([]captured, len(fresh))
-	for i, c := range fresh {
-		c.b = bytes.Clone(c.b)
-		if i < len(doc) && len(doc[i]) == len(c.b) {
-			for _, s := range varying(c) {
-				copy(c.b[s.off:s.off+s.n], doc[i][s.off:s.off+s.n])
-			}
-		}
-		out[i] = c
-	}
-	return out
-}
-
-// parseDumps reads back the hex dumps (encoding/hex.Dump) of the section.
-func parseDumps(section string) [][]byte {
-	var out [][]byte
-	for _, block := range strings.Split(section, "```text\n")[1:] {
-		block, _, _ = strings.Cut(block, "```")
-		var b []byte
-		for _, line := range strings.Split(strings.TrimSpace(block), "\n") {
-			hexPart, _, _ := strings.Cut(line, "|")
-			f := strings.Fields(hexPart)
-			if len(f) == 0 {
-				continue
-			}
-			x, err := hex.DecodeString(strings.Join(f[1:], ""))
-			if err != nil {
-				return nil
-			}
-			b = append(b, x...)
-		}
-		out = append(out, b)
-	}
-	return out
 }
 
 // TestProtocolDocExamples checks Appendix A of docs/PROTOCOL.md against a
@@ -459,12 +408,8 @@ func parseDumps(section string) [][]byte {
 //
 //	go test ./control -run TestProtocolDocExamples -args -update
 func TestProtocolDocExamples(t *testing.T) {
-	doc, err := os.ReadFile(protocolDoc)
+	doc, err := docgen.Open(protocolDoc, beginMarker, endMarker)
 	require.NoError(t, err)
-	begin := bytes.Index(doc, []byte(beginMarker))
-	end := bytes.Index(doc, []byte(endMarker))
-	require.True(t, begin >= 0 && end > begin, "markers %q / %q not found in %s", beginMarker, endMarker, protocolDoc)
-	begin += len(beginMarker)
 
 	// The session's frame order depends on timers; on a loaded machine a
 	// run may depart from the script, and then another run is made.
@@ -481,31 +426,24 @@ func TestProtocolDocExamples(t *testing.T) {
 
 	shown := fresh
 	if !*update {
-		shown = merge(fresh, parseDumps(string(doc[begin:end])))
+		dumps := doc.Dumps()
+		shown = make([]captured, len(fresh))
+		for i, c := range fresh {
+			if i < len(dumps) {
+				c.b = docgen.Merge(c.b, dumps[i], varying(c))
+			}
+			shown[i] = c
+		}
 	}
 	checkTokens(t, shown)
 	want := renderExamples(t, shown)
 	if *update {
-		out := append(append(append([]byte{}, doc[:begin]...), want...), doc[end:]...)
-		require.NoError(t, os.WriteFile(protocolDoc, out, 0o644))
+		require.NoError(t, doc.Update(want))
 		return
 	}
-	if got := string(doc[begin:end]); got != want {
-		t.Errorf("docs/PROTOCOL.md examples are stale (%s); run go test ./control -run TestProtocolDocExamples -args -update",
-			firstDiff(want, got))
+	if d := doc.Diff(want); d != "" {
+		t.Errorf("docs/PROTOCOL.md examples are stale (%s); run go test ./control -run TestProtocolDocExamples -args -update", d)
 	}
-}
-
-// firstDiff names the first line where the generated text and the
-// document differ.
-func firstDiff(want, got string) string {
-	w, g := strings.Split(want, "\n"), strings.Split(got, "\n")
-	for i := range min(len(w), len(g)) {
-		if w[i] != g[i] {
-			return fmt.Sprintf("generated line %d is %q, the document has %q", i+1, w[i], g[i])
-		}
-	}
-	return fmt.Sprintf("generated %d lines, the document has %d", len(w), len(g))
 }
 
 // checkSessionRules holds the captured frames to the rules of
@@ -573,72 +511,6 @@ func decode(t *testing.T, c captured) wire.Message {
 	return m
 }
 
-// dataExample is a data-plane frame as it would cross a ring of the
-// session shown.
-type dataExample struct {
-	dir  int
-	h    frame.Header
-	m    wire.Message
-	note string
-}
-
-// dataExamples are the data-plane frames of Appendix A.2: stream 1, one
-// sequence per ring from 1, cap_ref the session's first token id.
-func dataExamples(capRef uint64) []dataExample {
-	h := func(seq, corr uint64, flags frame.Flags) frame.Header {
-		return frame.Header{Flags: flags, StreamID: 1, Sequence: seq, Correlation: corr, CapRef: capRef}
-	}
-	return []dataExample{
-		{toKernel, h(1, 1, 0), &wire.Request{Timeout: 250 * time.Millisecond, Method: []byte("kv.get"), Body: []byte(`{"key":"a"}`)}, "request 1"},
-		{toDaemon, h(1, 1, frame.FlagEndStream), &wire.Response{Body: []byte(`{"value":1}`)}, "the whole answer to request 1"},
-		{toKernel, h(2, 0, 0), &wire.Subscribe{SubscriptionID: 7, Options: wire.SubLastValue, Topic: []byte("cpu.*")}, "subscription 7"},
-		{toDaemon, h(2, 0, frame.FlagChecksum), &wire.Event{SubscriptionID: 7, Timestamp: 1_767_225_600_000_000_000, Topic: []byte("cpu.load"), Body: []byte("0.42")},
-			"an event of subscription 7, with the optional CRC32C"},
-		{toKernel, h(3, 2, 0), &wire.Request{Method: []byte("kv.put"), Body: []byte(`{"key":"a","value":2}`)}, "request 2, no deadline"},
-		{toDaemon, h(3, 2, frame.FlagEndStream), &wire.ErrorMsg{Code: wire.CodeNotFound, Message: []byte("no method kv.put")}, "request 2 fails"},
-		{toKernel, h(4, 0, 0), &wire.Unsubscribe{SubscriptionID: 7}, "end of subscription 7"},
-		{toDaemon, h(4, 3, frame.FlagEndStream), &wire.Bulk{InnerType: frame.TypeResponse, Flags: wire.BulkChecksum, Region: 3,
-			Offset: 1 << 20, Length: 300 << 10, Lease: 99, Checksum: 0xdeadbeef},
-			"layout only: region 3 would be a BULK region, which no version 1 kernel announces, so this frame cannot occur in the session shown"},
-	}
-}
-
-// describe renders the fields of m, byte slices as quoted strings.
-func describe(m wire.Message) string {
-	v := reflect.ValueOf(m).Elem()
-	var parts []string
-	for i := range v.NumField() {
-		f := v.Field(i)
-		var s string
-		switch x := f.Interface().(type) {
-		case []byte:
-			s = fmt.Sprintf("%q", x)
-			if bytes.ContainsFunc(x, func(r rune) bool { return r < ' ' || r > '~' }) {
-				s = fmt.Sprintf("(%d bytes)", len(x))
-			}
-		case []wire.Region:
-			var rs []string
-			for _, r := range x {
-				rs = append(rs, fmt.Sprintf("{%v flags=%d id=%d size=%d}", r.Role, r.Flags, r.ID, r.Size))
-			}
-			s = "[" + strings.Join(rs, " ") + "]"
-		case fmt.Stringer:
-			s = fmt.Sprintf("%v (%d)", x, f.Interface())
-		case uint64:
-			s = fmt.Sprintf("%d (%#x)", x, x)
-		case uint32:
-			s = fmt.Sprintf("%d", x)
-			if v.Type().Field(i).Name == "Checksum" {
-				s = fmt.Sprintf("%#08x", x)
-			}
-		default:
-			s = fmt.Sprintf("%v", x)
-		}
-		parts = append(parts, v.Type().Field(i).Name+"="+s)
-	}
-	return strings.Join(parts, ", ")
-}
-
 // describeToken renders the fields of the token inside a TOKEN payload.
 func describeToken(b []byte) string {
 	tk, err := token.Parse(b)
@@ -691,7 +563,7 @@ func renderExamples(t *testing.T, frames []captured) string {
 		m := decode(t, c)
 		fmt.Fprintf(&sb, "#### A.1.%d %v, %s\n\n", i+1, h.Type, dirNames[c.dir])
 		fmt.Fprintf(&sb, "Header: %v.\n\n", h)
-		fmt.Fprintf(&sb, "Payload: %s.\n\n", describe(m))
+		fmt.Fprintf(&sb, "Payload: %s.\n\n", docgen.Describe(m))
 		if tm, ok := m.(*wire.Token); ok {
 			fmt.Fprintf(&sb, "Token: %s.\n\n", describeToken(tm.Token))
 		}
@@ -699,36 +571,10 @@ func renderExamples(t *testing.T, frames []captured) string {
 			fmt.Fprintf(&sb, "Descriptors (SCM_RIGHTS, same sendmsg): %d, in entry order.\n\n", c.fds)
 		}
 		if v := varying(c); len(v) > 0 {
-			var parts []string
-			for _, s := range v {
-				parts = append(parts, fmt.Sprintf("%d..%d %s", s.off, s.off+s.n-1, s.what))
-			}
-			fmt.Fprintf(&sb, "Bytes that vary from run to run: %s.\n\n", strings.Join(parts, "; "))
+			fmt.Fprintf(&sb, "Bytes that vary from run to run: %s.\n\n", docgen.Varying(v))
 		}
 		fmt.Fprintf(&sb, "```text\n%s```\n\n", hex.Dump(c.b))
 	}
 
-	sb.WriteString("### A.2 Data-plane frames on the rings of that session\n\n")
-	sb.WriteString("| # | Ring | Frame | flags | seq | corr | cap_ref | Note |\n|--:|---|---|---|--:|--:|---|---|\n")
-	examples := dataExamples(tok1)
-	for i, e := range examples {
-		fmt.Fprintf(&sb, "| A.2.%d | %s | %v | %v | %d | %d | %s | %s |\n",
-			i+1, dirNames[e.dir], e.m.Type(), e.h.Flags, e.h.Sequence, e.h.Correlation, capName(e.h.CapRef, tok1, tok2), e.note)
-	}
-	sb.WriteString("\n")
-	for i, e := range examples {
-		b, err := wire.AppendFrame(nil, e.h, e.m)
-		require.NoError(t, err)
-		var f frame.Frame
-		_, err = f.Decode(b, frame.Config{})
-		require.NoError(t, err)
-		fmt.Fprintf(&sb, "#### A.2.%d %v, %s ring\n\n", i+1, e.m.Type(), dirNames[e.dir])
-		fmt.Fprintf(&sb, "Header: %v", f.Header)
-		if f.Flags.Has(frame.FlagChecksum) {
-			fmt.Fprintf(&sb, ", checksum %#08x", binary.LittleEndian.Uint32(b[20:]))
-		}
-		fmt.Fprintf(&sb, ".\n\nPayload: %s.\n\n", describe(e.m))
-		fmt.Fprintf(&sb, "```text\n%s```\n\n", hex.Dump(b))
-	}
 	return sb.String()
 }

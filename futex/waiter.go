@@ -97,6 +97,10 @@ type Waiter struct {
 	nap atomic.Uint32
 	// throttled counts the naps, for Throttled.
 	throttled atomic.Uint64
+	// sleeps counts park's entries into and exits from FUTEX_WAIT on the
+	// shared word: odd from before it reads the state it sleeps on until
+	// FUTEX_WAIT returns (see kick).
+	sleeps atomic.Uint32
 }
 
 // nap values.
@@ -349,6 +353,9 @@ func (w *Waiter) yieldOnce(burst uint32) uint32 {
 // every wake-up that leaves it false look like one.
 func (w *Waiter) Progress() { w.progressed = true }
 
+// beforeSleep, set by tests only, runs in park right before FUTEX_WAIT.
+var beforeSleep func()
+
 // Throttled is how many times Wait has slept off wake-ups that brought
 // neither the condition nor progress (see Progress). It stays at or near 0
 // with a well-behaved peer; one that keeps growing means the peer wakes us
@@ -398,23 +405,46 @@ func (w *Waiter) park(ready func() bool) error {
 				continue
 			}
 		}
-		timeout := time.Duration(-1)
-		if dl := w.deadline.Load(); dl != 0 {
-			if timeout = time.Duration(dl) - w.now(); timeout <= 0 {
-				w.word.Store(awake)
-				return os.ErrDeadlineExceeded
-			}
+		// Odd from before the state is read below until FUTEX_WAIT returns:
+		// kick, which changes the state before it reads sleeps, either has
+		// its change read below or sees this sleep begun and wakes it until
+		// it is over.
+		w.sleeps.Add(1)
+		timeout, err := w.sleepTimeout()
+		if err != nil {
+			w.sleeps.Add(1)
+			w.word.Store(awake)
+			return err
 		}
 		// Sleeps only while the word is still "parked": a Notify or kick since
 		// our Store makes this return at once. A timeout is not trusted: the
 		// loop re-reads the (maybe moved) deadline against the clock.
-		err := Wait(w.word, parked, timeout)
+		if hook := beforeSleep; hook != nil {
+			hook()
+		}
+		err = Wait(w.word, parked, timeout)
+		w.sleeps.Add(1)
 		if err != nil && err != os.ErrDeadlineExceeded {
 			w.word.Store(awake)
 			return err
 		}
 		woken = err == nil
 	}
+}
+
+// sleepTimeout returns how long park may sleep in FUTEX_WAIT (negative: no
+// limit), or the error Wait must fail with instead.
+func (w *Waiter) sleepTimeout() (time.Duration, error) {
+	if err := w.stopErr(); err != nil {
+		return 0, err
+	}
+	if dl := w.deadline.Load(); dl != 0 {
+		if timeout := time.Duration(dl) - w.now(); timeout > 0 {
+			return timeout, nil
+		}
+		return 0, os.ErrDeadlineExceeded
+	}
+	return -1, nil
 }
 
 // sleepOff sleeps for d, or until the deadline, Close, Interrupt or a new
@@ -436,7 +466,7 @@ func (w *Waiter) sleepOff(d time.Duration) {
 // SetDeadline sets the time after which Wait fails with
 // os.ErrDeadlineExceeded instead of waiting; the zero time means none. It
 // applies to a pending Wait too: one parked with the old deadline is woken to
-// re-read it.
+// re-read it, as by Close.
 func (w *Waiter) SetDeadline(t time.Time) {
 	var dl int64
 	if !t.IsZero() {
@@ -450,8 +480,10 @@ func (w *Waiter) SetDeadline(t time.Time) {
 }
 
 // Close makes any pending and future Wait fail with ErrClosed, waking a
-// parked one. It does not wait for a pending Wait to return: callers must not
-// unmap the word until it has. Close is idempotent and always returns nil.
+// parked one. It returns once a Wait asleep in FUTEX_WAIT has left it (see
+// kick; at most a second), but does not wait for the Wait to return: callers
+// must not unmap the word until it has. Close is idempotent and always
+// returns nil.
 func (w *Waiter) Close() error {
 	if w.closed.CompareAndSwap(false, true) {
 		w.kick()
@@ -461,7 +493,8 @@ func (w *Waiter) Close() error {
 
 // Interrupt makes any pending and future Wait fail with err (ErrInterrupted
 // if err is nil), waking a parked one: for example when the control plane
-// sees the peer die. The first error sticks.
+// sees the peer die. The first error sticks. A parked Wait is woken as by
+// Close.
 func (w *Waiter) Interrupt(err error) {
 	if err == nil {
 		err = ErrInterrupted
@@ -475,13 +508,45 @@ func (w *Waiter) Interrupt(err error) {
 // never touches the word on our behalf here, so we do what Notify does, but
 // wake unconditionally: the swap makes a Wait that is about to enter
 // FUTEX_WAIT return at once, and the wake reaches one already asleep even if
-// a hostile peer reset the word.
+// a hostile peer reset the word. It wakes every thread asleep on the word,
+// not one: the word is shared, and the peer may have queued threads of its
+// own on it, ahead of ours. And the peer may set the word back to "parked"
+// between our swap and a FUTEX_WAIT that park was about to enter with the
+// state it read before ours changed; sleeps tells, and rewake wakes that
+// sleep too.
 func (w *Waiter) kick() {
 	raceFence()
 	w.word.Swap(awake)
-	_, _ = Wake(w.word, 1)
+	_, _ = Wake(w.word, math.MaxInt32)
 	if w.nap.Swap(napStopped) == napping {
 		_, _ = Wake(&w.nap, 1)
+	}
+	if s := w.sleeps.Load(); s%2 != 0 {
+		w.rewake(s)
+	}
+}
+
+// maxRewake bounds rewake. A Waiter woken by then has surely left
+// FUTEX_WAIT; one still short of it after so long is merely descheduled, and
+// the peer would also have to re-arm the word in that very moment.
+const maxRewake = time.Second
+
+// rewake wakes the Waiter again and again until the sleep that sleeps showed
+// begun (s, odd) is over, or maxRewake has passed: yielding the CPU at first,
+// which lets a Waiter that our first wake-up reached run at once, then
+// sleeping.
+func (w *Waiter) rewake(s uint32) {
+	start := time.Now()
+	for i := 0; w.sleeps.Load() == s; i++ {
+		if i < 100 {
+			osYield()
+		} else if time.Since(start) < maxRewake {
+			time.Sleep(100 * time.Microsecond)
+		} else {
+			return
+		}
+		w.word.Swap(awake)
+		_, _ = Wake(w.word, math.MaxInt32)
 	}
 }
 

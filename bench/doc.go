@@ -6,7 +6,10 @@
 //     (the hardware limit), a raw futex ping-pong, a Unix socket and a pipe.
 //     Each reports p50 and p99 round-trip times in ns.
 //   - BenchmarkRoundTripHog: the same for the ring's three modes, the raw futex
-//     and the socket, unpinned, with a third process keeping one thread busy.
+//     and the socket, unpinned, with a third process keeping one thread busy;
+//     BenchmarkRoundTripHogs for the ring's auto and park modes and the raw
+//     futex with three such processes, more busy threads than a 2-CPU host has
+//     CPUs.
 //   - BenchmarkStream: one-way streaming of 64-byte and 1 KiB messages to
 //     another process, in msgs/s: over the ring with a Flush per message,
 //     with TryReserve/Commit and a Flush every 16 or 64 messages, and with

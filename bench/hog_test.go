@@ -26,15 +26,29 @@ func BenchmarkRoundTripHog(b *testing.B) {
 	b.Run("unix-socket", func(b *testing.B) { startHog(b); benchUnixRTT(b) })
 }
 
+// BenchmarkRoundTripHogs is BenchmarkRoundTripHog with three busy threads,
+// one more than a 2-CPU host has CPUs: each ring process then shares its
+// CPU with a thread that never hands it back, whatever the scheduler does.
+func BenchmarkRoundTripHogs(b *testing.B) {
+	b.Run("ring-auto", func(b *testing.B) { startHogs(b, 3); benchRingRTT(b, futex.Config{}, false) })
+	b.Run("ring-park", func(b *testing.B) { startHogs(b, 3); benchRingRTT(b, futex.Config{Policy: futex.PolicyPark}, false) })
+	b.Run("raw-futex", func(b *testing.B) { startHogs(b, 3); benchFutexRTT(b) })
+}
+
 func init() { peers["hog"] = hog }
 
 // startHog starts the hog process and returns once it runs; it is killed when
 // the benchmark ends.
-func startHog(b *testing.B) {
-	ackR, ackW := ackPipe(b)
-	startPeer(b, "hog", false, []*os.File{ackW})
-	ackW.Close()
-	awaitAck(b, ackR)
+func startHog(b *testing.B) { startHogs(b, 1) }
+
+// startHogs starts n hog processes, as startHog does one.
+func startHogs(b *testing.B, n int) {
+	for range n {
+		ackR, ackW := ackPipe(b)
+		startPeer(b, "hog", false, []*os.File{ackW})
+		ackW.Close()
+		awaitAck(b, ackR)
+	}
 }
 
 // hog keeps one thread busy until it is killed, or its parent is gone.

@@ -15,9 +15,11 @@ const (
 	// PolicyAuto spins, then yields, then parks (sleeps in the kernel). It is
 	// the default: low latency when the peer answers quickly, no CPU burnt
 	// when it does not. It spins in bursts with a yield between them, and
-	// shortens the bursts, down to none, while its yields show that another
-	// thread wants this CPU: on a busy machine that thread is often the peer
-	// it waits for, which then answers at once instead of after the spin.
+	// shortens the bursts, down to none, while its yields let the peer
+	// answer: on a busy machine the peer often shares our CPU, and then
+	// answers at once instead of after the spin. A yield that gives the CPU
+	// to a thread that keeps it (a busy process) makes it park instead, and
+	// stop yielding for a while.
 	PolicyAuto Policy = iota
 	// PolicySpin never parks: it spins, then yields forever. Lowest latency,
 	// but it keeps a CPU busy for as long as it waits.

@@ -30,9 +30,10 @@
 // Before parking, a Waiter can spin and then yield the CPU for a bounded time
 // (see Config), which catches a busy peer without a system call.
 //
-// The peer may write anything to the shared word at any time. A hostile peer
-// can cost extra wake-ups or make a Wait sleep until its deadline, but never
-// corrupt a Waiter's state or make it panic. Wake-ups that bring neither the
+// The peer may write anything to the shared word at any time, and queue
+// threads of its own on it. A hostile peer can cost extra wake-ups or make a
+// Wait sleep until its deadline, but never corrupt a Waiter's state, make it
+// panic, or keep it asleep past Close, Interrupt or SetDeadline. Wake-ups that bring neither the
 // condition nor progress (which ready reports with Waiter.Progress) are
 // slept off after a few, so a peer that wakes us in a loop costs little CPU.
 package futex

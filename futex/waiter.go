@@ -16,6 +16,9 @@ var (
 	ErrInterrupted = errors.New("futex: wait interrupted")
 
 	errClosed = fmt.Errorf("futex: %w", ErrClosed) // made once: Wait must not allocate
+	// errHogged ends PolicyAuto's busy phases after a yield to a hog (see
+	// hogYield): the waiter parks. It never leaves Wait.
+	errHogged = errors.New("futex: the CPU is hogged")
 )
 
 // spinCheckEvery is how many polls the spin phase makes between clock reads.
@@ -77,12 +80,15 @@ type Waiter struct {
 	// backoff is the PolicyAuto busy-budget shift, 0..maxBackoff, and burst
 	// the polls its spin phase makes between two yields, 0..maxBurst. Only
 	// Wait touches them; atomic so that successive Waits from different
-	// goroutines need no other synchronization. minYield is the shortest
-	// sched_yield seen, in ns (0 before the first): one that took much
-	// longer let another thread run.
-	backoff  atomic.Uint32
-	burst    atomic.Uint32
-	minYield atomic.Int64
+	// goroutines need no other synchronization.
+	backoff atomic.Uint32
+	burst   atomic.Uint32
+	// hogged is when (since base) a PolicyAuto yield last ran a hog (see
+	// hogYield), 0 if none ever did; until hogUntil (0 once passed) Waits
+	// park at once, and hogFor is how long that was, in ns.
+	hogged   atomic.Int64
+	hogUntil atomic.Int64
+	hogFor   atomic.Int64
 
 	closed atomic.Bool
 	intr   atomic.Pointer[error] // first Interrupt error, nil if none
@@ -97,6 +103,10 @@ type Waiter struct {
 	nap atomic.Uint32
 	// throttled counts the naps, for Throttled.
 	throttled atomic.Uint64
+	// sleeps counts park's entries into and exits from FUTEX_WAIT on the
+	// shared word: odd from before it reads the state it sleeps on until
+	// FUTEX_WAIT returns (see kick).
+	sleeps atomic.Uint32
 }
 
 // nap values.
@@ -160,8 +170,9 @@ func (w *Waiter) Wait(ready func() bool) error {
 		return nil
 	}
 	cfg := &w.cfg
+	hogged := cfg.Policy == PolicyAuto && w.hoggedRecently()
 	polled := uint32(0) // polls of the spin phase already made
-	if cfg.Policy != PolicyPark && cfg.Spin > 0 && w.deadline.Load() == 0 {
+	if cfg.Policy != PolicyPark && !hogged && cfg.Spin > 0 && w.deadline.Load() == 0 {
 		polled = quickPolls
 		if cfg.Policy == PolicyAuto {
 			polled = w.burst.Load() // the first burst, then a yield
@@ -174,7 +185,7 @@ func (w *Waiter) Wait(ready func() bool) error {
 	if err := w.checkDeadline(now); err != nil {
 		return err
 	}
-	if cfg.Policy == PolicyPark {
+	if cfg.Policy == PolicyPark || hogged {
 		return w.park(ready)
 	}
 	if cfg.Policy == PolicySpin {
@@ -220,13 +231,39 @@ const quickPolls = 64
 // answer it waits for by every poll it makes before it yields: with a core
 // to itself, spinning serves within a few polls; without, only yielding
 // does, at once. So the spin phase polls in bursts and yields between them,
-// and each yield tells which case holds: one that returned as quickly as
-// sched_yield can (the shortest seen, doubled) ran nobody else, and the
-// burst doubles; one that took longer ran another thread here, and it
-// halves, down to 0: yield first. maxBurst (about 7 µs of polls here)
-// bounds the polls between two yields; a yield that runs nobody else costs
-// one system call per burst.
+// and each yield tells which case holds: one after which the answer is
+// there let the peer run here, and the burst halves, down to 0: yield
+// first; one after which it is not, doubles it. (How long the yield took
+// cannot tell: the peer's turn can be as short as a bare sched_yield, and
+// with no yield ever made while nobody else wanted the CPU there is no bare
+// one to compare with.) maxBurst (about 7 µs of polls here) bounds the polls
+// between two yields; a yield that runs nobody else costs one system call
+// per burst. A yield to a thread that does not hand the CPU back is another
+// matter (see hogYield).
 const maxBurst = 255
+
+// hogYield is how long a sched_yield must take to show that it ran a thread
+// that does not hand the CPU back (a hog), rather than a peer that answers
+// and waits again within microseconds: a busy process on our CPU keeps it
+// until the scheduler's next tick, milliseconds later, and the peer may well
+// have answered on the other CPU meanwhile. Every such yield costs the wait
+// that long, which is how, with more busy threads than CPUs, the default
+// Config came to take milliseconds a round trip where park mode took 15 µs.
+// So a PolicyAuto wait whose yield ran a hog parks (a wake-up preempts the
+// hog), the burst does not shrink for it, and for a while after it the
+// waits park at once, as PolicyPark does: spinning first would hold the CPU
+// from a peer that shares it with us, and only a yield, which the hog may
+// take, could tell whether it does. The while is minHogPark, doubling up to
+// maxHogPark while the first yield after it (a probe, which costs at most a
+// tick) runs a hog again: a hog that the scheduler brings to our CPU now and
+// then costs little time in park mode, one that stays costs a probe per
+// maxHogPark.
+const hogYield = 50 * time.Microsecond
+
+const (
+	minHogPark = time.Millisecond
+	maxHogPark = 100 * time.Millisecond
+)
 
 // quickPoll polls ready up to n times without reading the clock. Callers
 // skip it when a deadline is set, so a passed deadline still fails at once.
@@ -261,6 +298,9 @@ func (w *Waiter) busyWait(ready func() bool, now, spin, yield time.Duration, bur
 		if bursts && next != burst {
 			w.burst.Store(next)
 		}
+		if err == errHogged {
+			return ok, nil
+		}
 		if ok || err != nil {
 			return ok, err
 		}
@@ -270,18 +310,20 @@ func (w *Waiter) busyWait(ready func() bool, now, spin, yield time.Duration, bur
 	if forever || yield > 0 {
 		end := now + yield
 		for {
+			last := now // read just before the yield
 			osYield()
+			now = w.now()
+			hogged := !forever && w.ranHog(now-last, now)
 			if ready() {
 				return true, nil
 			}
 			if err := w.stopErr(); err != nil {
 				return false, err
 			}
-			now = w.now()
 			if err := w.checkDeadline(now); err != nil {
 				return false, err
 			}
-			if !forever && now >= end {
+			if hogged || (!forever && now >= end) {
 				break
 			}
 		}
@@ -292,7 +334,7 @@ func (w *Waiter) busyWait(ready func() bool, now, spin, yield time.Duration, bur
 // spinPhase polls ready until end, yielding after every burst polls (the
 // first burst has had polled of them already) and adapting burst. It
 // returns whether ready became true, the next burst, the time it last read,
-// or the error that ended the wait.
+// or the error that ended the wait (errHogged: park now).
 func (w *Waiter) spinPhase(ready func() bool, now, end time.Duration, burst, polled uint32) (bool, uint32, time.Duration, error) {
 	for polls := polled; ; {
 		if polls < burst {
@@ -306,10 +348,18 @@ func (w *Waiter) spinPhase(ready func() bool, now, end time.Duration, burst, pol
 			}
 		} else {
 			polls = 0
-			burst = w.yieldOnce(burst)
-			if ready() {
-				return true, burst, now, nil
+			before := w.now()
+			osYield()
+			now = w.now()
+			hogged := w.ranHog(now-before, now)
+			ok := ready()
+			if hogged {
+				return ok, min(2*burst+1, maxBurst), now, errHogged
 			}
+			if ok {
+				return true, burst / 2, now, nil // the peer ran, here
+			}
+			burst = min(2*burst+1, maxBurst)
 		}
 		if err := w.stopErr(); err != nil {
 			return false, burst, now, err
@@ -324,21 +374,36 @@ func (w *Waiter) spinPhase(ready func() bool, now, end time.Duration, burst, pol
 	}
 }
 
-// yieldOnce yields the CPU, times the yield and returns the next burst: half
-// of burst if another thread ran meanwhile, double (plus one) if not.
-func (w *Waiter) yieldOnce(burst uint32) uint32 {
-	before := w.now()
-	osYield()
-	took := int64(w.now() - before)
-	least := w.minYield.Load()
-	if least == 0 || took < least {
-		w.minYield.Store(took)
-		least = took
+// ranHog reports whether a yield that lasted took, ending at now, ran a
+// hog, and if so remembers when.
+func (w *Waiter) ranHog(took, now time.Duration) bool {
+	if took < hogYield {
+		return false
 	}
-	if took > 2*least {
-		return burst / 2
+	d := minHogPark
+	last, prev := time.Duration(w.hogged.Load()), time.Duration(w.hogFor.Load())
+	if last != 0 && now-last < 2*prev { // the probe after the last park mode
+		d = min(2*prev, maxHogPark)
 	}
-	return min(2*burst+1, maxBurst)
+	w.hogged.Store(int64(now))
+	w.hogFor.Store(int64(d))
+	w.hogUntil.Store(int64(now + d))
+	return true
+}
+
+// hoggedRecently reports whether Waits park at once after a yield that ran
+// a hog. Outside that while it costs a load: no clock read on the way to
+// the spin.
+func (w *Waiter) hoggedRecently() bool {
+	u := w.hogUntil.Load()
+	if u == 0 {
+		return false
+	}
+	if w.now() < time.Duration(u) {
+		return true
+	}
+	w.hogUntil.Store(0)
+	return false
 }
 
 // Progress tells Wait that the peer moved without making the condition true
@@ -348,6 +413,9 @@ func (w *Waiter) yieldOnce(burst uint32) uint32 {
 // loop costs us little CPU; a ready function that never calls Progress makes
 // every wake-up that leaves it false look like one.
 func (w *Waiter) Progress() { w.progressed = true }
+
+// beforeSleep, set by tests only, runs in park right before FUTEX_WAIT.
+var beforeSleep func()
 
 // Throttled is how many times Wait has slept off wake-ups that brought
 // neither the condition nor progress (see Progress). It stays at or near 0
@@ -398,23 +466,46 @@ func (w *Waiter) park(ready func() bool) error {
 				continue
 			}
 		}
-		timeout := time.Duration(-1)
-		if dl := w.deadline.Load(); dl != 0 {
-			if timeout = time.Duration(dl) - w.now(); timeout <= 0 {
-				w.word.Store(awake)
-				return os.ErrDeadlineExceeded
-			}
+		// Odd from before the state is read below until FUTEX_WAIT returns:
+		// kick, which changes the state before it reads sleeps, either has
+		// its change read below or sees this sleep begun and wakes it until
+		// it is over.
+		w.sleeps.Add(1)
+		timeout, err := w.sleepTimeout()
+		if err != nil {
+			w.sleeps.Add(1)
+			w.word.Store(awake)
+			return err
 		}
 		// Sleeps only while the word is still "parked": a Notify or kick since
 		// our Store makes this return at once. A timeout is not trusted: the
 		// loop re-reads the (maybe moved) deadline against the clock.
-		err := Wait(w.word, parked, timeout)
+		if hook := beforeSleep; hook != nil {
+			hook()
+		}
+		err = Wait(w.word, parked, timeout)
+		w.sleeps.Add(1)
 		if err != nil && err != os.ErrDeadlineExceeded {
 			w.word.Store(awake)
 			return err
 		}
 		woken = err == nil
 	}
+}
+
+// sleepTimeout returns how long park may sleep in FUTEX_WAIT (negative: no
+// limit), or the error Wait must fail with instead.
+func (w *Waiter) sleepTimeout() (time.Duration, error) {
+	if err := w.stopErr(); err != nil {
+		return 0, err
+	}
+	if dl := w.deadline.Load(); dl != 0 {
+		if timeout := time.Duration(dl) - w.now(); timeout > 0 {
+			return timeout, nil
+		}
+		return 0, os.ErrDeadlineExceeded
+	}
+	return -1, nil
 }
 
 // sleepOff sleeps for d, or until the deadline, Close, Interrupt or a new
@@ -436,7 +527,7 @@ func (w *Waiter) sleepOff(d time.Duration) {
 // SetDeadline sets the time after which Wait fails with
 // os.ErrDeadlineExceeded instead of waiting; the zero time means none. It
 // applies to a pending Wait too: one parked with the old deadline is woken to
-// re-read it.
+// re-read it, as by Close.
 func (w *Waiter) SetDeadline(t time.Time) {
 	w.SetWaitDeadline(t)
 	w.kick()
@@ -458,8 +549,10 @@ func (w *Waiter) SetWaitDeadline(t time.Time) {
 }
 
 // Close makes any pending and future Wait fail with ErrClosed, waking a
-// parked one. It does not wait for a pending Wait to return: callers must not
-// unmap the word until it has. Close is idempotent and always returns nil.
+// parked one. It returns once a Wait asleep in FUTEX_WAIT has left it (see
+// kick; at most a second), but does not wait for the Wait to return: callers
+// must not unmap the word until it has. Close is idempotent and always
+// returns nil.
 func (w *Waiter) Close() error {
 	if w.closed.CompareAndSwap(false, true) {
 		w.kick()
@@ -469,7 +562,8 @@ func (w *Waiter) Close() error {
 
 // Interrupt makes any pending and future Wait fail with err (ErrInterrupted
 // if err is nil), waking a parked one: for example when the control plane
-// sees the peer die. The first error sticks.
+// sees the peer die. The first error sticks. A parked Wait is woken as by
+// Close.
 func (w *Waiter) Interrupt(err error) {
 	if err == nil {
 		err = ErrInterrupted
@@ -483,13 +577,45 @@ func (w *Waiter) Interrupt(err error) {
 // never touches the word on our behalf here, so we do what Notify does, but
 // wake unconditionally: the swap makes a Wait that is about to enter
 // FUTEX_WAIT return at once, and the wake reaches one already asleep even if
-// a hostile peer reset the word.
+// a hostile peer reset the word. It wakes every thread asleep on the word,
+// not one: the word is shared, and the peer may have queued threads of its
+// own on it, ahead of ours. And the peer may set the word back to "parked"
+// between our swap and a FUTEX_WAIT that park was about to enter with the
+// state it read before ours changed; sleeps tells, and rewake wakes that
+// sleep too.
 func (w *Waiter) kick() {
 	raceFence()
 	w.word.Swap(awake)
-	_, _ = Wake(w.word, 1)
+	_, _ = Wake(w.word, math.MaxInt32)
 	if w.nap.Swap(napStopped) == napping {
 		_, _ = Wake(&w.nap, 1)
+	}
+	if s := w.sleeps.Load(); s%2 != 0 {
+		w.rewake(s)
+	}
+}
+
+// maxRewake bounds rewake. A Waiter woken by then has surely left
+// FUTEX_WAIT; one still short of it after so long is merely descheduled, and
+// the peer would also have to re-arm the word in that very moment.
+const maxRewake = time.Second
+
+// rewake wakes the Waiter again and again until the sleep that sleeps showed
+// begun (s, odd) is over, or maxRewake has passed: yielding the CPU at first,
+// which lets a Waiter that our first wake-up reached run at once, then
+// sleeping.
+func (w *Waiter) rewake(s uint32) {
+	start := time.Now()
+	for i := 0; w.sleeps.Load() == s; i++ {
+		if i < 100 {
+			osYield()
+		} else if time.Since(start) < maxRewake {
+			time.Sleep(100 * time.Microsecond)
+		} else {
+			return
+		}
+		w.word.Swap(awake)
+		_, _ = Wake(w.word, math.MaxInt32)
 	}
 }
 

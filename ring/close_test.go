@@ -292,3 +292,41 @@ func TestRegionCloseRacingEndClose(t *testing.T) {
 		require.NoError(t, errors.Join(far.Close(), farOut.Close()))
 	}
 }
+
+// The sleep words are shared, so a hostile peer can queue threads of its own
+// in FUTEX_WAIT on ours, ahead of our parked call. Close must still wake
+// that call before it replaces the mapping: a wake-up for one thread would
+// reach the peer's, and ours would sleep for good on the shared word.
+func TestRegionCloseWakesPastPeerSleepers(t *testing.T) {
+	cfg := ring.Config{Idle: futex.Config{Policy: futex.PolicyPark}}
+	near, far := peerPair(t, 4096)
+	defer far.Close()
+	p, err := near.NewProducer(cfg)
+	require.NoError(t, err)
+	_, err = far.NewConsumer(cfg) // never reads
+	require.NoError(t, err)
+	for b := p.TryReserve(1000); b != nil; b = p.TryReserve(1000) {
+		require.NoError(t, p.Commit(len(b)))
+	}
+	require.NoError(t, p.Flush())
+
+	theirs := ring.SleepWord(far.Bytes(), ring.ProducerSlotOffset) // our sleep word, in the peer's mapping
+	defer futex.Wake(theirs, 1<<30)
+	theirs.Store(1)
+	go func() {
+		runtime.LockOSThread()
+		_ = futex.Wait(theirs, 1, -1) // the peer's thread, first in the queue
+	}()
+	waitInFutexWait(t, theirs)
+	reserve := make(chan error, 1)
+	go func() { _, err := p.Reserve(1000); reserve <- err }()
+	waitInFutexWait(t, ring.SleepWord(near.Bytes(), ring.ProducerSlotOffset))
+
+	require.NoError(t, near.Close())
+	select {
+	case err := <-reserve:
+		assert.ErrorIs(t, err, ring.ErrClosed)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Reserve is still parked 10 s after Close")
+	}
+}

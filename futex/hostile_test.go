@@ -14,7 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
-	"github.com/sypas/sypas/internal/shm"
+	"github.com/sypas/go/internal/shm"
 )
 
 // stops are the ways to end a parked Wait from another goroutine, and what

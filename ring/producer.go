@@ -131,8 +131,11 @@ func (p *Producer) TryReserve(n int) []byte {
 // to look for or wait for. It recomputes the limit for the fast path.
 func (p *Producer) reserveSlow(n int) ([]byte, error) {
 	// Set before usable reads closed, so that a Close from another goroutine
-	// either sees it, or happens before that read and ends this call.
-	p.slow.Store(true)
+	// either sees it, or happens before that read and ends this call. Swap,
+	// not Store: a read-modify-write orders the store before that load even
+	// under the race detector, where Store is only a release (futex's
+	// raceFence says more).
+	p.slow.Swap(true)
 	defer p.slow.Store(false)
 	if err := p.usable(); err != nil {
 		return nil, err

@@ -144,21 +144,30 @@ func TestConcurrentCallers(t *testing.T) {
 		})
 	})
 	c := dialT(t, k.path, ClientConfig{})
+	echoes(t, c, 64, 200, func(g int) string {
+		if g%4 == 0 {
+			return "slow"
+		}
+		return "echo"
+	})
+}
+
+// echoes has callers goroutines each call op(goroutine) n times with a body
+// of its own, and checks every reply.
+func echoes(t *testing.T, c *Client, callers, n int, op func(g int) string) {
+	t.Helper()
 	var wg sync.WaitGroup
-	errs := make(chan error, 64)
-	for g := range 64 {
+	errs := make(chan error, callers)
+	for g := range callers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			op := "echo"
-			if g%4 == 0 {
-				op = "slow"
-			}
-			for i := range 200 {
+			op := op(g)
+			for i := range n {
 				msg := fmt.Sprintf("%d/%d", g, i)
 				got, err := c.Call(context.Background(), op, []byte(msg))
 				if err != nil {
-					errs <- err
+					errs <- fmt.Errorf("%s %s: %w", op, msg, err)
 					return
 				}
 				if string(got) != msg {

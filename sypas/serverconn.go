@@ -204,6 +204,10 @@ func (c *serverConn) handle(cl *call) {
 		}
 		return
 	}
+	// Out of flight before the answer can reach the daemon, which may send
+	// its next request the moment it reads this one's (docs/PROTOCOL.md
+	// §8.1): counted after, that request would find max_in_flight taken.
+	c.finish(cl)
 	if err == nil {
 		cl.resp.Body = body
 		err = c.tr.send(c.ctx, frame.Header{Type: frame.TypeResponse, Flags: frame.FlagEndStream, Correlation: cl.req.Correlation}, nil, &cl.resp, false)
@@ -216,7 +220,6 @@ func (c *serverConn) handle(cl *call) {
 		s.failed.Add(1)
 		err = c.reply(cl, err)
 	}
-	c.finish(cl)
 	if err != nil {
 		c.sendFailed(err)
 	}

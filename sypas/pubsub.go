@@ -115,15 +115,15 @@ func (c *serverConn) serveSubscription(f *frame.Frame) {
 		return
 	}
 	if !c.sess.Admits(f.CapRef) {
-		c.deny(corr, CodeAuth, control.EventAuth, "cap_ref names no valid token of this session")
+		c.deny(corr, "", CodeAuth, control.EventAuth, "cap_ref names no valid token of this session")
 		return
 	}
 	if c.sess.Params().Features&wire.FeatureSubscribe == 0 {
-		c.deny(corr, CodeProto, control.EventProtocol, "SUBSCRIBE was not granted in WELCOME")
+		c.deny(corr, "", CodeProto, control.EventProtocol, "SUBSCRIBE was not granted in WELCOME")
 		return
 	}
 	if cp := c.sess.Capability(); cp == nil || cp.Rights&RightSubscribe == 0 {
-		c.deny(corr, CodePermission, control.EventPermission, "the token lacks the subscribe right")
+		c.deny(corr, "", CodePermission, control.EventPermission, "the token lacks the subscribe right")
 		return
 	}
 	if f.Type == frame.TypeUnsubscribe {
@@ -133,7 +133,7 @@ func (c *serverConn) serveSubscription(f *frame.Frame) {
 			return
 		}
 		if c.srv.topics.remove(func(s *subscriber) bool { return s.conn == c && s.id == m.SubscriptionID }) == 0 {
-			c.deny(corr, CodeNotFound, control.EventProtocol, "no such subscription")
+			c.deny(corr, "", CodeNotFound, control.EventProtocol, "no such subscription")
 			return
 		}
 		c.ack(corr)
@@ -147,7 +147,7 @@ func (c *serverConn) serveSubscription(f *frame.Frame) {
 	// Copied: the payload is shared memory, and the name outlives it.
 	sub := &subscriber{conn: c, id: m.SubscriptionID, topic: string(m.Topic)}
 	if !c.srv.topics.add(sub) {
-		c.deny(corr, CodeProto, control.EventProtocol, "subscription id already in use in this session")
+		c.deny(corr, "", CodeProto, control.EventProtocol, "subscription id already in use in this session")
 		return
 	}
 	c.ack(corr)

@@ -110,11 +110,11 @@ func (c *serverConn) serve(f *frame.Frame) {
 	}
 	corr := f.Correlation
 	if !c.sess.Admits(f.CapRef) {
-		c.deny(corr, CodeAuth, control.EventAuth, "cap_ref names no valid token of this session")
+		c.deny(corr, "", CodeAuth, control.EventAuth, "cap_ref names no valid token of this session")
 		return
 	}
 	if int(f.PayloadLen) > c.tr.maxPayload() {
-		c.deny(corr, CodeTooLarge, control.EventProtocol, "request payload above the session's max_payload")
+		c.deny(corr, "", CodeTooLarge, control.EventProtocol, "request payload above the session's max_payload")
 		return
 	}
 	m := &c.req
@@ -124,19 +124,19 @@ func (c *serverConn) serve(f *frame.Frame) {
 	}
 	rt := (*c.srv.routes.Load())[string(m.Method)]
 	if rt == nil {
-		c.deny(corr, CodeNotFound, control.EventProtocol, "no such operation")
+		c.deny(corr, string(m.Method), CodeNotFound, control.EventProtocol, "no such operation")
 		return
 	}
 	if need := rt.rights; need != 0 {
 		if cp := c.sess.Capability(); cp == nil || cp.Rights&need != need {
-			c.deny(corr, CodePermission, control.EventPermission, "the token lacks the operation's rights")
+			c.deny(corr, rt.op, CodePermission, control.EventPermission, "the token lacks the operation's rights")
 			return
 		}
 	}
 	if corr != 0 {
 		if n := c.inFlight.Add(1); n > c.maxInFlight {
 			c.inFlight.Add(-1)
-			c.denyRetry(corr, CodeResource, control.EventLimit, "more requests in flight than max_in_flight", time.Millisecond)
+			c.denyRetry(corr, rt.op, CodeResource, control.EventLimit, "more requests in flight than max_in_flight", time.Millisecond)
 			return
 		}
 	}
@@ -273,16 +273,19 @@ func (c *serverConn) sendFailed(err error) {
 	}
 }
 
-// deny refuses a request with code, answering it (unless one-way),
-// counting and auditing the refusal.
-func (c *serverConn) deny(corr uint64, code Code, event, reason string) {
-	c.denyRetry(corr, code, event, reason, 0)
+// deny refuses a request for op (empty if unknown yet) with code, answering
+// it (unless one-way), counting and auditing the refusal.
+func (c *serverConn) deny(corr uint64, op string, code Code, event, reason string) {
+	c.denyRetry(corr, op, code, event, reason, 0)
 }
 
-func (c *serverConn) denyRetry(corr uint64, code Code, event, reason string, retry time.Duration) {
+func (c *serverConn) denyRetry(corr uint64, op string, code Code, event, reason string, retry time.Duration) {
 	c.srv.stats.denied.Add(1)
-	control.Audit(c.ctx, c.srv.cfg.Logger, slog.LevelWarn, "sypas: refused", event, reason,
-		append(c.sess.AuditAttrs(), slog.String(control.LogKeyCode, code.String()))...)
+	attrs := append(c.sess.AuditAttrs(), slog.String(control.LogKeyCode, code.String()), slog.Uint64(control.LogKeyCorrelation, corr))
+	if op != "" {
+		attrs = append(attrs, slog.String(control.LogKeyOp, op))
+	}
+	control.Audit(c.ctx, c.srv.cfg.Logger, slog.LevelWarn, "sypas: refused", event, reason, attrs...)
 	if corr == 0 {
 		return
 	}

@@ -69,7 +69,7 @@ func dialT(t testing.TB, path string, cfg ClientConfig) *Client {
 	if cfg.Logger == nil {
 		cfg.Logger = quiet
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	c, err := Dial(ctx, path, cfg)
 	require.NoError(t, err)

@@ -1,0 +1,204 @@
+package sypas
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/sypas/go/control"
+)
+
+// flaky is a handler that fails its first N calls for each key (the
+// request body "key/N/code") with code, then succeeds; it counts the calls
+// and the tokens (sessions) they came with.
+type flaky struct {
+	mu     sync.Mutex
+	calls  map[string]int
+	tokens map[string]map[uint64]bool
+}
+
+func newFlaky() *flaky {
+	return &flaky{calls: map[string]int{}, tokens: map[string]map[uint64]bool{}}
+}
+
+func (f *flaky) handle(_ context.Context, r *Request) ([]byte, error) {
+	parts := strings.Split(string(r.Body), "/")
+	n, _ := strconv.Atoi(parts[1])
+	code, _ := strconv.Atoi(parts[2])
+	f.mu.Lock()
+	f.calls[parts[0]]++
+	i := f.calls[parts[0]]
+	if f.tokens[parts[0]] == nil {
+		f.tokens[parts[0]] = map[uint64]bool{}
+	}
+	f.tokens[parts[0]][r.TokenID] = true
+	f.mu.Unlock()
+	switch {
+	case i > n:
+		return []byte("ok"), nil
+	case code == 0:
+		return nil, errors.New("a plain error: the database password is hunter2")
+	case Code(code) == CodeResource:
+		return nil, &Error{Code: CodeResource, Message: "busy", RetryAfter: 30 * time.Millisecond}
+	}
+	return nil, &Error{Code: Code(code), Message: "flaky"}
+}
+
+func (f *flaky) count(key string) (calls, tokens int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.calls[key], len(f.tokens[key])
+}
+
+// Transient errors from the kernel (E_RESOURCE, E_INTERNAL, E_TIMEOUT,
+// E_UNAVAILABLE) are retried with backoff, honouring retry_after, up to
+// MaxAttempts, but only for calls marked Idempotent: the kernel ran the
+// others. Fatal codes are returned as they are, at once.
+func TestRetryByClass(t *testing.T) {
+	f := newFlaky()
+	k := startKernel(t, ServerConfig{}, func(s *Server) {
+		s.Handle("flaky", RightRequest, f.handle)
+		s.Handle("flaky.inline", RightRequest, f.handle, Inline)
+	})
+	c := dialT(t, k.path, ClientConfig{MaxAttempts: 3})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	call := func(key string, n int, code Code, opts ...CallOption) error {
+		op := "flaky"
+		if len(key)%2 == 0 {
+			op = "flaky.inline"
+		}
+		got, err := c.Call(ctx, op, fmt.Appendf(nil, "%s/%d/%d", key, n, code), opts...)
+		if err == nil {
+			assert.Equal(t, "ok", string(got))
+		}
+		return err
+	}
+
+	for _, code := range []Code{CodeResource, CodeInternal, CodeTimeout, CodeUnavailable} {
+		t.Run(code.String(), func(t *testing.T) {
+			key := "transient-" + code.String()
+			start := time.Now()
+			require.NoError(t, call(key+"-idem", 2, code, Idempotent))
+			calls, _ := f.count(key + "-idem")
+			assert.Equal(t, 3, calls)
+			if code == CodeResource {
+				assert.GreaterOrEqual(t, time.Since(start), 60*time.Millisecond, "retry_after (30 ms) is honoured")
+			}
+
+			err := call(key, 2, code)
+			assert.ErrorIs(t, err, &Error{Code: code}, "a call that reached the kernel is not retried unless Idempotent")
+			calls, _ = f.count(key)
+			assert.Equal(t, 1, calls)
+
+			err = call(key+"-many", 5, code, Idempotent)
+			assert.ErrorIs(t, err, &Error{Code: code})
+			calls, _ = f.count(key + "-many")
+			assert.Equal(t, 3, calls, "MaxAttempts bounds the attempts")
+		})
+	}
+
+	t.Run("plain-error", func(t *testing.T) {
+		err := call("plain", 5, 0, Idempotent)
+		assert.ErrorIs(t, err, ErrInternal)
+		assert.NotContains(t, err.Error(), "hunter2", "a plain error's text stays in the kernel")
+		calls, _ := f.count("plain")
+		assert.Equal(t, 3, calls)
+	})
+
+	for _, code := range []Code{CodeNotFound, CodePermission, CodeProto, CodeTooLarge, CodeClosed, CodeVersion} {
+		t.Run(code.String(), func(t *testing.T) {
+			key := "fatal-" + code.String()
+			err := call(key, 5, code, Idempotent)
+			var e *Error
+			require.ErrorAs(t, err, &e)
+			assert.Equal(t, code, e.Code)
+			assert.Equal(t, "flaky", e.Message)
+			calls, _ := f.count(key)
+			assert.Equal(t, 1, calls, "fatal codes are returned as they are")
+		})
+	}
+}
+
+// E_AUTH makes the Client attest again (a new session, a new token) and
+// retry once; if the kernel still refuses, the call fails with E_AUTH.
+func TestRetryReauthenticatesOnce(t *testing.T) {
+	f := newFlaky()
+	k := startKernel(t, ServerConfig{}, func(s *Server) {
+		s.Handle("flaky", RightRequest, f.handle)
+	})
+	// A session younger than the backoff's base that ends counts as a
+	// failed dial: a short base keeps the re-attestation quick.
+	cfg := ClientConfig{}
+	cfg.Backoff = control.Backoff{Base: 20 * time.Millisecond}
+	c := dialT(t, k.path, cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	got, err := c.Call(ctx, "flaky", fmt.Appendf(nil, "once/1/%d", CodeAuth))
+	require.NoError(t, err)
+	assert.Equal(t, "ok", string(got))
+	calls, tokens := f.count("once")
+	assert.Equal(t, 2, calls)
+	assert.Equal(t, 2, tokens, "the retry came with a new token")
+
+	_, err = c.Call(ctx, "flaky", fmt.Appendf(nil, "always/9/%d", CodeAuth))
+	assert.ErrorIs(t, err, ErrAuth)
+	calls, tokens = f.count("always")
+	assert.Equal(t, 2, calls, "re-authenticated once, then gave up")
+	assert.Equal(t, 2, tokens)
+
+	h, err := c.Health(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, "SERVING", h)
+}
+
+// Handler panics are answered E_INTERNAL and counted; the session, the
+// kernel and the calls of other goroutines go on.
+func TestHandlerPanics(t *testing.T) {
+	log, l := newAuditLog()
+	cfg := ServerConfig{}
+	cfg.Logger = l
+	k := startKernel(t, cfg, func(s *Server) {
+		s.Handle("boom", RightRequest, func(context.Context, *Request) ([]byte, error) { panic("boom") })
+		s.Handle("boom.inline", RightRequest, func(context.Context, *Request) ([]byte, error) { panic("boom") }, Inline)
+		s.Handle("echo", RightRequest, echo, Inline)
+	})
+	c := dialT(t, k.path, ClientConfig{MaxAttempts: 1})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 20 {
+				op := []string{"boom", "boom.inline", "echo"}[(g+i)%3]
+				got, err := c.Call(ctx, op, []byte("x"))
+				if op == "echo" {
+					assert.NoError(t, err)
+					assert.Equal(t, "x", string(got))
+				} else {
+					assert.ErrorIs(t, err, ErrInternal)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	st := k.srv.Stats()
+	assert.Positive(t, st.Panics)
+	assert.Equal(t, st.Panics, st.Failed)
+	assert.Equal(t, int64(1), st.Sessions, "the session survived")
+	assert.NotNil(t, log.find(map[string]string{"msg": "sypas: handler panicked", "op": "boom"}))
+	h, err := c.Health(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, "SERVING", h)
+}

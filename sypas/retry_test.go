@@ -202,3 +202,26 @@ func TestHandlerPanics(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "SERVING", h)
 }
+
+// A handler that gives up with its context's error answers E_TIMEOUT
+// (deadline) or E_UNAVAILABLE (cancelled: the session or the server is
+// closing), never E_INTERNAL, and without its text.
+func TestHandlerContextErrors(t *testing.T) {
+	k := startKernel(t, ServerConfig{}, func(s *Server) {
+		s.Handle("deadline", RightRequest, func(context.Context, *Request) ([]byte, error) {
+			return nil, fmt.Errorf("query hunter2: %w", context.DeadlineExceeded)
+		})
+		s.Handle("canceled", RightRequest, func(context.Context, *Request) ([]byte, error) {
+			return nil, fmt.Errorf("query hunter2: %w", context.Canceled)
+		}, Inline)
+	})
+	c := dialT(t, k.path, ClientConfig{MaxAttempts: 1})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err := c.Call(ctx, "deadline", nil)
+	assert.ErrorIs(t, err, ErrTimeout)
+	assert.NotContains(t, err.Error(), "hunter2")
+	_, err = c.Call(ctx, "canceled", nil)
+	assert.ErrorIs(t, err, ErrUnavailable)
+	assert.NotContains(t, err.Error(), "hunter2")
+}

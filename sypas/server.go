@@ -35,8 +35,11 @@ const (
 // caller returns, so it may be the handler's own reusable memory.
 //
 // An error that is an *Error (or wraps one) is answered with its Code and
-// Message; any other error as E_INTERNAL, without its text, which only the
-// server's log sees. A panic is recovered and answered E_INTERNAL.
+// Message; one that wraps context.DeadlineExceeded or context.Canceled (the
+// handler gave up with its ctx) as E_TIMEOUT or E_UNAVAILABLE; any other
+// error as E_INTERNAL. Only an *Error's text reaches the caller; the
+// server's log sees the others'. A panic is recovered and answered
+// E_INTERNAL.
 //
 // req, its Body and ctx are valid until the handler returns: keep none of
 // them (copy the body, and derive a context of your own for work that

@@ -238,11 +238,20 @@ func (c *serverConn) invoke(cl *call) (body []byte, err error) {
 	return cl.rt.h(&cl.ctx, &cl.req)
 }
 
-// reply answers cl with ERROR for err: an *Error's code and message, or
-// E_INTERNAL with no detail for any other error (its text is logged).
+// reply answers cl with ERROR for err: an *Error's code and message; for
+// a handler that gave up because its context ended, E_TIMEOUT (the
+// caller's deadline) or E_UNAVAILABLE (the session or the server is
+// closing); E_INTERNAL with no detail for any other error (its text is
+// logged).
 func (c *serverConn) reply(cl *call, err error) error {
 	var e *Error
-	if !errors.As(err, &e) {
+	switch {
+	case errors.As(err, &e):
+	case errors.Is(err, context.DeadlineExceeded):
+		e = &Error{Code: CodeTimeout, Message: "the call's deadline passed"}
+	case errors.Is(err, context.Canceled):
+		e = &Error{Code: CodeUnavailable, Message: "the kernel is closing the session"}
+	default:
 		c.srv.log.LogAttrs(c.ctx, slog.LevelWarn, "sypas: handler error",
 			slog.String("op", cl.req.Op), slog.String(control.LogKeyReason, err.Error()))
 		e = &Error{Code: CodeInternal, Message: "internal error"}

@@ -242,22 +242,38 @@ func (t *ringTransport) nudge() {
 	t.nudged.Store(true)                // after: the next recv restores its own
 }
 
-// sessErr turns a ring error into the session's reason when the session
-// has ended (the control plane interrupts the rings with it), so callers
-// see ErrPeerGone, E_AUTH... rather than a bare ring.ErrClosed.
+// sessErr turns the error of a ring call into the session's end, so that
+// callers see why it ended (ErrPeerGone, E_AUTH...) rather than a bare
+// ring.ErrClosed or io.EOF: a ring fails only when its session is ending,
+// a moment before the session records why (Close closes the rings first;
+// a peer that closes its end hangs up next), so sessErr waits for the
+// reason, at most endGrace. A corrupt ring is the peer breaking the
+// protocol: E_PROTO, which ends the session.
 func (t *ringTransport) sessErr(err error) error {
+	if errors.Is(err, ring.ErrCorrupt) {
+		return &Error{Code: CodeProto, Message: "the peer corrupted the ring", Err: err}
+	}
 	select {
 	case <-t.sess.Done():
-		if e := t.sess.Err(); e != nil {
-			return unavailable(e)
-		}
 	default:
+		if err == nil {
+			return unavailable(control.ErrSessionClosed)
+		}
+		tm := time.NewTimer(endGrace)
+		select {
+		case <-t.sess.Done():
+		case <-tm.C:
+		}
+		tm.Stop()
 	}
-	if err == nil {
-		return unavailable(control.ErrSessionClosed)
+	if e := t.sess.Err(); e != nil {
+		return unavailable(e)
 	}
-	return err
+	return unavailable(err)
 }
+
+// endGrace bounds sessErr's wait for the session's reason.
+const endGrace = 250 * time.Millisecond
 
 // sessionEnded is the error of a call whose session ended under it (or
 // was gone when it began): it wraps why the session ended, and matches

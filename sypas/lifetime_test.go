@@ -1,0 +1,186 @@
+package sypas
+
+import (
+	"context"
+	"errors"
+	"runtime"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/sypas/go/control"
+)
+
+// gate is a handler that blocks until released (or its context ends),
+// counting the calls inside it.
+type gate struct {
+	mu      sync.Mutex
+	inside  int
+	release chan struct{}
+}
+
+func newGate() *gate { return &gate{release: make(chan struct{})} }
+
+func (g *gate) handle(ctx context.Context, r *Request) ([]byte, error) {
+	g.mu.Lock()
+	g.inside++
+	g.mu.Unlock()
+	defer func() {
+		g.mu.Lock()
+		g.inside--
+		g.mu.Unlock()
+	}()
+	select {
+	case <-g.release:
+		return append([]byte("done:"), r.Body...), nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func (g *gate) waitInside(t *testing.T, n int) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		return g.inside == n
+	}, 20*time.Second, time.Millisecond, "want %d calls inside the handler", n)
+}
+
+// noLeak checks, at the end of the test, that the goroutines started since
+// it was called have ended (with a small tolerance for the runtime's own).
+func noLeak(t *testing.T) {
+	before := runtime.NumGoroutine()
+	t.Cleanup(func() {
+		var now int
+		ok := assert.Eventually(t, func() bool {
+			now = runtime.NumGoroutine()
+			return now <= before+2
+		}, 20*time.Second, 10*time.Millisecond)
+		if !ok {
+			buf := make([]byte, 1<<20)
+			t.Logf("%d goroutines before, %d after:\n%s", before, now, buf[:runtime.Stack(buf, true)])
+		}
+	})
+}
+
+type outcome struct {
+	reply []byte
+	err   error
+	took  time.Duration
+}
+
+// goCall starts c.Call in a goroutine; its outcome arrives on the channel.
+func goCall(c *Client, ctx context.Context, op string, body []byte, opts ...CallOption) <-chan outcome {
+	ch := make(chan outcome, 1)
+	go func() {
+		start := time.Now()
+		reply, err := c.Call(ctx, op, body, opts...)
+		ch <- outcome{reply, err, time.Since(start)}
+	}()
+	return ch
+}
+
+func await(t *testing.T, ch <-chan outcome) outcome {
+	t.Helper()
+	select {
+	case o := <-ch:
+		return o
+	case <-time.After(20 * time.Second):
+		t.Fatal("a call never returned")
+	}
+	return outcome{}
+}
+
+// Client.Close with calls in flight (leader and followers), callers
+// waiting for a slot and a subscription: everything returns promptly,
+// calls in flight with ErrUnavailable, later ones with ErrClosed, and no
+// goroutine is left behind.
+func TestClientCloseWhileBlocked(t *testing.T) {
+	g := newGate()
+	cfg := ServerConfig{}
+	cfg.MaxInFlight = 4
+	k := startKernel(t, cfg, func(s *Server) { s.Handle("gate", RightRequest, g.handle) })
+	noLeak(t)
+	c := dialT(t, k.path, ClientConfig{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	sub, err := c.Subscribe(ctx, "news", SubscribeOptions{})
+	require.NoError(t, err)
+	var calls []<-chan outcome
+	for range 3 { // 3 in the handler, 1 slot for the subscription's answer
+		calls = append(calls, goCall(c, ctx, "gate", nil))
+	}
+	g.waitInside(t, 3)
+	var waiting []<-chan outcome
+	for range 3 {
+		waiting = append(waiting, goCall(c, ctx, "gate", nil))
+	}
+	time.Sleep(10 * time.Millisecond) // let them block for a slot
+	require.NoError(t, c.Close())
+	for _, ch := range append(calls, waiting...) {
+		o := await(t, ch)
+		assert.Error(t, o.err)
+		assert.True(t, errors.Is(o.err, ErrUnavailable) || errors.Is(o.err, ErrClosed), "%v", o.err)
+	}
+	_, open := <-sub.Events()
+	assert.False(t, open, "Close ends the subscriptions")
+	_, err = c.Call(ctx, "gate", nil)
+	assert.ErrorIs(t, err, ErrClosed)
+	_, err = c.Subscribe(ctx, "news", SubscribeOptions{})
+	assert.ErrorIs(t, err, ErrClosed)
+	require.NoError(t, c.Close(), "idempotent")
+	require.Eventually(t, func() bool { return k.srv.Stats().Sessions == 0 }, 20*time.Second, time.Millisecond)
+}
+
+// Server.Close with calls in flight, some blocking the session's reader
+// (Inline): every call returns promptly with ErrUnavailable, handlers see
+// their context end, Serve returns, and no goroutine is left behind.
+func TestServerCloseWhileBlocked(t *testing.T) {
+	g := newGate()
+	srv, err := NewServer(ServerConfig{ServerConfig: control.ServerConfig{Keys: testKeys(t), SessionConfig: control.SessionConfig{Logger: quiet}}})
+	require.NoError(t, err)
+	srv.Handle("gate", RightRequest, g.handle)
+	srv.Handle("gate.inline", RightRequest, g.handle, Inline)
+	path := sockPath(t)
+	l, err := control.Listen(path, control.Config{})
+	require.NoError(t, err)
+	defer l.Close()
+	noLeak(t)
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+	c := dialT(t, path, ClientConfig{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	calls := []<-chan outcome{goCall(c, ctx, "gate", nil), goCall(c, ctx, "gate", nil)}
+	g.waitInside(t, 2)
+	calls = append(calls, goCall(c, ctx, "gate.inline", nil))
+	g.waitInside(t, 3)
+	calls = append(calls, goCall(c, ctx, "gate", nil)) // behind the Inline one
+
+	closed := make(chan struct{})
+	go func() { srv.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-time.After(20 * time.Second):
+		t.Fatal("Server.Close stalled")
+	}
+	select {
+	case err := <-served:
+		assert.NoError(t, err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("Serve did not return")
+	}
+	for _, ch := range calls {
+		o := await(t, ch)
+		assert.ErrorIs(t, o.err, ErrUnavailable)
+	}
+	g.waitInside(t, 0)
+	_, err = c.Call(ctx, "gate", nil)
+	assert.ErrorIs(t, err, ErrUnavailable, "no kernel: fail fast")
+	require.NoError(t, srv.Close(), "idempotent")
+	c.Close()
+}

@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/sypas/go/control"
+	"github.com/sypas/go/frame"
 )
 
 // gate is a handler that blocks until released (or its context ends),
@@ -183,4 +184,185 @@ func TestServerCloseWhileBlocked(t *testing.T) {
 	assert.ErrorIs(t, err, ErrUnavailable, "no kernel: fail fast")
 	require.NoError(t, srv.Close(), "idempotent")
 	c.Close()
+}
+
+// Server.Shutdown lets calls in flight finish, their callers get the
+// replies, and Health answers NOT_SERVING meanwhile; then every session
+// ends and Serve returns.
+func TestServerShutdownDrains(t *testing.T) {
+	g := newGate()
+	srv, err := NewServer(ServerConfig{ServerConfig: control.ServerConfig{Keys: testKeys(t), SessionConfig: control.SessionConfig{Logger: quiet}}})
+	require.NoError(t, err)
+	srv.Handle("gate", RightRequest, g.handle)
+	srv.Handle("echo", RightRequest, echo, Inline)
+	path := sockPath(t)
+	l, err := control.Listen(path, control.Config{})
+	require.NoError(t, err)
+	defer l.Close()
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+	c := dialT(t, path, ClientConfig{})
+	d := dialRaw(t, path, control.DialConfig{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+
+	slow := goCall(c, ctx, "gate", []byte("slow"))
+	g.waitInside(t, 1)
+	// Callers in a loop: the drain must not wait for them to pause.
+	stop := make(chan struct{})
+	var busy sync.WaitGroup
+	for range 4 {
+		busy.Add(1)
+		go func() {
+			defer busy.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if _, err := c.Call(ctx, "echo", []byte("x")); err != nil {
+					assert.ErrorIs(t, err, ErrUnavailable, "a call refused by a draining kernel")
+					time.Sleep(time.Millisecond)
+				}
+			}
+		}()
+	}
+	shut := make(chan error, 1)
+	go func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		shut <- srv.Shutdown(sctx)
+	}()
+	// A daemon still asking (the raw one ignores GOAWAY) hears NOT_SERVING.
+	require.Eventually(t, func() bool {
+		d.request(frame.Header{Correlation: d.seq + 1}, HealthOp, nil)
+		return string(d.expectResponse(d.seq)) == "NOT_SERVING"
+	}, 20*time.Second, time.Millisecond)
+	go func() { // the raw daemon answers GOAWAY when it comes
+		select {
+		case <-d.s.GoAway():
+			d.s.Shutdown(ctx)
+		case <-d.s.Done():
+		}
+	}()
+	select {
+	case err := <-shut:
+		t.Fatalf("Shutdown returned (%v) with a call in flight", err)
+	default:
+	}
+	close(g.release)
+	o := await(t, slow)
+	require.NoError(t, o.err, "the call in flight is answered")
+	assert.Equal(t, "done:slow", string(o.reply))
+	select {
+	case err := <-shut:
+		assert.NoError(t, err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("Shutdown never returned")
+	}
+	close(stop)
+	busy.Wait()
+	select {
+	case err := <-served:
+		assert.NoError(t, err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("Serve did not return")
+	}
+	_, err = c.Call(ctx, "echo", nil)
+	assert.ErrorIs(t, err, ErrUnavailable)
+	c.Close()
+}
+
+// A daemon that ends its session in order (Shutdown: GOAWAY, then wait for
+// the kernel's) does not stall: the kernel answers GOAWAY at once when
+// nothing is in flight, or once its calls in flight are answered.
+func TestDaemonShutdownIsAnswered(t *testing.T) {
+	g := newGate()
+	k := startKernel(t, ServerConfig{}, func(s *Server) { s.Handle("gate", RightRequest, g.handle) })
+	d := dialRaw(t, k.path, control.DialConfig{})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	start := time.Now()
+	require.NoError(t, d.s.Shutdown(ctx))
+	assert.Less(t, time.Since(start), promptly, "the kernel answered GOAWAY")
+
+	d = dialRaw(t, k.path, control.DialConfig{})
+	d.request(frame.Header{Correlation: 1}, "gate", []byte("x"))
+	g.waitInside(t, 1)
+	answered := k.srv.Stats().OK
+	done := make(chan error, 1)
+	go func() { done <- d.s.Shutdown(ctx) }()
+	time.Sleep(20 * time.Millisecond)
+	close(g.release)
+	select {
+	case err := <-done:
+		assert.NoError(t, err)
+	case <-time.After(promptly):
+		t.Fatal("the daemon's Shutdown stalled")
+	}
+	// The daemon closes the moment the kernel's GOAWAY comes: the answer
+	// must be in its ring by then.
+	assert.Equal(t, answered+1, k.srv.Stats().OK, "the kernel sent GOAWAY before the answer")
+}
+
+// Server.Shutdown under a steady load: the daemons start no new calls
+// (GOAWAY), the calls in flight finish, and Shutdown returns long before
+// its context ends, rather than waiting for a pause that never comes.
+func TestServerShutdownUnderLoad(t *testing.T) {
+	srv, err := NewServer(ServerConfig{ServerConfig: control.ServerConfig{Keys: testKeys(t), SessionConfig: control.SessionConfig{Logger: quiet}}})
+	require.NoError(t, err)
+	srv.Handle("work", RightRequest, func(_ context.Context, r *Request) ([]byte, error) {
+		time.Sleep(time.Millisecond)
+		return r.Body, nil
+	})
+	path := sockPath(t)
+	l, err := control.Listen(path, control.Config{})
+	require.NoError(t, err)
+	defer l.Close()
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	var busy sync.WaitGroup
+	var ok, refused sync.Map
+	for d := range 2 {
+		c := dialT(t, path, ClientConfig{})
+		for g := range 48 {
+			busy.Add(1)
+			go func() {
+				defer busy.Done()
+				for {
+					_, err := c.Call(ctx, "work", []byte("x"))
+					if err != nil {
+						refused.Store(d*100+g, err)
+						return
+					}
+					ok.Store(d*100+g, true)
+				}
+			}()
+		}
+	}
+	require.Eventually(t, func() bool {
+		n := 0
+		ok.Range(func(any, any) bool { n++; return true })
+		return n == 96
+	}, 20*time.Second, time.Millisecond)
+	sctx, scancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer scancel()
+	start := time.Now()
+	assert.NoError(t, srv.Shutdown(sctx))
+	t.Logf("Shutdown took %v", time.Since(start))
+	assert.Less(t, time.Since(start), 5*time.Second, "Shutdown waited for the load to pause")
+	busy.Wait()
+	refused.Range(func(_, v any) bool {
+		assert.ErrorIs(t, v.(error), ErrUnavailable)
+		return true
+	})
+	select {
+	case err := <-served:
+		assert.NoError(t, err)
+	case <-time.After(20 * time.Second):
+		t.Fatal("Serve did not return")
+	}
 }

@@ -227,10 +227,12 @@ func (s *Server) serveSession(sess *control.Session) {
 }
 
 // Shutdown stops the server in order: Health answers NOT_SERVING, no new
-// daemon is accepted, each session gets GOAWAY and its requests in flight
-// are answered (within ctx), then the sessions close and Serve returns.
-// When ctx ends first, Shutdown closes what is left (Close) and returns
-// ctx's error.
+// daemon is accepted, and each session gets GOAWAY (docs/PROTOCOL.md
+// §6.8): its daemon starts no new call, and once the calls it has in
+// flight are answered it sends GOAWAY back and the session closes; then
+// Serve returns. A daemon that does not answer GOAWAY is closed after
+// DrainTimeout. When ctx ends first, Shutdown closes what is left (Close)
+// and returns ctx's error.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.notServing.Store(true)
 	s.mu.Lock()
@@ -244,7 +246,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	var wg sync.WaitGroup
 	for _, c := range conns {
 		wg.Add(1)
-		go func() { defer wg.Done(); c.drain(ctx) }()
+		go func() { defer wg.Done(); c.sess.Shutdown(ctx) }()
 	}
 	wg.Wait()
 	if stop != nil {

@@ -27,8 +27,9 @@ type serverConn struct {
 	end  context.CancelFunc
 
 	maxInFlight int32
-	inFlight    atomic.Int32  // requests read and not yet answered
-	idle        chan struct{} // signalled when inFlight drops to 0 while draining
+	inFlight    atomic.Int32  // requests counted against max_in_flight: read, answer not yet sent
+	unanswered  atomic.Int32  // requests read, answer not yet written (one-way: not yet served)
+	idle        chan struct{} // signalled when unanswered drops to 0 while draining
 	draining    atomic.Bool
 
 	jobs    chan *call
@@ -140,6 +141,7 @@ func (c *serverConn) serve(f *frame.Frame) {
 			return
 		}
 	}
+	c.unanswered.Add(1)
 	cl := &call{rt: rt}
 	cl.req = Request{Op: rt.op, Peer: c.sess.Peer(), TokenID: f.CapRef, Correlation: corr}
 	if cp := c.sess.Capability(); cp != nil {
@@ -181,6 +183,7 @@ func (c *serverConn) dispatch(cl *call) {
 	case c.jobs <- cl:
 	case <-c.ctx.Done():
 		c.finish(cl)
+		c.answered()
 	}
 }
 
@@ -193,6 +196,7 @@ func (c *serverConn) work() {
 
 // handle runs the handler and answers (unless the request was one-way).
 func (c *serverConn) handle(cl *call) {
+	defer c.answered()
 	body, err := c.invoke(cl)
 	cl.ctx.end()
 	s := &c.srv.stats
@@ -263,9 +267,17 @@ func (c *serverConn) reply(cl *call, err error) error {
 	return c.tr.send(c.ctx, frame.Header{Type: frame.TypeError, Correlation: cl.req.Correlation}, nil, &cl.emsg, false)
 }
 
-// finish ends cl's turn in flight.
+// finish ends cl's turn in flight (max_in_flight).
 func (c *serverConn) finish(cl *call) {
-	if cl.req.Correlation != 0 && c.inFlight.Add(-1) == 0 && c.draining.Load() {
+	if cl.req.Correlation != 0 {
+		c.inFlight.Add(-1)
+	}
+}
+
+// answered counts a request answered (its answer written, or the handler of
+// a one-way one returned), and wakes a drain waiting for the last.
+func (c *serverConn) answered() {
+	if c.unanswered.Add(-1) == 0 && c.draining.Load() {
 		select {
 		case c.idle <- struct{}{}:
 		default:
@@ -305,7 +317,7 @@ func (c *serverConn) denyRetry(corr uint64, op string, code Code, event, reason 
 }
 
 // watchGoAway answers the daemon's GOAWAY: the daemon starts nothing new,
-// so once the requests in flight are answered the session ends in order.
+// so once the requests it sent are answered the session ends in order.
 func (c *serverConn) watchGoAway() {
 	select {
 	case <-c.sess.GoAway():
@@ -314,11 +326,13 @@ func (c *serverConn) watchGoAway() {
 	}
 }
 
-// drain lets the requests in flight finish (within ctx), then ends the
-// session in order: GOAWAY, the daemon's GOAWAY, close.
+// drain answers the daemon's GOAWAY (docs/PROTOCOL.md §6.8): it lets the
+// requests read finish (within ctx), then ends the session in order: our
+// GOAWAY, written after every answer, then close. (The kernel's own
+// Shutdown sends GOAWAY first instead: Session.Shutdown.)
 func (c *serverConn) drain(ctx context.Context) {
 	c.draining.Store(true)
-	for c.inFlight.Load() > 0 {
+	for c.unanswered.Load() > 0 {
 		select {
 		case <-c.idle:
 		case <-ctx.Done():

@@ -9,7 +9,7 @@ type ServerStats struct {
 	Failed    uint64 // requests whose handler returned an error (answered ERROR)
 	Denied    uint64 // frames the enforcer refused: token, rights, size, in flight, unknown op
 	Panics    uint64 // handler panics, answered E_INTERNAL
-	InFlight  int64  // requests read and not yet answered, all sessions
+	InFlight  int64  // requests read and not yet answered (one-way: not yet served), all sessions
 	Published uint64 // events written to subscribers' rings
 	Dropped   uint64 // events a slow subscriber lost (DropNewest, or Block past the deadline)
 }
@@ -30,7 +30,7 @@ func (s *Server) Stats() ServerStats {
 	}
 	s.mu.Lock()
 	for c := range s.conns {
-		st.InFlight += int64(c.inFlight.Load())
+		st.InFlight += int64(c.unanswered.Load())
 	}
 	s.mu.Unlock()
 	return st

@@ -50,7 +50,9 @@ type transport interface {
 // so that a sender waiting for its turn still honours its context. The
 // producer publishes with one Flush per burst: a sender that sees another
 // waiting for the lock leaves the Flush to it, so callers arriving together
-// share one index store and at most one FUTEX_WAKE.
+// share one index store and at most one FUTEX_WAKE. A noWait sender (an
+// event under DropNewest) never queues behind a holder that waits for room
+// in the peer's ring: the ring is full, so it gives up at once.
 type ringTransport struct {
 	sess *control.Session
 	max  int
@@ -61,6 +63,8 @@ type ringTransport struct {
 
 	lock    chan struct{}
 	waiting atomic.Int32
+	stalled atomic.Bool    // the lock's holder waits for room in the peer's ring
+	kick    chan struct{}  // cap 1: wakes the noWait senders queued behind a stalled holder
 	prod    *ring.Producer // under lock
 	seq     uint64         // under lock: sequence of the last frame sent
 	dirty   atomic.Bool    // committed, not flushed; written under lock
@@ -76,7 +80,7 @@ func newRingTransport(s *control.Session, writeTimeout time.Duration) *ringTrans
 	max := int(s.Params().MaxPayload)
 	return &ringTransport{
 		sess: s, max: max, writeTimeout: writeTimeout,
-		lock: make(chan struct{}, 1),
+		lock: make(chan struct{}, 1), kick: make(chan struct{}, 1),
 		prod: s.Producer(), cons: s.Consumer(),
 		// Decode whatever fits a record: a frame over max_payload is still
 		// read whole, so the kernel can refuse it with its correlation.
@@ -95,10 +99,36 @@ func (t *ringTransport) send(ctx context.Context, h frame.Header, ext []byte, m 
 	select {
 	case t.lock <- struct{}{}:
 	default:
-		t.waiting.Add(1)
+		if err := t.queue(ctx, noWait); err != nil {
+			return err
+		}
+	}
+	err := t.write(ctx, &h, ext, m, n, noWait)
+	return t.unlock(err)
+}
+
+// queue waits for the lock, within ctx; with noWait, only while its holder
+// is not waiting for room.
+func (t *ringTransport) queue(ctx context.Context, noWait bool) error {
+	t.waiting.Add(1)
+	var kick chan struct{}
+	if noWait {
+		kick = t.kick
+	}
+	for {
+		if noWait && t.stalled.Load() {
+			select { // wake the next noWait sender queued behind it
+			case t.kick <- struct{}{}:
+			default:
+			}
+			t.leave()
+			return errFull
+		}
 		select {
 		case t.lock <- struct{}{}:
 			t.waiting.Add(-1)
+			return nil
+		case <-kick:
 		case <-ctx.Done():
 			t.leave()
 			return ctx.Err()
@@ -107,8 +137,6 @@ func (t *ringTransport) send(ctx context.Context, h frame.Header, ext []byte, m 
 			return t.sessErr(nil)
 		}
 	}
-	err := t.write(ctx, &h, ext, m, n, noWait)
-	return t.unlock(err)
 }
 
 // unlock publishes what is committed unless another sender waits for the
@@ -187,15 +215,24 @@ func (t *ringTransport) reserve(ctx context.Context, total int, noWait bool) ([]
 			return nil, t.sessErr(err)
 		}
 	}
-	dl, ok := ctx.Deadline()
-	if !ok && t.writeTimeout > 0 {
-		dl = time.Now().Add(t.writeTimeout)
-	}
-	if noWait {
-		dl = time.Unix(1, 0) // Reserve still takes room it finds, but does not wait
-	}
-	t.prod.SetWaitDeadline(dl)
+	// Take room that is there without waiting (a stale cached head, a new
+	// lap), so that stalled means a real wait.
+	t.prod.SetWaitDeadline(time.Unix(1, 0))
 	buf, err := t.prod.Reserve(total)
+	if errors.Is(err, os.ErrDeadlineExceeded) && !noWait {
+		dl, ok := ctx.Deadline()
+		if !ok && t.writeTimeout > 0 {
+			dl = time.Now().Add(t.writeTimeout)
+		}
+		t.prod.SetWaitDeadline(dl)
+		t.stalled.Store(true)
+		select { // the noWait senders queued behind us give up
+		case t.kick <- struct{}{}:
+		default:
+		}
+		buf, err = t.prod.Reserve(total)
+		t.stalled.Store(false)
+	}
 	t.prod.SetWaitDeadline(time.Time{})
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		if noWait {

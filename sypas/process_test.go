@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"hash/crc32"
 	"io"
@@ -13,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -33,16 +35,24 @@ const helperEnv = "SYPAS_BRIDGE_HELPER"
 
 // TestBridgeHelper is not a test: it is the helper process's main.
 func TestBridgeHelper(t *testing.T) {
-	if os.Getenv(helperEnv) != "kernel" {
+	var err error
+	switch os.Getenv(helperEnv) {
+	case "":
 		return
+	case "kernel":
+		// The parent holds our stdin: when it goes away, so do we.
+		go func() {
+			io.Copy(io.Discard, os.Stdin)
+			os.Exit(3)
+		}()
+		err = helperKernel(os.Getenv("SYPAS_SOCK"))
+	case "subscriber":
+		err = helperSubscriber(os.Getenv("SYPAS_SOCK"), os.Getenv("SYPAS_TOPIC"))
+	default:
+		err = fmt.Errorf("unknown helper %q", os.Getenv(helperEnv))
 	}
-	// The parent holds our stdin: when it goes away, so do we.
-	go func() {
-		io.Copy(io.Discard, os.Stdin)
-		os.Exit(3)
-	}()
-	if err := helperKernel(os.Getenv("SYPAS_SOCK")); err != nil {
-		fmt.Fprintln(os.Stderr, "helper kernel:", err)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "helper:", err)
 		os.Exit(1)
 	}
 	os.Exit(0)
@@ -69,8 +79,15 @@ type helperProc struct {
 // extra SYPAS_K_* settings, see helperKernel). It is killed with the test.
 func startHelperKernel(t testing.TB, path string, env ...string) *helperProc {
 	t.Helper()
+	return startHelper(t, "kernel", path, env...)
+}
+
+// startHelper runs the helper named kind (TestBridgeHelper) for the
+// kernel at path; it is killed with the test.
+func startHelper(t testing.TB, kind, path string, env ...string) *helperProc {
+	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^TestBridgeHelper$", "-test.count=1")
-	cmd.Env = append(os.Environ(), append([]string{helperEnv + "=kernel", "SYPAS_SOCK=" + path, "GORACE=atexit_sleep_ms=0"}, env...)...)
+	cmd.Env = append(os.Environ(), append([]string{helperEnv + "=" + kind, "SYPAS_SOCK=" + path, "GORACE=atexit_sleep_ms=0"}, env...)...)
 	out := new(syncBuffer)
 	cmd.Stdout, cmd.Stderr = out, out
 	stdin, err := cmd.StdinPipe()
@@ -80,7 +97,7 @@ func startHelperKernel(t testing.TB, path string, env ...string) *helperProc {
 	t.Cleanup(func() {
 		h.kill()
 		if t.Failed() {
-			t.Logf("helper kernel output:\n%s", out.String())
+			t.Logf("helper %s output:\n%s", kind, out.String())
 		}
 	})
 	return h
@@ -354,3 +371,88 @@ func publishOn(ctx context.Context, c *Client, p publishReq) (publishResp, error
 
 // stressFull reports whether SYPAS_STRESS=full asks for the long runs.
 func stressFull() bool { return os.Getenv("SYPAS_STRESS") == "full" }
+
+// ---------------------------------------------------------------- the subscriber
+
+// subReport is what the subscriber helper saw: the events before the one
+// whose body is "END", whether their indexes (the first 8 bytes) only went
+// up, and its Subscription's Dropped when END came.
+type subReport struct {
+	Received int
+	InOrder  bool
+	Dropped  uint64
+}
+
+// helperSubscriber subscribes to topic on the kernel at sock, with
+// SYPAS_RXRING as its ring's size, prints READY, and reads events until END;
+// then it prints its subReport as JSON.
+func helperSubscriber(sock, topic string) error {
+	cfg := ClientConfig{}
+	cfg.Logger = slog.New(slog.DiscardHandler)
+	if n, _ := strconv.Atoi(os.Getenv("SYPAS_RXRING")); n > 0 {
+		cfg.RxRingSize = uint32(n)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c, err := Dial(ctx, sock, cfg)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	sub, err := c.Subscribe(ctx, topic, SubscribeOptions{Pending: 4096})
+	if err != nil {
+		return err
+	}
+	fmt.Println("READY")
+	r := subReport{InOrder: true}
+	last := -1
+	for {
+		select {
+		case ev, ok := <-sub.Events():
+			if !ok {
+				return errors.New("the subscription ended")
+			}
+			if string(ev.Body) == "END" {
+				r.Dropped = sub.Dropped()
+				b, _ := json.Marshal(r)
+				fmt.Println(string(b))
+				return nil
+			}
+			i := int(binary.LittleEndian.Uint64(ev.Body))
+			r.InOrder = r.InOrder && i > last
+			last = i
+			r.Received++
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// startSubscriber runs a subscriber helper on topic and waits for it to be
+// subscribed.
+func startSubscriber(t *testing.T, path, topic string, env ...string) *helperProc {
+	t.Helper()
+	h := startHelper(t, "subscriber", path, append(env, "SYPAS_TOPIC="+topic)...)
+	require.Eventually(t, func() bool { return strings.Contains(h.out.String(), "READY\n") }, 30*time.Second, time.Millisecond)
+	return h
+}
+
+// report waits for the subscriber helper to end and returns its report.
+func (h *helperProc) report(t *testing.T) subReport {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- h.cmd.Wait() }()
+	select {
+	case err := <-done:
+		require.NoError(t, err, "subscriber: %s", h.out.String())
+	case <-time.After(30 * time.Second):
+		h.cmd.Process.Kill()
+		<-done
+		t.Fatalf("the subscriber never ended: %s", h.out.String())
+	}
+	h.stdin.Close()
+	var r subReport
+	_, js, _ := strings.Cut(h.out.String(), "READY\n")
+	require.NoError(t, json.Unmarshal([]byte(strings.TrimSpace(js)), &r), "subscriber said %q", h.out.String())
+	return r
+}

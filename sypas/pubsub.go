@@ -33,8 +33,9 @@ const (
 // topics is the server's subscription registry: topic name → subscribers,
 // each list copied on write so that Publish reads it without a lock.
 type topics struct {
-	mu sync.Mutex
-	m  map[string]*atomic.Pointer[[]*subscriber]
+	mu    sync.Mutex
+	m     map[string]*atomic.Pointer[[]*subscriber]
+	drops map[string]uint64 // events dropped, by the topic Publish named; under mu
 }
 
 // subscriber is one SUBSCRIBE of one session.
@@ -45,7 +46,28 @@ type subscriber struct {
 	dropped atomic.Uint64 // since the last event delivered
 }
 
-func (t *topics) init() { t.m = make(map[string]*atomic.Pointer[[]*subscriber]) }
+func (t *topics) init() {
+	t.m = make(map[string]*atomic.Pointer[[]*subscriber])
+	t.drops = make(map[string]uint64)
+}
+
+// dropped counts n events dropped on topic.
+func (t *topics) dropped(topic string, n uint64) {
+	t.mu.Lock()
+	t.drops[topic] += n
+	t.mu.Unlock()
+}
+
+// dropCounts returns a copy of the drop counts by topic.
+func (t *topics) dropCounts() map[string]uint64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	m := make(map[string]uint64, len(t.drops))
+	for k, v := range t.drops {
+		m[k] = v
+	}
+	return m
+}
 
 func (t *topics) list(topic string) []*subscriber {
 	t.mu.Lock()
@@ -178,6 +200,7 @@ func (s *Server) Publish(ctx context.Context, topic string, body []byte) error {
 	noWait := s.cfg.Topics[topic] == DropNewest
 	ev := wire.Event{Timestamp: uint64(time.Now().UnixNano()), Topic: []byte(topic), Body: body}
 	var lost, tooLarge int
+	var drops uint64
 	var ext [8]byte
 	for _, sub := range subs {
 		ev.SubscriptionID = sub.id
@@ -199,10 +222,14 @@ func (s *Server) Publish(ctx context.Context, topic string, body []byte) error {
 		default:
 			sub.dropped.Add(1)
 			s.stats.dropped.Add(1)
+			drops++
 			if !noWait {
 				lost++
 			}
 		}
+	}
+	if drops > 0 {
+		s.topics.dropped(topic, drops)
 	}
 	switch {
 	case tooLarge > 0:

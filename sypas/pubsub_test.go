@@ -2,6 +2,10 @@ package sypas
 
 import (
 	"context"
+	"encoding/binary"
+	"fmt"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -47,4 +51,163 @@ func TestPublishDropNewestNeverWaits(t *testing.T) {
 		assert.Less(t, time.Since(start), promptly, "Publish %d waited for a full subscriber", i)
 	}
 	assert.Equal(t, uint64(3), k.srv.Stats().Dropped)
+}
+
+// eventBody is an event with index i (8 bytes) padded to size.
+func eventBody(i, size int) []byte {
+	b := make([]byte, max(size, 8))
+	binary.LittleEndian.PutUint64(b, uint64(i))
+	return b
+}
+
+// publishEnd publishes END on topic until the subscriber helper h takes it
+// and ends (an END that finds the subscriber's ring full is dropped too).
+func publishEnd(t *testing.T, srv *Server, h *helperProc, topic string) {
+	t.Helper()
+	for start := time.Now(); time.Since(start) < 30*time.Second; {
+		srv.Publish(context.Background(), topic, []byte("END"))
+		for range 20 {
+			if strings.Contains(h.out.String(), "}") {
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	t.Fatalf("the subscriber never took END: %s", h.out.String())
+}
+
+// Events fan out to every subscriber of their topic, each in its own
+// process, in order, and to nobody else.
+func TestCrossProcessPublishFanOut(t *testing.T) {
+	k := startKernel(t, ServerConfig{}, nil)
+	var subs []*helperProc
+	for range 3 {
+		subs = append(subs, startSubscriber(t, k.path, "news"))
+	}
+	other := startSubscriber(t, k.path, "other")
+	ctx := context.Background()
+	const n = 200
+	for i := range n {
+		require.NoError(t, k.srv.Publish(ctx, "news", eventBody(i, 64)))
+	}
+	for _, h := range subs {
+		publishEnd(t, k.srv, h, "news")
+		r := h.report(t)
+		assert.Equal(t, subReport{Received: n, InOrder: true}, r)
+	}
+	publishEnd(t, k.srv, other, "other")
+	assert.Equal(t, subReport{InOrder: true}, other.report(t))
+	st := k.srv.Stats()
+	assert.Zero(t, st.Dropped)
+	assert.GreaterOrEqual(t, st.Published, uint64(3*n))
+}
+
+// A subscriber that stops reading (SIGSTOP) under DropNewest: the
+// publisher never waits, the kernel counts what it drops, and the
+// subscriber learns the count with the next event it gets (the EVENT's
+// header extension): its Dropped is the kernel's.
+func TestCrossProcessSlowSubscriberDropNewest(t *testing.T) {
+	k := startKernel(t, ServerConfig{}, nil)
+	h := startSubscriber(t, k.path, "slow", fmt.Sprintf("SYPAS_RXRING=%d", wire.MinRingSize))
+	require.NoError(t, h.cmd.Process.Signal(syscall.SIGSTOP))
+	defer h.cmd.Process.Signal(syscall.SIGCONT)
+	ctx := context.Background()
+	const n = 200
+	start := time.Now()
+	for i := range n {
+		require.NoError(t, k.srv.Publish(ctx, "slow", eventBody(i, 100)))
+	}
+	assert.Less(t, time.Since(start), promptly, "DropNewest never waits")
+	dropped := k.srv.Stats().Dropped
+	assert.Greater(t, dropped, uint64(n/2), "a %d-byte ring holds fewer than %d events", wire.MinRingSize, n/2)
+	assert.Equal(t, dropped, k.srv.Stats().DroppedByTopic["slow"])
+	require.NoError(t, h.cmd.Process.Signal(syscall.SIGCONT))
+	publishEnd(t, k.srv, h, "slow")
+	r := h.report(t)
+	st := k.srv.Stats()
+	assert.True(t, r.InOrder)
+	assert.Equal(t, st.Dropped, r.Dropped, "the subscriber sees the kernel's count")
+	assert.Equal(t, uint64(n), uint64(r.Received)+r.Dropped-(st.Dropped-dropped), "every event received or counted")
+}
+
+// Under Block, Publish waits for a stopped subscriber up to its deadline,
+// then drops the event, counts it and says so (ErrResource); once the
+// subscriber reads again, events flow and it learns of the loss.
+func TestCrossProcessSlowSubscriberBlock(t *testing.T) {
+	k := startKernel(t, ServerConfig{Topics: map[string]SlowPolicy{"block": Block}}, nil)
+	h := startSubscriber(t, k.path, "block", fmt.Sprintf("SYPAS_RXRING=%d", wire.MinRingSize))
+	require.NoError(t, h.cmd.Process.Signal(syscall.SIGSTOP))
+	defer h.cmd.Process.Signal(syscall.SIGCONT)
+	const wait = 100 * time.Millisecond
+	var i int
+	for ; ; i++ {
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
+		start := time.Now()
+		err := k.srv.Publish(ctx, "block", eventBody(i, 100))
+		took := time.Since(start)
+		cancel()
+		if err != nil {
+			assert.ErrorIs(t, err, ErrResource)
+			assert.GreaterOrEqual(t, took, wait, "Block waits up to the deadline")
+			assert.Less(t, took, wait+promptly)
+			break
+		}
+		require.Less(t, i, 1000, "a stopped subscriber's ring never filled")
+	}
+	assert.Equal(t, uint64(1), k.srv.Stats().Dropped)
+	require.NoError(t, h.cmd.Process.Signal(syscall.SIGCONT))
+	publishEnd(t, k.srv, h, "block")
+	r := h.report(t)
+	assert.Equal(t, subReport{Received: i, InOrder: true, Dropped: 1}, r)
+}
+
+// A subscription that is not read keeps at most Pending events; the rest
+// are dropped and counted (Dropped), never queued without bound.
+func TestSubscriptionPendingBounded(t *testing.T) {
+	k := startKernel(t, ServerConfig{}, nil)
+	c := dialT(t, k.path, ClientConfig{})
+	ctx := context.Background()
+	sub, err := c.Subscribe(ctx, "news", SubscribeOptions{Pending: 8})
+	require.NoError(t, err)
+	for i := range 50 {
+		require.NoError(t, k.srv.Publish(ctx, "news", eventBody(i, 16)))
+	}
+	require.Eventually(t, func() bool { return sub.Dropped() == 42 }, 20*time.Second, time.Millisecond)
+	assert.Len(t, sub.Events(), 8)
+	for i := range 8 {
+		ev := <-sub.Events()
+		assert.Equal(t, uint64(i), binary.LittleEndian.Uint64(ev.Body), "the oldest are kept")
+	}
+	assert.Zero(t, k.srv.Stats().Dropped, "the kernel delivered them all")
+}
+
+// Two subscriptions of one client to one topic each get every event;
+// unsubscribing one leaves the other; the kernel forgets the topic when
+// its last subscriber leaves.
+func TestUnsubscribe(t *testing.T) {
+	k := startKernel(t, ServerConfig{}, nil)
+	c := dialT(t, k.path, ClientConfig{})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	a, err := c.Subscribe(ctx, "news", SubscribeOptions{})
+	require.NoError(t, err)
+	b, err := c.Subscribe(ctx, "news", SubscribeOptions{})
+	require.NoError(t, err)
+	require.NoError(t, k.srv.Publish(ctx, "news", eventBody(1, 8)))
+	for _, s := range []*Subscription{a, b} {
+		ev := <-s.Events()
+		assert.Equal(t, uint64(1), binary.LittleEndian.Uint64(ev.Body))
+	}
+	require.NoError(t, a.Unsubscribe(ctx))
+	require.NoError(t, a.Unsubscribe(ctx), "idempotent")
+	_, open := <-a.Events()
+	assert.False(t, open)
+	require.NoError(t, k.srv.Publish(ctx, "news", eventBody(2, 8)))
+	ev := <-b.Events()
+	assert.Equal(t, uint64(2), binary.LittleEndian.Uint64(ev.Body))
+	require.NoError(t, b.Unsubscribe(ctx))
+	assert.Empty(t, k.srv.topics.list("news"))
+	published := k.srv.Stats().Published
+	require.NoError(t, k.srv.Publish(ctx, "news", eventBody(3, 8)))
+	assert.Equal(t, published, k.srv.Stats().Published, "nobody left to publish to")
 }

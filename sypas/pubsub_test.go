@@ -1,9 +1,12 @@
 package sypas
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -109,7 +112,7 @@ func TestCrossProcessPublishFanOut(t *testing.T) {
 func TestCrossProcessSlowSubscriberDropNewest(t *testing.T) {
 	k := startKernel(t, ServerConfig{}, nil)
 	h := startSubscriber(t, k.path, "slow", fmt.Sprintf("SYPAS_RXRING=%d", wire.MinRingSize))
-	require.NoError(t, h.cmd.Process.Signal(syscall.SIGSTOP))
+	stop(t, h)
 	defer h.cmd.Process.Signal(syscall.SIGCONT)
 	ctx := context.Background()
 	const n = 200
@@ -136,7 +139,7 @@ func TestCrossProcessSlowSubscriberDropNewest(t *testing.T) {
 func TestCrossProcessSlowSubscriberBlock(t *testing.T) {
 	k := startKernel(t, ServerConfig{Topics: map[string]SlowPolicy{"block": Block}}, nil)
 	h := startSubscriber(t, k.path, "block", fmt.Sprintf("SYPAS_RXRING=%d", wire.MinRingSize))
-	require.NoError(t, h.cmd.Process.Signal(syscall.SIGSTOP))
+	stop(t, h)
 	defer h.cmd.Process.Signal(syscall.SIGCONT)
 	const wait = 100 * time.Millisecond
 	var i int
@@ -210,4 +213,26 @@ func TestUnsubscribe(t *testing.T) {
 	published := k.srv.Stats().Published
 	require.NoError(t, k.srv.Publish(ctx, "news", eventBody(3, 8)))
 	assert.Equal(t, published, k.srv.Stats().Published, "nobody left to publish to")
+}
+
+// stop stops the helper with SIGSTOP and waits until every one of its
+// threads is stopped (kill returns before a running thread is).
+func stop(t *testing.T, h *helperProc) {
+	t.Helper()
+	require.NoError(t, h.cmd.Process.Signal(syscall.SIGSTOP))
+	dir := fmt.Sprintf("/proc/%d/task", h.cmd.Process.Pid)
+	require.Eventually(t, func() bool {
+		tasks, err := os.ReadDir(dir)
+		if err != nil {
+			return false
+		}
+		for _, task := range tasks {
+			b, err := os.ReadFile(filepath.Join(dir, task.Name(), "stat"))
+			// The state follows the command name, which ends with ')'.
+			if i := bytes.LastIndexByte(b, ')'); err != nil || i < 0 || i+2 >= len(b) || b[i+2] != 'T' {
+				return false
+			}
+		}
+		return true
+	}, 20*time.Second, time.Millisecond, "the helper never stopped")
 }

@@ -152,7 +152,7 @@ func (c *clientConn) call(ctx context.Context, s *slot, t frame.Type, m wire.Mes
 	s.state.Store(slotWaiting) // publishes the slot's fields to the reader
 	if err := c.tr.send(ctx, frame.Header{Type: t, Correlation: corr}, nil, m, false); err != nil {
 		c.put(s)
-		return nil, false, err
+		return nil, mayHaveSent(err), err
 	}
 	if oneWay {
 		c.put(s)

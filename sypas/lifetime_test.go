@@ -5,6 +5,7 @@ import (
 	"errors"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -365,4 +366,44 @@ func TestServerShutdownUnderLoad(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("Serve did not return")
 	}
+}
+
+// A kernel that closes its end of the daemon's ring under a live session:
+// a call whose frame went out as it closed fails promptly with
+// ErrUnavailable and is not sent again, even WaitForReady (the kernel may
+// have run it), and the Client goes on with a new session.
+func TestRingClosedUnderLiveSession(t *testing.T) {
+	var calls atomic.Int64
+	k := startKernel(t, ServerConfig{}, func(s *Server) {
+		s.Handle("count", RightRequest, func(context.Context, *Request) ([]byte, error) {
+			calls.Add(1)
+			return []byte("ok"), nil
+		}, Inline)
+	})
+	cfg := ClientConfig{}
+	cfg.Backoff = control.Backoff{Base: 20 * time.Millisecond}
+	c := dialT(t, k.path, cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err := c.Call(ctx, "count", nil)
+	require.NoError(t, err)
+	first := c.cur.Load()
+	k.srv.mu.Lock()
+	for sc := range k.srv.conns {
+		sc.sess.Consumer().Close()
+	}
+	k.srv.mu.Unlock()
+
+	start := time.Now()
+	_, err = c.Call(ctx, "count", nil, WaitForReady)
+	assert.ErrorIs(t, err, ErrUnavailable)
+	assert.Less(t, time.Since(start), promptly)
+	// The kernel may have read it as its end closed (and the Client's
+	// Flush saw the close after publishing it): at most once.
+	assert.LessOrEqual(t, calls.Load(), int64(2), "a call that may have been sent was sent again")
+	require.Eventually(t, func() bool {
+		_, err := c.Call(ctx, "count", nil)
+		return err == nil
+	}, 20*time.Second, time.Millisecond, "the Client never left the broken session")
+	assert.NotSame(t, first, c.cur.Load())
 }

@@ -26,6 +26,8 @@ type transport interface {
 	// for the other senders; a payload over the session's limit fails
 	// with an error matching ErrTooLarge before anything is written. With
 	// noWait, a send that would wait for room fails with errFull instead.
+	// An error for which mayHaveSent holds came after the frame was
+	// published: the peer may have read it.
 	send(ctx context.Context, h frame.Header, ext []byte, m wire.Message, noWait bool) error
 	// recv returns the next frame, waiting until the deadline (zero:
 	// none). Its Extension and Payload stay valid until release. One
@@ -147,7 +149,7 @@ func (t *ringTransport) unlock(err error) error {
 		if t.dirty.Load() && t.waiting.Load() == 0 {
 			t.dirty.Store(false)
 			if ferr := t.prod.Flush(); err == nil && ferr != nil {
-				err = t.sessErr(ferr)
+				err = &writtenErr{t.sessErr(ferr)} // our frame went out with the others
 			}
 		}
 		<-t.lock
@@ -201,6 +203,21 @@ func (t *ringTransport) write(ctx context.Context, h *frame.Header, ext []byte, 
 	t.seq++
 	t.dirty.Store(true)
 	return nil
+}
+
+// writtenErr is a send that failed after its frame was published, when the
+// Flush found the session ending: the peer may have read the frame before
+// it went (a kernel reads, serves and closes), so the frame counts as sent.
+type writtenErr struct{ err error }
+
+func (e *writtenErr) Error() string { return e.err.Error() }
+func (e *writtenErr) Unwrap() error { return e.err }
+
+// mayHaveSent reports whether a send that failed with err may have reached
+// the peer.
+func mayHaveSent(err error) bool {
+	var w *writtenErr
+	return errors.As(err, &w)
 }
 
 // errFull is a noWait send that found no room.

@@ -33,6 +33,11 @@ type clientConn struct {
 	slots []slot
 	free  chan *slot // idle slots; a caller waits here when max_in_flight are out
 
+	// viewMu is read-held by the reader from recv to release, and held to
+	// close the session (closeSession): Close swaps the rings' shared
+	// memory for private pages, under which a frame would read as zeros.
+	viewMu sync.RWMutex
+
 	mu       sync.Mutex
 	leading  bool    // the reader role is held
 	bgLeads  bool    // by the background reader
@@ -230,8 +235,10 @@ func (c *clientConn) lead(ctx context.Context, s *slot, fn func([]byte) error, b
 		if cancellable || bg {
 			wait = time.Now().Add(readSlice)
 		}
+		c.viewMu.RLock()
 		f, err := c.tr.recv(wait)
 		if err != nil {
+			c.viewMu.RUnlock()
 			if errors.Is(err, os.ErrDeadlineExceeded) {
 				if err := ctx.Err(); err != nil {
 					return err
@@ -248,6 +255,7 @@ func (c *clientConn) lead(ctx context.Context, s *slot, fn func([]byte) error, b
 		}
 		own, err := c.deliver(&f, s, fn)
 		c.tr.release()
+		c.viewMu.RUnlock()
 		if err != nil {
 			return c.fail(err)
 		}
@@ -483,6 +491,18 @@ func (c *clientConn) callerWaiting() bool {
 		}
 	}
 	return false
+}
+
+// closeSession ends the session, orderly (Shutdown, within ctx) or not
+// (Close), once no reader holds a frame of its rings (viewMu).
+func (c *clientConn) closeSession(ctx context.Context, orderly bool) error {
+	c.tr.stop()
+	c.viewMu.Lock()
+	defer c.viewMu.Unlock()
+	if orderly {
+		return c.sess.Shutdown(ctx)
+	}
+	return c.sess.Close()
 }
 
 // fail turns a reader's error into the session's end: a frame the kernel

@@ -1,6 +1,7 @@
 package sypas
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"runtime"
@@ -406,4 +407,58 @@ func TestRingClosedUnderLiveSession(t *testing.T) {
 		return err == nil
 	}, 20*time.Second, time.Millisecond, "the Client never left the broken session")
 	assert.NotSame(t, first, c.cur.Load())
+}
+
+// Closing a Client (or losing its session) while callers read replies in
+// place: Close swaps the rings' shared memory for private pages, so a
+// reader holding a view across it would decode zeros. Every call returns
+// its own intact reply, or an error matching ErrUnavailable or ErrClosed;
+// never E_PROTO, never a reply of zeros.
+func TestCloseUnderReaders(t *testing.T) {
+	h := startHelperKernel(t, sockPath(t))
+	rounds := 10
+	if stressFull() {
+		rounds = 100
+	}
+	for round := range rounds {
+		c := dialT(t, h.path, ClientConfig{})
+		var wg sync.WaitGroup
+		var answered atomic.Int64
+		for g := range 16 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				id := uint32(1000*round + g)
+				var body, dst []byte
+				for seq := uint64(1); ; seq++ {
+					body = makeBody(body, id, seq, 16+int(seq%4096), byte(seq))
+					var got []byte
+					var err error
+					if seq%2 == 0 {
+						got, err = c.CallInto(context.Background(), "chk", body, dst[:0])
+						dst = got
+					} else {
+						got, err = c.Call(context.Background(), "chk.pool", body)
+					}
+					if err != nil {
+						if !errors.Is(err, ErrUnavailable) && !errors.Is(err, ErrClosed) {
+							t.Errorf("round %d: %v", round, err)
+						}
+						return
+					}
+					if !bytes.Equal(got, body) {
+						t.Errorf("round %d: a reply of %d bytes that is not the request's %d", round, len(got), len(body))
+						return
+					}
+					answered.Add(1)
+				}
+			}()
+		}
+		require.Eventually(t, func() bool { return answered.Load() > 100 }, 20*time.Second, time.Millisecond)
+		c.Close()
+		wg.Wait()
+		if t.Failed() {
+			return
+		}
+	}
 }

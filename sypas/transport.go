@@ -38,6 +38,10 @@ type transport interface {
 	// nudge makes a recv waiting in another goroutine return at once with
 	// os.ErrDeadlineExceeded, as if its deadline had passed.
 	nudge()
+	// stop makes recv, waiting or not, fail from now on (with why the
+	// session ended, or that it is closing): the session is about to be
+	// closed, and no reader may hold a frame across that.
+	stop()
 	// maxPayload is the largest payload send accepts.
 	maxPayload() int
 	// session is the control-plane session the frames belong to: identity,
@@ -75,6 +79,7 @@ type ringTransport struct {
 	rseq     uint64         // sequence of the last frame received
 	deadline time.Time      // the consumer's wait deadline, as last set
 	nudged   atomic.Bool    // nudge changed the deadline behind recv's back
+	stopped  atomic.Bool    // stop was called
 	fcfg     frame.Config
 }
 
@@ -272,8 +277,14 @@ func (t *ringTransport) recv(deadline time.Time) (frame.Frame, error) {
 		t.deadline = deadline
 	}
 	var f frame.Frame
+	if t.stopped.Load() { // after setting the deadline: stop's wake-up is never undone
+		return f, t.stoppedErr()
+	}
 	v, err := t.cons.Next()
 	if err != nil {
+		if t.stopped.Load() {
+			return f, t.stoppedErr()
+		}
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			return f, err
 		}
@@ -294,6 +305,20 @@ func (t *ringTransport) release() { t.cons.Release() }
 func (t *ringTransport) nudge() {
 	t.cons.SetDeadline(time.Unix(1, 0)) // wakes the waiting Next
 	t.nudged.Store(true)                // after: the next recv restores its own
+}
+
+func (t *ringTransport) stop() {
+	t.stopped.Store(true)
+	t.cons.SetDeadline(time.Unix(1, 0)) // after: a recv that missed the flag is woken
+}
+
+// stoppedErr is recv's error after stop: why the session ended, or that
+// it is being closed.
+func (t *ringTransport) stoppedErr() error {
+	if err := t.sess.Err(); err != nil {
+		return unavailable(err)
+	}
+	return unavailable(control.ErrSessionClosed)
 }
 
 // sessErr turns the error of a ring call into the session's end, so that

@@ -462,3 +462,47 @@ func TestCloseUnderReaders(t *testing.T) {
 		}
 	}
 }
+
+// A call waiting for room in a full ring (the kernel reads nothing: its
+// reader is stuck in an Inline handler) honours its context: its deadline
+// (context.DeadlineExceeded, not E_RESOURCE) or its cancellation.
+func TestCallHonoursContextOnFullRing(t *testing.T) {
+	g := newGate()
+	k := startKernel(t, ServerConfig{}, func(s *Server) {
+		s.Handle("stuck", RightRequest, g.handle, Inline)
+		s.Handle("echo", RightRequest, echo, Inline)
+	})
+	t.Cleanup(func() { close(g.release) })
+	cfg := ClientConfig{MaxAttempts: 1}
+	cfg.TxRingSize = 64 << 10
+	c := dialT(t, k.path, cfg)
+	bg := context.Background()
+	stuck := goCall(c, bg, "stuck", nil)
+	g.waitInside(t, 1)
+	big := make([]byte, 16<<10)
+	var fill []<-chan outcome
+	for range 3 { // fill the 64 KiB ring (the kernel reads none): a 4th waits for room
+		fill = append(fill, goCall(c, bg, "echo", big))
+	}
+	time.Sleep(20 * time.Millisecond)
+
+	for range 5 {
+		ctx, cancel := context.WithTimeout(bg, 20*time.Millisecond)
+		_, err := c.Call(ctx, "echo", big)
+		cancel()
+		assert.ErrorIs(t, err, context.DeadlineExceeded)
+	}
+	ctx, cancel := context.WithCancel(bg)
+	call := goCall(c, ctx, "echo", big)
+	time.Sleep(20 * time.Millisecond)
+	cancel()
+	o := await(t, call)
+	assert.ErrorIs(t, o.err, context.Canceled)
+	assert.Less(t, o.took, 20*time.Millisecond+promptly)
+
+	g.release <- struct{}{} // the kernel reads again
+	require.NoError(t, await(t, stuck).err)
+	for _, ch := range fill {
+		assert.NoError(t, await(t, ch).err)
+	}
+}

@@ -241,8 +241,10 @@ func (t *ringTransport) reserve(ctx context.Context, total int, noWait bool) ([]
 	// lap), so that stalled means a real wait.
 	t.prod.SetWaitDeadline(time.Unix(1, 0))
 	buf, err := t.prod.Reserve(total)
+	ctxDeadline := false
 	if errors.Is(err, os.ErrDeadlineExceeded) && !noWait {
 		dl, ok := ctx.Deadline()
+		ctxDeadline = ok
 		if !ok && t.writeTimeout > 0 {
 			dl = time.Now().Add(t.writeTimeout)
 		}
@@ -252,7 +254,7 @@ func (t *ringTransport) reserve(ctx context.Context, total int, noWait bool) ([]
 		case t.kick <- struct{}{}:
 		default:
 		}
-		buf, err = t.prod.Reserve(total)
+		buf, err = t.waitRoom(ctx, total)
 		t.stalled.Store(false)
 	}
 	t.prod.SetWaitDeadline(time.Time{})
@@ -260,8 +262,11 @@ func (t *ringTransport) reserve(ctx context.Context, total int, noWait bool) ([]
 		if noWait {
 			return nil, errFull
 		}
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
+		if ctxDeadline { // perhaps before ctx's own timer says so
+			return nil, context.DeadlineExceeded
+		}
+		if err := ctx.Err(); err != nil {
+			return nil, err
 		}
 		return nil, &Error{Code: CodeResource, Message: "the peer's ring stayed full: it reads nothing", Err: err}
 	}
@@ -269,6 +274,24 @@ func (t *ringTransport) reserve(ctx context.Context, total int, noWait bool) ([]
 		return nil, t.sessErr(err)
 	}
 	return buf, nil
+}
+
+// waitRoom is Reserve, ended early by ctx's cancellation (its deadline is
+// the producer's already).
+func (t *ringTransport) waitRoom(ctx context.Context, total int) ([]byte, error) {
+	if ctx.Done() == nil {
+		return t.prod.Reserve(total)
+	}
+	woken := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		t.prod.SetDeadline(time.Unix(1, 0)) // wakes the waiting Reserve
+		close(woken)
+	})
+	buf, err := t.prod.Reserve(total)
+	if !stop() {
+		<-woken // before the caller resets the deadline
+	}
+	return buf, err
 }
 
 func (t *ringTransport) recv(deadline time.Time) (frame.Frame, error) {

@@ -286,8 +286,12 @@ func (c *Client) do(ctx context.Context, op string, body []byte, mode uint8, dst
 		var se *sessionEnded
 		lost := errors.As(err, &se)
 		switch {
-		case ClassOf(err) == Reauthenticate && !reauthed:
-			// A fresh attestation and token, once: the next session.
+		case ClassOf(err) == Reauthenticate && !reauthed && (!lost || !sent || o&Idempotent != 0):
+			// A fresh attestation and token, once: the next session. The
+			// kernel refused the call (an E_AUTH answer), or it never went
+			// out; a call in flight when its session ended with E_AUTH (a
+			// revoked token) may have run, and goes again only if
+			// Idempotent.
 			reauthed = true
 			cc.closeSession(context.Background(), false)
 			if _, err := c.waitNext(ctx, cc); err != nil {

@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/sypas/go/control"
+	"github.com/sypas/go/control/token"
 )
 
 // flaky is a handler that fails its first N calls for each key (the
@@ -224,4 +225,70 @@ func TestHandlerContextErrors(t *testing.T) {
 	_, err = c.Call(ctx, "canceled", nil)
 	assert.ErrorIs(t, err, ErrUnavailable)
 	assert.NotContains(t, err.Error(), "hunter2")
+}
+
+// A token revoked under a call in flight ends the session with E_AUTH: the
+// call may have run, so it is sent again on the new session (a new
+// attestation and token) only if Idempotent; else it fails.
+func TestRevokedMidCall(t *testing.T) {
+	rev := token.NewRevocations()
+	var mu sync.Mutex
+	calls := map[string]int{}
+	inFlight := make(chan uint64, 2) // the token of a call that hangs
+	release := make(chan struct{})
+	cfg := ServerConfig{}
+	cfg.Revoked = rev
+	k := startKernel(t, cfg, func(s *Server) {
+		// The first call of each key hangs, and never answers: its caller
+		// learns only that the session ended.
+		s.Handle("first-hangs", RightRequest, func(ctx context.Context, r *Request) ([]byte, error) {
+			mu.Lock()
+			calls[string(r.Body)]++
+			n := calls[string(r.Body)]
+			mu.Unlock()
+			if n == 1 {
+				inFlight <- r.TokenID
+				<-release
+				return nil, ctx.Err()
+			}
+			return []byte("ok"), nil
+		})
+	})
+	t.Cleanup(func() { close(release) }) // before the kernel's: Close waits for its handlers
+	ccfg := ClientConfig{}
+	ccfg.Backoff = control.Backoff{Base: 20 * time.Millisecond}
+	c := dialT(t, k.path, ccfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	count := func(key string) int {
+		mu.Lock()
+		defer mu.Unlock()
+		return calls[key]
+	}
+	for _, tc := range []struct {
+		key  string
+		opts []CallOption
+	}{{"plain", nil}, {"idempotent", []CallOption{Idempotent}}} {
+		require.Eventually(t, func() bool { _, err := c.Health(ctx); return err == nil }, 20*time.Second, time.Millisecond)
+		done := make(chan outcome, 1)
+		go func() {
+			b, err := c.Call(ctx, "first-hangs", []byte(tc.key), tc.opts...)
+			done <- outcome{reply: b, err: err}
+		}()
+		select {
+		case id := <-inFlight:
+			rev.Revoke(id, time.Now().Add(time.Hour))
+		case <-time.After(20 * time.Second):
+			t.Fatal("the call never reached the handler")
+		}
+		o := await(t, done)
+		if tc.opts == nil {
+			assert.ErrorIs(t, o.err, ErrAuth)
+			assert.Equal(t, 1, count(tc.key), "sent again although it may have run")
+		} else {
+			require.NoError(t, o.err)
+			assert.Equal(t, "ok", string(o.reply))
+			assert.Equal(t, 2, count(tc.key))
+		}
+	}
 }

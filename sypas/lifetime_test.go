@@ -506,3 +506,52 @@ func TestCallHonoursContextOnFullRing(t *testing.T) {
 		assert.NoError(t, await(t, ch).err)
 	}
 }
+
+// A request's body stays what it was until the handler returns, even an
+// Inline handler's (a view into the ring) whose session is closed under it
+// (Server.Close, Shutdown): closing swaps the ring's memory for private
+// pages, and waits for the handler to be done with its view.
+func TestServerCloseKeepsInlineViews(t *testing.T) {
+	var bad atomic.Int64
+	inside := make(chan struct{}, 4)
+	view := func(ctx context.Context, r *Request) ([]byte, error) {
+		want := bytes.Clone(r.Body)
+		inside <- struct{}{}
+		<-ctx.Done()
+		time.Sleep(10 * time.Millisecond) // Close is under way
+		if !bytes.Equal(r.Body, want) {
+			bad.Add(1)
+		}
+		return nil, ctx.Err()
+	}
+	for _, stop := range []string{"close", "shutdown"} {
+		t.Run(stop, func(t *testing.T) {
+			srv, err := NewServer(ServerConfig{ServerConfig: control.ServerConfig{Keys: testKeys(t), SessionConfig: control.SessionConfig{Logger: quiet}}})
+			require.NoError(t, err)
+			srv.Handle("view", RightRequest, view, Inline)
+			path := sockPath(t)
+			l, err := control.Listen(path, control.Config{})
+			require.NoError(t, err)
+			defer l.Close()
+			served := make(chan error, 1)
+			go func() { served <- srv.Serve(l) }()
+			d := dialRaw(t, path, control.DialConfig{})
+			d.request(frame.Header{}, "view", bytes.Repeat([]byte("body"), 1000)) // one-way: the daemon waits for nothing
+			<-inside
+			if stop == "close" {
+				srv.Close()
+			} else {
+				go d.s.Shutdown(context.Background()) // the daemon answers GOAWAY at once
+				ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+				srv.Shutdown(ctx)
+				cancel()
+			}
+			select {
+			case <-served:
+			case <-time.After(20 * time.Second):
+				t.Fatal("Serve did not return")
+			}
+			assert.Zero(t, bad.Load(), "the handler's view changed under it")
+		})
+	}
+}

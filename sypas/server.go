@@ -246,7 +246,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	var wg sync.WaitGroup
 	for _, c := range conns {
 		wg.Add(1)
-		go func() { defer wg.Done(); c.sess.Shutdown(ctx) }()
+		go func() {
+			defer wg.Done()
+			c.sess.Drain(ctx)
+			c.closeSession()
+		}()
 	}
 	wg.Wait()
 	if stop != nil {
@@ -273,10 +277,14 @@ func (s *Server) Close() error {
 		close(s.closed)
 	}
 	stop, served := s.stop, s.served
+	conns := make([]*serverConn, 0, len(s.conns))
 	for c := range s.conns {
-		c.sess.Close()
+		conns = append(conns, c)
 	}
 	s.mu.Unlock()
+	for _, c := range conns {
+		c.closeSession()
+	}
 	if stop != nil {
 		stop()
 		<-served

@@ -36,6 +36,11 @@ type serverConn struct {
 	workers int // started; reader only
 	wg      sync.WaitGroup
 
+	// viewMu is read-held by the reader from recv to release, over the
+	// decoding and any Inline handler's view of the body; closeSession
+	// takes it before Close swaps the rings' memory for private pages.
+	viewMu sync.RWMutex
+
 	// The reader's reusable payloads for its own replies.
 	resp wire.Response
 	emsg wire.ErrorMsg
@@ -83,8 +88,10 @@ func (c *serverConn) run() {
 		c.wg.Wait()
 	}()
 	for {
+		c.viewMu.RLock()
 		f, err := c.tr.recv(time.Time{})
 		if err != nil {
+			c.viewMu.RUnlock()
 			var e *Error
 			if errors.As(err, &e) && e.Code == CodeProto && c.sess.Err() == nil {
 				c.sess.Abort(err) // the daemon learns why: never a bare EOF
@@ -93,7 +100,19 @@ func (c *serverConn) run() {
 		}
 		c.serve(&f)
 		c.tr.release()
+		c.viewMu.RUnlock()
 	}
+}
+
+// closeSession closes the session once the reader holds no view of its
+// rings: it cancels the handlers (an Inline one returns, a reader waiting
+// for a worker stops waiting), stops the reader, then closes.
+func (c *serverConn) closeSession() {
+	c.end()
+	c.tr.stop()
+	c.viewMu.Lock()
+	defer c.viewMu.Unlock()
+	c.sess.Close()
 }
 
 // serve checks one frame against the session's token and limits (the
@@ -336,14 +355,15 @@ func (c *serverConn) drain(ctx context.Context) {
 		select {
 		case <-c.idle:
 		case <-ctx.Done():
-			c.sess.Close()
+			c.closeSession()
 			return
 		case <-c.sess.Done():
 			return
 		case <-time.After(10 * time.Millisecond): // a missed signal costs this much
 		}
 	}
-	c.sess.Shutdown(ctx)
+	c.sess.Drain(ctx)
+	c.closeSession()
 }
 
 // closedCtx is a context that ends when the server is closed.

@@ -30,7 +30,21 @@ var quiet = slog.New(slog.DiscardHandler)
 type kernel struct {
 	srv  *Server
 	path string
-	done chan error
+	done chan struct{} // closed when Serve has returned err
+	err  error
+}
+
+// served waits for Serve to return (after Close or Shutdown) and returns
+// its error.
+func (k *kernel) served(t testing.TB) error {
+	t.Helper()
+	select {
+	case <-k.done:
+		return k.err
+	case <-time.After(20 * time.Second):
+		t.Fatal("Serve did not return")
+	}
+	return nil
 }
 
 func startKernel(t testing.TB, cfg ServerConfig, setup func(*Server)) *kernel {
@@ -49,16 +63,11 @@ func startKernel(t testing.TB, cfg ServerConfig, setup func(*Server)) *kernel {
 	path := filepath.Join(t.TempDir(), "k.sock")
 	l, err := control.Listen(path, control.Config{})
 	require.NoError(t, err)
-	k := &kernel{srv: srv, path: path, done: make(chan error, 1)}
-	go func() { k.done <- srv.Serve(l) }()
+	k := &kernel{srv: srv, path: path, done: make(chan struct{})}
+	go func() { k.err = srv.Serve(l); close(k.done) }()
 	t.Cleanup(func() {
 		srv.Close()
-		select {
-		case err := <-k.done:
-			assert.NoError(t, err)
-		case <-time.After(10 * time.Second):
-			t.Error("Serve did not return after Close")
-		}
+		assert.NoError(t, k.served(t))
 		l.Close()
 	})
 	return k

@@ -144,18 +144,13 @@ func TestClientCloseWhileBlocked(t *testing.T) {
 // their context end, Serve returns, and no goroutine is left behind.
 func TestServerCloseWhileBlocked(t *testing.T) {
 	g := newGate()
-	srv, err := NewServer(ServerConfig{ServerConfig: control.ServerConfig{Keys: testKeys(t), SessionConfig: control.SessionConfig{Logger: quiet}}})
-	require.NoError(t, err)
-	srv.Handle("gate", RightRequest, g.handle)
-	srv.Handle("gate.inline", RightRequest, g.handle, Inline)
-	path := sockPath(t)
-	l, err := control.Listen(path, control.Config{})
-	require.NoError(t, err)
-	defer l.Close()
+	k := startKernel(t, ServerConfig{}, func(s *Server) {
+		s.Handle("gate", RightRequest, g.handle)
+		s.Handle("gate.inline", RightRequest, g.handle, Inline)
+	})
+	srv := k.srv
 	noLeak(t)
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(l) }()
-	c := dialT(t, path, ClientConfig{})
+	c := dialT(t, k.path, ClientConfig{})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	calls := []<-chan outcome{goCall(c, ctx, "gate", nil), goCall(c, ctx, "gate", nil)}
@@ -171,18 +166,13 @@ func TestServerCloseWhileBlocked(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("Server.Close stalled")
 	}
-	select {
-	case err := <-served:
-		assert.NoError(t, err)
-	case <-time.After(20 * time.Second):
-		t.Fatal("Serve did not return")
-	}
+	assert.NoError(t, k.served(t))
 	for _, ch := range calls {
 		o := await(t, ch)
 		assert.ErrorIs(t, o.err, ErrUnavailable)
 	}
 	g.waitInside(t, 0)
-	_, err = c.Call(ctx, "gate", nil)
+	_, err := c.Call(ctx, "gate", nil)
 	assert.ErrorIs(t, err, ErrUnavailable, "no kernel: fail fast")
 	require.NoError(t, srv.Close(), "idempotent")
 	c.Close()
@@ -193,18 +183,13 @@ func TestServerCloseWhileBlocked(t *testing.T) {
 // ends and Serve returns.
 func TestServerShutdownDrains(t *testing.T) {
 	g := newGate()
-	srv, err := NewServer(ServerConfig{ServerConfig: control.ServerConfig{Keys: testKeys(t), SessionConfig: control.SessionConfig{Logger: quiet}}})
-	require.NoError(t, err)
-	srv.Handle("gate", RightRequest, g.handle)
-	srv.Handle("echo", RightRequest, echo, Inline)
-	path := sockPath(t)
-	l, err := control.Listen(path, control.Config{})
-	require.NoError(t, err)
-	defer l.Close()
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(l) }()
-	c := dialT(t, path, ClientConfig{})
-	d := dialRaw(t, path, control.DialConfig{})
+	k := startKernel(t, ServerConfig{}, func(s *Server) {
+		s.Handle("gate", RightRequest, g.handle)
+		s.Handle("echo", RightRequest, echo, Inline)
+	})
+	srv := k.srv
+	c := dialT(t, k.path, ClientConfig{})
+	d := dialRaw(t, k.path, control.DialConfig{})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 
@@ -265,13 +250,8 @@ func TestServerShutdownDrains(t *testing.T) {
 	}
 	close(stop)
 	busy.Wait()
-	select {
-	case err := <-served:
-		assert.NoError(t, err)
-	case <-time.After(20 * time.Second):
-		t.Fatal("Serve did not return")
-	}
-	_, err = c.Call(ctx, "echo", nil)
+	assert.NoError(t, k.served(t))
+	_, err := c.Call(ctx, "echo", nil)
 	assert.ErrorIs(t, err, ErrUnavailable)
 	c.Close()
 }
@@ -312,24 +292,18 @@ func TestDaemonShutdownIsAnswered(t *testing.T) {
 // (GOAWAY), the calls in flight finish, and Shutdown returns long before
 // its context ends, rather than waiting for a pause that never comes.
 func TestServerShutdownUnderLoad(t *testing.T) {
-	srv, err := NewServer(ServerConfig{ServerConfig: control.ServerConfig{Keys: testKeys(t), SessionConfig: control.SessionConfig{Logger: quiet}}})
-	require.NoError(t, err)
-	srv.Handle("work", RightRequest, func(_ context.Context, r *Request) ([]byte, error) {
-		time.Sleep(time.Millisecond)
-		return r.Body, nil
+	k := startKernel(t, ServerConfig{}, func(s *Server) {
+		s.Handle("work", RightRequest, func(_ context.Context, r *Request) ([]byte, error) {
+			time.Sleep(time.Millisecond)
+			return r.Body, nil
+		})
 	})
-	path := sockPath(t)
-	l, err := control.Listen(path, control.Config{})
-	require.NoError(t, err)
-	defer l.Close()
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(l) }()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	var busy sync.WaitGroup
 	var ok, refused sync.Map
 	for d := range 2 {
-		c := dialT(t, path, ClientConfig{})
+		c := dialT(t, k.path, ClientConfig{})
 		for g := range 48 {
 			busy.Add(1)
 			go func() {
@@ -353,7 +327,7 @@ func TestServerShutdownUnderLoad(t *testing.T) {
 	sctx, scancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer scancel()
 	start := time.Now()
-	assert.NoError(t, srv.Shutdown(sctx))
+	assert.NoError(t, k.srv.Shutdown(sctx))
 	t.Logf("Shutdown took %v", time.Since(start))
 	assert.Less(t, time.Since(start), 5*time.Second, "Shutdown waited for the load to pause")
 	busy.Wait()
@@ -361,12 +335,7 @@ func TestServerShutdownUnderLoad(t *testing.T) {
 		assert.ErrorIs(t, v.(error), ErrUnavailable)
 		return true
 	})
-	select {
-	case err := <-served:
-		assert.NoError(t, err)
-	case <-time.After(20 * time.Second):
-		t.Fatal("Serve did not return")
-	}
+	assert.NoError(t, k.served(t))
 }
 
 // A kernel that closes its end of the daemon's ring under a live session:
@@ -526,31 +495,19 @@ func TestServerCloseKeepsInlineViews(t *testing.T) {
 	}
 	for _, stop := range []string{"close", "shutdown"} {
 		t.Run(stop, func(t *testing.T) {
-			srv, err := NewServer(ServerConfig{ServerConfig: control.ServerConfig{Keys: testKeys(t), SessionConfig: control.SessionConfig{Logger: quiet}}})
-			require.NoError(t, err)
-			srv.Handle("view", RightRequest, view, Inline)
-			path := sockPath(t)
-			l, err := control.Listen(path, control.Config{})
-			require.NoError(t, err)
-			defer l.Close()
-			served := make(chan error, 1)
-			go func() { served <- srv.Serve(l) }()
-			d := dialRaw(t, path, control.DialConfig{})
+			k := startKernel(t, ServerConfig{}, func(s *Server) { s.Handle("view", RightRequest, view, Inline) })
+			d := dialRaw(t, k.path, control.DialConfig{})
 			d.request(frame.Header{}, "view", bytes.Repeat([]byte("body"), 1000)) // one-way: the daemon waits for nothing
 			<-inside
 			if stop == "close" {
-				srv.Close()
+				k.srv.Close()
 			} else {
 				go d.s.Shutdown(context.Background()) // the daemon answers GOAWAY at once
 				ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
-				srv.Shutdown(ctx)
+				k.srv.Shutdown(ctx)
 				cancel()
 			}
-			select {
-			case <-served:
-			case <-time.After(20 * time.Second):
-				t.Fatal("Serve did not return")
-			}
+			k.served(t)
 			assert.Zero(t, bad.Load(), "the handler's view changed under it")
 		})
 	}

@@ -396,3 +396,48 @@ func TestHostileExpiredAndRevokedToken(t *testing.T) {
 		stillServes(t, good)
 	})
 }
+
+// A daemon's subscriptions are bounded (ServerConfig.MaxSubscriptions): one
+// more is refused E_RESOURCE and audited, as is a subscription id already
+// in use (E_PROTO); unsubscribing makes room. Memory stays bounded however
+// many SUBSCRIBE frames a daemon sends.
+func TestHostileSubscriptionsBounded(t *testing.T) {
+	log, l := newAuditLog()
+	cfg := ServerConfig{MaxSubscriptions: 4}
+	cfg.Logger = l
+	k := startKernel(t, cfg, nil)
+	d := dialRaw(t, k.path, control.DialConfig{})
+	sub := func(corr, id uint64) {
+		p, err := (&wire.Subscribe{SubscriptionID: id, Topic: []byte("t" + strconv.FormatUint(id%3, 10))}).Append(nil)
+		require.NoError(t, err)
+		d.frame(frame.Header{Type: frame.TypeSubscribe, Correlation: corr}, p)
+	}
+	unsub := func(corr, id uint64) {
+		p, err := (&wire.Unsubscribe{SubscriptionID: id}).Append(nil)
+		require.NoError(t, err)
+		d.frame(frame.Header{Type: frame.TypeUnsubscribe, Correlation: corr}, p)
+	}
+	for id := uint64(1); id <= 4; id++ {
+		sub(id, id)
+		d.expectResponse(id)
+	}
+	sub(5, 5)
+	d.expectError(5, CodeResource)
+	log.expect(t, refused(control.EventLimit, CodeResource, 5))
+	sub(6, 1)
+	d.expectError(6, CodeProto)
+	log.expect(t, refused(control.EventProtocol, CodeProto, 6))
+	unsub(7, 99)
+	d.expectError(7, CodeNotFound)
+	unsub(8, 1)
+	d.expectResponse(8)
+	sub(9, 5)
+	d.expectResponse(9)
+	for i := range 3 {
+		require.NoError(t, k.srv.Publish(context.Background(), "t"+strconv.Itoa(i), []byte("e")))
+	}
+	assert.Equal(t, uint64(4), k.srv.Stats().Published, "ids 2, 3, 4, 5 on topics t2, t0, t1, t2")
+
+	_, err := NewServer(ServerConfig{ServerConfig: control.ServerConfig{Keys: testKeys(t)}, MaxSubscriptions: -1})
+	assert.ErrorIs(t, err, control.ErrConfig)
+}

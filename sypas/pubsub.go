@@ -79,17 +79,10 @@ func (t *topics) list(topic string) []*subscriber {
 	return *p.Load()
 }
 
-// add registers sub; it reports false if its session already uses its id.
-func (t *topics) add(sub *subscriber) bool {
+// add registers sub (its session checked its id).
+func (t *topics) add(sub *subscriber) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	for _, p := range t.m {
-		for _, o := range *p.Load() {
-			if o.conn == sub.conn && o.id == sub.id {
-				return false
-			}
-		}
-	}
 	p := t.m[sub.topic]
 	if p == nil {
 		p = new(atomic.Pointer[[]*subscriber])
@@ -98,35 +91,36 @@ func (t *topics) add(sub *subscriber) bool {
 	}
 	l := append(append([]*subscriber(nil), *p.Load()...), sub)
 	p.Store(&l)
-	return true
 }
 
-// remove drops the subscribers of c matching keep's false, and empty topics.
-func (t *topics) remove(drop func(*subscriber) bool) int {
+// remove drops the subscription id of c from topic, and the topic if it
+// was the last.
+func (t *topics) remove(c *serverConn, id uint64, topic string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	n := 0
-	for name, p := range t.m {
-		old := *p.Load()
-		l := make([]*subscriber, 0, len(old))
-		for _, o := range old {
-			if drop(o) {
-				n++
-			} else {
-				l = append(l, o)
-			}
-		}
-		if len(l) == 0 {
-			delete(t.m, name)
-		} else if len(l) != len(old) {
-			p.Store(&l)
+	p := t.m[topic]
+	if p == nil {
+		return
+	}
+	old := *p.Load()
+	l := make([]*subscriber, 0, len(old))
+	for _, o := range old {
+		if o.conn != c || o.id != id {
+			l = append(l, o)
 		}
 	}
-	return n
+	if len(l) == 0 {
+		delete(t.m, topic)
+	} else {
+		p.Store(&l)
+	}
 }
 
+// dropConn drops every subscription of c (its reader has returned).
 func (t *topics) dropConn(c *serverConn) {
-	t.remove(func(s *subscriber) bool { return s.conn == c })
+	for id, topic := range c.subs {
+		t.remove(c, id, topic)
+	}
 }
 
 // serveSubscription answers SUBSCRIBE and UNSUBSCRIBE (reader goroutine).
@@ -154,10 +148,13 @@ func (c *serverConn) serveSubscription(f *frame.Frame) {
 			c.sess.Abort(&Error{Code: CodeProto, Message: "UNSUBSCRIBE payload", Err: err})
 			return
 		}
-		if c.srv.topics.remove(func(s *subscriber) bool { return s.conn == c && s.id == m.SubscriptionID }) == 0 {
+		topic, ok := c.subs[m.SubscriptionID]
+		if !ok {
 			c.deny(corr, "", CodeNotFound, control.EventProtocol, "no such subscription")
 			return
 		}
+		delete(c.subs, m.SubscriptionID)
+		c.srv.topics.remove(c, m.SubscriptionID, topic)
 		c.ack(corr)
 		return
 	}
@@ -166,12 +163,18 @@ func (c *serverConn) serveSubscription(f *frame.Frame) {
 		c.sess.Abort(&Error{Code: CodeProto, Message: "SUBSCRIBE payload", Err: err})
 		return
 	}
-	// Copied: the payload is shared memory, and the name outlives it.
-	sub := &subscriber{conn: c, id: m.SubscriptionID, topic: string(m.Topic)}
-	if !c.srv.topics.add(sub) {
+	if _, dup := c.subs[m.SubscriptionID]; dup {
 		c.deny(corr, "", CodeProto, control.EventProtocol, "subscription id already in use in this session")
 		return
 	}
+	if len(c.subs) >= c.srv.cfg.MaxSubscriptions {
+		c.deny(corr, "", CodeResource, control.EventLimit, "more subscriptions than the kernel's MaxSubscriptions in one session")
+		return
+	}
+	// Copied: the payload is shared memory, and the name outlives it.
+	sub := &subscriber{conn: c, id: m.SubscriptionID, topic: string(m.Topic)}
+	c.subs[sub.id] = sub.topic
+	c.srv.topics.add(sub)
 	c.ack(corr)
 }
 

@@ -75,12 +75,16 @@ type ServerConfig struct {
 	// Topics sets the SlowPolicy of topics by name; a topic not named
 	// here is DropNewest.
 	Topics map[string]SlowPolicy
+	// MaxSubscriptions bounds the subscriptions of one session: one more
+	// is refused with E_RESOURCE. Zero means DefaultMaxSubscriptions.
+	MaxSubscriptions int
 }
 
 // Defaults of ServerConfig.
 const (
-	DefaultWorkers      = 8
-	DefaultWriteTimeout = 5 * time.Second
+	DefaultWorkers          = 8
+	DefaultWriteTimeout     = 5 * time.Second
+	DefaultMaxSubscriptions = 1024
 )
 
 // HealthOp is the operation every Server answers, with no right needed:
@@ -121,10 +125,12 @@ type route struct {
 // NewServer checks cfg and returns a Server with no operation but
 // HealthOp. Register operations with Handle, then Serve.
 func NewServer(cfg ServerConfig) (*Server, error) {
-	if cfg.Workers < 0 || cfg.WriteTimeout < 0 {
-		return nil, fmt.Errorf("%w: ServerConfig.Workers %d and WriteTimeout %v must not be negative", control.ErrConfig, cfg.Workers, cfg.WriteTimeout)
+	if cfg.Workers < 0 || cfg.WriteTimeout < 0 || cfg.MaxSubscriptions < 0 {
+		return nil, fmt.Errorf("%w: ServerConfig.Workers %d, WriteTimeout %v and MaxSubscriptions %d must not be negative",
+			control.ErrConfig, cfg.Workers, cfg.WriteTimeout, cfg.MaxSubscriptions)
 	}
 	cfg.Workers = cmp.Or(cfg.Workers, DefaultWorkers)
+	cfg.MaxSubscriptions = cmp.Or(cfg.MaxSubscriptions, DefaultMaxSubscriptions)
 	cfg.WriteTimeout = cmp.Or(cfg.WriteTimeout, DefaultWriteTimeout)
 	if cfg.Keys == nil {
 		return nil, fmt.Errorf("%w: ServerConfig.Keys is required", control.ErrConfig)

@@ -36,6 +36,8 @@ type serverConn struct {
 	workers int // started; reader only
 	wg      sync.WaitGroup
 
+	subs map[uint64]string // subscription id → topic; reader only (then serveSession's defer)
+
 	// viewMu is read-held by the reader from recv to release, over the
 	// decoding and any Inline handler's view of the body; closeSession
 	// takes it before Close swaps the rings' memory for private pages.
@@ -65,6 +67,7 @@ func newServerConn(s *Server, sess *control.Session) *serverConn {
 		maxInFlight: int32(sess.Params().MaxInFlight),
 		idle:        make(chan struct{}, 1),
 		jobs:        make(chan *call, s.cfg.Workers),
+		subs:        make(map[uint64]string),
 	}
 	return c
 }

@@ -236,3 +236,24 @@ func stop(t *testing.T, h *helperProc) {
 		return true
 	}, 20*time.Second, time.Millisecond, "the helper never stopped")
 }
+
+// A subscription is subscribed once per session, though the Client's
+// restore on a new session can run while (or after) the user's Subscribe
+// gets there first: a second SUBSCRIBE with its id would be refused, and
+// would stop the restore of the others.
+func TestRestoreSubscribesOnce(t *testing.T) {
+	k := startKernel(t, ServerConfig{}, nil)
+	c := dialT(t, k.path, ClientConfig{})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	a, err := c.Subscribe(ctx, "a", SubscribeOptions{})
+	require.NoError(t, err)
+	_, err = c.Subscribe(ctx, "b", SubscribeOptions{})
+	require.NoError(t, err)
+	c.subs.restore(c.cur.Load()) // as if the session had just come up
+	assert.Zero(t, k.srv.Stats().Denied, "a subscription was sent twice on one session")
+	require.NoError(t, a.Unsubscribe(ctx))
+	c.subs.restore(c.cur.Load())
+	require.NoError(t, k.srv.Publish(ctx, "a", []byte("e")))
+	assert.Zero(t, k.srv.Stats().Published, "an unsubscribed subscription came back")
+}

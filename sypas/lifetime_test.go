@@ -123,7 +123,9 @@ func TestClientCloseWhileBlocked(t *testing.T) {
 		waiting = append(waiting, goCall(c, ctx, "gate", nil))
 	}
 	time.Sleep(10 * time.Millisecond) // let them block for a slot
+	start := time.Now()
 	require.NoError(t, c.Close())
+	assert.Less(t, time.Since(start), promptly, "Close stalled")
 	for _, ch := range append(calls, waiting...) {
 		o := await(t, ch)
 		assert.Error(t, o.err)

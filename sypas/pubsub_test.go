@@ -93,6 +93,7 @@ func TestCrossProcessPublishFanOut(t *testing.T) {
 	for i := range n {
 		require.NoError(t, k.srv.Publish(ctx, "news", eventBody(i, 64)))
 	}
+	assert.Zero(t, k.srv.Stats().Dropped) // (an END published as a subscriber leaves may be)
 	for _, h := range subs {
 		publishEnd(t, k.srv, h, "news")
 		r := h.report(t)
@@ -100,9 +101,7 @@ func TestCrossProcessPublishFanOut(t *testing.T) {
 	}
 	publishEnd(t, k.srv, other, "other")
 	assert.Equal(t, subReport{InOrder: true}, other.report(t))
-	st := k.srv.Stats()
-	assert.Zero(t, st.Dropped)
-	assert.GreaterOrEqual(t, st.Published, uint64(3*n))
+	assert.GreaterOrEqual(t, k.srv.Stats().Published, uint64(3*n))
 }
 
 // A subscriber that stops reading (SIGSTOP) under DropNewest: the
@@ -127,10 +126,13 @@ func TestCrossProcessSlowSubscriberDropNewest(t *testing.T) {
 	require.NoError(t, h.cmd.Process.Signal(syscall.SIGCONT))
 	publishEnd(t, k.srv, h, "slow")
 	r := h.report(t)
-	st := k.srv.Stats()
 	assert.True(t, r.InOrder)
-	assert.Equal(t, st.Dropped, r.Dropped, "the subscriber sees the kernel's count")
-	assert.Equal(t, uint64(n), uint64(r.Received)+r.Dropped-(st.Dropped-dropped), "every event received or counted")
+	assert.Equal(t, n, r.Received+int(dropped), "every event received or counted")
+	// Its count is the kernel's: the events above, and any END dropped
+	// before the one it took (an END published as it left is the
+	// kernel's alone).
+	assert.GreaterOrEqual(t, r.Dropped, dropped, "the subscriber sees the kernel's count")
+	assert.LessOrEqual(t, r.Dropped, k.srv.Stats().Dropped)
 }
 
 // Under Block, Publish waits for a stopped subscriber up to its deadline,

@@ -25,6 +25,9 @@ const (
 	LogKeyExe       = "exe"        // the peer's executable, as attested
 	LogKeyTokenID   = "token_id"   // the session's current token id, hex
 	LogKeySessionID = "session_id" // WELCOME's session id, hex
+	// The bridge's refusals of one request (package sypas) add:
+	LogKeyOp          = "op"          // the operation the request named, when known
+	LogKeyCorrelation = "correlation" // the request's correlation (0: one-way, not answered)
 )
 
 // Events: the LogKeyEvent values. Each names one kind of refusal.

@@ -344,6 +344,15 @@ func (s *Session) Close() error {
 // DrainTimeout, then closes. Like Close, it releases the rings: calls still
 // in flight on them return ring.ErrClosed.
 func (s *Session) Shutdown(ctx context.Context) error {
+	return errors.Join(s.Drain(ctx), s.Close())
+}
+
+// Drain is Shutdown without its Close: it sends GOAWAY and waits for the
+// peer's (or ctx, or DrainTimeout), the rings live all along, and leaves
+// the session to its owner to close. An owner whose goroutines still hold
+// views into the rings finishes with them between Drain and Close, which
+// swaps the rings' memory for private pages.
+func (s *Session) Drain(ctx context.Context) error {
 	err := s.sendGoAway()
 	if err == nil {
 		t := time.NewTimer(s.cfg.DrainTimeout)
@@ -360,7 +369,7 @@ func (s *Session) Shutdown(ctx context.Context) error {
 	if errors.Is(err, ErrSessionClosed) || errors.Is(err, ErrPeerGone) {
 		err = nil // nothing left to drain
 	}
-	return errors.Join(err, s.Close())
+	return err
 }
 
 // sendGoAway sends GOAWAY once. LastCorrelation is the maximum: every

@@ -210,6 +210,28 @@ func TestShutdownDrainsInFlight(t *testing.T) {
 	assert.ErrorIs(t, k.Err(), ErrSessionClosed)
 }
 
+// Drain is Shutdown without the Close: the GOAWAY exchange completes, and
+// the rings are still the session's (a view stays readable) until Close.
+func TestDrainLeavesTheRings(t *testing.T) {
+	ts := startServer(t, "", ServerConfig{})
+	d := dialT(t, ts.path, DialConfig{})
+	k := ts.session(t)
+	_, err := d.Producer().Write([]byte("in flight"))
+	require.NoError(t, err)
+	v, err := k.Consumer().Next()
+	require.NoError(t, err)
+	go d.Shutdown(context.Background())
+	require.NoError(t, k.Drain(context.Background()))
+	select {
+	case <-k.GoAway():
+	default:
+		t.Fatal("Drain returned before the daemon's GOAWAY")
+	}
+	assert.Equal(t, "in flight", string(v), "the view is intact until Close")
+	require.NoError(t, k.Close())
+	assert.ErrorIs(t, k.Err(), ErrSessionClosed)
+}
+
 // A session that receives GOAWAY and is never shut down by its owner ends
 // by itself after DrainTimeout.
 func TestGoAwayDrainTimeout(t *testing.T) {

@@ -30,7 +30,21 @@ var quiet = slog.New(slog.DiscardHandler)
 type kernel struct {
 	srv  *Server
 	path string
-	done chan error
+	done chan struct{} // closed when Serve has returned err
+	err  error
+}
+
+// served waits for Serve to return (after Close or Shutdown) and returns
+// its error.
+func (k *kernel) served(t testing.TB) error {
+	t.Helper()
+	select {
+	case <-k.done:
+		return k.err
+	case <-time.After(20 * time.Second):
+		t.Fatal("Serve did not return")
+	}
+	return nil
 }
 
 func startKernel(t testing.TB, cfg ServerConfig, setup func(*Server)) *kernel {
@@ -49,16 +63,11 @@ func startKernel(t testing.TB, cfg ServerConfig, setup func(*Server)) *kernel {
 	path := filepath.Join(t.TempDir(), "k.sock")
 	l, err := control.Listen(path, control.Config{})
 	require.NoError(t, err)
-	k := &kernel{srv: srv, path: path, done: make(chan error, 1)}
-	go func() { k.done <- srv.Serve(l) }()
+	k := &kernel{srv: srv, path: path, done: make(chan struct{})}
+	go func() { k.err = srv.Serve(l); close(k.done) }()
 	t.Cleanup(func() {
 		srv.Close()
-		select {
-		case err := <-k.done:
-			assert.NoError(t, err)
-		case <-time.After(10 * time.Second):
-			t.Error("Serve did not return after Close")
-		}
+		assert.NoError(t, k.served(t))
 		l.Close()
 	})
 	return k
@@ -69,7 +78,7 @@ func dialT(t testing.TB, path string, cfg ClientConfig) *Client {
 	if cfg.Logger == nil {
 		cfg.Logger = quiet
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	c, err := Dial(ctx, path, cfg)
 	require.NoError(t, err)
@@ -144,21 +153,30 @@ func TestConcurrentCallers(t *testing.T) {
 		})
 	})
 	c := dialT(t, k.path, ClientConfig{})
+	echoes(t, c, 64, 200, func(g int) string {
+		if g%4 == 0 {
+			return "slow"
+		}
+		return "echo"
+	})
+}
+
+// echoes has callers goroutines each call op(goroutine) n times with a body
+// of its own, and checks every reply.
+func echoes(t *testing.T, c *Client, callers, n int, op func(g int) string) {
+	t.Helper()
 	var wg sync.WaitGroup
-	errs := make(chan error, 64)
-	for g := range 64 {
+	errs := make(chan error, callers)
+	for g := range callers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			op := "echo"
-			if g%4 == 0 {
-				op = "slow"
-			}
-			for i := range 200 {
+			op := op(g)
+			for i := range n {
 				msg := fmt.Sprintf("%d/%d", g, i)
 				got, err := c.Call(context.Background(), op, []byte(msg))
 				if err != nil {
-					errs <- err
+					errs <- fmt.Errorf("%s %s: %w", op, msg, err)
 					return
 				}
 				if string(got) != msg {

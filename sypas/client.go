@@ -124,7 +124,7 @@ func (c *Client) follow() {
 		c.subs.restore(cc)
 		c.watch(cc)
 		c.setCur(nil)
-		s.Close()
+		cc.closeSession(context.Background(), false)
 	}
 }
 
@@ -155,7 +155,7 @@ func (c *Client) watch(cc *clientConn) {
 		select {
 		case <-cc.idle:
 		case <-t.C:
-			cc.sess.Close()
+			cc.closeSession(context.Background(), false)
 			return
 		case <-cc.sess.Done():
 			return
@@ -164,7 +164,7 @@ func (c *Client) watch(cc *clientConn) {
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
-	cc.sess.Shutdown(c.ctx)
+	cc.closeSession(c.ctx, true)
 }
 
 func (c *Client) drainTimeout() time.Duration {
@@ -286,10 +286,14 @@ func (c *Client) do(ctx context.Context, op string, body []byte, mode uint8, dst
 		var se *sessionEnded
 		lost := errors.As(err, &se)
 		switch {
-		case ClassOf(err) == Reauthenticate && !reauthed:
-			// A fresh attestation and token, once: the next session.
+		case ClassOf(err) == Reauthenticate && !reauthed && (!lost || !sent || o&Idempotent != 0):
+			// A fresh attestation and token, once: the next session. The
+			// kernel refused the call (an E_AUTH answer), or it never went
+			// out; a call in flight when its session ended with E_AUTH (a
+			// revoked token) may have run, and goes again only if
+			// Idempotent.
 			reauthed = true
-			cc.sess.Close()
+			cc.closeSession(context.Background(), false)
 			if _, err := c.waitNext(ctx, cc); err != nil {
 				return nil, err
 			}
@@ -347,8 +351,8 @@ func (c *Client) backoff(ctx context.Context, attempt int, err error) error {
 // an error matching ErrUnavailable; later ones ErrClosed. Idempotent.
 func (c *Client) Close() error {
 	c.cancel()
+	c.wg.Wait() // follow closes the session once no reader holds a frame
 	err := c.ctl.Close()
-	c.wg.Wait()
 	c.subs.closeAll()
 	return err
 }

@@ -33,10 +33,15 @@ type clientConn struct {
 	slots []slot
 	free  chan *slot // idle slots; a caller waits here when max_in_flight are out
 
+	// viewMu is read-held by the reader from recv to release, and held to
+	// close the session (closeSession): Close swaps the rings' shared
+	// memory for private pages, under which a frame would read as zeros.
+	viewMu sync.RWMutex
+
 	mu       sync.Mutex
 	leading  bool    // the reader role is held
 	bgLeads  bool    // by the background reader
-	waiters  []*slot // callers waiting for a reply or for the role
+	waiters  []*slot // the callers parked in await, each once (slot.parked)
 	bg       *slot   // the background reader's pseudo-slot, when it runs
 	bgCancel context.CancelFunc
 
@@ -47,20 +52,22 @@ type clientConn struct {
 
 // Slot states.
 const (
-	slotIdle      = iota
-	slotWaiting   // request sent, reply awaited
-	slotDone      // reply (or error) delivered
-	slotAbandoned // caller gone (ctx): the late reply frees the slot
+	slotIdle       = iota
+	slotWaiting    // request sent, reply awaited
+	slotDelivering // the reader claimed the slot and writes the reply into it
+	slotDone       // reply (or error) delivered
+	slotAbandoned  // caller gone (ctx): the late reply frees the slot
 )
 
 // slot is one request in flight. Its correlation is gen<<32 | index+1, so
 // a reply to an earlier use of the slot, or a forged id, never matches.
 type slot struct {
-	idx   uint32
-	gen   uint32
-	id    uint64
-	state atomic.Uint32
-	wake  chan struct{} // cap 1: reply delivered, or the reader role is ours
+	idx    uint32
+	gen    uint32
+	id     uint64
+	state  atomic.Uint32
+	wake   chan struct{} // cap 1: reply delivered, or the reader role is ours
+	parked bool          // listed in clientConn.waiters; under clientConn.mu
 
 	req wire.Request // encoded from here: no allocation per call
 
@@ -150,7 +157,7 @@ func (c *clientConn) call(ctx context.Context, s *slot, t frame.Type, m wire.Mes
 	s.state.Store(slotWaiting) // publishes the slot's fields to the reader
 	if err := c.tr.send(ctx, frame.Header{Type: t, Correlation: corr}, nil, m, false); err != nil {
 		c.put(s)
-		return nil, false, err
+		return nil, mayHaveSent(err), err
 	}
 	if oneWay {
 		c.put(s)
@@ -161,13 +168,11 @@ func (c *clientConn) call(ctx context.Context, s *slot, t frame.Type, m wire.Mes
 }
 
 // await waits for s's reply: as the reader if the role is free, else as a
-// follower woken with the reply or with the role.
+// follower parked until it is woken with the reply or with the role.
 func (c *clientConn) await(ctx context.Context, s *slot, fn func([]byte) error) ([]byte, error) {
 	for {
-		if s.state.Load() == slotDone {
-			return c.take(s, fn)
-		}
 		c.mu.Lock()
+		c.unpark(s)
 		if s.state.Load() == slotDone {
 			c.mu.Unlock()
 			return c.take(s, fn)
@@ -178,10 +183,11 @@ func (c *clientConn) await(ctx context.Context, s *slot, fn func([]byte) error) 
 			err := c.lead(ctx, s, fn, false)
 			c.handOff()
 			if err != errOwnReply {
-				return c.abandon(s, err)
+				return c.abandon(s, err, fn)
 			}
 			return c.take(s, nil)
 		}
+		s.parked = true
 		c.waiters = append(c.waiters, s)
 		nudge := c.bgLeads
 		c.mu.Unlock()
@@ -192,10 +198,24 @@ func (c *clientConn) await(ctx context.Context, s *slot, fn func([]byte) error) 
 		case <-s.wake:
 		case <-ctx.Done():
 			c.unregister(s)
-			return c.abandon(s, ctx.Err())
+			return c.abandon(s, ctx.Err(), fn)
 		case <-c.sess.Done():
 			c.unregister(s)
-			return c.abandon(s, c.tr.(*ringTransport).sessErr(nil))
+			return c.abandon(s, c.tr.(*ringTransport).sessErr(nil), fn)
+		}
+	}
+}
+
+// unpark takes s off the list of parked callers; under mu.
+func (c *clientConn) unpark(s *slot) {
+	if !s.parked {
+		return
+	}
+	s.parked = false
+	for i, w := range c.waiters {
+		if w == s {
+			c.waiters = append(c.waiters[:i], c.waiters[i+1:]...)
+			return
 		}
 	}
 }
@@ -215,8 +235,10 @@ func (c *clientConn) lead(ctx context.Context, s *slot, fn func([]byte) error, b
 		if cancellable || bg {
 			wait = time.Now().Add(readSlice)
 		}
+		c.viewMu.RLock()
 		f, err := c.tr.recv(wait)
 		if err != nil {
+			c.viewMu.RUnlock()
 			if errors.Is(err, os.ErrDeadlineExceeded) {
 				if err := ctx.Err(); err != nil {
 					return err
@@ -233,6 +255,7 @@ func (c *clientConn) lead(ctx context.Context, s *slot, fn func([]byte) error, b
 		}
 		own, err := c.deliver(&f, s, fn)
 		c.tr.release()
+		c.viewMu.RUnlock()
 		if err != nil {
 			return c.fail(err)
 		}
@@ -299,34 +322,33 @@ func (c *clientConn) deliver(f *frame.Frame, s *slot, fn func([]byte) error) (ow
 		s.state.Store(slotDone)
 		return true, nil
 	}
-	switch t.state.Load() {
-	case slotWaiting:
-		t.err = rerr
-		if rerr == nil {
-			switch t.mode {
-			case modeInto:
-				t.reply = append(t.dst, body...)
-			case modeView:
-				t.buf = append(t.buf[:0], body...)
-				t.reply = t.buf
-			default:
-				t.reply = append([]byte(nil), body...)
-			}
-		}
-		if t.state.CompareAndSwap(slotWaiting, slotDone) {
-			select {
-			case t.wake <- struct{}{}:
-			default:
-			}
-			return false, nil
-		}
-		fallthrough // abandoned meanwhile
-	case slotAbandoned:
+	// Claimed before we write into it: a caller that gives up meanwhile
+	// (abandon) then waits for the reply rather than return, and no reply
+	// lands in the buffer of a call that has returned.
+	if !t.state.CompareAndSwap(slotWaiting, slotDelivering) {
 		if t.state.CompareAndSwap(slotAbandoned, slotIdle) {
 			t.gen++ // nothing may match it any more
 			t.id = 0
 			c.put(t)
 		}
+		return false, nil
+	}
+	t.err = rerr
+	if rerr == nil {
+		switch t.mode {
+		case modeInto:
+			t.reply = append(t.dst, body...)
+		case modeView:
+			t.buf = append(t.buf[:0], body...)
+			t.reply = t.buf
+		default:
+			t.reply = append([]byte(nil), body...)
+		}
+	}
+	t.state.Store(slotDone)
+	select {
+	case t.wake <- struct{}{}:
+	default:
 	}
 	return false, nil
 }
@@ -343,35 +365,34 @@ func (c *clientConn) take(s *slot, fn func([]byte) error) ([]byte, error) {
 	return reply, err
 }
 
-// abandon gives up on s's reply because of err. A reply delivered
-// meanwhile wins: it is returned as usual.
-func (c *clientConn) abandon(s *slot, err error) ([]byte, error) {
+// abandon gives up on s's reply because of err. A reply delivered (or
+// being delivered) meanwhile wins: it is returned as usual, fn included.
+func (c *clientConn) abandon(s *slot, err error, fn func([]byte) error) ([]byte, error) {
 	if s.state.CompareAndSwap(slotWaiting, slotAbandoned) {
 		return nil, err // the late reply frees the slot; or it dies with the session
 	}
-	return c.take(s, nil)
+	for s.state.Load() == slotDelivering {
+		<-s.wake // the reader is copying it: it wakes us once done
+	}
+	return c.take(s, fn)
 }
 
 // handOff gives up the reader role and wakes a waiting caller to take it:
-// the most recent one still waiting, or else the background reader.
+// the most recent one parked and still waiting, or else the background
+// reader. (Parked callers whose reply came leave by themselves.)
 func (c *clientConn) handOff() {
 	c.mu.Lock()
 	c.leading, c.bgLeads = false, false
 	var next *slot
 	for i := len(c.waiters) - 1; i >= 0; i-- {
-		w := c.waiters[i]
-		if w != c.bg && w.state.Load() == slotWaiting {
+		if w := c.waiters[i]; w.state.Load() == slotWaiting {
 			next = w
-			c.waiters = append(c.waiters[:i], c.waiters[i+1:]...)
+			c.unpark(w)
 			break
 		}
 	}
-	if next == nil {
-		// Callers with a reply delivered leave by themselves.
-		c.waiters = c.waiters[:0]
-		if c.bg != nil && c.bgWaiting() {
-			next = c.bg
-		}
+	if next == nil && c.bgWaiting() {
+		next = c.bg
 	}
 	c.mu.Unlock()
 	if next != nil {
@@ -384,12 +405,7 @@ func (c *clientConn) handOff() {
 
 func (c *clientConn) unregister(s *slot) {
 	c.mu.Lock()
-	for i, w := range c.waiters {
-		if w == s {
-			c.waiters = append(c.waiters[:i], c.waiters[i+1:]...)
-			break
-		}
-	}
+	c.unpark(s)
 	c.mu.Unlock()
 	// A role handed to us as we left must not be lost.
 	select {
@@ -470,11 +486,23 @@ func (c *clientConn) callerWaiting() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, w := range c.waiters {
-		if w != c.bg && w.state.Load() == slotWaiting {
+		if w.state.Load() == slotWaiting {
 			return true
 		}
 	}
 	return false
+}
+
+// closeSession ends the session, orderly (Shutdown, within ctx) or not
+// (Close), once no reader holds a frame of its rings (viewMu).
+func (c *clientConn) closeSession(ctx context.Context, orderly bool) error {
+	c.tr.stop()
+	c.viewMu.Lock()
+	defer c.viewMu.Unlock()
+	if orderly {
+		return c.sess.Shutdown(ctx)
+	}
+	return c.sess.Close()
 }
 
 // fail turns a reader's error into the session's end: a frame the kernel

@@ -33,8 +33,9 @@ const (
 // topics is the server's subscription registry: topic name → subscribers,
 // each list copied on write so that Publish reads it without a lock.
 type topics struct {
-	mu sync.Mutex
-	m  map[string]*atomic.Pointer[[]*subscriber]
+	mu    sync.Mutex
+	m     map[string]*atomic.Pointer[[]*subscriber]
+	drops map[string]uint64 // events dropped, by the topic Publish named; under mu
 }
 
 // subscriber is one SUBSCRIBE of one session.
@@ -45,7 +46,28 @@ type subscriber struct {
 	dropped atomic.Uint64 // since the last event delivered
 }
 
-func (t *topics) init() { t.m = make(map[string]*atomic.Pointer[[]*subscriber]) }
+func (t *topics) init() {
+	t.m = make(map[string]*atomic.Pointer[[]*subscriber])
+	t.drops = make(map[string]uint64)
+}
+
+// dropped counts n events dropped on topic.
+func (t *topics) dropped(topic string, n uint64) {
+	t.mu.Lock()
+	t.drops[topic] += n
+	t.mu.Unlock()
+}
+
+// dropCounts returns a copy of the drop counts by topic.
+func (t *topics) dropCounts() map[string]uint64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	m := make(map[string]uint64, len(t.drops))
+	for k, v := range t.drops {
+		m[k] = v
+	}
+	return m
+}
 
 func (t *topics) list(topic string) []*subscriber {
 	t.mu.Lock()
@@ -57,17 +79,10 @@ func (t *topics) list(topic string) []*subscriber {
 	return *p.Load()
 }
 
-// add registers sub; it reports false if its session already uses its id.
-func (t *topics) add(sub *subscriber) bool {
+// add registers sub (its session checked its id).
+func (t *topics) add(sub *subscriber) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	for _, p := range t.m {
-		for _, o := range *p.Load() {
-			if o.conn == sub.conn && o.id == sub.id {
-				return false
-			}
-		}
-	}
 	p := t.m[sub.topic]
 	if p == nil {
 		p = new(atomic.Pointer[[]*subscriber])
@@ -76,35 +91,36 @@ func (t *topics) add(sub *subscriber) bool {
 	}
 	l := append(append([]*subscriber(nil), *p.Load()...), sub)
 	p.Store(&l)
-	return true
 }
 
-// remove drops the subscribers of c matching keep's false, and empty topics.
-func (t *topics) remove(drop func(*subscriber) bool) int {
+// remove drops the subscription id of c from topic, and the topic if it
+// was the last.
+func (t *topics) remove(c *serverConn, id uint64, topic string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	n := 0
-	for name, p := range t.m {
-		old := *p.Load()
-		l := make([]*subscriber, 0, len(old))
-		for _, o := range old {
-			if drop(o) {
-				n++
-			} else {
-				l = append(l, o)
-			}
-		}
-		if len(l) == 0 {
-			delete(t.m, name)
-		} else if len(l) != len(old) {
-			p.Store(&l)
+	p := t.m[topic]
+	if p == nil {
+		return
+	}
+	old := *p.Load()
+	l := make([]*subscriber, 0, len(old))
+	for _, o := range old {
+		if o.conn != c || o.id != id {
+			l = append(l, o)
 		}
 	}
-	return n
+	if len(l) == 0 {
+		delete(t.m, topic)
+	} else {
+		p.Store(&l)
+	}
 }
 
+// dropConn drops every subscription of c (its reader has returned).
 func (t *topics) dropConn(c *serverConn) {
-	t.remove(func(s *subscriber) bool { return s.conn == c })
+	for id, topic := range c.subs {
+		t.remove(c, id, topic)
+	}
 }
 
 // serveSubscription answers SUBSCRIBE and UNSUBSCRIBE (reader goroutine).
@@ -115,15 +131,15 @@ func (c *serverConn) serveSubscription(f *frame.Frame) {
 		return
 	}
 	if !c.sess.Admits(f.CapRef) {
-		c.deny(corr, CodeAuth, control.EventAuth, "cap_ref names no valid token of this session")
+		c.deny(corr, "", CodeAuth, control.EventAuth, "cap_ref names no valid token of this session")
 		return
 	}
 	if c.sess.Params().Features&wire.FeatureSubscribe == 0 {
-		c.deny(corr, CodeProto, control.EventProtocol, "SUBSCRIBE was not granted in WELCOME")
+		c.deny(corr, "", CodeProto, control.EventProtocol, "SUBSCRIBE was not granted in WELCOME")
 		return
 	}
 	if cp := c.sess.Capability(); cp == nil || cp.Rights&RightSubscribe == 0 {
-		c.deny(corr, CodePermission, control.EventPermission, "the token lacks the subscribe right")
+		c.deny(corr, "", CodePermission, control.EventPermission, "the token lacks the subscribe right")
 		return
 	}
 	if f.Type == frame.TypeUnsubscribe {
@@ -132,10 +148,13 @@ func (c *serverConn) serveSubscription(f *frame.Frame) {
 			c.sess.Abort(&Error{Code: CodeProto, Message: "UNSUBSCRIBE payload", Err: err})
 			return
 		}
-		if c.srv.topics.remove(func(s *subscriber) bool { return s.conn == c && s.id == m.SubscriptionID }) == 0 {
-			c.deny(corr, CodeNotFound, control.EventProtocol, "no such subscription")
+		topic, ok := c.subs[m.SubscriptionID]
+		if !ok {
+			c.deny(corr, "", CodeNotFound, control.EventProtocol, "no such subscription")
 			return
 		}
+		delete(c.subs, m.SubscriptionID)
+		c.srv.topics.remove(c, m.SubscriptionID, topic)
 		c.ack(corr)
 		return
 	}
@@ -144,12 +163,18 @@ func (c *serverConn) serveSubscription(f *frame.Frame) {
 		c.sess.Abort(&Error{Code: CodeProto, Message: "SUBSCRIBE payload", Err: err})
 		return
 	}
-	// Copied: the payload is shared memory, and the name outlives it.
-	sub := &subscriber{conn: c, id: m.SubscriptionID, topic: string(m.Topic)}
-	if !c.srv.topics.add(sub) {
-		c.deny(corr, CodeProto, control.EventProtocol, "subscription id already in use in this session")
+	if _, dup := c.subs[m.SubscriptionID]; dup {
+		c.deny(corr, "", CodeProto, control.EventProtocol, "subscription id already in use in this session")
 		return
 	}
+	if len(c.subs) >= c.srv.cfg.MaxSubscriptions {
+		c.deny(corr, "", CodeResource, control.EventLimit, "more subscriptions than the kernel's MaxSubscriptions in one session")
+		return
+	}
+	// Copied: the payload is shared memory, and the name outlives it.
+	sub := &subscriber{conn: c, id: m.SubscriptionID, topic: string(m.Topic)}
+	c.subs[sub.id] = sub.topic
+	c.srv.topics.add(sub)
 	c.ack(corr)
 }
 
@@ -178,6 +203,7 @@ func (s *Server) Publish(ctx context.Context, topic string, body []byte) error {
 	noWait := s.cfg.Topics[topic] == DropNewest
 	ev := wire.Event{Timestamp: uint64(time.Now().UnixNano()), Topic: []byte(topic), Body: body}
 	var lost, tooLarge int
+	var drops uint64
 	var ext [8]byte
 	for _, sub := range subs {
 		ev.SubscriptionID = sub.id
@@ -199,10 +225,14 @@ func (s *Server) Publish(ctx context.Context, topic string, body []byte) error {
 		default:
 			sub.dropped.Add(1)
 			s.stats.dropped.Add(1)
+			drops++
 			if !noWait {
 				lost++
 			}
 		}
+	}
+	if drops > 0 {
+		s.topics.dropped(topic, drops)
 	}
 	switch {
 	case tooLarge > 0:

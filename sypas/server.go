@@ -35,8 +35,11 @@ const (
 // caller returns, so it may be the handler's own reusable memory.
 //
 // An error that is an *Error (or wraps one) is answered with its Code and
-// Message; any other error as E_INTERNAL, without its text, which only the
-// server's log sees. A panic is recovered and answered E_INTERNAL.
+// Message; one that wraps context.DeadlineExceeded or context.Canceled (the
+// handler gave up with its ctx) as E_TIMEOUT or E_UNAVAILABLE; any other
+// error as E_INTERNAL. Only an *Error's text reaches the caller; the
+// server's log sees the others'. A panic is recovered and answered
+// E_INTERNAL.
 //
 // req, its Body and ctx are valid until the handler returns: keep none of
 // them (copy the body, and derive a context of your own for work that
@@ -72,12 +75,16 @@ type ServerConfig struct {
 	// Topics sets the SlowPolicy of topics by name; a topic not named
 	// here is DropNewest.
 	Topics map[string]SlowPolicy
+	// MaxSubscriptions bounds the subscriptions of one session: one more
+	// is refused with E_RESOURCE. Zero means DefaultMaxSubscriptions.
+	MaxSubscriptions int
 }
 
 // Defaults of ServerConfig.
 const (
-	DefaultWorkers      = 8
-	DefaultWriteTimeout = 5 * time.Second
+	DefaultWorkers          = 8
+	DefaultWriteTimeout     = 5 * time.Second
+	DefaultMaxSubscriptions = 1024
 )
 
 // HealthOp is the operation every Server answers, with no right needed:
@@ -118,10 +125,12 @@ type route struct {
 // NewServer checks cfg and returns a Server with no operation but
 // HealthOp. Register operations with Handle, then Serve.
 func NewServer(cfg ServerConfig) (*Server, error) {
-	if cfg.Workers < 0 || cfg.WriteTimeout < 0 {
-		return nil, fmt.Errorf("%w: ServerConfig.Workers %d and WriteTimeout %v must not be negative", control.ErrConfig, cfg.Workers, cfg.WriteTimeout)
+	if cfg.Workers < 0 || cfg.WriteTimeout < 0 || cfg.MaxSubscriptions < 0 {
+		return nil, fmt.Errorf("%w: ServerConfig.Workers %d, WriteTimeout %v and MaxSubscriptions %d must not be negative",
+			control.ErrConfig, cfg.Workers, cfg.WriteTimeout, cfg.MaxSubscriptions)
 	}
 	cfg.Workers = cmp.Or(cfg.Workers, DefaultWorkers)
+	cfg.MaxSubscriptions = cmp.Or(cfg.MaxSubscriptions, DefaultMaxSubscriptions)
 	cfg.WriteTimeout = cmp.Or(cfg.WriteTimeout, DefaultWriteTimeout)
 	if cfg.Keys == nil {
 		return nil, fmt.Errorf("%w: ServerConfig.Keys is required", control.ErrConfig)
@@ -224,10 +233,12 @@ func (s *Server) serveSession(sess *control.Session) {
 }
 
 // Shutdown stops the server in order: Health answers NOT_SERVING, no new
-// daemon is accepted, each session gets GOAWAY and its requests in flight
-// are answered (within ctx), then the sessions close and Serve returns.
-// When ctx ends first, Shutdown closes what is left (Close) and returns
-// ctx's error.
+// daemon is accepted, and each session gets GOAWAY (docs/PROTOCOL.md
+// §6.8): its daemon starts no new call, and once the calls it has in
+// flight are answered it sends GOAWAY back and the session closes; then
+// Serve returns. A daemon that does not answer GOAWAY is closed after
+// DrainTimeout. When ctx ends first, Shutdown closes what is left (Close)
+// and returns ctx's error.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.notServing.Store(true)
 	s.mu.Lock()
@@ -241,7 +252,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	var wg sync.WaitGroup
 	for _, c := range conns {
 		wg.Add(1)
-		go func() { defer wg.Done(); c.drain(ctx) }()
+		go func() {
+			defer wg.Done()
+			c.sess.Drain(ctx)
+			c.closeSession()
+		}()
 	}
 	wg.Wait()
 	if stop != nil {
@@ -268,10 +283,14 @@ func (s *Server) Close() error {
 		close(s.closed)
 	}
 	stop, served := s.stop, s.served
+	conns := make([]*serverConn, 0, len(s.conns))
 	for c := range s.conns {
-		c.sess.Close()
+		conns = append(conns, c)
 	}
 	s.mu.Unlock()
+	for _, c := range conns {
+		c.closeSession()
+	}
 	if stop != nil {
 		stop()
 		<-served

@@ -27,13 +27,21 @@ type serverConn struct {
 	end  context.CancelFunc
 
 	maxInFlight int32
-	inFlight    atomic.Int32  // requests read and not yet answered
-	idle        chan struct{} // signalled when inFlight drops to 0 while draining
+	inFlight    atomic.Int32  // requests counted against max_in_flight: read, answer not yet sent
+	unanswered  atomic.Int32  // requests read, answer not yet written (one-way: not yet served)
+	idle        chan struct{} // signalled when unanswered drops to 0 while draining
 	draining    atomic.Bool
 
 	jobs    chan *call
 	workers int // started; reader only
 	wg      sync.WaitGroup
+
+	subs map[uint64]string // subscription id → topic; reader only (then serveSession's defer)
+
+	// viewMu is read-held by the reader from recv to release, over the
+	// decoding and any Inline handler's view of the body; closeSession
+	// takes it before Close swaps the rings' memory for private pages.
+	viewMu sync.RWMutex
 
 	// The reader's reusable payloads for its own replies.
 	resp wire.Response
@@ -59,6 +67,7 @@ func newServerConn(s *Server, sess *control.Session) *serverConn {
 		maxInFlight: int32(sess.Params().MaxInFlight),
 		idle:        make(chan struct{}, 1),
 		jobs:        make(chan *call, s.cfg.Workers),
+		subs:        make(map[uint64]string),
 	}
 	return c
 }
@@ -82,8 +91,10 @@ func (c *serverConn) run() {
 		c.wg.Wait()
 	}()
 	for {
+		c.viewMu.RLock()
 		f, err := c.tr.recv(time.Time{})
 		if err != nil {
+			c.viewMu.RUnlock()
 			var e *Error
 			if errors.As(err, &e) && e.Code == CodeProto && c.sess.Err() == nil {
 				c.sess.Abort(err) // the daemon learns why: never a bare EOF
@@ -92,7 +103,19 @@ func (c *serverConn) run() {
 		}
 		c.serve(&f)
 		c.tr.release()
+		c.viewMu.RUnlock()
 	}
+}
+
+// closeSession closes the session once the reader holds no view of its
+// rings: it cancels the handlers (an Inline one returns, a reader waiting
+// for a worker stops waiting), stops the reader, then closes.
+func (c *serverConn) closeSession() {
+	c.end()
+	c.tr.stop()
+	c.viewMu.Lock()
+	defer c.viewMu.Unlock()
+	c.sess.Close()
 }
 
 // serve checks one frame against the session's token and limits (the
@@ -110,11 +133,11 @@ func (c *serverConn) serve(f *frame.Frame) {
 	}
 	corr := f.Correlation
 	if !c.sess.Admits(f.CapRef) {
-		c.deny(corr, CodeAuth, control.EventAuth, "cap_ref names no valid token of this session")
+		c.deny(corr, "", CodeAuth, control.EventAuth, "cap_ref names no valid token of this session")
 		return
 	}
 	if int(f.PayloadLen) > c.tr.maxPayload() {
-		c.deny(corr, CodeTooLarge, control.EventProtocol, "request payload above the session's max_payload")
+		c.deny(corr, "", CodeTooLarge, control.EventProtocol, "request payload above the session's max_payload")
 		return
 	}
 	m := &c.req
@@ -124,22 +147,23 @@ func (c *serverConn) serve(f *frame.Frame) {
 	}
 	rt := (*c.srv.routes.Load())[string(m.Method)]
 	if rt == nil {
-		c.deny(corr, CodeNotFound, control.EventProtocol, "no such operation")
+		c.deny(corr, string(m.Method), CodeNotFound, control.EventProtocol, "no such operation")
 		return
 	}
 	if need := rt.rights; need != 0 {
 		if cp := c.sess.Capability(); cp == nil || cp.Rights&need != need {
-			c.deny(corr, CodePermission, control.EventPermission, "the token lacks the operation's rights")
+			c.deny(corr, rt.op, CodePermission, control.EventPermission, "the token lacks the operation's rights")
 			return
 		}
 	}
 	if corr != 0 {
 		if n := c.inFlight.Add(1); n > c.maxInFlight {
 			c.inFlight.Add(-1)
-			c.denyRetry(corr, CodeResource, control.EventLimit, "more requests in flight than max_in_flight", time.Millisecond)
+			c.denyRetry(corr, rt.op, CodeResource, control.EventLimit, "more requests in flight than max_in_flight", time.Millisecond)
 			return
 		}
 	}
+	c.unanswered.Add(1)
 	cl := &call{rt: rt}
 	cl.req = Request{Op: rt.op, Peer: c.sess.Peer(), TokenID: f.CapRef, Correlation: corr}
 	if cp := c.sess.Capability(); cp != nil {
@@ -181,6 +205,7 @@ func (c *serverConn) dispatch(cl *call) {
 	case c.jobs <- cl:
 	case <-c.ctx.Done():
 		c.finish(cl)
+		c.answered()
 	}
 }
 
@@ -193,6 +218,7 @@ func (c *serverConn) work() {
 
 // handle runs the handler and answers (unless the request was one-way).
 func (c *serverConn) handle(cl *call) {
+	defer c.answered()
 	body, err := c.invoke(cl)
 	cl.ctx.end()
 	s := &c.srv.stats
@@ -204,6 +230,10 @@ func (c *serverConn) handle(cl *call) {
 		}
 		return
 	}
+	// Out of flight before the answer can reach the daemon, which may send
+	// its next request the moment it reads this one's (docs/PROTOCOL.md
+	// §8.1): counted after, that request would find max_in_flight taken.
+	c.finish(cl)
 	if err == nil {
 		cl.resp.Body = body
 		err = c.tr.send(c.ctx, frame.Header{Type: frame.TypeResponse, Flags: frame.FlagEndStream, Correlation: cl.req.Correlation}, nil, &cl.resp, false)
@@ -216,7 +246,6 @@ func (c *serverConn) handle(cl *call) {
 		s.failed.Add(1)
 		err = c.reply(cl, err)
 	}
-	c.finish(cl)
 	if err != nil {
 		c.sendFailed(err)
 	}
@@ -235,11 +264,20 @@ func (c *serverConn) invoke(cl *call) (body []byte, err error) {
 	return cl.rt.h(&cl.ctx, &cl.req)
 }
 
-// reply answers cl with ERROR for err: an *Error's code and message, or
-// E_INTERNAL with no detail for any other error (its text is logged).
+// reply answers cl with ERROR for err: an *Error's code and message; for
+// a handler that gave up because its context ended, E_TIMEOUT (the
+// caller's deadline) or E_UNAVAILABLE (the session or the server is
+// closing); E_INTERNAL with no detail for any other error (its text is
+// logged).
 func (c *serverConn) reply(cl *call, err error) error {
 	var e *Error
-	if !errors.As(err, &e) {
+	switch {
+	case errors.As(err, &e):
+	case errors.Is(err, context.DeadlineExceeded):
+		e = &Error{Code: CodeTimeout, Message: "the call's deadline passed"}
+	case errors.Is(err, context.Canceled):
+		e = &Error{Code: CodeUnavailable, Message: "the kernel is closing the session"}
+	default:
 		c.srv.log.LogAttrs(c.ctx, slog.LevelWarn, "sypas: handler error",
 			slog.String("op", cl.req.Op), slog.String(control.LogKeyReason, err.Error()))
 		e = &Error{Code: CodeInternal, Message: "internal error"}
@@ -251,9 +289,17 @@ func (c *serverConn) reply(cl *call, err error) error {
 	return c.tr.send(c.ctx, frame.Header{Type: frame.TypeError, Correlation: cl.req.Correlation}, nil, &cl.emsg, false)
 }
 
-// finish ends cl's turn in flight.
+// finish ends cl's turn in flight (max_in_flight).
 func (c *serverConn) finish(cl *call) {
-	if cl.req.Correlation != 0 && c.inFlight.Add(-1) == 0 && c.draining.Load() {
+	if cl.req.Correlation != 0 {
+		c.inFlight.Add(-1)
+	}
+}
+
+// answered counts a request answered (its answer written, or the handler of
+// a one-way one returned), and wakes a drain waiting for the last.
+func (c *serverConn) answered() {
+	if c.unanswered.Add(-1) == 0 && c.draining.Load() {
 		select {
 		case c.idle <- struct{}{}:
 		default:
@@ -270,16 +316,19 @@ func (c *serverConn) sendFailed(err error) {
 	}
 }
 
-// deny refuses a request with code, answering it (unless one-way),
-// counting and auditing the refusal.
-func (c *serverConn) deny(corr uint64, code Code, event, reason string) {
-	c.denyRetry(corr, code, event, reason, 0)
+// deny refuses a request for op (empty if unknown yet) with code, answering
+// it (unless one-way), counting and auditing the refusal.
+func (c *serverConn) deny(corr uint64, op string, code Code, event, reason string) {
+	c.denyRetry(corr, op, code, event, reason, 0)
 }
 
-func (c *serverConn) denyRetry(corr uint64, code Code, event, reason string, retry time.Duration) {
+func (c *serverConn) denyRetry(corr uint64, op string, code Code, event, reason string, retry time.Duration) {
 	c.srv.stats.denied.Add(1)
-	control.Audit(c.ctx, c.srv.cfg.Logger, slog.LevelWarn, "sypas: refused", event, reason,
-		append(c.sess.AuditAttrs(), slog.String(control.LogKeyCode, code.String()))...)
+	attrs := append(c.sess.AuditAttrs(), slog.String(control.LogKeyCode, code.String()), slog.Uint64(control.LogKeyCorrelation, corr))
+	if op != "" {
+		attrs = append(attrs, slog.String(control.LogKeyOp, op))
+	}
+	control.Audit(c.ctx, c.srv.cfg.Logger, slog.LevelWarn, "sypas: refused", event, reason, attrs...)
 	if corr == 0 {
 		return
 	}
@@ -290,7 +339,7 @@ func (c *serverConn) denyRetry(corr uint64, code Code, event, reason string, ret
 }
 
 // watchGoAway answers the daemon's GOAWAY: the daemon starts nothing new,
-// so once the requests in flight are answered the session ends in order.
+// so once the requests it sent are answered the session ends in order.
 func (c *serverConn) watchGoAway() {
 	select {
 	case <-c.sess.GoAway():
@@ -299,22 +348,25 @@ func (c *serverConn) watchGoAway() {
 	}
 }
 
-// drain lets the requests in flight finish (within ctx), then ends the
-// session in order: GOAWAY, the daemon's GOAWAY, close.
+// drain answers the daemon's GOAWAY (docs/PROTOCOL.md §6.8): it lets the
+// requests read finish (within ctx), then ends the session in order: our
+// GOAWAY, written after every answer, then close. (The kernel's own
+// Shutdown sends GOAWAY first instead: Session.Shutdown.)
 func (c *serverConn) drain(ctx context.Context) {
 	c.draining.Store(true)
-	for c.inFlight.Load() > 0 {
+	for c.unanswered.Load() > 0 {
 		select {
 		case <-c.idle:
 		case <-ctx.Done():
-			c.sess.Close()
+			c.closeSession()
 			return
 		case <-c.sess.Done():
 			return
 		case <-time.After(10 * time.Millisecond): // a missed signal costs this much
 		}
 	}
-	c.sess.Shutdown(ctx)
+	c.sess.Drain(ctx)
+	c.closeSession()
 }
 
 // closedCtx is a context that ends when the server is closed.

@@ -9,9 +9,11 @@ type ServerStats struct {
 	Failed    uint64 // requests whose handler returned an error (answered ERROR)
 	Denied    uint64 // frames the enforcer refused: token, rights, size, in flight, unknown op
 	Panics    uint64 // handler panics, answered E_INTERNAL
-	InFlight  int64  // requests read and not yet answered, all sessions
+	InFlight  int64  // requests read and not yet answered (one-way: not yet served), all sessions
 	Published uint64 // events written to subscribers' rings
 	Dropped   uint64 // events a slow subscriber lost (DropNewest, or Block past the deadline)
+	// DroppedByTopic is Dropped by the topic Publish named (a copy).
+	DroppedByTopic map[string]uint64
 }
 
 type serverStats struct {
@@ -28,9 +30,10 @@ func (s *Server) Stats() ServerStats {
 		Denied: s.stats.denied.Load(), Panics: s.stats.panics.Load(),
 		Published: s.stats.published.Load(), Dropped: s.stats.dropped.Load(),
 	}
+	st.DroppedByTopic = s.topics.dropCounts()
 	s.mu.Lock()
 	for c := range s.conns {
-		st.InFlight += int64(c.inFlight.Load())
+		st.InFlight += int64(c.unanswered.Load())
 	}
 	s.mu.Unlock()
 	return st

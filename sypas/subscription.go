@@ -43,6 +43,12 @@ type Subscription struct {
 	dropped atomic.Uint64
 	mu      sync.Mutex // orders deliveries with close
 	closed  bool
+
+	// subMu orders this subscription's SUBSCRIBE and UNSUBSCRIBE: from
+	// Subscribe, from the restore on a new session, and from Unsubscribe.
+	subMu sync.Mutex
+	on    *clientConn // the session it is subscribed on
+	gone  bool        // unsubscribed
 }
 
 // Events delivers the events, in the order they were published. It is
@@ -60,14 +66,32 @@ func (s *Subscription) Dropped() uint64 { return s.dropped.Load() }
 // Unsubscribe ends the subscription (telling the kernel, if a session is
 // up, within ctx) and closes Events.
 func (s *Subscription) Unsubscribe(ctx context.Context) error {
-	if !s.c.subs.remove(s) {
+	s.subMu.Lock()
+	defer s.subMu.Unlock()
+	if s.gone {
 		return nil
 	}
-	cc, err := s.c.conn(ctx, false)
-	if err != nil {
-		return nil // no session: nothing to tell
+	s.gone = true
+	s.c.subs.remove(s)
+	if cc := s.on; cc != nil && cc.sess.Err() == nil {
+		return cc.subscribe(ctx, frame.TypeUnsubscribe, &wire.Unsubscribe{SubscriptionID: s.id})
 	}
-	return cc.subscribe(ctx, frame.TypeUnsubscribe, &wire.Unsubscribe{SubscriptionID: s.id})
+	return nil // no session: nothing to tell
+}
+
+// subscribeOn subscribes s on cc's session, unless it is already, or was
+// unsubscribed.
+func (s *Subscription) subscribeOn(ctx context.Context, cc *clientConn) error {
+	s.subMu.Lock()
+	defer s.subMu.Unlock()
+	if s.gone || s.on == cc {
+		return nil
+	}
+	err := cc.subscribe(ctx, frame.TypeSubscribe, &wire.Subscribe{SubscriptionID: s.id, Topic: stringBytes(s.topic)})
+	if err == nil {
+		s.on = cc
+	}
+	return err
 }
 
 func (s *Subscription) close() {
@@ -129,7 +153,7 @@ func (c *Client) Subscribe(ctx context.Context, topic string, opts SubscribeOpti
 	c.subs.mu.Lock()
 	c.subs.m[s.id] = s
 	c.subs.mu.Unlock()
-	if err := cc.subscribe(ctx, frame.TypeSubscribe, &wire.Subscribe{SubscriptionID: s.id, Topic: stringBytes(topic)}); err != nil {
+	if err := s.subscribeOn(ctx, cc); err != nil {
 		c.subs.remove(s)
 		return nil, err
 	}
@@ -161,12 +185,11 @@ func (r *subRegistry) restore(cc *clientConn) {
 	}
 	cc.startSubReader()
 	for _, s := range subs {
+		// One refused (a kernel with fewer MaxSubscriptions, say) stops
+		// none of the others; on a failing session each fails fast.
 		ctx, cancel := context.WithTimeout(r.c.ctx, r.c.drainTimeout())
-		err := cc.subscribe(ctx, frame.TypeSubscribe, &wire.Subscribe{SubscriptionID: s.id, Topic: stringBytes(s.topic)})
+		s.subscribeOn(ctx, cc)
 		cancel()
-		if err != nil {
-			return // the session is failing: the next one tries again
-		}
 	}
 }
 

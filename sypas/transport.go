@@ -26,6 +26,8 @@ type transport interface {
 	// for the other senders; a payload over the session's limit fails
 	// with an error matching ErrTooLarge before anything is written. With
 	// noWait, a send that would wait for room fails with errFull instead.
+	// An error for which mayHaveSent holds came after the frame was
+	// published: the peer may have read it.
 	send(ctx context.Context, h frame.Header, ext []byte, m wire.Message, noWait bool) error
 	// recv returns the next frame, waiting until the deadline (zero:
 	// none). Its Extension and Payload stay valid until release. One
@@ -36,6 +38,10 @@ type transport interface {
 	// nudge makes a recv waiting in another goroutine return at once with
 	// os.ErrDeadlineExceeded, as if its deadline had passed.
 	nudge()
+	// stop makes recv, waiting or not, fail from now on (with why the
+	// session ended, or that it is closing): the session is about to be
+	// closed, and no reader may hold a frame across that.
+	stop()
 	// maxPayload is the largest payload send accepts.
 	maxPayload() int
 	// session is the control-plane session the frames belong to: identity,
@@ -50,7 +56,9 @@ type transport interface {
 // so that a sender waiting for its turn still honours its context. The
 // producer publishes with one Flush per burst: a sender that sees another
 // waiting for the lock leaves the Flush to it, so callers arriving together
-// share one index store and at most one FUTEX_WAKE.
+// share one index store and at most one FUTEX_WAKE. A noWait sender (an
+// event under DropNewest) never queues behind a holder that waits for room
+// in the peer's ring: the ring is full, so it gives up at once.
 type ringTransport struct {
 	sess *control.Session
 	max  int
@@ -61,6 +69,8 @@ type ringTransport struct {
 
 	lock    chan struct{}
 	waiting atomic.Int32
+	stalled atomic.Bool    // the lock's holder waits for room in the peer's ring
+	kick    chan struct{}  // cap 1: wakes the noWait senders queued behind a stalled holder
 	prod    *ring.Producer // under lock
 	seq     uint64         // under lock: sequence of the last frame sent
 	dirty   atomic.Bool    // committed, not flushed; written under lock
@@ -69,6 +79,7 @@ type ringTransport struct {
 	rseq     uint64         // sequence of the last frame received
 	deadline time.Time      // the consumer's wait deadline, as last set
 	nudged   atomic.Bool    // nudge changed the deadline behind recv's back
+	stopped  atomic.Bool    // stop was called
 	fcfg     frame.Config
 }
 
@@ -76,7 +87,7 @@ func newRingTransport(s *control.Session, writeTimeout time.Duration) *ringTrans
 	max := int(s.Params().MaxPayload)
 	return &ringTransport{
 		sess: s, max: max, writeTimeout: writeTimeout,
-		lock: make(chan struct{}, 1),
+		lock: make(chan struct{}, 1), kick: make(chan struct{}, 1),
 		prod: s.Producer(), cons: s.Consumer(),
 		// Decode whatever fits a record: a frame over max_payload is still
 		// read whole, so the kernel can refuse it with its correlation.
@@ -95,10 +106,36 @@ func (t *ringTransport) send(ctx context.Context, h frame.Header, ext []byte, m 
 	select {
 	case t.lock <- struct{}{}:
 	default:
-		t.waiting.Add(1)
+		if err := t.queue(ctx, noWait); err != nil {
+			return err
+		}
+	}
+	err := t.write(ctx, &h, ext, m, n, noWait)
+	return t.unlock(err)
+}
+
+// queue waits for the lock, within ctx; with noWait, only while its holder
+// is not waiting for room.
+func (t *ringTransport) queue(ctx context.Context, noWait bool) error {
+	t.waiting.Add(1)
+	var kick chan struct{}
+	if noWait {
+		kick = t.kick
+	}
+	for {
+		if noWait && t.stalled.Load() {
+			select { // wake the next noWait sender queued behind it
+			case t.kick <- struct{}{}:
+			default:
+			}
+			t.leave()
+			return errFull
+		}
 		select {
 		case t.lock <- struct{}{}:
 			t.waiting.Add(-1)
+			return nil
+		case <-kick:
 		case <-ctx.Done():
 			t.leave()
 			return ctx.Err()
@@ -107,8 +144,6 @@ func (t *ringTransport) send(ctx context.Context, h frame.Header, ext []byte, m 
 			return t.sessErr(nil)
 		}
 	}
-	err := t.write(ctx, &h, ext, m, n, noWait)
-	return t.unlock(err)
 }
 
 // unlock publishes what is committed unless another sender waits for the
@@ -119,7 +154,7 @@ func (t *ringTransport) unlock(err error) error {
 		if t.dirty.Load() && t.waiting.Load() == 0 {
 			t.dirty.Store(false)
 			if ferr := t.prod.Flush(); err == nil && ferr != nil {
-				err = t.sessErr(ferr)
+				err = &writtenErr{t.sessErr(ferr)} // our frame went out with the others
 			}
 		}
 		<-t.lock
@@ -175,6 +210,21 @@ func (t *ringTransport) write(ctx context.Context, h *frame.Header, ext []byte, 
 	return nil
 }
 
+// writtenErr is a send that failed after its frame was published, when the
+// Flush found the session ending: the peer may have read the frame before
+// it went (a kernel reads, serves and closes), so the frame counts as sent.
+type writtenErr struct{ err error }
+
+func (e *writtenErr) Error() string { return e.err.Error() }
+func (e *writtenErr) Unwrap() error { return e.err }
+
+// mayHaveSent reports whether a send that failed with err may have reached
+// the peer.
+func mayHaveSent(err error) bool {
+	var w *writtenErr
+	return errors.As(err, &w)
+}
+
 // errFull is a noWait send that found no room.
 var errFull = &Error{Code: CodeResource, Message: "no room in the peer's ring"}
 
@@ -187,22 +237,36 @@ func (t *ringTransport) reserve(ctx context.Context, total int, noWait bool) ([]
 			return nil, t.sessErr(err)
 		}
 	}
-	dl, ok := ctx.Deadline()
-	if !ok && t.writeTimeout > 0 {
-		dl = time.Now().Add(t.writeTimeout)
-	}
-	if noWait {
-		dl = time.Unix(1, 0) // Reserve still takes room it finds, but does not wait
-	}
-	t.prod.SetWaitDeadline(dl)
+	// Take room that is there without waiting (a stale cached head, a new
+	// lap), so that stalled means a real wait.
+	t.prod.SetWaitDeadline(time.Unix(1, 0))
 	buf, err := t.prod.Reserve(total)
+	ctxDeadline := false
+	if errors.Is(err, os.ErrDeadlineExceeded) && !noWait {
+		dl, ok := ctx.Deadline()
+		ctxDeadline = ok
+		if !ok && t.writeTimeout > 0 {
+			dl = time.Now().Add(t.writeTimeout)
+		}
+		t.prod.SetWaitDeadline(dl)
+		t.stalled.Store(true)
+		select { // the noWait senders queued behind us give up
+		case t.kick <- struct{}{}:
+		default:
+		}
+		buf, err = t.waitRoom(ctx, total)
+		t.stalled.Store(false)
+	}
 	t.prod.SetWaitDeadline(time.Time{})
 	if errors.Is(err, os.ErrDeadlineExceeded) {
 		if noWait {
 			return nil, errFull
 		}
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
+		if ctxDeadline { // perhaps before ctx's own timer says so
+			return nil, context.DeadlineExceeded
+		}
+		if err := ctx.Err(); err != nil {
+			return nil, err
 		}
 		return nil, &Error{Code: CodeResource, Message: "the peer's ring stayed full: it reads nothing", Err: err}
 	}
@@ -212,14 +276,38 @@ func (t *ringTransport) reserve(ctx context.Context, total int, noWait bool) ([]
 	return buf, nil
 }
 
+// waitRoom is Reserve, ended early by ctx's cancellation (its deadline is
+// the producer's already).
+func (t *ringTransport) waitRoom(ctx context.Context, total int) ([]byte, error) {
+	if ctx.Done() == nil {
+		return t.prod.Reserve(total)
+	}
+	woken := make(chan struct{})
+	stop := context.AfterFunc(ctx, func() {
+		t.prod.SetDeadline(time.Unix(1, 0)) // wakes the waiting Reserve
+		close(woken)
+	})
+	buf, err := t.prod.Reserve(total)
+	if !stop() {
+		<-woken // before the caller resets the deadline
+	}
+	return buf, err
+}
+
 func (t *ringTransport) recv(deadline time.Time) (frame.Frame, error) {
 	if t.nudged.Load() && t.nudged.CompareAndSwap(true, false) || !deadline.Equal(t.deadline) {
 		t.cons.SetWaitDeadline(deadline)
 		t.deadline = deadline
 	}
 	var f frame.Frame
+	if t.stopped.Load() { // after setting the deadline: stop's wake-up is never undone
+		return f, t.stoppedErr()
+	}
 	v, err := t.cons.Next()
 	if err != nil {
+		if t.stopped.Load() {
+			return f, t.stoppedErr()
+		}
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			return f, err
 		}
@@ -242,22 +330,52 @@ func (t *ringTransport) nudge() {
 	t.nudged.Store(true)                // after: the next recv restores its own
 }
 
-// sessErr turns a ring error into the session's reason when the session
-// has ended (the control plane interrupts the rings with it), so callers
-// see ErrPeerGone, E_AUTH... rather than a bare ring.ErrClosed.
+func (t *ringTransport) stop() {
+	t.stopped.Store(true)
+	t.cons.SetDeadline(time.Unix(1, 0)) // after: a recv that missed the flag is woken
+}
+
+// stoppedErr is recv's error after stop: why the session ended, or that
+// it is being closed.
+func (t *ringTransport) stoppedErr() error {
+	if err := t.sess.Err(); err != nil {
+		return unavailable(err)
+	}
+	return unavailable(control.ErrSessionClosed)
+}
+
+// sessErr turns the error of a ring call into the session's end, so that
+// callers see why it ended (ErrPeerGone, E_AUTH...) rather than a bare
+// ring.ErrClosed or io.EOF: a ring fails only when its session is ending,
+// a moment before the session records why (Close closes the rings first;
+// a peer that closes its end hangs up next), so sessErr waits for the
+// reason, at most endGrace. A corrupt ring is the peer breaking the
+// protocol: E_PROTO, which ends the session.
 func (t *ringTransport) sessErr(err error) error {
+	if errors.Is(err, ring.ErrCorrupt) {
+		return &Error{Code: CodeProto, Message: "the peer corrupted the ring", Err: err}
+	}
 	select {
 	case <-t.sess.Done():
-		if e := t.sess.Err(); e != nil {
-			return unavailable(e)
-		}
 	default:
+		if err == nil {
+			return unavailable(control.ErrSessionClosed)
+		}
+		tm := time.NewTimer(endGrace)
+		select {
+		case <-t.sess.Done():
+		case <-tm.C:
+		}
+		tm.Stop()
 	}
-	if err == nil {
-		return unavailable(control.ErrSessionClosed)
+	if e := t.sess.Err(); e != nil {
+		return unavailable(e)
 	}
-	return err
+	return unavailable(err)
 }
+
+// endGrace bounds sessErr's wait for the session's reason.
+const endGrace = 250 * time.Millisecond
 
 // sessionEnded is the error of a call whose session ended under it (or
 // was gone when it began): it wraps why the session ended, and matches

@@ -38,12 +38,11 @@ type clientConn struct {
 	// memory for private pages, under which a frame would read as zeros.
 	viewMu sync.RWMutex
 
-	mu       sync.Mutex
-	leading  bool    // the reader role is held
-	bgLeads  bool    // by the background reader
-	waiters  []*slot // the callers parked in await, each once (slot.parked)
-	bg       *slot   // the background reader's pseudo-slot, when it runs
-	bgCancel context.CancelFunc
+	mu      sync.Mutex
+	leading bool    // the reader role is held
+	bgLeads bool    // by the background reader
+	waiters []*slot // the callers parked in await, each once (slot.parked)
+	bg      *slot   // the background reader's pseudo-slot, when it runs
 
 	draining atomic.Bool // GOAWAY received: start nothing new
 	pending  atomic.Int32
@@ -113,7 +112,7 @@ func (c *clientConn) acquire(ctx context.Context) (*slot, error) {
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	case <-c.sess.Done():
-		return nil, c.tr.(*ringTransport).sessErr(nil)
+		return nil, c.tr.sessionErr(nil)
 	}
 }
 
@@ -201,7 +200,7 @@ func (c *clientConn) await(ctx context.Context, s *slot, fn func([]byte) error) 
 			return c.abandon(s, ctx.Err(), fn)
 		case <-c.sess.Done():
 			c.unregister(s)
-			return c.abandon(s, c.tr.(*ringTransport).sessErr(nil), fn)
+			return c.abandon(s, c.tr.sessionErr(nil), fn)
 		}
 	}
 }
@@ -232,7 +231,7 @@ func (c *clientConn) lead(ctx context.Context, s *slot, fn func([]byte) error, b
 	cancellable := ctx.Done() != nil && !hasDL
 	for {
 		wait := dl
-		if cancellable || bg {
+		if cancellable {
 			wait = time.Now().Add(readSlice)
 		}
 		c.viewMu.RLock()
@@ -439,7 +438,10 @@ func (c *clientConn) bgWaiting() bool { return c.bg != nil && c.bg.state.Load() 
 // does, so events keep flowing between calls. It gives the role to any
 // caller that asks (callers read their own replies faster) and takes it
 // back when the role is free.
-func (c *clientConn) subReader(ctx context.Context) {
+//
+// It waits for frames without a deadline: a caller that wants the role
+// nudges it (await), and the session's end interrupts the ring.
+func (c *clientConn) subReader() {
 	bg := c.bg
 	for {
 		c.mu.Lock()
@@ -447,10 +449,10 @@ func (c *clientConn) subReader(ctx context.Context) {
 			c.leading, c.bgLeads = true, true
 			bg.state.Store(slotIdle)
 			c.mu.Unlock()
-			err := c.lead(ctx, bg, nil, true)
+			err := c.lead(context.Background(), bg, nil, true)
 			c.handOff()
 			if err != nil {
-				return // ctx (no subscription left) or the session failed
+				return // the session failed
 			}
 			c.mu.Lock()
 		}
@@ -458,26 +460,21 @@ func (c *clientConn) subReader(ctx context.Context) {
 		c.mu.Unlock()
 		select {
 		case <-bg.wake:
-		case <-ctx.Done():
-			bg.state.Store(slotIdle)
-			return
 		case <-c.sess.Done():
 			return
 		}
 	}
 }
 
-// startSubReader runs subReader until stopSubReader.
+// startSubReader runs subReader, once, until the session ends.
 func (c *clientConn) startSubReader() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.bg != nil {
 		return
 	}
-	var ctx context.Context
-	ctx, c.bgCancel = context.WithCancel(context.Background())
 	c.bg = &slot{wake: make(chan struct{}, 1)}
-	go c.subReader(ctx)
+	go c.subReader()
 }
 
 // callerWaiting reports whether a caller (not the background reader)

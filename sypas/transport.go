@@ -42,6 +42,10 @@ type transport interface {
 	// session ended, or that it is closing): the session is about to be
 	// closed, and no reader may hold a frame across that.
 	stop()
+	// sessionErr is err as the caller should see it: once the session has
+	// ended (or is ending), an error that says why, matching ErrUnavailable
+	// unless the reason has a code of its own; nil err asks only for that.
+	sessionErr(err error) error
 	// maxPayload is the largest payload send accepts.
 	maxPayload() int
 	// session is the control-plane session the frames belong to: identity,
@@ -141,7 +145,7 @@ func (t *ringTransport) queue(ctx context.Context, noWait bool) error {
 			return ctx.Err()
 		case <-t.sess.Done():
 			t.leave()
-			return t.sessErr(nil)
+			return t.sessionErr(nil)
 		}
 	}
 }
@@ -154,7 +158,7 @@ func (t *ringTransport) unlock(err error) error {
 		if t.dirty.Load() && t.waiting.Load() == 0 {
 			t.dirty.Store(false)
 			if ferr := t.prod.Flush(); err == nil && ferr != nil {
-				err = &writtenErr{t.sessErr(ferr)} // our frame went out with the others
+				err = &writtenErr{t.sessionErr(ferr)} // our frame went out with the others
 			}
 		}
 		<-t.lock
@@ -203,7 +207,7 @@ func (t *ringTransport) write(ctx context.Context, h *frame.Header, ext []byte, 
 		return fmt.Errorf("sypas: encode %v: %w", h.Type, err)
 	}
 	if err := t.prod.Commit(total); err != nil {
-		return t.sessErr(err)
+		return t.sessionErr(err)
 	}
 	t.seq++
 	t.dirty.Store(true)
@@ -234,7 +238,7 @@ func (t *ringTransport) reserve(ctx context.Context, total int, noWait bool) ([]
 	if t.dirty.Load() {
 		t.dirty.Store(false)
 		if err := t.prod.Flush(); err != nil {
-			return nil, t.sessErr(err)
+			return nil, t.sessionErr(err)
 		}
 	}
 	// Take room that is there without waiting (a stale cached head, a new
@@ -271,7 +275,7 @@ func (t *ringTransport) reserve(ctx context.Context, total int, noWait bool) ([]
 		return nil, &Error{Code: CodeResource, Message: "the peer's ring stayed full: it reads nothing", Err: err}
 	}
 	if err != nil {
-		return nil, t.sessErr(err)
+		return nil, t.sessionErr(err)
 	}
 	return buf, nil
 }
@@ -311,7 +315,7 @@ func (t *ringTransport) recv(deadline time.Time) (frame.Frame, error) {
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			return f, err
 		}
-		return f, t.sessErr(err)
+		return f, t.sessionErr(err)
 	}
 	if _, err := f.Decode(v, t.fcfg); err != nil {
 		return f, &Error{Code: CodeProto, Message: "a ring record is not a frame", Err: err}
@@ -344,14 +348,14 @@ func (t *ringTransport) stoppedErr() error {
 	return unavailable(control.ErrSessionClosed)
 }
 
-// sessErr turns the error of a ring call into the session's end, so that
+// sessionErr turns the error of a ring call into the session's end, so that
 // callers see why it ended (ErrPeerGone, E_AUTH...) rather than a bare
 // ring.ErrClosed or io.EOF: a ring fails only when its session is ending,
 // a moment before the session records why (Close closes the rings first;
-// a peer that closes its end hangs up next), so sessErr waits for the
+// a peer that closes its end hangs up next), so sessionErr waits for the
 // reason, at most endGrace. A corrupt ring is the peer breaking the
 // protocol: E_PROTO, which ends the session.
-func (t *ringTransport) sessErr(err error) error {
+func (t *ringTransport) sessionErr(err error) error {
 	if errors.Is(err, ring.ErrCorrupt) {
 		return &Error{Code: CodeProto, Message: "the peer corrupted the ring", Err: err}
 	}
@@ -374,7 +378,7 @@ func (t *ringTransport) sessErr(err error) error {
 	return unavailable(err)
 }
 
-// endGrace bounds sessErr's wait for the session's reason.
+// endGrace bounds sessionErr's wait for the session's reason.
 const endGrace = 250 * time.Millisecond
 
 // sessionEnded is the error of a call whose session ended under it (or

@@ -25,12 +25,20 @@ const (
 	LogKeyExe       = "exe"        // the peer's executable, as attested
 	LogKeyTokenID   = "token_id"   // the session's current token id, hex
 	LogKeySessionID = "session_id" // WELCOME's session id, hex
-	// The bridge's refusals of one request (package sypas) add:
+	// The bridge's records of one request (package sypas) add:
 	LogKeyOp          = "op"          // the operation the request named, when known
 	LogKeyCorrelation = "correlation" // the request's correlation (0: one-way, not answered)
+	LogKeyDecision    = "decision"    // DecisionDeny or DecisionGrant
 )
 
-// Events: the LogKeyEvent values. Each names one kind of refusal.
+// Decisions: the LogKeyDecision values of the bridge's per-request records.
+const (
+	DecisionDeny  = "deny"
+	DecisionGrant = "grant"
+)
+
+// Events: the LogKeyEvent values. Each names one kind of refusal, except
+// EventGrant.
 const (
 	EventAttestation = "attestation" // peer identity refused: policy, pidfd (kernel); the kernel's uid (daemon)
 	EventAuth        = "auth"        // a token or cap_ref refused, a bad TOKEN, or a session token expired
@@ -42,6 +50,7 @@ const (
 	EventProtocol    = "protocol"    // a malformed or unexpected frame, version or size
 	EventTimeout     = "timeout"     // a handshake that did not finish in time
 	EventInternal    = "internal"    // this side failed (E_INTERNAL sent)
+	EventGrant       = "grant"       // a request admitted (the bridge, when grants are recorded)
 )
 
 // Audit writes one audit record: msg at level with the event, the reason

@@ -441,3 +441,33 @@ func TestHostileSubscriptionsBounded(t *testing.T) {
 	_, err := NewServer(ServerConfig{ServerConfig: control.ServerConfig{Keys: testKeys(t)}, MaxSubscriptions: -1})
 	assert.ErrorIs(t, err, control.ErrConfig)
 }
+
+// A SUBSCRIBE asking for LAST_VALUE, which this kernel does not keep, is
+// refused (E_PROTO, audited) rather than accepted with the option ignored.
+func TestSubscribeLastValueRefused(t *testing.T) {
+	k, log := hostileKernel(t, ServerConfig{})
+	d := dialRaw(t, k.path, control.DialConfig{})
+	p, err := (&wire.Subscribe{SubscriptionID: 1, Options: wire.SubLastValue, Topic: []byte("news")}).Append(nil)
+	require.NoError(t, err)
+	d.frame(frame.Header{Type: frame.TypeSubscribe, Correlation: 21}, p)
+	m := d.expectError(21, CodeProto)
+	assert.Contains(t, string(m.Message), "LAST_VALUE")
+	log.expect(t, refused(control.EventProtocol, CodeProto, 21))
+	assert.Nil(t, d.s.Err(), "the session goes on")
+}
+
+// Every refusal's record says decision deny; grants are written at the
+// level ServerConfig.AuditGrants chooses, when the Logger enables it.
+func TestAuditDecisions(t *testing.T) {
+	k, log := hostileKernel(t, ServerConfig{AuditGrants: slog.LevelInfo})
+	d := dialRaw(t, k.path, control.DialConfig{})
+	d.request(frame.Header{Correlation: 31}, "echo", []byte("x"))
+	d.expectResponse(31)
+	r := log.expect(t, map[string]string{control.LogKeyEvent: control.EventGrant, control.LogKeyCorrelation: "31"})
+	assert.Equal(t, control.DecisionGrant, r[control.LogKeyDecision])
+	assert.Equal(t, "echo", r[control.LogKeyOp])
+	d.request(frame.Header{Correlation: 32}, "admin", nil)
+	d.expectError(32, CodePermission)
+	r = log.expect(t, refused(control.EventPermission, CodePermission, 32))
+	assert.Equal(t, control.DecisionDeny, r[control.LogKeyDecision])
+}

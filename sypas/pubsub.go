@@ -163,6 +163,13 @@ func (c *serverConn) serveSubscription(f *frame.Frame) {
 		c.sess.Abort(&Error{Code: CodeProto, Message: "SUBSCRIBE payload", Err: err})
 		return
 	}
+	if m.Options&wire.SubLastValue != 0 {
+		// This kernel keeps no last value per topic (it would be memory
+		// that grows with every topic published on): say so, rather than
+		// subscribe and ignore the option.
+		c.deny(corr, "", CodeProto, control.EventProtocol, "SUBSCRIBE option LAST_VALUE is not supported")
+		return
+	}
 	if _, dup := c.subs[m.SubscriptionID]; dup {
 		c.deny(corr, "", CodeProto, control.EventProtocol, "subscription id already in use in this session")
 		return

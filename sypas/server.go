@@ -78,6 +78,12 @@ type ServerConfig struct {
 	// MaxSubscriptions bounds the subscriptions of one session: one more
 	// is refused with E_RESOURCE. Zero means DefaultMaxSubscriptions.
 	MaxSubscriptions int
+	// AuditGrants is the level of the record written for each request the
+	// enforcer admits (event grant, decision grant, with the op, the
+	// correlation, the peer and the token id; refusals are always written,
+	// at Warn). Nil means slog.LevelDebug: written only by a Logger that
+	// enables Debug, and otherwise costing one Enabled check per request.
+	AuditGrants slog.Leveler
 }
 
 // Defaults of ServerConfig.
@@ -134,6 +140,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	cfg.WriteTimeout = cmp.Or(cfg.WriteTimeout, DefaultWriteTimeout)
 	if cfg.Keys == nil {
 		return nil, fmt.Errorf("%w: ServerConfig.Keys is required", control.ErrConfig)
+	}
+	if cfg.AuditGrants == nil {
+		cfg.AuditGrants = slog.LevelDebug
 	}
 	cfg.Features = cmp.Or(cfg.Features, control.DefaultFeatures) | wire.FeatureSubscribe
 	s := &Server{cfg: cfg, log: cfg.Logger, conns: make(map[*serverConn]struct{}), closed: make(chan struct{})}

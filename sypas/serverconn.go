@@ -163,6 +163,9 @@ func (c *serverConn) serve(f *frame.Frame) {
 			return
 		}
 	}
+	if l := c.srv.cfg.AuditGrants.Level(); c.srv.log.Enabled(c.ctx, l) {
+		c.grant(l, rt.op, corr)
+	}
 	c.unanswered.Add(1)
 	cl := &call{rt: rt}
 	cl.req = Request{Op: rt.op, Peer: c.sess.Peer(), TokenID: f.CapRef, Correlation: corr}
@@ -328,6 +331,7 @@ func (c *serverConn) denyRetry(corr uint64, op string, code Code, event, reason 
 	if op != "" {
 		attrs = append(attrs, slog.String(control.LogKeyOp, op))
 	}
+	attrs = append(attrs, slog.String(control.LogKeyDecision, control.DecisionDeny))
 	control.Audit(c.ctx, c.srv.cfg.Logger, slog.LevelWarn, "sypas: refused", event, reason, attrs...)
 	if corr == 0 {
 		return
@@ -336,6 +340,13 @@ func (c *serverConn) denyRetry(corr uint64, op string, code Code, event, reason 
 	if err := c.tr.send(c.ctx, frame.Header{Type: frame.TypeError, Correlation: corr}, nil, &c.emsg, false); err != nil {
 		c.sendFailed(err)
 	}
+}
+
+// grant writes the record of a request the enforcer admitted, at level.
+func (c *serverConn) grant(level slog.Level, op string, corr uint64) {
+	attrs := append(c.sess.AuditAttrs(), slog.Uint64(control.LogKeyCorrelation, corr),
+		slog.String(control.LogKeyOp, op), slog.String(control.LogKeyDecision, control.DecisionGrant))
+	control.Audit(c.ctx, c.srv.log, level, "sypas: granted", control.EventGrant, "the token grants the operation's rights", attrs...)
 }
 
 // watchGoAway answers the daemon's GOAWAY: the daemon starts nothing new,

@@ -143,10 +143,13 @@ func kernelMallocs(b *testing.B, c *sypas.Client) uint64 {
 // receiver), "bench.mallocs".
 func sypasKernel() error {
 	if os.Getenv("SYPAS_PEER_PIN") == "1" {
-		// The work runs on the session's goroutines: pin every thread.
+		// The work runs on the session's goroutines: pin every thread, and
+		// run one P, as a kernel started pinned (taskset) would: two Ps on
+		// one CPU time-slice a spinning reader with whatever else runs.
 		if err := affinity.PinProcess(1); err != nil {
 			return err
 		}
+		runtime.GOMAXPROCS(1)
 	}
 	cfg := sypas.ServerConfig{}
 	cfg.Keys = benchKeys()

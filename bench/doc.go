@@ -18,6 +18,22 @@
 //     reading the ring in place, or copying out with Next and copy, or with
 //     ReadInto; the sum must match what was sent.
 //
+// The bridge (package sypas), each beside its baselines:
+//
+//   - BenchmarkCall: a Call's round trip through a kernel in another process,
+//     in spin, park and default mode at 64 B and 4 KiB, beside the ring's own
+//     round trip of the same size and mode, the raw ping-pongs and a Unix
+//     socket; Call (the reply allocated) and a handler on the worker pool at
+//     the default; allocations in the caller and in the kernel per call.
+//   - BenchmarkCallsInFlight: calls/s with 1, 8 and 64 goroutines calling at
+//     once, against one Unix-socket connection carrying tagged requests with
+//     the same concurrency.
+//   - BenchmarkSend: one-way Sends, checked and summed by the kernel, beside
+//     the ring stream with a Flush per message and a Unix-socket stream.
+//   - BenchmarkPublish: events/s delivered to 1 and 8 subscribers, each
+//     checking order and bodies.
+//   - BenchmarkCallHog: the Call round trip under the hog, default vs park.
+//
 // The other process is this test binary re-executed. Where the machine has two
 // or more CPUs, variants that busy-poll (the ring in spin and auto mode, the
 // raw cache-line ping-pong, the ring streams) pin the benchmarking thread and

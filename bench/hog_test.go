@@ -19,11 +19,23 @@ import (
 // GOMAXPROCS Ps and be preempted by its runtime, so it would change how the
 // benchmark itself is scheduled, not only how busy the machine is.
 func BenchmarkRoundTripHog(b *testing.B) {
-	b.Run("ring-auto", func(b *testing.B) { startHog(b); benchRingRTT(b, futex.Config{}, false) })
-	b.Run("ring-park", func(b *testing.B) { startHog(b); benchRingRTT(b, futex.Config{Policy: futex.PolicyPark}, false) })
-	b.Run("ring-spin", func(b *testing.B) { startHog(b); benchRingRTT(b, futex.Config{Policy: futex.PolicySpin}, false) })
+	auto, park, spin := futex.Config{}, futex.Config{Policy: futex.PolicyPark}, futex.Config{Policy: futex.PolicySpin}
+	b.Run("ring-auto", func(b *testing.B) { startHog(b); benchRingRTT(b, auto, false, msgSize) })
+	b.Run("ring-park", func(b *testing.B) { startHog(b); benchRingRTT(b, park, false, msgSize) })
+	b.Run("ring-spin", func(b *testing.B) { startHog(b); benchRingRTT(b, spin, false, msgSize) })
 	b.Run("raw-futex", func(b *testing.B) { startHog(b); benchFutexRTT(b) })
-	b.Run("unix-socket", func(b *testing.B) { startHog(b); benchUnixRTT(b) })
+	b.Run("unix-socket", func(b *testing.B) { startHog(b); benchUnixRTT(b, msgSize) })
+}
+
+// BenchmarkCallHog is BenchmarkCall at 64 B under the same hog, unpinned: the
+// bridge's default idle policy against park mode, with the ring's own round
+// trip in both modes beside them.
+func BenchmarkCallHog(b *testing.B) {
+	auto, park := futex.Config{}, futex.Config{Policy: futex.PolicyPark}
+	b.Run("default", func(b *testing.B) { startHog(b); benchCall(b, auto, false, msgSize, callInto) })
+	b.Run("park", func(b *testing.B) { startHog(b); benchCall(b, park, false, msgSize, callInto) })
+	b.Run("ring-default", func(b *testing.B) { startHog(b); benchRingRTT(b, auto, false, msgSize) })
+	b.Run("ring-park", func(b *testing.B) { startHog(b); benchRingRTT(b, park, false, msgSize) })
 }
 
 // BenchmarkRoundTripHogs is BenchmarkRoundTripHog with three busy threads,

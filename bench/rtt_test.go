@@ -22,12 +22,12 @@ const msgSize = 64
 
 // BenchmarkRoundTrip: a 64-byte message to another process and back.
 func BenchmarkRoundTrip(b *testing.B) {
-	b.Run("ring-spin", func(b *testing.B) { benchRingRTT(b, futex.Config{Policy: futex.PolicySpin}, shouldPin(true)) })
-	b.Run("ring-park", func(b *testing.B) { benchRingRTT(b, futex.Config{Policy: futex.PolicyPark}, shouldPin(false)) })
-	b.Run("ring-auto", func(b *testing.B) { benchRingRTT(b, futex.Config{}, shouldPin(true)) })
+	b.Run("ring-spin", func(b *testing.B) { benchRingRTT(b, futex.Config{Policy: futex.PolicySpin}, shouldPin(true), msgSize) })
+	b.Run("ring-park", func(b *testing.B) { benchRingRTT(b, futex.Config{Policy: futex.PolicyPark}, shouldPin(false), msgSize) })
+	b.Run("ring-auto", func(b *testing.B) { benchRingRTT(b, futex.Config{}, shouldPin(true), msgSize) })
 	b.Run("raw-cacheline", benchCacheLineRTT)
 	b.Run("raw-futex", benchFutexRTT)
-	b.Run("unix-socket", benchUnixRTT)
+	b.Run("unix-socket", func(b *testing.B) { benchUnixRTT(b, msgSize) })
 	b.Run("pipe", benchPipeRTT)
 }
 
@@ -40,7 +40,8 @@ func init() {
 	peers["fd-echo"] = fdEcho
 }
 
-func benchRingRTT(b *testing.B, idle futex.Config, pinned bool) {
+// benchRingRTT times size-byte messages echoed over a pair of rings.
+func benchRingRTT(b *testing.B, idle futex.Config, pinned bool, size int) {
 	req, err := ring.CreateRegion(rttRingCapacity)
 	if err != nil {
 		b.Fatal(err)
@@ -64,22 +65,25 @@ func benchRingRTT(b *testing.B, idle futex.Config, pinned bool) {
 		"CAP="+strconv.Itoa(rttRingCapacity), "POLICY="+strconv.Itoa(int(idle.Policy)),
 		"SPIN="+strconv.Itoa(int(idle.Spin)), "YIELD="+strconv.Itoa(int(idle.Yield)))
 
+	msg := make([]byte, size)
 	roundTrip := func(seq uint64) {
-		m, err := p.Reserve(msgSize)
+		m, err := p.Reserve(size)
 		if err != nil {
 			b.Fatal(err)
 		}
+		copy(m, msg)
 		binary.LittleEndian.PutUint64(m, seq)
-		p.Commit(msgSize)
+		p.Commit(size)
 		if err := p.Flush(); err != nil {
 			b.Fatal(err)
 		}
 		got, err := c.Next()
-		if err != nil || len(got) != msgSize || binary.LittleEndian.Uint64(got) != seq {
+		if err != nil || len(got) != size || binary.LittleEndian.Uint64(got) != seq {
 			b.Fatalf("round trip %d: %d bytes, %v", seq, len(got), err)
 		}
 		c.Release()
 	}
+	b.SetBytes(int64(2 * size))
 	timeRoundTrips(b, pinned, roundTrip)
 	p.Close()
 	waitPeer(b, cmd)
@@ -221,12 +225,12 @@ func futexEcho() error {
 
 // The socket and pipe baselines use blocking read(2)/write(2) directly: the
 // fastest those transports go, with no runtime poller in the way.
-func benchUnixRTT(b *testing.B) {
+func benchUnixRTT(b *testing.B, size int) {
 	mine, theirs := socketPair(b)
 	pinned := shouldPin(false)
-	cmd := startPeer(b, "fd-echo", pinned, []*os.File{theirs, theirs})
+	cmd := startPeer(b, "fd-echo", pinned, []*os.File{theirs, theirs}, "SIZE="+strconv.Itoa(size))
 	theirs.Close()
-	benchFdRTT(b, pinned, mine, mine, func() { unix.Shutdown(mine, unix.SHUT_WR) })
+	benchFdRTT(b, pinned, size, mine, mine, func() { unix.Shutdown(mine, unix.SHUT_WR) })
 	waitPeer(b, cmd)
 }
 
@@ -242,16 +246,17 @@ func benchPipeRTT(b *testing.B) {
 	mine := []*os.File{os.NewFile(uintptr(there[1]), "req-w"), os.NewFile(uintptr(back[0]), "resp-r")}
 	defer mine[1].Close()
 	pinned := shouldPin(false)
-	cmd := startPeer(b, "fd-echo", pinned, files)
+	cmd := startPeer(b, "fd-echo", pinned, files, "SIZE="+strconv.Itoa(msgSize))
 	files[0].Close()
 	files[1].Close()
-	benchFdRTT(b, pinned, there[1], back[0], func() { mine[0].Close() })
+	benchFdRTT(b, pinned, msgSize, there[1], back[0], func() { mine[0].Close() })
 	waitPeer(b, cmd)
 }
 
-// benchFdRTT times round trips over wfd/rfd, then calls eof so the peer stops.
-func benchFdRTT(b *testing.B, pinned bool, wfd, rfd int, eof func()) {
-	buf := make([]byte, msgSize)
+// benchFdRTT times round trips of size-byte messages over wfd/rfd, then calls
+// eof so the peer stops.
+func benchFdRTT(b *testing.B, pinned bool, size, wfd, rfd int, eof func()) {
+	buf := make([]byte, size)
 	roundTrip := func(seq uint64) {
 		binary.LittleEndian.PutUint64(buf, seq)
 		if err := writeFull(wfd, buf); err != nil {
@@ -261,12 +266,13 @@ func benchFdRTT(b *testing.B, pinned bool, wfd, rfd int, eof func()) {
 			b.Fatalf("round trip %d: %v", seq, err)
 		}
 	}
+	b.SetBytes(int64(2 * size))
 	timeRoundTrips(b, pinned, roundTrip)
 	eof()
 }
 
 func fdEcho() error {
-	buf := make([]byte, msgSize)
+	buf := make([]byte, envInt("SIZE"))
 	for {
 		if err := readFull(3, buf); err != nil {
 			if errors.Is(err, io.EOF) {
@@ -282,19 +288,29 @@ func fdEcho() error {
 
 func readFull(fd int, b []byte) error {
 	for len(b) > 0 {
-		n, err := unix.Read(fd, b)
-		if err == unix.EINTR {
-			continue
-		}
+		n, err := readSome(fd, b)
 		if err != nil {
 			return err
-		}
-		if n == 0 {
-			return io.EOF
 		}
 		b = b[n:]
 	}
 	return nil
+}
+
+// readSome is one read(2) into b, retried on EINTR; io.EOF at the end.
+func readSome(fd int, b []byte) (int, error) {
+	for {
+		n, err := unix.Read(fd, b)
+		switch {
+		case err == unix.EINTR:
+			continue
+		case err != nil:
+			return 0, err
+		case n == 0 && len(b) > 0:
+			return 0, io.EOF
+		}
+		return n, nil
+	}
 }
 
 func writeFull(fd int, b []byte) error {

@@ -1,0 +1,135 @@
+package sypas
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
+)
+
+// kernelAllocsPerCall is what the kernel allocates to serve one call to an
+// Inline handler: serverConn.serve's *call (336 bytes). Pooling it makes
+// this 0 (docs/BENCHMARKS.md, "The bridge").
+const kernelAllocsPerCall = 1
+
+// TestCallIntoAllocs: a CallInto with a buffer of enough capacity allocates
+// nothing in the daemon, and a Call only the reply it returns. Kernel and
+// daemon share this process, so the count includes what the kernel
+// allocates to serve the call; bench/ measures each side in its own process
+// (BenchmarkCall's allocs/op and kernel-allocs/op).
+func TestCallIntoAllocs(t *testing.T) {
+	k := startKernel(t, ServerConfig{}, func(s *Server) { s.Handle("echo", RightRequest, echo, Inline) })
+	c := dialT(t, k.path, ClientConfig{})
+	ctx := context.Background()
+	msg, buf := make([]byte, 64), make([]byte, 0, 64)
+	callInto := func() {
+		if out, err := c.CallInto(ctx, "echo", msg, buf[:0]); err != nil || len(out) != len(msg) {
+			t.Fatalf("CallInto: %d bytes, %v", len(out), err)
+		}
+	}
+	call := func() {
+		if out, err := c.Call(ctx, "echo", msg); err != nil || len(out) != len(msg) {
+			t.Fatalf("Call: %d bytes, %v", len(out), err)
+		}
+	}
+	for range 100 { // warm up: first uses of the slots, the runtime's caches
+		callInto()
+		call()
+	}
+	// The average is floored: the session's rare background allocations
+	// (heartbeats) spread over 1000 calls do not count.
+	assert.LessOrEqual(t, testing.AllocsPerRun(1000, callInto), float64(kernelAllocsPerCall), "CallInto")
+	assert.LessOrEqual(t, testing.AllocsPerRun(1000, call), float64(kernelAllocsPerCall+1), "Call")
+}
+
+// BenchmarkEnforcer is what the kernel's session reader checks to admit a
+// REQUEST frame, on a live session: the sequence number advances, cap_ref
+// names the session's valid token (Session.Admits), the payload is within
+// max_payload, the token grants the operation's rights, and max_in_flight
+// holds (the count taken and, as when the reply is sent, given back).
+//
+// Those checks sit inline in serverConn.serve and ringTransport.recv, among
+// the REQUEST's decoding and dispatch, so "check" repeats their statements
+// on the session's own state: keep the two in step. "decode+route" adds
+// what serve does around them to find the route whose rights it checks:
+// decoding the REQUEST payload and looking its op up.
+func BenchmarkEnforcer(b *testing.B) {
+	k := startKernel(b, ServerConfig{}, func(s *Server) { s.Handle("echo", RightRequest, echo, Inline) })
+	dialT(b, k.path, ClientConfig{})
+	c := serverConnOf(b, k.srv)
+	rt := (*c.srv.routes.Load())["echo"]
+	require.NotNil(b, rt)
+
+	req := wire.Request{Method: []byte("echo"), Body: make([]byte, 64)}
+	payload, err := req.Append(nil)
+	require.NoError(b, err)
+	f := frame.Frame{Payload: payload}
+	f.Type, f.Correlation, f.CapRef, f.PayloadLen = frame.TypeRequest, 1, c.sess.CapRef(), uint32(len(payload))
+	var rseq uint64 // the transport's, which its own reader goroutine owns
+
+	check := func(f *frame.Frame, rt *route) bool {
+		if f.Sequence != rseq+1 {
+			return false
+		}
+		rseq++
+		if !c.sess.Admits(f.CapRef) || int(f.PayloadLen) > c.tr.maxPayload() {
+			return false
+		}
+		if need := rt.rights; need != 0 {
+			if cp := c.sess.Capability(); cp == nil || cp.Rights&need != need {
+				return false
+			}
+		}
+		if f.Correlation != 0 {
+			if n := c.inFlight.Add(1); n > c.maxInFlight {
+				c.inFlight.Add(-1)
+				return false
+			}
+		}
+		c.inFlight.Add(-1) // finish, once answered
+		return true
+	}
+	b.Run("check", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			f.Sequence = rseq + 1
+			if !check(&f, rt) {
+				b.Fatal("refused")
+			}
+		}
+	})
+	b.Run("decode+route+check", func(b *testing.B) {
+		var m wire.Request
+		b.ReportAllocs()
+		for b.Loop() {
+			f.Sequence = rseq + 1
+			if err := m.Decode(f.Payload); err != nil {
+				b.Fatal(err)
+			}
+			rt := (*c.srv.routes.Load())[string(m.Method)]
+			if rt == nil || !check(&f, rt) {
+				b.Fatal("refused")
+			}
+		}
+	})
+}
+
+// serverConnOf waits for srv's one session and returns it.
+func serverConnOf(tb testing.TB, srv *Server) *serverConn {
+	tb.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		srv.mu.Lock()
+		for c := range srv.conns {
+			srv.mu.Unlock()
+			return c
+		}
+		srv.mu.Unlock()
+	}
+	tb.Fatal("no session")
+	return nil
+}

@@ -43,7 +43,10 @@ func BenchmarkCallHog(b *testing.B) {
 // CPU with a thread that never hands it back, whatever the scheduler does.
 func BenchmarkRoundTripHogs(b *testing.B) {
 	b.Run("ring-auto", func(b *testing.B) { startHogs(b, 3); benchRingRTT(b, futex.Config{}, false, msgSize) })
-	b.Run("ring-park", func(b *testing.B) { startHogs(b, 3); benchRingRTT(b, futex.Config{Policy: futex.PolicyPark}, false, msgSize) })
+	b.Run("ring-park", func(b *testing.B) {
+		startHogs(b, 3)
+		benchRingRTT(b, futex.Config{Policy: futex.PolicyPark}, false, msgSize)
+	})
 	b.Run("raw-futex", func(b *testing.B) { startHogs(b, 3); benchFutexRTT(b) })
 }
 

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -229,9 +230,13 @@ var errOwnReply = errors.New("own reply")
 func (c *clientConn) lead(ctx context.Context, s *slot, fn func([]byte) error, bg bool) error {
 	dl, hasDL := ctx.Deadline()
 	cancellable := ctx.Done() != nil && !hasDL
+	woke := false // we delivered replies whose callers have not run yet
 	for {
 		wait := dl
-		if cancellable {
+		switch {
+		case woke:
+			wait = probe // take what is there, but do not wait yet
+		case cancellable:
 			wait = time.Now().Add(readSlice)
 		}
 		c.viewMu.RLock()
@@ -239,6 +244,14 @@ func (c *clientConn) lead(ctx context.Context, s *slot, fn func([]byte) error, b
 		if err != nil {
 			c.viewMu.RUnlock()
 			if errors.Is(err, os.ErrDeadlineExceeded) {
+				if woke {
+					// The callers we woke are queued on our P (a wake-up
+					// puts them next in line there), and would wait behind
+					// our spinning for their turn: let them run first.
+					woke = false
+					runtime.Gosched()
+					continue
+				}
 				if err := ctx.Err(); err != nil {
 					return err
 				}
@@ -261,11 +274,16 @@ func (c *clientConn) lead(ctx context.Context, s *slot, fn func([]byte) error, b
 		if own {
 			return errOwnReply
 		}
+		woke = woke || f.Type != frame.TypeEvent
 		if bg && c.callerWaiting() {
 			return nil
 		}
 	}
 }
+
+// probe is a deadline already past: recv returns a frame that is there,
+// and does not wait for one.
+var probe = time.Unix(1, 0)
 
 // readSlice bounds one wait of a reader whose context can be cancelled
 // without a deadline: it looks at the context this often.

@@ -142,6 +142,11 @@ func kernelMallocs(b *testing.B, c *sypas.Client) uint64 {
 // "echo.pool" (on the worker pool), "sink" and "sink.result" (Send's
 // receiver), "bench.mallocs".
 func sypasKernel() error {
+	// Resolved before GOMAXPROCS changes: one P turns the default spin
+	// phase off (futex.Config.Resolved: a peer in this process could not
+	// run), but the peer is another process on another CPU, so the
+	// kernel's reader waits as the ring benchmarks' peers do.
+	idle := futex.Config{Policy: futex.Policy(envInt("SYPAS_POLICY"))}.Resolved()
 	if os.Getenv("SYPAS_PEER_PIN") == "1" {
 		// The work runs on the session's goroutines: pin every thread, and
 		// run one P, as a kernel started pinned (taskset) would: two Ps on
@@ -154,7 +159,7 @@ func sypasKernel() error {
 	cfg := sypas.ServerConfig{}
 	cfg.Keys = benchKeys()
 	cfg.Logger = slog.New(slog.DiscardHandler)
-	cfg.Ring = ring.Config{Idle: futex.Config{Policy: futex.Policy(envInt("SYPAS_POLICY"))}}
+	cfg.Ring = ring.Config{Idle: idle}
 	srv, err := sypas.NewServer(cfg)
 	if err != nil {
 		return err

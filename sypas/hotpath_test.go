@@ -12,10 +12,11 @@ import (
 	"github.com/sypas/go/wire"
 )
 
-// kernelAllocsPerCall is what the kernel allocates to serve one call to an
-// Inline handler: serverConn.serve's *call (336 bytes). Pooling it makes
-// this 0 (docs/BENCHMARKS.md, "The bridge").
-const kernelAllocsPerCall = 1
+// kernelAllocsPerCall is what the kernel allocates to serve one call with
+// no deadline to an Inline handler: nothing (the reader reuses its call).
+// A call with a deadline costs the kernel one more, the handler's context
+// (never reused: a handler may keep it).
+const kernelAllocsPerCall = 0
 
 // TestCallIntoAllocs: a CallInto with a buffer of enough capacity allocates
 // nothing in the daemon, and a Call only the reply it returns. Kernel and
@@ -23,13 +24,21 @@ const kernelAllocsPerCall = 1
 // allocates to serve the call; bench/ measures each side in its own process
 // (BenchmarkCall's allocs/op and kernel-allocs/op).
 func TestCallIntoAllocs(t *testing.T) {
-	k := startKernel(t, ServerConfig{}, func(s *Server) { s.Handle("echo", RightRequest, echo, Inline) })
+	k := startKernel(t, ServerConfig{}, func(s *Server) {
+		s.Handle("echo", RightRequest, echo, Inline)
+		s.Handle("echo.pool", RightRequest, echo)
+	})
 	c := dialT(t, k.path, ClientConfig{})
 	ctx := context.Background()
 	msg, buf := make([]byte, 64), make([]byte, 0, 64)
 	callInto := func() {
 		if out, err := c.CallInto(ctx, "echo", msg, buf[:0]); err != nil || len(out) != len(msg) {
 			t.Fatalf("CallInto: %d bytes, %v", len(out), err)
+		}
+	}
+	callPool := func() {
+		if out, err := c.CallInto(ctx, "echo.pool", msg, buf[:0]); err != nil || len(out) != len(msg) {
+			t.Fatalf("CallInto echo.pool: %d bytes, %v", len(out), err)
 		}
 	}
 	call := func() {
@@ -39,11 +48,13 @@ func TestCallIntoAllocs(t *testing.T) {
 	}
 	for range 100 { // warm up: first uses of the slots, the runtime's caches
 		callInto()
+		callPool()
 		call()
 	}
 	// The average is floored: the session's rare background allocations
 	// (heartbeats) spread over 1000 calls do not count.
 	assert.LessOrEqual(t, testing.AllocsPerRun(1000, callInto), float64(kernelAllocsPerCall), "CallInto")
+	assert.LessOrEqual(t, testing.AllocsPerRun(1000, callPool), float64(kernelAllocsPerCall), "CallInto, a handler on the pool")
 	assert.LessOrEqual(t, testing.AllocsPerRun(1000, call), float64(kernelAllocsPerCall+1), "Call")
 }
 

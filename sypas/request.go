@@ -32,10 +32,11 @@ type Request struct {
 	Correlation uint64
 }
 
-// reqContext is a handler's context: the session's context, narrowed to
-// the request's deadline. The timer a deadline needs is made only if the
-// handler asks for Done, so a call whose handler never waits on its
-// context allocates none.
+// reqContext is the context of a handler whose request has a deadline:
+// the session's context, narrowed to that deadline. (A request without one
+// gets the session's context itself.) The timer a deadline needs is made
+// only if the handler asks for Done, so a handler that never waits on its
+// context costs one small allocation, this.
 type reqContext struct {
 	parent   context.Context // ends with the session or the server
 	deadline time.Time       // zero: none

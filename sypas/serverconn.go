@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"runtime"
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
@@ -32,9 +34,10 @@ type serverConn struct {
 	idle        chan struct{} // signalled when unanswered drops to 0 while draining
 	draining    atomic.Bool
 
-	jobs    chan *call
-	workers int // started; reader only
-	wg      sync.WaitGroup
+	jobs      chan *call
+	workers   int  // started; reader only
+	handedOff bool // a request went to a worker since the reader last yielded; reader only
+	wg        sync.WaitGroup
 
 	subs map[uint64]string // subscription id → topic; reader only (then serveSession's defer)
 
@@ -47,17 +50,43 @@ type serverConn struct {
 	resp wire.Response
 	emsg wire.ErrorMsg
 	req  wire.Request
+	// inline is the call of the Inline handler the reader runs: one at a
+	// time, so one will do.
+	inline call
 }
 
-// call is one request on its way through a handler.
+// call is one request on its way through a handler. The Request and the
+// call are reused once the handler has returned and the answer is
+// written; the context is not (a handler may keep it).
 type call struct {
-	req  Request
-	ctx  reqContext
-	body []byte // a pool handler's copy of the body
-	rt   *route
-	resp wire.Response
-	emsg wire.ErrorMsg
+	req    Request
+	ctx    context.Context // the session's, or dl
+	dl     *reqContext     // the request's deadline, if it has one
+	body   []byte          // a pool handler's copy of the body
+	rt     *route
+	resp   wire.Response
+	emsg   wire.ErrorMsg
+	pooled bool // from calls, back to it once answered
 }
+
+// calls recycles the calls of pool handlers, with their body buffers.
+var calls = sync.Pool{New: func() any { return &call{pooled: true} }}
+
+// recycle makes cl reusable, dropping what it references.
+func recycle(cl *call) {
+	body := cl.body[:0]
+	if cap(body) > maxPooledBody {
+		body = nil
+	}
+	pooled := cl.pooled
+	*cl = call{body: body, pooled: pooled}
+	if pooled {
+		calls.Put(cl)
+	}
+}
+
+// maxPooledBody bounds the body buffer a recycled call keeps.
+const maxPooledBody = 64 << 10
 
 func newServerConn(s *Server, sess *control.Session) *serverConn {
 	ctx, cancel := context.WithCancel(context.Background())
@@ -91,10 +120,21 @@ func (c *serverConn) run() {
 		c.wg.Wait()
 	}()
 	for {
+		var wait time.Time // none
+		if c.handedOff {
+			wait = probe // take what is there, but do not wait yet
+		}
 		c.viewMu.RLock()
-		f, err := c.tr.recv(time.Time{})
+		f, err := c.tr.recv(wait)
 		if err != nil {
 			c.viewMu.RUnlock()
+			if c.handedOff && errors.Is(err, os.ErrDeadlineExceeded) {
+				// The workers we handed requests to are queued on our P
+				// and would wait behind our spinning: let them run first.
+				c.handedOff = false
+				runtime.Gosched()
+				continue
+			}
 			var e *Error
 			if errors.As(err, &e) && e.Code == CodeProto && c.sess.Err() == nil {
 				c.sess.Abort(err) // the daemon learns why: never a bare EOF
@@ -167,21 +207,27 @@ func (c *serverConn) serve(f *frame.Frame) {
 		c.grant(l, rt.op, corr)
 	}
 	c.unanswered.Add(1)
-	cl := &call{rt: rt}
+	cl := &c.inline
+	if !rt.inline {
+		cl = calls.Get().(*call)
+	}
+	cl.rt = rt
 	cl.req = Request{Op: rt.op, Peer: c.sess.Peer(), TokenID: f.CapRef, Correlation: corr}
 	if cp := c.sess.Capability(); cp != nil {
 		cl.req.Subject = cp.Subject
 	}
-	cl.ctx.parent = c.ctx
+	cl.ctx = c.ctx
 	if m.Timeout > 0 {
-		cl.ctx.deadline = time.Now().Add(m.Timeout)
+		// Made for each such call: a handler may keep its context.
+		cl.dl = &reqContext{parent: c.ctx, deadline: time.Now().Add(m.Timeout)}
+		cl.ctx = cl.dl
 	}
 	if rt.inline {
 		cl.req.Body = m.Body
 		c.handle(cl)
 		return
 	}
-	cl.body = append(cl.body, m.Body...)
+	cl.body = append(cl.body[:0], m.Body...)
 	cl.req.Body = cl.body
 	c.dispatch(cl)
 }
@@ -189,6 +235,7 @@ func (c *serverConn) serve(f *frame.Frame) {
 // dispatch hands cl to a worker, starting one if fewer than Workers run;
 // with all busy it waits, which is the session's backpressure.
 func (c *serverConn) dispatch(cl *call) {
+	c.handedOff = true
 	select {
 	case c.jobs <- cl:
 		if c.workers < cap(c.jobs) {
@@ -209,6 +256,7 @@ func (c *serverConn) dispatch(cl *call) {
 	case <-c.ctx.Done():
 		c.finish(cl)
 		c.answered()
+		recycle(cl)
 	}
 }
 
@@ -221,9 +269,12 @@ func (c *serverConn) work() {
 
 // handle runs the handler and answers (unless the request was one-way).
 func (c *serverConn) handle(cl *call) {
+	defer recycle(cl) // after answered: a drain sees the last answer only once it is written
 	defer c.answered()
 	body, err := c.invoke(cl)
-	cl.ctx.end()
+	if cl.dl != nil {
+		cl.dl.end()
+	}
 	s := &c.srv.stats
 	if cl.req.Correlation == 0 {
 		if err != nil {
@@ -264,7 +315,7 @@ func (c *serverConn) invoke(cl *call) (body []byte, err error) {
 			body, err = nil, errorf(CodeInternal, "the handler failed")
 		}
 	}()
-	return cl.rt.h(&cl.ctx, &cl.req)
+	return cl.rt.h(cl.ctx, &cl.req)
 }
 
 // reply answers cl with ERROR for err: an *Error's code and message; for

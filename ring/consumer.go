@@ -131,6 +131,16 @@ func (c *Consumer) nextSlow() ([]byte, error) {
 	}
 }
 
+// Buffered reports whether something the producer published is still
+// unread as of the last look at its index: Next will then return without
+// waiting, unless all that is left is padding (the end of a lap). It reads
+// nothing the producer writes, so it costs a few private loads; a consumer
+// uses it to batch its own work, answering a burst of requests with one
+// publication instead of one each.
+func (c *Consumer) Buffered() bool {
+	return c.pos != c.cachedTail && c.err == nil && !c.closed.Load()
+}
+
 // Release hands every record returned so far back to the producer with one
 // store of the head index, and wakes the producer if, and only if, it is
 // parked waiting for room. Views returned before Release must not be used after.

@@ -53,7 +53,9 @@ const (
 	// Inline runs the handler on the session's reader goroutine: no
 	// hand-off, so the lowest latency, and Request.Body is a view into the
 	// shared ring itself. Only for handlers that never block: while one
-	// runs, the session reads nothing else.
+	// runs, the session reads nothing else, and the answers to the
+	// requests read before it in the same burst, which the reader
+	// publishes together, wait for it too.
 	Inline RouteOption = 1 << iota
 )
 

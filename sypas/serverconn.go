@@ -119,20 +119,28 @@ func (c *serverConn) run() {
 		close(c.jobs)
 		c.wg.Wait()
 	}()
+	held := 0 // frames served since the answers were last published
 	for {
 		var wait time.Time // none
-		if c.handedOff {
+		if c.handedOff || held > 0 {
 			wait = probe // take what is there, but do not wait yet
 		}
 		c.viewMu.RLock()
 		f, err := c.tr.recv(wait)
 		if err != nil {
 			c.viewMu.RUnlock()
-			if c.handedOff && errors.Is(err, os.ErrDeadlineExceeded) {
-				// The workers we handed requests to are queued on our P
-				// and would wait behind our spinning: let them run first.
-				c.handedOff = false
-				runtime.Gosched()
+			if (c.handedOff || held > 0) && errors.Is(err, os.ErrDeadlineExceeded) {
+				if held > 0 {
+					c.tr.flush() // before we wait: the daemon waits for them
+					held = 0
+				}
+				if c.handedOff {
+					// The workers we handed requests to are queued on
+					// our P and would wait behind our spinning: let them
+					// run first.
+					c.handedOff = false
+					runtime.Gosched()
+				}
 				continue
 			}
 			var e *Error
@@ -141,11 +149,24 @@ func (c *serverConn) run() {
 			}
 			return
 		}
+		if held == 0 {
+			c.tr.hold()
+		}
 		c.serve(&f)
 		c.tr.release()
 		c.viewMu.RUnlock()
+		// A burst of requests is answered with one publication (one index
+		// store, at most one wake-up of the daemon), bounded so that a
+		// daemon streaming requests still sees its answers.
+		if held++; held == maxHeld || !c.tr.buffered() {
+			c.tr.flush()
+			held = 0
+		}
 	}
 }
+
+// maxHeld bounds the answers the reader holds back while it serves a burst.
+const maxHeld = 32
 
 // closeSession closes the session once the reader holds no view of its
 // rings: it cancels the handlers (an Inline one returns, a reader waiting
@@ -251,6 +272,7 @@ func (c *serverConn) dispatch(cl *call) {
 		c.wg.Add(1)
 		go c.work()
 	}
+	c.tr.flush() // the answers held back must not wait for a busy worker
 	select {
 	case c.jobs <- cl:
 	case <-c.ctx.Done():
@@ -427,6 +449,7 @@ func (c *serverConn) drain(ctx context.Context) {
 		case <-time.After(10 * time.Millisecond): // a missed signal costs this much
 		}
 	}
+	c.tr.flush() // the last answers may be held back by the reader (hold)
 	c.sess.Drain(ctx)
 	c.closeSession()
 }

@@ -51,6 +51,15 @@ type transport interface {
 	// session is the control-plane session the frames belong to: identity,
 	// token, liveness.
 	session() *control.Session
+	// buffered reports whether recv has a frame ready without waiting (a
+	// hint: it may still wait, say when only padding is left).
+	buffered() bool
+	// hold makes sends leave the publishing of their frames to flush, so
+	// a reader answering a burst publishes the answers once. flush
+	// publishes what is held and ends hold; the holder must call it
+	// before it waits for the peer, which may be waiting for those frames.
+	hold()
+	flush()
 }
 
 // ringTransport carries frames in the session's two rings, one frame per
@@ -78,6 +87,7 @@ type ringTransport struct {
 	prod    *ring.Producer // under lock
 	seq     uint64         // under lock: sequence of the last frame sent
 	dirty   atomic.Bool    // committed, not flushed; written under lock
+	held    atomic.Bool    // hold: the Flush is flush's
 
 	cons     *ring.Consumer // the receiving goroutine's
 	rseq     uint64         // sequence of the last frame received
@@ -155,14 +165,14 @@ func (t *ringTransport) queue(ctx context.Context, noWait bool) error {
 // looked (leave) finds the lock free and settles in our place.
 func (t *ringTransport) unlock(err error) error {
 	for {
-		if t.dirty.Load() && t.waiting.Load() == 0 {
+		if t.dirty.Load() && t.waiting.Load() == 0 && !t.held.Load() {
 			t.dirty.Store(false)
 			if ferr := t.prod.Flush(); err == nil && ferr != nil {
 				err = &writtenErr{t.sessionErr(ferr)} // our frame went out with the others
 			}
 		}
 		<-t.lock
-		if !t.dirty.Load() || t.waiting.Load() != 0 {
+		if !t.dirty.Load() || t.waiting.Load() != 0 || t.held.Load() {
 			return err
 		}
 		select {
@@ -328,6 +338,21 @@ func (t *ringTransport) recv(deadline time.Time) (frame.Frame, error) {
 }
 
 func (t *ringTransport) release() { t.cons.Release() }
+
+func (t *ringTransport) buffered() bool { return t.cons.Buffered() }
+
+func (t *ringTransport) hold() { t.held.Store(true) }
+
+// flush ends hold. If another sender holds the lock, it publishes as it
+// leaves (unlock looks at held after letting the lock go).
+func (t *ringTransport) flush() {
+	t.held.Store(false)
+	select {
+	case t.lock <- struct{}{}:
+		t.unlock(nil) // a failed Flush: the session is ending, the reader sees it
+	default:
+	}
+}
 
 func (t *ringTransport) nudge() {
 	t.cons.SetDeadline(time.Unix(1, 0)) // wakes the waiting Next

@@ -231,6 +231,7 @@ func (c *clientConn) lead(ctx context.Context, s *slot, fn func([]byte) error, b
 	dl, hasDL := ctx.Deadline()
 	cancellable := ctx.Done() != nil && !hasDL
 	woke := false // we delivered replies whose callers have not run yet
+	read := 0     // frames delivered
 	for {
 		wait := dl
 		switch {
@@ -278,8 +279,22 @@ func (c *clientConn) lead(ctx context.Context, s *slot, fn func([]byte) error, b
 		if bg && c.callerWaiting() {
 			return nil
 		}
+		// The ring may never run dry (a busy topic, a kernel flooding stale
+		// answers): look at the context every so often anyway.
+		if read++; read%ctxEvery == 0 {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			if hasDL && !time.Now().Before(dl) {
+				return context.DeadlineExceeded
+			}
+		}
 	}
 }
+
+// ctxEvery is how many frames a reader delivers between looks at its
+// context while frames keep coming.
+const ctxEvery = 64
 
 // probe is a deadline already past: recv returns a frame that is there,
 // and does not wait for one.

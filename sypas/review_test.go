@@ -1,0 +1,81 @@
+package sypas
+
+import (
+	"context"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/sypas/go/frame"
+)
+
+// floodTransport is a kernel that keeps the daemon's ring busy with
+// answers to requests it no longer has (forged, or very late), as fast as
+// the daemon reads them, and answers nothing else: the daemon's reader is
+// never short of a frame.
+type floodTransport struct {
+	transport
+	stopped atomic.Bool
+	fake    bool // recv returned a forged frame: release is ours
+}
+
+func (t *floodTransport) recv(deadline time.Time) (frame.Frame, error) {
+	if t.stopped.Load() {
+		return t.transport.recv(deadline)
+	}
+	t.fake = true
+	// Slot 0, generation 1000: no call of this test has that id.
+	return frame.Frame{Header: frame.Header{Type: frame.TypeResponse, Flags: frame.FlagEndStream, Correlation: 1000<<32 | 1}}, nil
+}
+
+func (t *floodTransport) release() {
+	if t.fake {
+		t.fake = false
+		return
+	}
+	t.transport.release()
+}
+
+func (t *floodTransport) stop() {
+	t.stopped.Store(true)
+	t.transport.stop()
+}
+
+// A caller reading the ring for everyone returns at its deadline even
+// when frames never stop coming (a kernel flooding stale answers, or a
+// busy topic): it looked at its context only when the ring ran dry, so
+// it read on for as long as the flood lasted.
+func TestLeaderHonoursContextUnderFlood(t *testing.T) {
+	k := startKernel(t, ServerConfig{}, func(s *Server) { s.Handle("echo", RightRequest, echo, Inline) })
+	c := dialT(t, k.path, ClientConfig{MaxAttempts: 1})
+	cc := c.cur.Load()
+	require.NotNil(t, cc)
+	cc.tr = &floodTransport{transport: cc.tr}
+
+	for _, cancel := range []bool{false, true} {
+		ctx, stop := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		if cancel { // a context cancelled, with no deadline
+			ctx, stop = context.WithCancel(context.Background())
+			time.AfterFunc(100*time.Millisecond, stop)
+		}
+		done := make(chan error, 1)
+		go func() {
+			_, err := c.Call(ctx, "echo", []byte("x"))
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			want := context.DeadlineExceeded
+			if cancel {
+				want = context.Canceled
+			}
+			assert.ErrorIs(t, err, want)
+		case <-time.After(20 * time.Second):
+			t.Fatalf("cancel %v: a call read the flood long past its context", cancel)
+		}
+		stop()
+	}
+}

@@ -437,25 +437,32 @@ func (c *clientConn) handOff() {
 
 func (c *clientConn) unregister(s *slot) {
 	c.mu.Lock()
+	// Unparked by someone else: handOff picked us, and its wake-up may
+	// not have arrived yet.
+	handed := !s.parked
 	c.unpark(s)
 	c.mu.Unlock()
 	// A role handed to us as we left must not be lost.
 	select {
 	case <-s.wake:
+		handed = true
+	default:
+	}
+	if handed {
 		c.mu.Lock()
 		free := !c.leading
 		c.mu.Unlock()
 		if free {
 			c.handOffIfWaiting()
 		}
-	default:
 	}
 }
 
-// handOffIfWaiting wakes a waiter when nobody reads.
+// handOffIfWaiting wakes a waiter (a caller, or the background reader)
+// when nobody reads.
 func (c *clientConn) handOffIfWaiting() {
 	c.mu.Lock()
-	if c.leading || len(c.waiters) == 0 {
+	if c.leading || len(c.waiters) == 0 && !c.bgWaiting() {
 		c.mu.Unlock()
 		return
 	}

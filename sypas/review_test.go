@@ -79,3 +79,42 @@ func TestLeaderHonoursContextUnderFlood(t *testing.T) {
 		stop()
 	}
 }
+
+// A caller that gives up (its context ends) just as the reader hands it
+// the role, after handOff picked it and before handOff's wake-up arrives,
+// passes the role on: to another parked caller, or to the background
+// reader of the subscriptions. The role was lost, and with it every parked
+// caller's reply (and every event) until some new caller came along.
+func TestRoleHandedToLeavingCallerIsPassedOn(t *testing.T) {
+	for _, next := range []string{"caller", "background"} {
+		t.Run(next, func(t *testing.T) {
+			c := &clientConn{}
+			w := &slot{wake: make(chan struct{}, 1)}
+			w.state.Store(slotWaiting)
+			other := &slot{wake: make(chan struct{}, 1)}
+			other.state.Store(slotWaiting)
+			if next == "caller" {
+				other.parked = true
+				c.waiters = []*slot{other}
+			} else {
+				c.bg = other
+			}
+			// handOff under mu: it gave the role up and picked w (parked,
+			// and the most recent)...
+			c.leading = false
+			// ... and released mu; before it sends w the wake-up, w's
+			// context ends: await's ctx.Done case.
+			c.unregister(w)
+			c.abandon(w, context.Canceled, nil)
+			select { // handOff's wake-up, now
+			case w.wake <- struct{}{}:
+			default:
+			}
+			select {
+			case <-other.wake:
+			default:
+				t.Fatalf("nobody holds the reader role (leading %v), and the %s waiting for it was not woken", c.leading, next)
+			}
+		})
+	}
+}

@@ -87,7 +87,9 @@ const (
 )
 
 func newClientConn(cl *Client, sess *control.Session) *clientConn {
-	n := int(sess.Params().MaxInFlight)
+	// Fewer outstanding than the kernel allows is always allowed: a
+	// kernel's grant (any u32) must not size our memory.
+	n := min(int(sess.Params().MaxInFlight), maxSlots)
 	c := &clientConn{
 		cl: cl, sess: sess, tr: newRingTransport(sess, 0),
 		slots: make([]slot, n), free: make(chan *slot, n), idle: make(chan struct{}, 1),
@@ -99,6 +101,10 @@ func newClientConn(cl *Client, sess *control.Session) *clientConn {
 	}
 	return c
 }
+
+// maxSlots bounds the requests a Client keeps outstanding on one session,
+// whatever max_in_flight the kernel grants: each is a slot made up front.
+const maxSlots = 4096
 
 // acquire takes an idle slot, waiting while max_in_flight are out.
 func (c *clientConn) acquire(ctx context.Context) (*slot, error) {

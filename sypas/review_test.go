@@ -2,6 +2,7 @@ package sypas
 
 import (
 	"context"
+	"math"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -116,5 +117,26 @@ func TestRoleHandedToLeavingCallerIsPassedOn(t *testing.T) {
 				t.Fatalf("nobody holds the reader role (leading %v), and the %s waiting for it was not woken", c.leading, next)
 			}
 		})
+	}
+}
+
+// A kernel granting a huge max_in_flight (any u32 is a valid WELCOME: a
+// hostile kernel's 2^32 − 1, or a misconfigured one) costs the daemon no
+// more than maxSlots slots: it made one slot and one channel per granted
+// request, up front (at 2^32 − 1, hundreds of GB: the daemon died of it);
+// and the kernel counts in flight against it without overflowing.
+func TestHugeMaxInFlight(t *testing.T) {
+	for _, n := range []uint32{1 << 20, math.MaxUint32} {
+		cfg := ServerConfig{}
+		cfg.MaxInFlight = n
+		k := startKernel(t, cfg, func(s *Server) { s.Handle("echo", RightRequest, echo, Inline) })
+		c := dialT(t, k.path, ClientConfig{MaxAttempts: 1})
+		p, err := c.Params()
+		require.NoError(t, err)
+		require.Equal(t, n, p.MaxInFlight, "the kernel granted it")
+		assert.LessOrEqual(t, len(c.cur.Load().slots), maxSlots)
+		got, err := c.Call(context.Background(), "echo", []byte("x"))
+		require.NoError(t, err, "max_in_flight %d", n)
+		assert.Equal(t, "x", string(got))
 	}
 }

@@ -158,10 +158,19 @@ func (c *clientConn) put(s *slot) {
 func (c *clientConn) call(ctx context.Context, s *slot, t frame.Type, m wire.Message, oneWay bool, fn func([]byte) error) (reply []byte, sent bool, err error) {
 	corr := s.id
 	if oneWay {
-		corr = 0
+		corr = 0 // and the slot stays idle: no answer may claim it
+	} else {
+		s.state.Store(slotWaiting) // publishes the slot's fields to the reader
 	}
-	s.state.Store(slotWaiting) // publishes the slot's fields to the reader
 	if err := c.tr.send(ctx, frame.Header{Type: t, Correlation: corr}, nil, m, false); err != nil {
+		// A reader may have claimed s for an answer meanwhile (the frame
+		// went out before the session failed, or the kernel forged the
+		// id): s is free only once nothing writes into it.
+		if !s.state.CompareAndSwap(slotWaiting, slotIdle) {
+			for s.state.Load() == slotDelivering {
+				<-s.wake
+			}
+		}
 		c.put(s)
 		return nil, mayHaveSent(err), err
 	}

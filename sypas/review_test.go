@@ -2,6 +2,7 @@ package sypas
 
 import (
 	"context"
+	"errors"
 	"math"
 	"sync/atomic"
 	"testing"
@@ -11,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
 )
 
 // floodTransport is a kernel that keeps the daemon's ring busy with
@@ -138,5 +140,59 @@ func TestHugeMaxInFlight(t *testing.T) {
 		got, err := c.Call(context.Background(), "echo", []byte("x"))
 		require.NoError(t, err, "max_in_flight %d", n)
 		assert.Equal(t, "x", string(got))
+	}
+}
+
+// forgeTransport fails every send of an answered frame after the frame
+// "went out" (the session failed during the Flush), while the reader, in
+// another goroutine, delivers an answer carrying the frame's correlation:
+// the kernel read the request and answered before the session went, or a
+// hostile kernel forged the id (they are easy to guess). A one-way send
+// succeeds, and gets a forged answer all the same.
+type forgeTransport struct {
+	transport
+	c *clientConn
+}
+
+func (t *forgeTransport) send(ctx context.Context, h frame.Header, ext []byte, m wire.Message, noWait bool) error {
+	corr := h.Correlation
+	if corr == 0 { // one-way: the kernel forges the id of the slot it used
+		corr = t.c.slots[0].id
+	}
+	f := frame.Frame{Header: frame.Header{Type: frame.TypeResponse, Flags: frame.FlagEndStream, Correlation: corr},
+		Payload: []byte("forged")}
+	go t.c.deliver(&f, &slot{}, nil)  // the reader, another goroutine
+	time.Sleep(20 * time.Millisecond) // no synchronisation: only the slot's own
+	if h.Correlation == 0 {
+		return nil // a one-way Send succeeds
+	}
+	return &writtenErr{unavailable(errors.New("the session failed as the frame went out"))}
+}
+
+// A call whose send fails frees its slot only once no reader is writing
+// into it, and a one-way send's slot takes no answer: both freed the slot
+// at once, under a reader claiming it for an answer, which then wrote that
+// answer into the slot (and the caller's buffer) of whichever call took
+// the slot next, and marked that call answered. Run with -race, which
+// reports the unordered accesses to the slot.
+func TestFailedSendWaitsForAClaimingReader(t *testing.T) {
+	cfg := ServerConfig{}
+	cfg.MaxInFlight = 1 // every call takes the same slot
+	k := startKernel(t, cfg, func(s *Server) { s.Handle("echo", RightRequest, echo, Inline) })
+	c := dialT(t, k.path, ClientConfig{MaxAttempts: 1})
+	cc := c.cur.Load()
+	require.NotNil(t, cc)
+	real := cc.tr
+	cc.tr = &forgeTransport{transport: real, c: cc}
+	dst := make([]byte, 0, 64)
+	for range 3 {
+		_, err := c.CallInto(context.Background(), "echo", []byte("x"), dst)
+		require.ErrorIs(t, err, ErrUnavailable)
+		require.NoError(t, c.Send(context.Background(), "echo", []byte("x")))
+	}
+	for i := range cc.slots {
+		s := &cc.slots[i]
+		assert.Eventually(t, func() bool { return s.state.Load() == slotIdle }, 10*time.Second, time.Millisecond,
+			"slot %d is free, and stays so", i)
 	}
 }

@@ -87,7 +87,9 @@ const (
 )
 
 func newClientConn(cl *Client, sess *control.Session) *clientConn {
-	n := int(sess.Params().MaxInFlight)
+	// Fewer outstanding than the kernel allows is always allowed: a
+	// kernel's grant (any u32) must not size our memory.
+	n := min(int(sess.Params().MaxInFlight), maxSlots)
 	c := &clientConn{
 		cl: cl, sess: sess, tr: newRingTransport(sess, 0),
 		slots: make([]slot, n), free: make(chan *slot, n), idle: make(chan struct{}, 1),
@@ -99,6 +101,10 @@ func newClientConn(cl *Client, sess *control.Session) *clientConn {
 	}
 	return c
 }
+
+// maxSlots bounds the requests a Client keeps outstanding on one session,
+// whatever max_in_flight the kernel grants: each is a slot made up front.
+const maxSlots = 4096
 
 // acquire takes an idle slot, waiting while max_in_flight are out.
 func (c *clientConn) acquire(ctx context.Context) (*slot, error) {
@@ -152,10 +158,19 @@ func (c *clientConn) put(s *slot) {
 func (c *clientConn) call(ctx context.Context, s *slot, t frame.Type, m wire.Message, oneWay bool, fn func([]byte) error) (reply []byte, sent bool, err error) {
 	corr := s.id
 	if oneWay {
-		corr = 0
+		corr = 0 // and the slot stays idle: no answer may claim it
+	} else {
+		s.state.Store(slotWaiting) // publishes the slot's fields to the reader
 	}
-	s.state.Store(slotWaiting) // publishes the slot's fields to the reader
 	if err := c.tr.send(ctx, frame.Header{Type: t, Correlation: corr}, nil, m, false); err != nil {
+		// A reader may have claimed s for an answer meanwhile (the frame
+		// went out before the session failed, or the kernel forged the
+		// id): s is free only once nothing writes into it.
+		if !s.state.CompareAndSwap(slotWaiting, slotIdle) {
+			for s.state.Load() == slotDelivering {
+				<-s.wake
+			}
+		}
 		c.put(s)
 		return nil, mayHaveSent(err), err
 	}
@@ -231,6 +246,7 @@ func (c *clientConn) lead(ctx context.Context, s *slot, fn func([]byte) error, b
 	dl, hasDL := ctx.Deadline()
 	cancellable := ctx.Done() != nil && !hasDL
 	woke := false // we delivered replies whose callers have not run yet
+	read := 0     // frames delivered
 	for {
 		wait := dl
 		switch {
@@ -278,8 +294,22 @@ func (c *clientConn) lead(ctx context.Context, s *slot, fn func([]byte) error, b
 		if bg && c.callerWaiting() {
 			return nil
 		}
+		// The ring may never run dry (a busy topic, a kernel flooding stale
+		// answers): look at the context every so often anyway.
+		if read++; read%ctxEvery == 0 {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			if hasDL && !time.Now().Before(dl) {
+				return context.DeadlineExceeded
+			}
+		}
 	}
 }
+
+// ctxEvery is how many frames a reader delivers between looks at its
+// context while frames keep coming.
+const ctxEvery = 64
 
 // probe is a deadline already past: recv returns a frame that is there,
 // and does not wait for one.
@@ -422,25 +452,32 @@ func (c *clientConn) handOff() {
 
 func (c *clientConn) unregister(s *slot) {
 	c.mu.Lock()
+	// Unparked by someone else: handOff picked us, and its wake-up may
+	// not have arrived yet.
+	handed := !s.parked
 	c.unpark(s)
 	c.mu.Unlock()
 	// A role handed to us as we left must not be lost.
 	select {
 	case <-s.wake:
+		handed = true
+	default:
+	}
+	if handed {
 		c.mu.Lock()
 		free := !c.leading
 		c.mu.Unlock()
 		if free {
 			c.handOffIfWaiting()
 		}
-	default:
 	}
 }
 
-// handOffIfWaiting wakes a waiter when nobody reads.
+// handOffIfWaiting wakes a waiter (a caller, or the background reader)
+// when nobody reads.
 func (c *clientConn) handOffIfWaiting() {
 	c.mu.Lock()
-	if c.leading || len(c.waiters) == 0 {
+	if c.leading || len(c.waiters) == 0 && !c.bgWaiting() {
 		c.mu.Unlock()
 		return
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"runtime"
 	"runtime/debug"
@@ -93,7 +94,7 @@ func newServerConn(s *Server, sess *control.Session) *serverConn {
 	c := &serverConn{
 		srv: s, sess: sess, ctx: ctx, end: cancel,
 		tr:          newRingTransport(sess, s.cfg.WriteTimeout),
-		maxInFlight: int32(sess.Params().MaxInFlight),
+		maxInFlight: int32(min(sess.Params().MaxInFlight, math.MaxInt32)), // any u32 is a valid grant
 		idle:        make(chan struct{}, 1),
 		jobs:        make(chan *call, s.cfg.Workers),
 		subs:        make(map[uint64]string),

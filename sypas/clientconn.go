@@ -41,6 +41,7 @@ type clientConn struct {
 
 	mu      sync.Mutex
 	leading bool    // the reader role is held
+	ended   bool    // the session has ended: nobody parks any more (watch)
 	bgLeads bool    // by the background reader
 	waiters []*slot // the callers parked in await, each once (slot.parked)
 	bg      *slot   // the background reader's pseudo-slot, when it runs
@@ -99,6 +100,7 @@ func newClientConn(cl *Client, sess *control.Session) *clientConn {
 		s.idx, s.wake = uint32(i), make(chan struct{}, 1)
 		c.free <- s
 	}
+	go c.watch()
 	return c
 }
 
@@ -202,6 +204,10 @@ func (c *clientConn) await(ctx context.Context, s *slot, fn func([]byte) error) 
 			}
 			return c.take(s, nil)
 		}
+		if c.ended {
+			c.mu.Unlock()
+			return c.abandon(s, c.tr.sessionErr(nil), fn)
+		}
 		s.parked = true
 		c.waiters = append(c.waiters, s)
 		nudge := c.bgLeads
@@ -209,16 +215,35 @@ func (c *clientConn) await(ctx context.Context, s *slot, fn func([]byte) error) 
 		if nudge {
 			c.tr.nudge() // the background reader hands us the role at once
 		}
-		select {
-		case <-s.wake:
-		case <-ctx.Done():
-			c.unregister(s)
-			return c.abandon(s, ctx.Err(), fn)
-		case <-c.sess.Done():
-			c.unregister(s)
-			return c.abandon(s, c.tr.sessionErr(nil), fn)
+		// Not on the session's Done channel, which every caller would lock
+		// to park and again to leave: the session's end wakes us (watch).
+		if done := ctx.Done(); done == nil {
+			<-s.wake
+		} else {
+			select {
+			case <-s.wake:
+			case <-done:
+				c.unregister(s)
+				return c.abandon(s, ctx.Err(), fn)
+			}
 		}
 	}
+}
+
+// watch wakes every parked caller once the session has ended; from then
+// on callers do not park (ended), and each gives up its call unless its
+// reply came.
+func (c *clientConn) watch() {
+	<-c.sess.Done()
+	c.mu.Lock()
+	c.ended = true
+	for _, w := range c.waiters {
+		select {
+		case w.wake <- struct{}{}:
+		default:
+		}
+	}
+	c.mu.Unlock()
 }
 
 // unpark takes s off the list of parked callers; under mu.

@@ -29,6 +29,7 @@ var quiet = slog.New(slog.DiscardHandler)
 // kernel is a Server serving on a fresh socket, closed with the test.
 type kernel struct {
 	srv  *Server
+	l    *control.Listener
 	path string
 	done chan struct{} // closed when Serve has returned err
 	err  error
@@ -49,6 +50,13 @@ func (k *kernel) served(t testing.TB) error {
 
 func startKernel(t testing.TB, cfg ServerConfig, setup func(*Server)) *kernel {
 	t.Helper()
+	return startKernelAt(t, filepath.Join(t.TempDir(), "k.sock"), cfg, setup)
+}
+
+// startKernelAt is startKernel on the socket path, which may be one a
+// stopped kernel served on.
+func startKernelAt(t testing.TB, path string, cfg ServerConfig, setup func(*Server)) *kernel {
+	t.Helper()
 	if cfg.Keys == nil {
 		cfg.Keys = testKeys(t)
 	}
@@ -60,10 +68,9 @@ func startKernel(t testing.TB, cfg ServerConfig, setup func(*Server)) *kernel {
 	if setup != nil {
 		setup(srv)
 	}
-	path := filepath.Join(t.TempDir(), "k.sock")
 	l, err := control.Listen(path, control.Config{})
 	require.NoError(t, err)
-	k := &kernel{srv: srv, path: path, done: make(chan struct{})}
+	k := &kernel{srv: srv, l: l, path: path, done: make(chan struct{})}
 	go func() { k.err = srv.Serve(l); close(k.done) }()
 	t.Cleanup(func() {
 		srv.Close()

@@ -294,8 +294,19 @@ func (c *Client) do(ctx context.Context, op string, body []byte, mode uint8, dst
 			// Idempotent.
 			reauthed = true
 			cc.closeSession(context.Background(), false)
-			if _, err := c.waitNext(ctx, cc); err != nil {
-				return nil, err
+			wctx, cancel := ctx, context.CancelFunc(func() {})
+			if o&WaitForReady == 0 {
+				// A fail-fast call waits for the new session only as
+				// long as a reconnection takes, not for a kernel away.
+				wctx, cancel = context.WithTimeout(ctx, reauthGrace)
+			}
+			_, werr := c.waitNext(wctx, cc)
+			cancel()
+			if werr != nil {
+				if ctx.Err() != nil {
+					return nil, werr
+				}
+				return nil, errors.Join(err, unavailable(werr))
 			}
 			continue
 		case lost && o&WaitForReady != 0 && (!sent || o&Idempotent != 0):
@@ -329,13 +340,25 @@ func (c *Client) waitNext(ctx context.Context, cc *clientConn) (*clientConn, err
 	}
 }
 
+// reauthGrace bounds how long a call that is not WaitForReady waits for
+// the new session of a re-authentication.
+const reauthGrace = time.Second
+
+// maxRetryAfter bounds the kernel's retry_after_ms that a retry honours
+// (a u32 of milliseconds reaches 49 days).
+const maxRetryAfter = time.Minute
+
 // backoff sleeps before attempt+1: the retry backoff, or the kernel's
-// retry_after when longer; within ctx.
+// retry_after when longer (up to maxRetryAfter); within ctx. A sleep that
+// would outlast ctx's deadline returns err at once.
 func (c *Client) backoff(ctx context.Context, attempt int, err error) error {
 	d := c.cfg.RetryBackoff.Delay(attempt-1, c.rnd)
 	var e *Error
 	if errors.As(err, &e) && e.RetryAfter > d {
-		d = e.RetryAfter
+		d = min(e.RetryAfter, maxRetryAfter)
+	}
+	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < d {
+		return err
 	}
 	t := time.NewTimer(d)
 	defer t.Stop()

@@ -259,3 +259,52 @@ func TestRestoreSubscribesOnce(t *testing.T) {
 	require.NoError(t, k.srv.Publish(ctx, "a", []byte("e")))
 	assert.Zero(t, k.srv.Stats().Published, "an unsubscribed subscription came back")
 }
+
+// A subscription that the kernel of a new session refuses to restore (it
+// allows fewer subscriptions) ends: Events is closed and Err says why.
+// The one it accepts goes on receiving events.
+func TestSubscriptionRefusedAfterReconnect(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "k.sock")
+	a := startKernelAt(t, path, ServerConfig{}, nil)
+	cfg := ClientConfig{}
+	cfg.Backoff = control.Backoff{Base: 20 * time.Millisecond}
+	c := dialT(t, path, cfg)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	subs := map[string]*Subscription{}
+	for _, topic := range []string{"one", "two"} {
+		s, err := c.Subscribe(ctx, topic, SubscribeOptions{})
+		require.NoError(t, err)
+		subs[topic] = s
+	}
+	a.srv.Close()
+	require.NoError(t, a.served(t))
+	a.l.Close()
+	b := startKernelAt(t, path, ServerConfig{MaxSubscriptions: 1}, nil)
+
+	var ended, live *Subscription
+	select {
+	case _, open := <-subs["one"].Events():
+		require.False(t, open, "no event was published")
+		ended, live = subs["one"], subs["two"]
+	case _, open := <-subs["two"].Events():
+		require.False(t, open, "no event was published")
+		ended, live = subs["two"], subs["one"]
+	case <-ctx.Done():
+		t.Fatal("neither subscription ended")
+	}
+	assert.ErrorIs(t, ended.Err(), ErrResource)
+	assert.Contains(t, ended.Err().Error(), ended.Topic())
+	assert.NoError(t, live.Err())
+	for {
+		require.NoError(t, b.srv.Publish(ctx, live.Topic(), []byte("after")))
+		select {
+		case ev := <-live.Events():
+			assert.Equal(t, "after", string(ev.Body))
+			return
+		case <-time.After(10 * time.Millisecond):
+		case <-ctx.Done():
+			t.Fatal("the restored subscription received nothing")
+		}
+	}
+}

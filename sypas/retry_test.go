@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -127,6 +128,28 @@ func TestRetryByClass(t *testing.T) {
 			assert.Equal(t, 1, calls, "fatal codes are returned as they are")
 		})
 	}
+}
+
+// A retry_after longer than what is left of the call's context is not
+// slept: the call fails at once with the kernel's error (a u32 of
+// milliseconds reaches 49 days).
+func TestRetryAfterBeyondDeadline(t *testing.T) {
+	var calls atomic.Int32
+	k := startKernel(t, ServerConfig{}, func(s *Server) {
+		s.Handle("busy", RightRequest, func(context.Context, *Request) ([]byte, error) {
+			calls.Add(1)
+			return nil, &Error{Code: CodeResource, Message: "come back later", RetryAfter: time.Hour}
+		}, Inline)
+	})
+	c := dialT(t, k.path, ClientConfig{})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	start := time.Now()
+	_, err := c.Call(ctx, "busy", nil, Idempotent)
+	assert.ErrorIs(t, err, ErrResource)
+	assert.NotErrorIs(t, err, context.DeadlineExceeded, "returned before the deadline, not at it")
+	assert.Less(t, time.Since(start), 10*time.Second)
+	assert.EqualValues(t, 1, calls.Load())
 }
 
 // E_AUTH makes the Client attest again (a new session, a new token) and

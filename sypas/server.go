@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -147,6 +148,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		cfg.AuditGrants = slog.LevelDebug
 	}
 	cfg.Features = cmp.Or(cfg.Features, control.DefaultFeatures) | wire.FeatureSubscribe
+	cfg.Topics = maps.Clone(cfg.Topics) // Publish reads it: the caller may go on changing theirs
 	s := &Server{cfg: cfg, log: cfg.Logger, conns: make(map[*serverConn]struct{}), closed: make(chan struct{})}
 	if s.log == nil {
 		s.log = slog.Default()
@@ -283,7 +285,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 }
 
 // Close stops the server at once: every session ends, handlers' contexts
-// are cancelled, and Serve returns. It is idempotent.
+// are cancelled, and Serve returns once the handlers running have
+// returned (a handler that ignores its context delays it). It is
+// idempotent.
 func (s *Server) Close() error {
 	s.notServing.Store(true)
 	s.mu.Lock()

@@ -49,6 +49,7 @@ type Subscription struct {
 	subMu sync.Mutex
 	on    *clientConn // the session it is subscribed on
 	gone  bool        // unsubscribed
+	err   error       // why it ended, if the kernel ended it; under subMu
 }
 
 // Events delivers the events, in the order they were published. It is
@@ -62,6 +63,16 @@ func (s *Subscription) Topic() string { return s.topic }
 // could not write to a full ring (it reports them with the next event it
 // delivers) and those that found Pending events not yet taken.
 func (s *Subscription) Dropped() uint64 { return s.dropped.Load() }
+
+// Err reports why the subscription ended when it did not end by
+// Unsubscribe or the Client's Close: a new session's kernel refused to
+// subscribe it again after a reconnection (or did not answer), and Events
+// was closed. It is nil otherwise.
+func (s *Subscription) Err() error {
+	s.subMu.Lock()
+	defer s.subMu.Unlock()
+	return s.err
+}
 
 // Unsubscribe ends the subscription (telling the kernel, if a session is
 // up, within ctx) and closes Events.
@@ -186,11 +197,27 @@ func (r *subRegistry) restore(cc *clientConn) {
 	cc.startSubReader()
 	for _, s := range subs {
 		// One refused (a kernel with fewer MaxSubscriptions, say) stops
-		// none of the others; on a failing session each fails fast.
+		// none of the others; on a failing session each fails fast, and
+		// the next session tries again.
 		ctx, cancel := context.WithTimeout(r.c.ctx, r.c.drainTimeout())
-		s.subscribeOn(ctx, cc)
+		err := s.subscribeOn(ctx, cc)
 		cancel()
+		if err != nil && cc.sess.Err() == nil && r.c.ctx.Err() == nil {
+			// The kernel refused it, or did not answer: it ends, and
+			// says why, rather than wait for events that never come.
+			s.end(fmt.Errorf("sypas: subscribing to %q again on a new session: %w", s.topic, err))
+		}
 	}
+}
+
+// end ends s because of err (Err), closing Events.
+func (s *Subscription) end(err error) {
+	s.subMu.Lock()
+	if !s.gone {
+		s.gone, s.err = true, err
+		s.c.subs.remove(s)
+	}
+	s.subMu.Unlock()
 }
 
 // deliver hands an EVENT to its subscription (reader goroutine).

@@ -54,7 +54,11 @@
 // error matching ErrUnavailable (unless the session ended with a code of
 // its own, such as E_AUTH for a revoked token), or waits for the next
 // session if it is WaitForReady. A body above the session's max_payload
-// fails with ErrTooLarge before anything is sent.
+// fails with ErrTooLarge before anything is sent. A call whose context
+// ends returns at once, but its request stays counted against
+// max_in_flight until the kernel answers (there is no cancel frame), so
+// give calls deadlines: the kernel's handler sees the deadline, and
+// nothing else tells it to stop.
 //
 // # The enforcer
 //

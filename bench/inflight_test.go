@@ -28,12 +28,48 @@ import (
 // p50/p99 of one call as its goroutine saw it. "unix-socket-unbatched" is
 // the socket client with one write(2) per request (net/rpc's way), for
 // comparison with the batching one, which is the baseline of the target.
+// "go-chan" is no IPC at all: the callers hand each call to an echoing
+// goroutine of their own process over a channel and wait for the reply on
+// one of their own, the least a call costs once goroutines must hand it
+// over and wait: the bound on calls/s of any Go client whose callers block.
 func BenchmarkCallsInFlight(b *testing.B) {
 	for _, n := range []int{1, 8, 64} {
 		b.Run(fmt.Sprintf("sypas/%d", n), func(b *testing.B) { benchCallsInFlight(b, n) })
 		b.Run(fmt.Sprintf("unix-socket/%d", n), func(b *testing.B) { benchSocketInFlight(b, n, true) })
 		b.Run(fmt.Sprintf("unix-socket-unbatched/%d", n), func(b *testing.B) { benchSocketInFlight(b, n, false) })
+		b.Run(fmt.Sprintf("go-chan/%d", n), func(b *testing.B) { benchChanInFlight(b, n) })
 	}
+}
+
+// benchChanInFlight: callers goroutines call an echoing goroutine of this
+// process through channels (chanCall).
+func benchChanInFlight(b *testing.B, callers int) {
+	in := make(chan *chanCall, callers)
+	defer close(in)
+	go func() {
+		for c := range in {
+			c.reply = append(c.reply[:0], c.body...)
+			c.done <- struct{}{}
+		}
+	}()
+	runInFlight(b, callers, func(g int) func(seq uint64) error {
+		c := &chanCall{body: make([]byte, msgSize), reply: make([]byte, 0, msgSize), done: make(chan struct{}, 1)}
+		return func(seq uint64) error {
+			binary.LittleEndian.PutUint64(c.body, seq)
+			in <- c
+			<-c.done
+			if len(c.reply) != msgSize || binary.LittleEndian.Uint64(c.reply) != seq {
+				return fmt.Errorf("call %d: a reply of %d bytes for another call", seq, len(c.reply))
+			}
+			return nil
+		}
+	})
+}
+
+// chanCall is one caller's call to the echoing goroutine.
+type chanCall struct {
+	body, reply []byte
+	done        chan struct{}
 }
 
 func benchCallsInFlight(b *testing.B, callers int) {

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"os"
 	"runtime"
 	"runtime/debug"
@@ -29,8 +28,14 @@ type serverConn struct {
 	ctx  context.Context // ends with the session or the server
 	end  context.CancelFunc
 
-	maxInFlight int32
-	inFlight    atomic.Int32  // requests counted against max_in_flight: read, answer not yet sent
+	maxPayload  int // the session's max_payload
+	maxInFlight uint64
+	// The requests in flight (read, answer not yet sent), counted against
+	// max_in_flight, are admitted - done: the reader counts what it admits
+	// privately, the answers (from any goroutine) count done, so the
+	// enforcer's check is a load and a compare.
+	admitted    uint64 // reader only
+	done        atomic.Uint64
 	unanswered  atomic.Int32  // requests read, answer not yet written (one-way: not yet served)
 	idle        chan struct{} // signalled when unanswered drops to 0 while draining
 	draining    atomic.Bool
@@ -94,7 +99,8 @@ func newServerConn(s *Server, sess *control.Session) *serverConn {
 	c := &serverConn{
 		srv: s, sess: sess, ctx: ctx, end: cancel,
 		tr:          newRingTransport(sess, s.cfg.WriteTimeout),
-		maxInFlight: int32(min(sess.Params().MaxInFlight, math.MaxInt32)), // any u32 is a valid grant
+		maxPayload:  int(sess.Params().MaxPayload),
+		maxInFlight: uint64(sess.Params().MaxInFlight),
 		idle:        make(chan struct{}, 1),
 		jobs:        make(chan *call, s.cfg.Workers),
 		subs:        make(map[uint64]string),
@@ -198,7 +204,7 @@ func (c *serverConn) serve(f *frame.Frame) {
 		c.deny(corr, "", CodeAuth, control.EventAuth, "cap_ref names no valid token of this session")
 		return
 	}
-	if int(f.PayloadLen) > c.tr.maxPayload() {
+	if int(f.PayloadLen) > c.maxPayload {
 		c.deny(corr, "", CodeTooLarge, control.EventProtocol, "request payload above the session's max_payload")
 		return
 	}
@@ -219,11 +225,11 @@ func (c *serverConn) serve(f *frame.Frame) {
 		}
 	}
 	if corr != 0 {
-		if n := c.inFlight.Add(1); n > c.maxInFlight {
-			c.inFlight.Add(-1)
+		if c.admitted-c.done.Load() >= c.maxInFlight {
 			c.denyRetry(corr, rt.op, CodeResource, control.EventLimit, "more requests in flight than max_in_flight", time.Millisecond)
 			return
 		}
+		c.admitted++
 	}
 	if l := c.srv.cfg.AuditGrants.Level(); c.srv.log.Enabled(c.ctx, l) {
 		c.grant(l, rt.op, corr)
@@ -369,7 +375,7 @@ func (c *serverConn) reply(cl *call, err error) error {
 // finish ends cl's turn in flight (max_in_flight).
 func (c *serverConn) finish(cl *call) {
 	if cl.req.Correlation != 0 {
-		c.inFlight.Add(-1)
+		c.done.Add(1)
 	}
 }
 

@@ -34,11 +34,11 @@ type serverConn struct {
 	// max_in_flight, are admitted - done: the reader counts what it admits
 	// privately, the answers (from any goroutine) count done, so the
 	// enforcer's check is a load and a compare.
-	admitted    uint64 // reader only
-	done        atomic.Uint64
-	unanswered  atomic.Int32  // requests read, answer not yet written (one-way: not yet served)
-	idle        chan struct{} // signalled when unanswered drops to 0 while draining
-	draining    atomic.Bool
+	admitted   uint64 // reader only
+	done       atomic.Uint64
+	unanswered atomic.Int32  // requests read, answer not yet written (one-way: not yet served)
+	idle       chan struct{} // signalled when unanswered drops to 0 while draining
+	draining   atomic.Bool
 
 	jobs      chan *call
 	workers   int  // started; reader only

@@ -17,6 +17,14 @@ import (
 
 // SlowPolicy is what Publish does for a subscriber whose ring has no room
 // for the event.
+//
+// There is no "drop oldest": the events that fill a subscriber's ring are
+// already published to it, and a single-producer ring cannot take back
+// what its consumer may be reading; the kernel keeps no queue of its own
+// (it would be memory a slow daemon makes the kernel hold). A subscriber
+// that wants the newest events rather than the oldest drains its
+// Subscription's Events as they come (its own Pending bound drops the
+// newest too) and reads Dropped to know what it missed.
 type SlowPolicy uint8
 
 const (

@@ -34,9 +34,9 @@ type Request struct {
 
 // reqContext is the context of a handler whose request has a deadline:
 // the session's context, narrowed to that deadline. (A request without one
-// gets the session's context itself.) The timer a deadline needs is made
-// only if the handler asks for Done, so a handler that never waits on its
-// context costs one small allocation, this.
+// gets the session's context itself.) Each is used once (newReqContext),
+// and the timer a deadline needs is made only if the handler asks for
+// Done, so a handler that never waits on its context allocates nothing.
 type reqContext struct {
 	parent   context.Context // ends with the session or the server
 	deadline time.Time       // zero: none

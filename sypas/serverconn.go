@@ -59,6 +59,7 @@ type serverConn struct {
 	// inline is the call of the Inline handler the reader runs: one at a
 	// time, so one will do.
 	inline call
+	ctxs   []reqContext // fresh ones for newReqContext
 }
 
 // call is one request on its way through a handler. The Request and the
@@ -246,8 +247,8 @@ func (c *serverConn) serve(f *frame.Frame) {
 	}
 	cl.ctx = c.ctx
 	if m.Timeout > 0 {
-		// Made for each such call: a handler may keep its context.
-		cl.dl = &reqContext{parent: c.ctx, deadline: time.Now().Add(m.Timeout)}
+		cl.dl = c.newReqContext()
+		cl.dl.parent, cl.dl.deadline = c.ctx, time.Now().Add(m.Timeout)
 		cl.ctx = cl.dl
 	}
 	if rt.inline {
@@ -259,6 +260,22 @@ func (c *serverConn) serve(f *frame.Frame) {
 	cl.req.Body = cl.body
 	c.dispatch(cl)
 }
+
+// newReqContext returns a fresh reqContext, never one used before: a
+// handler may keep its context, wrongly, and must then not see another
+// call's deadline. They are made reqContextChunk at a time, so that a
+// call with a deadline costs a fraction of an allocation. Reader only.
+func (c *serverConn) newReqContext() *reqContext {
+	if len(c.ctxs) == 0 {
+		c.ctxs = make([]reqContext, reqContextChunk)
+	}
+	rc := &c.ctxs[0]
+	c.ctxs = c.ctxs[1:]
+	return rc
+}
+
+// reqContextChunk is how many reqContexts newReqContext makes at once.
+const reqContextChunk = 64
 
 // dispatch hands cl to a worker, starting one if fewer than Workers run;
 // with all busy it waits, which is the session's backpressure.

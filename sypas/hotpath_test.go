@@ -166,3 +166,23 @@ func serverConnOf(tb testing.TB, srv *Server) *serverConn {
 	tb.Fatal("no session")
 	return nil
 }
+
+// TestPublishAllocs: Publish allocates nothing. The subscriber shares this
+// process, and its copy of each event's body (Event.Body, the receiver's
+// own) is the one allocation counted.
+func TestPublishAllocs(t *testing.T) {
+	k := startKernel(t, ServerConfig{Topics: map[string]SlowPolicy{"news": Block}}, nil)
+	c := dialT(t, k.path, ClientConfig{})
+	ctx := context.Background()
+	sub, err := c.Subscribe(ctx, "news", SubscribeOptions{Pending: 4096})
+	require.NoError(t, err)
+	body := make([]byte, 64)
+	publish := func() {
+		require.NoError(t, k.srv.Publish(ctx, "news", body))
+		<-sub.Events()
+	}
+	for range 100 {
+		publish()
+	}
+	assert.LessOrEqual(t, testing.AllocsPerRun(1000, publish), 1.0)
+}

@@ -15,6 +15,21 @@ import (
 	"github.com/sypas/go/wire"
 )
 
+// publishing is what a Publish encodes from: recycled (publishings), since
+// what is handed to the transport would otherwise be allocated on every
+// call.
+type publishing struct {
+	ev  wire.Event
+	ext [8]byte
+}
+
+var publishings = sync.Pool{New: func() any { return new(publishing) }}
+
+func (p *publishing) done() {
+	p.ev = wire.Event{}
+	publishings.Put(p)
+}
+
 // SlowPolicy is what Publish does for a subscriber whose ring has no room
 // for the event.
 //
@@ -216,10 +231,12 @@ func (s *Server) Publish(ctx context.Context, topic string, body []byte) error {
 		return nil
 	}
 	noWait := s.cfg.Topics[topic] == DropNewest
-	ev := wire.Event{Timestamp: uint64(time.Now().UnixNano()), Topic: []byte(topic), Body: body}
+	p := publishings.Get().(*publishing)
+	defer p.done()
+	ev, ext := &p.ev, &p.ext
+	*ev = wire.Event{Timestamp: uint64(time.Now().UnixNano()), Topic: stringBytes(topic), Body: body}
 	var lost, tooLarge int
 	var drops uint64
-	var ext [8]byte
 	for _, sub := range subs {
 		ev.SubscriptionID = sub.id
 		var x []byte
@@ -228,7 +245,7 @@ func (s *Server) Publish(ctx context.Context, topic string, body []byte) error {
 			binary.LittleEndian.PutUint64(ext[:], d)
 			x = ext[:]
 		}
-		err := sub.conn.tr.send(ctx, frame.Header{Type: frame.TypeEvent}, x, &ev, noWait)
+		err := sub.conn.tr.send(ctx, frame.Header{Type: frame.TypeEvent}, x, ev, noWait)
 		switch {
 		case err == nil:
 			if d != 0 {

@@ -1,6 +1,7 @@
 // Package fuzz holds the fuzz targets of everything that reads untrusted
-// bytes: the SYPAS codecs (frame and sypas payloads), the ring facing a
-// hostile producer, capability tokens and the control-plane handshake. It
+// bytes: the SYPAS codecs (frame and wire payloads), the ring facing a
+// hostile producer, capability tokens, the control-plane handshake and the
+// bridge's two ends facing a hostile peer's ring. It
 // has no non-test code; the targets live in *_fuzz_test.go:
 //
 //	FuzzFrameDecode        decoding arbitrary bytes never panics; accepted frames satisfy the header invariants
@@ -14,6 +15,8 @@
 //	FuzzServerHandshake    a kernel facing arbitrary bytes from an attested daemon
 //	FuzzServerHandshakeFDs the same, with descriptors attached at arbitrary points
 //	FuzzDialHandshake      a daemon facing arbitrary bytes from a kernel
+//	FuzzBridgeKernel       a sypas.Server facing arbitrary ring records from a daemon: no panic or hang, every frame it writes decodes, it answers or ends the session with its reason, others are served
+//	FuzzBridgeClient       a sypas.Client facing arbitrary ring records from a kernel while a Call waits: no panic, the Call ends by its deadline, Close returns
 //
 // Run one with
 //

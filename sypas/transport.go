@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"sync/atomic"
 	"time"
 
@@ -172,7 +173,15 @@ func (t *ringTransport) unlock(err error) error {
 			}
 		}
 		<-t.lock
-		if !t.dirty.Load() || t.waiting.Load() != 0 || t.held.Load() {
+		if t.waiting.Load() != 0 {
+			// The lock went to a waiting sender, made runnable next on
+			// our P: let it run now, rather than behind whatever we do
+			// next (a caller that goes on to read replies spins there),
+			// while every other sender waits for it.
+			runtime.Gosched()
+			return err
+		}
+		if !t.dirty.Load() || t.held.Load() {
 			return err
 		}
 		select {

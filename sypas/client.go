@@ -228,8 +228,9 @@ func (c *Client) CallInto(ctx context.Context, op string, body, dst []byte, opts
 // view, in place in the shared ring when this goroutine read the reply
 // itself, valid only until fn returns (copy what you keep; the kernel can
 // still change bytes of shared memory under a view). fn's error is
-// CallFunc's. fn runs while this goroutine reads the ring for everyone:
-// keep it short.
+// CallFunc's, and a panic in fn reaches CallFunc's caller once the call is
+// over (the Client stays usable). fn runs while this goroutine reads the
+// ring for everyone: keep it short.
 func (c *Client) CallFunc(ctx context.Context, op string, body []byte, fn func(reply []byte) error, opts ...CallOption) error {
 	_, err := c.do(ctx, op, body, modeView, nil, fn, false, opts)
 	return err

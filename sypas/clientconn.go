@@ -78,6 +78,8 @@ type slot struct {
 	buf   []byte // modeView: a slot-owned copy, reused
 	reply []byte // the delivered body (modeOwn: a new slice; else dst or buf)
 	err   error  // the kernel's ERROR, or the callback's error
+
+	panicked any // the callback's panic as the reader (handView), raised again by take
 }
 
 // Delivery modes.
@@ -384,7 +386,7 @@ func (c *clientConn) deliver(f *frame.Frame, s *slot, fn func([]byte) error) (ow
 		if rerr == nil {
 			switch {
 			case fn != nil:
-				s.err = fn(body)
+				s.err = handView(s, fn, body)
 			case s.mode == modeInto:
 				s.reply = append(s.dst, body...)
 			default:
@@ -428,13 +430,30 @@ func (c *clientConn) deliver(f *frame.Frame, s *slot, fn func([]byte) error) (ow
 // take returns the result delivered to s, handing a follower's view to fn
 // first, and frees s. (A leader's own reply already went to fn, in place.)
 func (c *clientConn) take(s *slot, fn func([]byte) error) ([]byte, error) {
+	defer c.put(s) // also when fn panics, or panicked as the reader
+	if p := s.panicked; p != nil {
+		s.panicked = nil
+		panic(p)
+	}
 	reply, err := s.reply, s.err
 	if err == nil && fn != nil {
 		err = fn(reply) // s.buf: read before the slot is reused
 		reply = nil
 	}
-	c.put(s)
 	return reply, err
+}
+
+// handView hands the reader's own reply to fn, in place. A panic in fn is
+// kept in s and raised again by take, once the reader role and the ring's
+// view are given back: raised in the reader, it kept them, and every later
+// call and Close waited for them for ever.
+func handView(s *slot, fn func([]byte) error, b []byte) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			s.panicked = p
+		}
+	}()
+	return fn(b)
 }
 
 // abandon gives up on s's reply because of err. A reply delivered (or

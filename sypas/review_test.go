@@ -196,3 +196,61 @@ func TestFailedSendWaitsForAClaimingReader(t *testing.T) {
 			"slot %d is free, and stays so", i)
 	}
 }
+
+// A CallFunc whose fn panics (on a reply it cannot parse, say) panics in
+// its caller and leaves the Client usable. As the reader, fn ran holding
+// the reader role and the ring's view: the panic kept both, so every later
+// call parked for ever (or until its context) and Close hung. As a
+// follower, fn's panic skipped freeing the slot: each such call lost one
+// of max_in_flight for good.
+func TestCallFuncPanicLeavesClientUsable(t *testing.T) {
+	for _, as := range []string{"reader", "follower"} {
+		t.Run(as, func(t *testing.T) {
+			g := newGate()
+			cfg := ServerConfig{}
+			cfg.MaxInFlight = 2
+			k := startKernel(t, cfg, func(s *Server) {
+				s.Handle("echo", RightRequest, echo, Inline)
+				s.Handle("gate", RightRequest, g.handle)
+			})
+			c := dialT(t, k.path, ClientConfig{MaxAttempts: 1})
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			waiting := make(chan error, 1)
+			if as == "follower" { // a caller reads the ring, waiting for its reply
+				go func() { _, err := c.Call(ctx, "gate", nil); waiting <- err }()
+				g.waitInside(t, 1)
+				cc := c.cur.Load()
+				require.Eventually(t, func() bool {
+					cc.mu.Lock()
+					defer cc.mu.Unlock()
+					return cc.leading
+				}, 10*time.Second, time.Millisecond)
+			}
+			for i := range 3 { // more than the free slots
+				func() {
+					short, cancel := context.WithTimeout(ctx, 5*time.Second)
+					defer cancel()
+					defer func() { assert.Equal(t, "bad reply", recover(), "call %d", i) }()
+					c.CallFunc(short, "echo", []byte("x"), func([]byte) error { panic("bad reply") })
+				}()
+			}
+			short, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			got, err := c.Call(short, "echo", []byte("y"))
+			require.NoError(t, err, "a call after the panics")
+			assert.Equal(t, "y", string(got))
+			if as == "follower" {
+				close(g.release)
+				require.NoError(t, <-waiting)
+			}
+			closed := make(chan struct{})
+			go func() { c.Close(); close(closed) }()
+			select {
+			case <-closed:
+			case <-time.After(10 * time.Second):
+				t.Fatal("Close hung")
+			}
+		})
+	}
+}

@@ -293,6 +293,9 @@ func (c *clientConn) lead(ctx context.Context, s *slot, fn func([]byte) error, b
 					// our spinning for their turn: let them run first.
 					woke = false
 					runtime.Gosched()
+					if bg && c.callerWaiting() {
+						return nil // a caller nudged us: the role is its
+					}
 					continue
 				}
 				if err := ctx.Err(); err != nil {

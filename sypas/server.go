@@ -54,9 +54,10 @@ const (
 	// Inline runs the handler on the session's reader goroutine: no
 	// hand-off, so the lowest latency, and Request.Body is a view into the
 	// shared ring itself. Only for handlers that never block: while one
-	// runs, the session reads nothing else, and the answers to the
-	// requests read before it in the same burst, which the reader
-	// publishes together, wait for it too.
+	// runs, the session reads nothing else, and what the session's reader
+	// holds back to publish together after a burst of requests waits for
+	// it too: the answers before it, and those of the session's pool
+	// handlers and Publish's events written meanwhile.
 	Inline RouteOption = 1 << iota
 )
 

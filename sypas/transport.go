@@ -355,7 +355,10 @@ func (t *ringTransport) hold() { t.held.Store(true) }
 // flush ends hold. If another sender holds the lock, it publishes as it
 // leaves (unlock looks at held after letting the lock go).
 func (t *ringTransport) flush() {
-	t.held.Store(false)
+	// A read-modify-write, not a store: it is ordered before our look at
+	// the lock on every architecture (and under the race detector), so a
+	// holder we find there sees held false when it leaves.
+	t.held.Swap(false)
 	select {
 	case t.lock <- struct{}{}:
 		t.unlock(nil) // a failed Flush: the session is ending, the reader sees it

@@ -230,7 +230,8 @@ func (c *Client) CallInto(ctx context.Context, op string, body, dst []byte, opts
 // still change bytes of shared memory under a view). fn's error is
 // CallFunc's, and a panic in fn reaches CallFunc's caller once the call is
 // over (the Client stays usable). fn runs while this goroutine reads the
-// ring for everyone: keep it short.
+// ring for everyone: keep it short, and make no call on the Client from
+// it (that call's reply would wait for fn to return).
 func (c *Client) CallFunc(ctx context.Context, op string, body []byte, fn func(reply []byte) error, opts ...CallOption) error {
 	_, err := c.do(ctx, op, body, modeView, nil, fn, false, opts)
 	return err

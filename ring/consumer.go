@@ -141,6 +141,21 @@ func (c *Consumer) Buffered() bool {
 	return c.pos != c.cachedTail && c.err == nil && !c.closed.Load()
 }
 
+// Drained reports whether every record the producer has published so far
+// has been read and released (or the consumer is closed). Unlike the other
+// methods it may be called from any goroutine while another reads: it
+// loads the two shared indices, the producer's untrusted, so a hostile
+// producer can keep it false (bound a wait for it) but do nothing worse.
+// A side draining its peer's last requests waits for it.
+func (c *Consumer) Drained() bool {
+	if c.closed.Load() {
+		return true
+	}
+	d := c.head.Load() == c.tail.Load()
+	runtime.KeepAlive(c) // the loads touch the mapping, which c keeps (owner)
+	return d
+}
+
 // Release hands every record returned so far back to the producer with one
 // store of the head index, and wakes the producer if, and only if, it is
 // parked waiting for room. Views returned before Release must not be used after.

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -470,4 +471,41 @@ func TestAuditDecisions(t *testing.T) {
 	d.expectError(32, CodePermission)
 	r = log.expect(t, refused(control.EventPermission, CodePermission, 32))
 	assert.Equal(t, control.DecisionDeny, r[control.LogKeyDecision])
+}
+
+// A daemon's GOAWAY after requests the kernel has not read yet: the kernel
+// reads every one of them before its own GOAWAY (docs/PROTOCOL.md §6.8,
+// step 2). The requests name no operation, so none is ever in flight:
+// only reading the ring tells that they are there. A slow audit log keeps
+// the reader behind the daemon.
+func TestDrainReadsTheRing(t *testing.T) {
+	log := &slowLog{}
+	cfg := ServerConfig{}
+	cfg.Logger = slog.New(log)
+	k := startKernel(t, cfg, nil)
+	d := dialRaw(t, k.path, control.DialConfig{})
+	const n = 40
+	for range n {
+		d.request(frame.Header{}, "no.such.op", nil) // one-way: refused, audited, never answered
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	require.NoError(t, d.s.Drain(ctx), "the kernel answered GOAWAY")
+	assert.EqualValues(t, n, log.refused.Load(), "every request sent before GOAWAY was read (and refused)")
+}
+
+// slowLog counts the kernel's refusals, taking a millisecond over each
+// record.
+type slowLog struct{ refused atomic.Int32 }
+
+func (l *slowLog) Enabled(context.Context, slog.Level) bool { return true }
+func (l *slowLog) WithAttrs([]slog.Attr) slog.Handler       { return l }
+func (l *slowLog) WithGroup(string) slog.Handler            { return l }
+
+func (l *slowLog) Handle(_ context.Context, r slog.Record) error {
+	time.Sleep(time.Millisecond)
+	if r.Message == "sypas: refused" {
+		l.refused.Add(1)
+	}
+	return nil
 }

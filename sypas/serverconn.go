@@ -1,6 +1,7 @@
 package sypas
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -457,14 +458,27 @@ func (c *serverConn) watchGoAway() {
 }
 
 // drain answers the daemon's GOAWAY (docs/PROTOCOL.md §6.8): it lets the
-// requests read finish (within ctx), then ends the session in order: our
-// GOAWAY, written after every answer, then close. (The kernel's own
+// reader take and serve every request the daemon sent before it, and
+// those finish (within ctx), then ends the session in order: our GOAWAY,
+// written after every answer, then close. (The kernel's own
 // Shutdown sends GOAWAY first instead: Session.Shutdown.)
 func (c *serverConn) drain(ctx context.Context) {
 	c.draining.Store(true)
-	for c.unanswered.Load() > 0 {
+	// Every frame the daemon sent before its GOAWAY is in the ring by now
+	// (it published them before it wrote GOAWAY): the reader takes them
+	// all, and once it has released the last (drained, looked at first:
+	// a request is counted unanswered before it is released) and
+	// answered it, nothing is left.
+	limit := time.NewTimer(cmp.Or(c.srv.cfg.DrainTimeout, control.DefaultDrainTimeout))
+	defer limit.Stop()
+	for !c.tr.drained() || c.unanswered.Load() > 0 {
 		select {
 		case <-c.idle:
+		case <-limit.C: // §6.8: GOAWAY and close after the drain timeout
+			c.tr.flush()
+			c.sess.Drain(ctx)
+			c.closeSession()
+			return
 		case <-ctx.Done():
 			c.closeSession()
 			return

@@ -55,6 +55,9 @@ type transport interface {
 	// buffered reports whether recv has a frame ready without waiting (a
 	// hint: it may still wait, say when only padding is left).
 	buffered() bool
+	// drained reports whether every frame the peer has sent so far has
+	// been received and released. Unlike recv, any goroutine may call it.
+	drained() bool
 	// hold makes sends leave the publishing of their frames to flush, so
 	// a reader answering a burst publishes the answers once. flush
 	// publishes what is held and ends hold; the holder must call it
@@ -349,6 +352,8 @@ func (t *ringTransport) recv(deadline time.Time) (frame.Frame, error) {
 func (t *ringTransport) release() { t.cons.Release() }
 
 func (t *ringTransport) buffered() bool { return t.cons.Buffered() }
+
+func (t *ringTransport) drained() bool { return t.cons.Drained() }
 
 func (t *ringTransport) hold() { t.held.Store(true) }
 

@@ -137,15 +137,45 @@ func BenchmarkAllocFree(b *testing.B) {
 			ctx := context.Background()
 			b.ReportAllocs()
 			for b.Loop() {
-				s, err := r.Alloc(ctx, size)
-				if err != nil {
-					b.Fatal(err)
-				}
-				if err := r.Free(s); err != nil {
-					b.Fatal(err)
-				}
+				allocFree(b, r, ctx, size)
 			}
 		})
+	}
+	// Many senders at once (4 per core, as a Client's callers), lock-free,
+	// and the same behind one global mutex: what the free lists save.
+	for _, locked := range []bool{false, true} {
+		name := "parallel-64KiB"
+		if locked {
+			name += "-mutex"
+		}
+		b.Run(name, func(b *testing.B) {
+			r, _ := newPair(b, bulk.Config{})
+			ctx := context.Background()
+			var mu sync.Mutex
+			b.ReportAllocs()
+			b.SetParallelism(4)
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					if locked {
+						mu.Lock()
+					}
+					allocFree(b, r, ctx, 64<<10)
+					if locked {
+						mu.Unlock()
+					}
+				}
+			})
+		})
+	}
+}
+
+func allocFree(b *testing.B, r *bulk.Region, ctx context.Context, size int) {
+	s, err := r.Alloc(ctx, size)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := r.Free(s); err != nil {
+		b.Fatal(err)
 	}
 }
 

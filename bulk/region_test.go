@@ -453,3 +453,24 @@ func debugSetPanicOnFault() func() {
 	old := debug.SetPanicOnFault(true)
 	return func() { debug.SetPanicOnFault(old) }
 }
+
+// The protocol's largest region, with one payload as large as itself: the
+// memfd's pages are made only where they are written.
+func TestMaxSizeRegion(t *testing.T) {
+	r, p := newPair(t, bulk.Config{Size: bulk.MaxSize, BlockSize: bulk.MinBlockSize})
+	s := mustAlloc(t, r, bulk.MaxSize)
+	b := s.Bytes()
+	b[0], b[len(b)-1] = 1, 2
+	d, err := r.Send(s, frame.TypeResponse, 0)
+	require.NoError(t, err)
+	v, err := p.View(&d)
+	require.NoError(t, err)
+	assert.Equal(t, []byte{1, 2}, []byte{v[0], v[len(v)-1]})
+	require.NoError(t, r.Ack(&d))
+	_, err = r.Alloc(context.Background(), bulk.MaxSize+1)
+	assert.ErrorIs(t, err, bulk.ErrTooLarge)
+	s = mustAlloc(t, r, 1)
+	assert.Equal(t, bulk.MinBlockSize, s.Cap(), "split down to one page")
+	require.NoError(t, r.Free(s))
+	assert.Equal(t, int64(bulk.MaxSize), r.Stats().FreeBytes)
+}

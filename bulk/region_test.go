@@ -3,9 +3,11 @@ package bulk_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"runtime/debug"
+	"sync"
 	"testing"
 	"time"
 
@@ -473,4 +475,71 @@ func TestMaxSizeRegion(t *testing.T) {
 	assert.Equal(t, bulk.MinBlockSize, s.Cap(), "split down to one page")
 	require.NoError(t, r.Free(s))
 	assert.Equal(t, int64(bulk.MaxSize), r.Stats().FreeBytes)
+}
+
+// Closing both sides while senders and readers are busy: every goroutine
+// ends with ErrClosed (or finishes), nothing faults, and memory touched
+// after Close is private.
+func TestCloseWhileBusy(t *testing.T) {
+	defer debugSetPanicOnFault()()
+	for round := range 20 {
+		r, err := bulk.CreateRegion(bulk.Config{Size: 1 << 20, BlockSize: 4096})
+		require.NoError(t, err)
+		f, err := closetest.PeerFile(r.File())
+		require.NoError(t, err)
+		p, err := bulk.OpenRegion(f, 0, 1<<20)
+		require.NoError(t, err)
+
+		var wg sync.WaitGroup
+		errs := make(chan error, 4)
+		for w := range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				errs <- func() (err error) {
+					defer func() {
+						if e := recover(); e != nil {
+							err = fmt.Errorf("worker %d: %v", w, e)
+						}
+					}()
+					for i := 0; ; i++ {
+						s, err := r.Alloc(context.Background(), 1+(i*7919)%(300<<10))
+						if err != nil {
+							return err
+						}
+						b := s.Bytes()
+						for j := 0; j < len(b); j += 512 {
+							b[j] = byte(i)
+						}
+						d, err := r.Send(s, frame.TypeRequest, wire.BulkChecksum)
+						if err != nil {
+							return err
+						}
+						v, err := p.View(&d)
+						if err != nil {
+							return err
+						}
+						_ = v[len(v)-1] // touched after the peer may have closed
+						b[0] = 1        // and after this side may have closed
+						if err := r.Ack(&d); err != nil {
+							return err
+						}
+					}
+				}()
+			}()
+		}
+		time.Sleep(time.Duration(round%5) * time.Millisecond)
+		if round%2 == 0 {
+			require.NoError(t, p.Close())
+			require.NoError(t, r.Close())
+		} else {
+			require.NoError(t, r.Close())
+			require.NoError(t, p.Close())
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			require.ErrorIs(t, err, bulk.ErrClosed, "round %d", round)
+		}
+	}
 }

@@ -19,6 +19,8 @@ import (
 
 	"github.com/sypas/go/bulk"
 	"github.com/sypas/go/frame"
+	"github.com/sypas/go/internal/closetest"
+	"github.com/sypas/go/internal/shm"
 	"github.com/sypas/go/wire"
 )
 
@@ -89,9 +91,14 @@ func TestCrossProcess(t *testing.T) {
 		perSender = 20
 	}
 	n := xpSenders * perSender
+	fdsBefore, mappedBefore := openFDs(t), shm.Mapped()
 	r, err := bulk.CreateRegion(bulk.Config{Size: xpSize, ID: 9})
 	require.NoError(t, err)
-	defer r.Close()
+	defer func() {
+		if r != nil { // the end of the test drops it to see its mapping go
+			r.Close()
+		}
+	}()
 	descR, descW, err := os.Pipe()
 	require.NoError(t, err)
 	defer descR.Close()
@@ -211,6 +218,21 @@ func TestCrossProcess(t *testing.T) {
 	assert.Equal(t, uint64(n+1), st.Acks, "each span acknowledged once")
 	assert.Equal(t, uint64(xpBadAcks), st.Refused, "each hostile ACK refused")
 	require.NoError(t, r.Free(mustAlloc(t, r, xpSize)), "the allocator is whole")
+
+	// No descriptor or mapping outlives the region and the pipes.
+	require.NoError(t, r.Close())
+	r = nil
+	require.NoError(t, ackR.Close())
+	assert.Equal(t, fdsBefore, openFDs(t), "open descriptors")
+	closetest.Collect(t, mappedBefore)
+}
+
+// openFDs counts this process's open file descriptors.
+func openFDs(t *testing.T) int {
+	t.Helper()
+	fds, err := os.ReadDir("/proc/self/fd")
+	require.NoError(t, err)
+	return len(fds)
 }
 
 // waitIdle waits until every span has come back, or fails if the child

@@ -57,13 +57,14 @@ func (r *Region) pop(o int) int {
 
 // takeLocked finds a block of order o on the slow path, r.mu held: a
 // larger free block split in halves (the halves it does not keep go back
-// to the lists), or, when the free blocks add up to enough, the same after
-// merging free buddies. It returns -1 when no block of order o is free.
-func (r *Region) takeLocked(o int) int {
+// to the lists), or, if merge is set and the free blocks add up to enough,
+// the same after merging free buddies. It returns -1 when no block of
+// order o is free.
+func (r *Region) takeLocked(o int, merge bool) int {
 	if idx := r.split(o); idx >= 0 {
 		return idx
 	}
-	if r.freeBlocks.Load() < 1<<o {
+	if !merge || r.freeBlocks.Load() < 1<<o {
 		return -1 // merging cannot help
 	}
 	r.coalesce()
@@ -117,5 +118,6 @@ func (r *Region) coalesce() {
 			r.push(idx, int(o))
 		}
 	}
+	r.mergedAt = r.epoch
 	r.coalesces.Add(1)
 }

@@ -231,3 +231,31 @@ func BenchmarkView(b *testing.B) {
 		}
 	}
 }
+
+// The allocator's slow path at its worst: every block free but none merged,
+// and one Alloc of the whole region, which merges them all.
+func BenchmarkMergeWholeRegion(b *testing.B) {
+	for _, c := range []struct {
+		name        string
+		size, block int
+	}{{"64MiB-64KiB", bulk.DefaultSize, bulk.DefaultBlockSize}, {"1GiB-4KiB", bulk.MaxSize, bulk.MinBlockSize}} {
+		b.Run(c.name, func(b *testing.B) {
+			r, _ := newPair(b, bulk.Config{Size: c.size, BlockSize: c.block})
+			spans := make([]bulk.Span, c.size/c.block)
+			b.ReportAllocs()
+			for b.Loop() {
+				b.StopTimer()
+				for i := range spans {
+					spans[i] = mustAlloc(b, r, 1)
+				}
+				for _, s := range spans {
+					if err := r.Free(s); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.StartTimer()
+				allocFree(b, r, context.Background(), c.size)
+			}
+		})
+	}
+}

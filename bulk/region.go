@@ -61,9 +61,11 @@ type Region struct {
 	spans      atomic.Int64 // spans held or sent
 	waiters    atomic.Int32 // Allocs registered to be woken by a release
 
-	mu    sync.Mutex    // the slow path: splitting, merging, waiting
-	wake  chan struct{} // closed by a release to wake the waiters; nil when none wait
-	order []int8        // coalesce's scratch table, one entry per block
+	mu       sync.Mutex    // the slow path: splitting, merging, waiting
+	wake     chan struct{} // closed by a release to wake the waiters; nil when none wait
+	epoch    uint64        // under mu: releases made while Allocs waited
+	mergedAt uint64        // under mu: epoch of the last merge
+	order    []int8        // coalesce's scratch table, one entry per block
 
 	closed atomic.Bool
 	done   chan struct{} // closed by Close
@@ -261,11 +263,16 @@ func (r *Region) Alloc(ctx context.Context, n int) (Span, error) {
 // r.waiters (both sequentially consistent), so either the look finds the
 // block or the release sees the waiter and closes r.wake, which it can only
 // do once the waiter has taken the channel (both under r.mu).
+//
+// A waiter merges on its first look, and after a wake-up only if there was
+// a release since the last merge: all the waiters one release wakes would
+// otherwise merge the whole region in turn, under the mutex, for nothing.
+// A release made while anyone waits counts in r.epoch (release).
 func (r *Region) allocSlow(ctx context.Context, o, n int) (int, error) {
-	for {
+	for first := true; ; first = false {
 		r.mu.Lock()
 		r.waiters.Add(1)
-		idx := r.takeLocked(o)
+		idx := r.takeLocked(o, first || r.mergedAt != r.epoch)
 		var err error
 		switch {
 		case idx >= 0:
@@ -302,6 +309,7 @@ func (r *Region) release(idx, o int) {
 	r.push(idx, o)
 	if r.waiters.Load() > 0 {
 		r.mu.Lock()
+		r.epoch++
 		if r.wake != nil {
 			close(r.wake)
 			r.wake = nil

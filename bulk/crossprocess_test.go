@@ -9,8 +9,10 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"runtime"
 	"strconv"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -252,9 +254,99 @@ func waitIdle(t *testing.T, r *bulk.Region, childDone chan error) {
 	}
 }
 
-// TestBulkHelperProcess is the child of TestCrossProcess, not a test.
+// The peer dies mid-transfer, holding spans and with senders waiting for
+// room: the end of the session (ReleaseAll, when the ACK pipe reports the
+// death as the control plane would) takes back every span the peer held,
+// the waiting senders wake, fail to send and free theirs; none is lost.
+func TestCrossProcessPeerKilled(t *testing.T) {
+	const size = 4 << 20
+	r, err := bulk.CreateRegion(bulk.Config{Size: size, ID: 9})
+	require.NoError(t, err)
+	defer r.Close()
+	descR, descW, err := os.Pipe()
+	require.NoError(t, err)
+	defer descW.Close()
+	ackR, ackW, err := os.Pipe()
+	require.NoError(t, err)
+	defer ackR.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestBulkHelperProcess$")
+	cmd.Env = append(os.Environ(), helperEnv+"=die", "SYPAS_SIZE="+strconv.Itoa(size))
+	cmd.ExtraFiles = []*os.File{r.File(), descR, ackW}
+	cmd.Stderr = os.Stderr
+	require.NoError(t, cmd.Start())
+	ackW.Close()
+	descR.Close()
+
+	// ACKs until the pipe ends; then, once the child is reaped (the
+	// control plane's "peer dead"), the session ends: ReleaseAll. Not at the
+	// pipe's EOF alone: a dying child may still hold the descriptors' pipe
+	// open for a moment, and spans sent then would never be released.
+	var released int
+	var childErr error
+	acksDone := make(chan struct{})
+	go func() {
+		defer close(acksDone)
+		buf := make([]byte, 40)
+		for {
+			if _, err := io.ReadFull(ackR, buf); err != nil {
+				break
+			}
+			var d wire.Bulk
+			if d.Decode(buf) == nil {
+				assert.NoError(t, r.Ack(&d))
+			}
+		}
+		childErr = cmd.Wait()
+		released = r.ReleaseAll()
+	}()
+
+	var descMu sync.Mutex
+	var wg sync.WaitGroup
+	for w := range xpSenders {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				s, err := r.Alloc(ctx, 256<<10+(i*w*7919)%(768<<10))
+				if !assert.NoError(t, err) {
+					return
+				}
+				d, err := r.Send(s, frame.TypeRequest, 0)
+				if !assert.NoError(t, err) {
+					return
+				}
+				b, _ := d.Append(make([]byte, 0, 40))
+				descMu.Lock()
+				_, err = descW.Write(b)
+				descMu.Unlock()
+				if err != nil { // the peer is gone: the frame never left
+					assert.NoError(t, r.Free(s))
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	<-acksDone
+	assert.Error(t, childErr, "the child kills itself")
+	st := r.Stats()
+	t.Logf("released %d spans at the session's end; %+v", released, st)
+	assert.Equal(t, uint64(released), st.Released)
+	assert.Positive(t, released, "the dead peer held spans")
+	assert.Equal(t, int64(0), st.Spans, "every span came back")
+	require.NoError(t, r.Free(mustAlloc(t, r, size)), "the allocator is whole")
+}
+
+// TestBulkHelperProcess is the child of the cross-process tests, not a test.
 func TestBulkHelperProcess(t *testing.T) {
-	if os.Getenv(helperEnv) != "1" {
+	switch os.Getenv(helperEnv) {
+	case "die":
+		dieMidTransfer()
+	case "1":
+	default:
 		t.Skip("helper process")
 	}
 	if err := bulkChild(); err != nil {
@@ -375,4 +467,43 @@ func bulkChild() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// dieMidTransfer acknowledges the first spans it is sent, then keeps the
+// next ones unacknowledged and dies by SIGKILL, as a crashed peer would.
+func dieMidTransfer() {
+	size, _ := strconv.Atoi(os.Getenv("SYPAS_SIZE"))
+	p, err := bulk.OpenRegion(os.NewFile(3, "bulk"), 9, size)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "child:", err)
+		os.Exit(1)
+	}
+	descs, acks := os.NewFile(4, "descs"), os.NewFile(5, "acks")
+	buf := make([]byte, 40)
+	for i := 0; ; i++ {
+		if _, err := io.ReadFull(descs, buf); err != nil {
+			break
+		}
+		var d wire.Bulk
+		if d.Decode(buf) != nil {
+			break
+		}
+		if _, err := p.View(&d); err != nil {
+			break
+		}
+		if i < 10 {
+			acks.Write(buf)
+			continue
+		}
+		if i == 12 {
+			break // three spans held, senders waiting for room
+		}
+	}
+	syscall.Kill(os.Getpid(), syscall.SIGKILL)
+	// Until the signal lands the ACK pipe stays open (dropped, its *os.File
+	// would be closed by the garbage collector), so that its end comes with
+	// the death, as a real peer's socket would.
+	runtime.KeepAlive(acks)
+	runtime.KeepAlive(p)
+	select {}
 }

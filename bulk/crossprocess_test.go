@@ -101,22 +101,11 @@ func TestCrossProcess(t *testing.T) {
 			r.Close()
 		}
 	}()
-	descR, descW, err := os.Pipe()
-	require.NoError(t, err)
-	defer descR.Close()
-	ackR, ackW, err := os.Pipe()
-	require.NoError(t, err)
-	defer ackR.Close()
-
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestBulkHelperProcess$")
-	cmd.Env = append(os.Environ(), helperEnv+"=1", "SYPAS_N="+strconv.Itoa(n+1))
-	cmd.ExtraFiles = []*os.File{r.File(), descR, ackW}
-	cmd.Stderr = os.Stderr
-	require.NoError(t, cmd.Start())
-	ackW.Close() // the child's now: EOF on ackR when it exits
-	descR.Close()
+	cmd, descW, ackR := startChild(t, ctx, r, helperEnv+"=1", "SYPAS_N="+strconv.Itoa(n+1))
+	defer descW.Close()
+	defer ackR.Close()
 	childDone := make(chan error, 1)
 	go func() { childDone <- cmd.Wait() }()
 
@@ -237,6 +226,27 @@ func openFDs(t *testing.T) int {
 	return len(fds)
 }
 
+// startChild re-executes this test binary as the peer
+// (TestBulkHelperProcess, its mode and parameters in env) with the region's
+// memfd as fd 3, the read end of the descriptors' pipe as fd 4 and the write
+// end of the ACKs' pipe as fd 5, and returns the other ends.
+func startChild(t *testing.T, ctx context.Context, r *bulk.Region, env ...string) (cmd *exec.Cmd, descW, ackR *os.File) {
+	t.Helper()
+	descR, descW, err := os.Pipe()
+	require.NoError(t, err)
+	ackR, ackW, err := os.Pipe()
+	require.NoError(t, err)
+	cmd = exec.CommandContext(ctx, os.Args[0], "-test.run=^TestBulkHelperProcess$")
+	cmd.Env = append(os.Environ(), env...)
+	cmd.ExtraFiles = []*os.File{r.File(), descR, ackW}
+	cmd.Stderr = os.Stderr
+	err = cmd.Start()
+	descR.Close() // the child's alone now: ackR ends, and descW fails, when it dies
+	ackW.Close()
+	require.NoError(t, err)
+	return cmd, descW, ackR
+}
+
 // waitIdle waits until every span has come back, or fails if the child
 // exits first.
 func waitIdle(t *testing.T, r *bulk.Region, childDone chan error) {
@@ -263,22 +273,11 @@ func TestCrossProcessPeerKilled(t *testing.T) {
 	r, err := bulk.CreateRegion(bulk.Config{Size: size, ID: 9})
 	require.NoError(t, err)
 	defer r.Close()
-	descR, descW, err := os.Pipe()
-	require.NoError(t, err)
-	defer descW.Close()
-	ackR, ackW, err := os.Pipe()
-	require.NoError(t, err)
-	defer ackR.Close()
-
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestBulkHelperProcess$")
-	cmd.Env = append(os.Environ(), helperEnv+"=die", "SYPAS_SIZE="+strconv.Itoa(size))
-	cmd.ExtraFiles = []*os.File{r.File(), descR, ackW}
-	cmd.Stderr = os.Stderr
-	require.NoError(t, cmd.Start())
-	ackW.Close()
-	descR.Close()
+	cmd, descW, ackR := startChild(t, ctx, r, helperEnv+"=die", "SYPAS_SIZE="+strconv.Itoa(size))
+	defer descW.Close()
+	defer ackR.Close()
 
 	// ACKs until the pipe ends; then, once the child is reaped (the
 	// control plane's "peer dead"), the session ends: ReleaseAll. Not at the

@@ -265,8 +265,8 @@ func waitIdle(t *testing.T, r *bulk.Region, childDone chan error) {
 }
 
 // The peer dies mid-transfer, holding spans and with senders waiting for
-// room: the end of the session (ReleaseAll, when the ACK pipe reports the
-// death as the control plane would) takes back every span the peer held,
+// room: the end of the session (ReleaseAll, once the child is reaped, as
+// the control plane reports a dead peer) takes back every span it held,
 // the waiting senders wake, fail to send and free theirs; none is lost.
 func TestCrossProcessPeerKilled(t *testing.T) {
 	const size = 4 << 20

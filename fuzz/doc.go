@@ -1,8 +1,9 @@
 // Package fuzz holds the fuzz targets of everything that reads untrusted
 // bytes: the SYPAS codecs (frame and wire payloads), the ring facing a
-// hostile producer, capability tokens, the control-plane handshake and the
-// bridge's two ends facing a hostile peer's ring. It
-// has no non-test code; the targets live in *_fuzz_test.go:
+// hostile producer, bulk regions facing hostile descriptors and ACKs,
+// capability tokens, the control-plane handshake and the bridge's two ends
+// facing a hostile peer's ring. It has no non-test code; the targets live
+// in *_fuzz_test.go:
 //
 //	FuzzFrameDecode        decoding arbitrary bytes never panics; accepted frames satisfy the header invariants
 //	FuzzFrameRoundTrip     decode → encode → decode gives equal frames and the same bytes
@@ -11,6 +12,7 @@
 //	FuzzRingConsumer       a consumer over an arbitrary producer slot and data area: no panic, views in the data area, termination, only documented errors
 //	FuzzRingHeader         the same over an arbitrary header and control slots, for both ends
 //	FuzzRingScribble       an honest producer and consumer with arbitrary scribbles on the region between steps
+//	FuzzBulk               a real bulk region fed arbitrary and forged descriptors and ACKs beside honest ones: views inside the region, only outstanding spans released, the allocator whole
 //	FuzzTokenParse         token parsing never panics; accepted tokens re-encode to the same bytes
 //	FuzzServerHandshake    a kernel facing arbitrary bytes from an attested daemon
 //	FuzzServerHandshakeFDs the same, with descriptors attached at arbitrary points

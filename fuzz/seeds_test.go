@@ -131,6 +131,9 @@ func targets(t testing.TB) map[string][][]any {
 	for _, s := range streamSeeds(t) {
 		m["FuzzFrameStream"] = append(m["FuzzFrameStream"], []any{s[0], s[1]})
 	}
+	for _, b := range bulkSeeds() {
+		m["FuzzBulk"] = append(m["FuzzBulk"], []any{b})
+	}
 	for _, typ := range frame.Types() {
 		for _, p := range payloadSeeds(t, typ) {
 			name := payloadTarget(typ)

@@ -766,9 +766,28 @@ func (s *Session) watchPidfd() {
 		return n > 0
 	})
 	if err == nil {
+		// The peer's last frames (its GOAWAY, say) may still wait in the
+		// socket, and its exit closed its end: the reader takes them, then
+		// the hang-up, and ends the session for the right reason. Only a
+		// socket the exit left open (a child inherited it) is ours to end.
+		t := time.NewTimer(exitGrace)
+		defer t.Stop()
+		select {
+		case <-s.done:
+			return
+		case <-t.C:
+		}
+		if s.goAwaySent.Load() && isClosed(s.goAwayRecv) {
+			s.fail(ErrSessionClosed) // both GOAWAYs, then the peer left: an orderly end (§6.8)
+			return
+		}
 		s.fail(fmt.Errorf("%w: process %d exited", ErrPeerGone, s.peer.PID))
 	}
 }
+
+// exitGrace is how long a session whose peer process exited leaves its
+// socket reader to end it.
+const exitGrace = 20 * time.Millisecond
 
 // ---------------------------------------------------------------- tokens
 

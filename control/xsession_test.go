@@ -195,6 +195,29 @@ func TestCrossProcessSession(t *testing.T) {
 	assert.Equal(t, base, countFDs(t))
 }
 
+// A daemon that leaves (exits) after both GOAWAYs ended the session in
+// order: the kernel's session records ErrSessionClosed, not a peer death,
+// whether it notices the hang-up or the process's exit first (§6.8).
+func TestCrossProcessExitAfterGoAwayIsOrderly(t *testing.T) {
+	ts := startServer(t, "", ServerConfig{})
+	h := sessionHelperProc(t, "daemon", ts.path)
+	k := ts.session(t)
+	defer k.Close()
+	assert.Equal(t, "ping from daemon", readRecord(t, k.Consumer()))
+	_, err := k.Producer().Write([]byte("pong from kernel"))
+	require.NoError(t, err)
+	h.expect(t, "GOT")
+	require.NoError(t, k.Drain(context.Background())) // not Close: the daemon ends it
+	require.NoError(t, h.cmd.Wait())
+	select {
+	case <-k.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the session did not end when the daemon exited")
+	}
+	assert.ErrorIs(t, k.Err(), ErrSessionClosed)
+	assert.NotErrorIs(t, k.Err(), ErrPeerGone)
+}
+
 // waitWoken blocks a ring waiter of s in a goroutine and returns a channel
 // that yields when, and with what, it was woken.
 func waitWoken(s *Session) <-chan wake {

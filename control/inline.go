@@ -1,0 +1,295 @@
+package control
+
+import (
+	"fmt"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
+)
+
+// DataStream is the stream id of the data-plane frames on a control socket
+// whose data plane is inline (docs/PROTOCOL.md §8.6); control frames keep
+// stream 0.
+const DataStream = 1
+
+// Inline is the data plane of a session that carries it on the control
+// socket instead of the rings (WELCOME granted wire.FeatureInline): the
+// frames of docs/PROTOCOL.md §8 travel on stream 1, interleaved with the
+// control frames and numbered in the socket's one sequence.
+//
+// The session's reader goroutine, which reads every frame of the socket,
+// checks each data-plane frame's header (sequence, stream, type for this
+// side) and copies it into a queue bounded in bytes by the ring the session
+// would have had in that direction (WELCOME's tx or rx size; one frame is
+// always admitted): a full queue stops the reading of the socket, the
+// backpressure of a full ring. Next takes frames from the queue (one
+// goroutine at a time, as a ring Consumer); Write appends frames to a
+// buffer written to the socket by Flush, or by the session's next control
+// frame, in sequence order.
+type Inline struct {
+	s      *Session
+	reason string
+	budget int // bytes queued and held admitted before the reader waits
+
+	mu    sync.Mutex
+	q     []*inlineFrame // received, not yet returned by Next
+	head  int            // q[head:] are waiting
+	held  []*inlineFrame // returned by Next, not yet released
+	free  []*inlineFrame
+	bytes int           // of q[head:] and held
+	ready chan struct{} // cap 1: a frame was queued
+	room  chan struct{} // cap 1: bytes were released
+	wake  chan struct{} // cap 1: Wake
+
+	timer *time.Timer // Next's: one goroutine at a time
+
+	buf []byte // under Session.wmu: frames written, not yet flushed
+}
+
+type inlineFrame struct {
+	h   frame.Header
+	ext int    // length of the extension at the start of b
+	b   []byte // extension, then payload: private copies
+}
+
+// maxKeptFrame bounds the buffer a released frame keeps for reuse, and
+// maxKeptWrite the write buffer kept after a flush.
+const (
+	maxKeptFrame = 64 << 10
+	maxKeptWrite = 256 << 10
+	// flushAt is the size at which Write flushes even when asked not to:
+	// a burst held back for one write stays bounded.
+	flushAt = 64 << 10
+)
+
+func newInline(s *Session, budget uint32, reason string) *Inline {
+	t := time.NewTimer(time.Hour)
+	t.Stop()
+	d := &Inline{
+		s: s, reason: reason, budget: int(budget), timer: t,
+		ready: make(chan struct{}, 1), room: make(chan struct{}, 1), wake: make(chan struct{}, 1),
+	}
+	// Data frames carry up to max_payload; control frames are still held
+	// to the control limit (readFrame).
+	s.fr.SetConfig(frame.Config{MaxPayload: max(controlMaxPayload, int(s.welcome.MaxPayload))})
+	s.fdr.fds = false // no REGIONS will come: descriptors are refused
+	return d
+}
+
+// Reason says why the session's data plane is inline rather than on the
+// rings: whose configuration turned shared memory off, or what failed.
+func (d *Inline) Reason() string { return d.reason }
+
+// MaxPayload is the session's max_payload, which both directions obey.
+func (d *Inline) MaxPayload() int { return int(d.s.welcome.MaxPayload) }
+
+// push queues a data-plane frame read from the socket (the reader only),
+// waiting while the queue is over its budget.
+func (d *Inline) push(f *frame.Frame) error {
+	n := len(f.Extension) + len(f.Payload)
+	for {
+		d.mu.Lock()
+		if d.bytes == 0 || d.bytes+n <= d.budget {
+			break
+		}
+		d.mu.Unlock()
+		select {
+		case <-d.room:
+		case <-d.s.done:
+			return d.endErr()
+		}
+	}
+	var fr *inlineFrame
+	if k := len(d.free); k > 0 {
+		fr, d.free = d.free[k-1], d.free[:k-1]
+	} else {
+		fr = new(inlineFrame)
+	}
+	fr.h, fr.ext = f.Header, len(f.Extension)
+	fr.b = append(append(fr.b[:0], f.Extension...), f.Payload...)
+	if d.head > 0 && d.head == len(d.q) {
+		d.q, d.head = d.q[:0], 0
+	} else if d.head > 64 && d.head > len(d.q)/2 {
+		d.q = d.q[:copy(d.q, d.q[d.head:])]
+		d.head = 0
+	}
+	d.q = append(d.q, fr)
+	d.bytes += n
+	d.mu.Unlock()
+	select {
+	case d.ready <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// Next returns the next data-plane frame the peer sent, waiting until
+// deadline (zero: none; a past one: only a frame already there) or Wake.
+// Its Extension and Payload are private copies, valid until Release.
+// Frames received before the session ended are still returned; then Next
+// fails with why it ended. One goroutine at a time.
+func (d *Inline) Next(deadline time.Time) (frame.Frame, error) {
+	for {
+		d.mu.Lock()
+		if d.head < len(d.q) {
+			fr := d.q[d.head]
+			d.q[d.head] = nil
+			d.head++
+			d.held = append(d.held, fr)
+			d.mu.Unlock()
+			return frame.Frame{Header: fr.h, Extension: fr.b[:fr.ext:fr.ext], Payload: fr.b[fr.ext:]}, nil
+		}
+		d.mu.Unlock()
+		select {
+		case <-d.s.done:
+			return frame.Frame{}, d.endErr()
+		case <-d.wake:
+			return frame.Frame{}, os.ErrDeadlineExceeded
+		default:
+		}
+		var expired <-chan time.Time
+		if !deadline.IsZero() {
+			wait := time.Until(deadline)
+			if wait <= 0 {
+				return frame.Frame{}, os.ErrDeadlineExceeded
+			}
+			d.timer.Reset(wait)
+			expired = d.timer.C
+		}
+		select {
+		case <-d.ready:
+			d.timer.Stop()
+		case <-d.wake:
+			d.timer.Stop()
+			return frame.Frame{}, os.ErrDeadlineExceeded
+		case <-expired:
+			return frame.Frame{}, os.ErrDeadlineExceeded
+		case <-d.s.done:
+			d.timer.Stop()
+		}
+	}
+}
+
+// Release hands back every frame Next returned.
+func (d *Inline) Release() {
+	d.mu.Lock()
+	if len(d.held) == 0 {
+		d.mu.Unlock()
+		return
+	}
+	for i, fr := range d.held {
+		d.bytes -= len(fr.b)
+		if cap(fr.b) > maxKeptFrame {
+			fr.b = nil
+		}
+		d.free = append(d.free, fr)
+		d.held[i] = nil
+	}
+	d.held = d.held[:0]
+	d.mu.Unlock()
+	select {
+	case d.room <- struct{}{}:
+	default:
+	}
+}
+
+// Buffered reports whether Next has a frame without waiting.
+func (d *Inline) Buffered() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.head < len(d.q)
+}
+
+// Wake makes a Next waiting in another goroutine return at once with
+// os.ErrDeadlineExceeded (or the next call, if none waits and no frame is
+// there).
+func (d *Inline) Wake() {
+	select {
+	case d.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Write appends one data-plane frame carrying m, with ext (nil, or a
+// multiple of 8 bytes) as its header extension, to the socket's write
+// buffer: stream 1, the socket's next sequence, the current token's
+// cap_ref; h gives Type, Flags and Correlation. With flush, or when the
+// buffer has grown past 64 KiB, the buffer is written at once. A payload
+// over max_payload fails with an error matching wire.ErrTooLarge and
+// nothing is written. A write that fails (the peer does not read for the
+// write timeout, or is gone) ends the session: the stream is broken.
+func (d *Inline) Write(h frame.Header, ext []byte, m wire.Message, flush bool) error {
+	n := m.Len()
+	if n > d.MaxPayload() {
+		return &wire.Error{Code: wire.CodeTooLarge, Message: fmt.Sprintf("%v payload of %d bytes, the session's limit is %d", h.Type, n, d.MaxPayload())}
+	}
+	s := d.s
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if err := s.Err(); err != nil {
+		return err
+	}
+	hl := frame.HeaderSize + len(ext)
+	off := len(d.buf)
+	d.buf = slices.Grow(d.buf, hl+n)[:off+hl]
+	h.HeaderLen, h.PayloadLen, h.StreamID = uint16(hl), uint32(n), DataStream
+	h.Sequence, h.CapRef = s.wseq+1, s.capRef()
+	if err := h.Put(d.buf[off:]); err != nil {
+		d.buf = d.buf[:off]
+		return err
+	}
+	copy(d.buf[off+frame.HeaderSize:], ext)
+	b, err := m.Append(d.buf)
+	if err != nil || len(b) != off+hl+n {
+		d.buf = d.buf[:off]
+		return fmt.Errorf("control: encode %v: %w", h.Type, err)
+	}
+	d.buf = b
+	s.wseq++
+	if flush || len(d.buf) >= flushAt {
+		return d.flushLocked()
+	}
+	return nil
+}
+
+// Flush writes the frames Write buffered.
+func (d *Inline) Flush() error {
+	d.s.wmu.Lock()
+	defer d.s.wmu.Unlock()
+	return d.flushLocked()
+}
+
+// flushLocked writes the buffer, under Session.wmu, within the write
+// timeout. A failed write ends the session.
+func (d *Inline) flushLocked() error {
+	if len(d.buf) == 0 {
+		return nil
+	}
+	s := d.s
+	s.conn.SetWriteDeadline(time.Now().Add(s.deadAfter()))
+	_, err := s.conn.Write(d.buf)
+	d.buf = d.buf[:0]
+	if cap(d.buf) > maxKeptWrite {
+		d.buf = nil
+	}
+	if err != nil {
+		if e := s.Err(); e != nil {
+			return e
+		}
+		err = fmt.Errorf("%w: data-plane write: %w", ErrPeerGone, writeErr(err))
+		s.fail(err)
+	}
+	return err
+}
+
+// endErr is why the session ended.
+func (d *Inline) endErr() error {
+	if err := d.s.Err(); err != nil {
+		return err
+	}
+	return ErrSessionClosed
+}

@@ -1,11 +1,14 @@
 package control
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"slices"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/sypas/go/frame"
 	"github.com/sypas/go/wire"
@@ -21,15 +24,26 @@ const DataStream = 1
 // frames of docs/PROTOCOL.md §8 travel on stream 1, interleaved with the
 // control frames and numbered in the socket's one sequence.
 //
-// The session's reader goroutine, which reads every frame of the socket,
-// checks each data-plane frame's header (sequence, stream, type for this
-// side) and copies it into a queue bounded in bytes by the ring the session
-// would have had in that direction (WELCOME's tx or rx size; one frame is
-// always admitted): a full queue stops the reading of the socket, the
+// On a daemon, the session's reader goroutine, which reads every frame of
+// the socket, checks each data-plane frame's header (sequence, stream, type
+// for this side) and copies it into a queue bounded in bytes by the ring
+// the session would have had (WELCOME's rx size; one frame is always
+// admitted): a full queue stops the reading of the socket, the
 // backpressure of a full ring. Next takes frames from the queue (one
-// goroutine at a time, as a ring Consumer); Write appends frames to a
-// buffer written to the socket by Flush, or by the session's next control
-// frame, in sequence order.
+// goroutine at a time, as a ring Consumer). The daemon needs that reader:
+// between calls nothing else reads, and heartbeats, GOAWAY and refreshed
+// tokens must still be read.
+//
+// On the kernel there is no reader goroutine: Next is the socket's reader.
+// It serves the control frames it meets (heartbeats, TOKEN_REFRESH,
+// GOAWAY) and returns each data-plane frame in place, with no copy and no
+// goroutine hand-off (a quarter of an inline call's round trip). So the
+// kernel's owner MUST keep calling Next for as long as the session lives,
+// as sypas.Server's reader does: while it does not, the daemon's control
+// frames wait in the socket.
+//
+// Write appends frames to a buffer written to the socket by Flush, or by
+// the session's next control frame, in sequence order.
 type Inline struct {
 	s      *Session
 	reason string
@@ -48,6 +62,20 @@ type Inline struct {
 	timer *time.Timer // Next's: one goroutine at a time
 
 	buf []byte // under Session.wmu: frames written, not yet flushed
+
+	// direct (the kernel): there is no queue and no reader goroutine:
+	// Next reads the socket itself, serving the control frames it meets,
+	// and returns a data-plane frame in place, with no copy and no
+	// goroutine hand-off. The kernel's owner reads all the time (a
+	// sypas.Server does); a daemon keeps the queue, as it may read
+	// nothing between calls while heartbeats, GOAWAY and refreshed
+	// tokens still need reading.
+	direct  bool
+	peekBuf [1]byte
+	peek    func(fd uintptr) bool // whether the socket has bytes (or an end) to read
+	dmu     sync.Mutex            // Wake versus the reader's deadline
+	peeking bool                  // under dmu: the reader waits for bytes (Wake may interrupt it)
+	woken   bool                  // under dmu
 }
 
 type inlineFrame struct {
@@ -70,8 +98,20 @@ func newInline(s *Session, budget uint32, reason string) *Inline {
 	t := time.NewTimer(time.Hour)
 	t.Stop()
 	d := &Inline{
-		s: s, reason: reason, budget: int(budget), timer: t,
+		s: s, reason: reason, budget: int(budget), timer: t, direct: s.kernel,
 		ready: make(chan struct{}, 1), room: make(chan struct{}, 1), wake: make(chan struct{}, 1),
+	}
+	d.peek = func(fd uintptr) bool {
+		for {
+			_, _, _, err := recvmsg(int(fd), d.peekBuf[:], nil, unix.MSG_PEEK|unix.MSG_DONTWAIT)
+			switch err {
+			case unix.EINTR:
+				continue
+			case unix.EAGAIN:
+				return false // wait for the socket, then again
+			}
+			return true // bytes, the end, or an error that readFrame will meet
+		}
 	}
 	// Data frames carry up to max_payload; control frames are still held
 	// to the control limit (readFrame).
@@ -129,10 +169,14 @@ func (d *Inline) push(f *frame.Frame) error {
 
 // Next returns the next data-plane frame the peer sent, waiting until
 // deadline (zero: none; a past one: only a frame already there) or Wake.
-// Its Extension and Payload are private copies, valid until Release.
-// Frames received before the session ended are still returned; then Next
-// fails with why it ended. One goroutine at a time.
+// Its Extension and Payload are valid until Release and the next call
+// (daemon: private copies; kernel: the socket reader's buffer). On a
+// daemon, frames received before the session ended are still returned;
+// then Next fails with why it ended. One goroutine at a time.
 func (d *Inline) Next(deadline time.Time) (frame.Frame, error) {
+	if d.direct {
+		return d.nextDirect(deadline)
+	}
 	for {
 		d.mu.Lock()
 		if d.head < len(d.q) {
@@ -174,8 +218,72 @@ func (d *Inline) Next(deadline time.Time) (frame.Frame, error) {
 	}
 }
 
+// nextDirect is Next on the kernel: it reads the socket itself, serving
+// control frames as the session's reader would, until a data-plane frame,
+// which stays in the reader's buffer until the next call. The liveness
+// deadline of the socket (heartbeat interval × misses) applies while it
+// waits; a wait that ends at deadline or by Wake reads nothing, so the
+// stream stays whole.
+func (d *Inline) nextDirect(deadline time.Time) (frame.Frame, error) {
+	s := d.s
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	for {
+		if err := s.Err(); err != nil {
+			return frame.Frame{}, err
+		}
+		if s.fr.Buffered() == 0 {
+			if !deadline.IsZero() && !time.Now().Before(deadline) {
+				return frame.Frame{}, os.ErrDeadlineExceeded
+			}
+			live := time.Now().Add(s.deadAfter())
+			wait := live
+			if !deadline.IsZero() && deadline.Before(live) {
+				wait = deadline
+			}
+			d.dmu.Lock()
+			woken := d.woken
+			d.woken, d.peeking = false, !woken
+			if !woken {
+				s.conn.SetReadDeadline(wait)
+			}
+			d.dmu.Unlock()
+			if woken {
+				return frame.Frame{}, os.ErrDeadlineExceeded
+			}
+			err := s.fdr.rc.Read(d.peek)
+			d.dmu.Lock()
+			woken, d.woken, d.peeking = d.woken, false, false
+			d.dmu.Unlock()
+			if errors.Is(err, os.ErrDeadlineExceeded) && (woken || wait.Before(live)) {
+				return frame.Frame{}, os.ErrDeadlineExceeded
+			}
+			if err != nil {
+				err = s.readErr(err)
+				s.endRead(err)
+				return frame.Frame{}, err
+			}
+		}
+		s.conn.SetReadDeadline(time.Now().Add(s.deadAfter()))
+		f, _, err := s.readFrame()
+		if err == nil {
+			if f.StreamID == DataStream {
+				return *f, nil
+			}
+			err = s.handle(f)
+		}
+		if err != nil {
+			s.endRead(err)
+			return frame.Frame{}, err
+		}
+	}
+}
+
 // Release hands back every frame Next returned.
 func (d *Inline) Release() {
+	if d.direct {
+		return // the frame lives in the reader's buffer until the next Next
+	}
 	d.mu.Lock()
 	if len(d.held) == 0 {
 		d.mu.Unlock()
@@ -199,6 +307,9 @@ func (d *Inline) Release() {
 
 // Buffered reports whether Next has a frame without waiting.
 func (d *Inline) Buffered() bool {
+	if d.direct {
+		return d.s.fr.Buffered() > 0 // a hint: perhaps only part of a frame
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.head < len(d.q)
@@ -208,6 +319,17 @@ func (d *Inline) Buffered() bool {
 // os.ErrDeadlineExceeded (or the next call, if none waits and no frame is
 // there).
 func (d *Inline) Wake() {
+	if d.direct {
+		// Only a wait for bytes is interrupted: a deadline landing inside
+		// a frame would break the stream.
+		d.dmu.Lock()
+		d.woken = true
+		if d.peeking {
+			d.s.conn.SetReadDeadline(time.Unix(1, 0))
+		}
+		d.dmu.Unlock()
+		return
+	}
 	select {
 	case d.wake <- struct{}{}:
 	default:

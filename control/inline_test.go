@@ -81,6 +81,17 @@ func TestInlineByConfig(t *testing.T) {
 			}
 			assert.NoError(t, d.Err())
 			assert.NoError(t, k.Err())
+			// The kernel's Inline.Next is its socket reader: it must go on
+			// reading for the GOAWAY to arrive.
+			kread := make(chan error, 1)
+			go func() {
+				for {
+					if _, err := k.Inline().Next(time.Time{}); err != nil {
+						kread <- err
+						return
+					}
+				}
+			}()
 			kdone := make(chan error, 1)
 			go func() {
 				<-k.GoAway()
@@ -90,6 +101,7 @@ func TestInlineByConfig(t *testing.T) {
 			require.NoError(t, <-kdone)
 			_, err := d.Inline().Next(time.Time{})
 			assert.ErrorIs(t, err, ErrSessionClosed)
+			assert.ErrorIs(t, <-kread, ErrSessionClosed)
 			ts.Close()
 			assert.Equal(t, base, countFDs(t), "every fd released")
 		})
@@ -185,6 +197,8 @@ func TestInlineStreamRules(t *testing.T) {
 	k := ts.session(t)
 	resp := wire.Response{Body: []byte("wrong way")}
 	require.NoError(t, d.Inline().Write(frame.Header{Type: frame.TypeResponse, Flags: frame.FlagEndStream, Correlation: 1}, nil, &resp, true))
+	_, err := k.Inline().Next(time.Now().Add(10 * time.Second)) // the kernel's reader
+	assert.ErrorIs(t, err, wire.ErrProto)
 	select {
 	case <-k.Done():
 	case <-time.After(10 * time.Second):

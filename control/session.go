@@ -112,7 +112,9 @@ type Session struct {
 	// Kernel, readLoop only: the daemon's control frames and refreshes.
 	frames, refreshes bucket
 
-	// Read side: the handshake, then readLoop alone.
+	// Read side: the handshake, then readLoop alone (or, kernel inline,
+	// Inline.Next under rmu).
+	rmu      sync.Mutex
 	fdr      *fdReader
 	fr       *frame.Reader
 	consumed int64  // stream bytes of the frames read so far
@@ -334,7 +336,9 @@ func (s *Session) Close() error {
 		}
 		s.fail(ErrSessionClosed)
 		s.wg.Wait()
+		s.rmu.Lock() // a direct Inline reader has left readFrame (fail closed the socket)
 		s.fdr.close()
+		s.rmu.Unlock()
 		if s.ctl != nil {
 			s.ctl.pidfd.Close()
 		}
@@ -640,10 +644,13 @@ func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error)
 			}
 		})
 	}
-	s.wg.Add(3)
-	go s.readLoop()
+	s.wg.Add(2)
 	go s.heartbeatLoop()
 	go s.expiryLoop()
+	if s.inline == nil || !s.inline.direct {
+		s.wg.Add(1)
+		go s.readLoop()
+	} // else Inline.Next is the socket's reader
 	if s.kernel {
 		s.wg.Add(1)
 		go s.watchPidfd()
@@ -674,14 +681,20 @@ func (s *Session) readLoop() {
 			}
 		}
 		if err != nil {
-			var pe *wire.Error
-			if errors.As(err, &pe) && !isPeerError(err) && !errors.Is(err, ErrPeerGone) {
-				s.failProto(err)
-			}
-			s.fail(err)
+			s.endRead(err)
 			return
 		}
 	}
+}
+
+// endRead ends the session for err, the failure of reading or handling a
+// frame: a protocol error of the peer's is reported to it first.
+func (s *Session) endRead(err error) {
+	var pe *wire.Error
+	if errors.As(err, &pe) && !isPeerError(err) && !errors.Is(err, ErrPeerGone) {
+		s.failProto(err)
+	}
+	s.fail(err)
 }
 
 // handle dispatches a frame of the operation phase (already checked

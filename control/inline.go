@@ -4,8 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -62,6 +64,16 @@ type Inline struct {
 	timer *time.Timer // Next's: one goroutine at a time
 
 	buf []byte // under Session.wmu: frames written, not yet flushed
+	// backlog: a TryWrite left part of buf unwritten (the socket was
+	// full); the next write sends it first. Under Session.wmu.
+	backlog bool
+	// writing is when the write under way began (UnixNano), 0 if none: a
+	// write that has lasted stallAfter is waiting for a peer that does
+	// not read (Stalled).
+	writing atomic.Int64
+	wfn     func(fd uintptr) bool // one non-blocking write(2) of buf: made once
+	wn      int
+	werr    error
 
 	// direct (the kernel): there is no queue and no reader goroutine:
 	// Next reads the socket itself, serving the control frames it meets,
@@ -100,6 +112,14 @@ func newInline(s *Session, budget uint32, reason string) *Inline {
 	d := &Inline{
 		s: s, reason: reason, budget: int(budget), timer: t, direct: s.kernel,
 		ready: make(chan struct{}, 1), room: make(chan struct{}, 1), wake: make(chan struct{}, 1),
+	}
+	d.wfn = func(fd uintptr) bool {
+		for {
+			d.wn, d.werr = unix.Write(int(fd), d.buf)
+			if d.werr != unix.EINTR {
+				return true // never wait: EAGAIN is a full socket
+			}
+		}
 	}
 	d.peek = func(fd uintptr) bool {
 		for {
@@ -345,13 +365,24 @@ func (d *Inline) Wake() {
 // nothing is written. A write that fails (the peer does not read for the
 // write timeout, or is gone) ends the session: the stream is broken.
 func (d *Inline) Write(h frame.Header, ext []byte, m wire.Message, flush bool) error {
+	d.s.wmu.Lock()
+	defer d.s.wmu.Unlock()
+	if err := d.appendLocked(h, ext, m); err != nil {
+		return err
+	}
+	if flush || len(d.buf) >= flushAt {
+		return d.flushLocked()
+	}
+	return nil
+}
+
+// appendLocked encodes one frame at the end of buf; under Session.wmu.
+func (d *Inline) appendLocked(h frame.Header, ext []byte, m wire.Message) error {
 	n := m.Len()
 	if n > d.MaxPayload() {
 		return &wire.Error{Code: wire.CodeTooLarge, Message: fmt.Sprintf("%v payload of %d bytes, the session's limit is %d", h.Type, n, d.MaxPayload())}
 	}
 	s := d.s
-	s.wmu.Lock()
-	defer s.wmu.Unlock()
 	if err := s.Err(); err != nil {
 		return err
 	}
@@ -372,9 +403,77 @@ func (d *Inline) Write(h frame.Header, ext []byte, m wire.Message, flush bool) e
 	}
 	d.buf = b
 	s.wseq++
-	if flush || len(d.buf) >= flushAt {
-		return d.flushLocked()
+	return nil
+}
+
+// stallAfter is how long a write lasts before Stalled says the socket is
+// full: a write to a socket with room takes microseconds.
+const stallAfter = time.Millisecond
+
+// Stalled reports whether a write to the socket has been waiting for the
+// peer to read for a while: a sender that must not wait gives up.
+func (d *Inline) Stalled() bool {
+	t := d.writing.Load()
+	return t != 0 && time.Now().UnixNano()-t > int64(stallAfter)
+}
+
+// ErrFull is a TryWrite that found the socket full.
+var ErrFull = errors.New("control: the socket is full: the peer reads too slowly")
+
+// TryWrite is Write for a sender that must not wait for the peer (an event
+// under a drop policy): it fails with ErrFull, writing nothing, when
+// another writer holds the socket or what was written before has not all
+// left yet (the peer reads more slowly than we write). A frame it takes
+// goes out at once, as far as the socket has room; the rest leaves with
+// the next write, at the latest the next heartbeat.
+func (d *Inline) TryWrite(h frame.Header, ext []byte, m wire.Message) error {
+	s := d.s
+	for !s.wmu.TryLock() {
+		// Held: briefly by another writer, or by one that waits for a
+		// full socket.
+		if d.Stalled() {
+			return ErrFull
+		}
+		runtime.Gosched()
 	}
+	defer s.wmu.Unlock()
+	if d.backlog {
+		if err := d.writeNow(); err != nil {
+			return err
+		}
+		if d.backlog {
+			return ErrFull
+		}
+	}
+	if err := d.appendLocked(h, ext, m); err != nil {
+		return err
+	}
+	return d.writeNow()
+}
+
+// writeNow writes as much of buf as the socket takes without waiting;
+// under Session.wmu.
+func (d *Inline) writeNow() error {
+	s := d.s
+	if err := s.Err(); err != nil {
+		return err
+	}
+	if len(d.buf) == 0 {
+		d.backlog = false
+		return nil
+	}
+	err := s.fdr.rc.Write(d.wfn)
+	if err == nil && d.werr != nil && d.werr != unix.EAGAIN {
+		err = d.werr
+	}
+	if err != nil {
+		err = fmt.Errorf("%w: data-plane write: %w", ErrPeerGone, writeErr(err))
+		s.fail(err)
+		return err
+	}
+	n := max(d.wn, 0)
+	d.buf = d.buf[:copy(d.buf, d.buf[n:])]
+	d.backlog = len(d.buf) > 0
 	return nil
 }
 
@@ -392,9 +491,12 @@ func (d *Inline) flushLocked() error {
 		return nil
 	}
 	s := d.s
-	s.conn.SetWriteDeadline(time.Now().Add(s.deadAfter()))
+	now := time.Now()
+	s.conn.SetWriteDeadline(now.Add(s.deadAfter()))
+	d.writing.Store(now.UnixNano())
 	_, err := s.conn.Write(d.buf)
-	d.buf = d.buf[:0]
+	d.writing.Store(0)
+	d.buf, d.backlog = d.buf[:0], false
 	if cap(d.buf) > maxKeptWrite {
 		d.buf = nil
 	}

@@ -27,9 +27,10 @@ import (
 // it to flush, as on the rings. The write itself is bounded by the control
 // plane's write timeout (heartbeat interval × misses), not by a context: a
 // frame half written would break the stream, so a write that fails ends
-// the session. A noWait send (an event under DropNewest) waits for its
-// turn like any other: the socket has no "room" to look at without
-// writing.
+// the session. A noWait send (an event under DropNewest) never waits for
+// the peer: it gives up (errFull) when the lock's holder is writing to a
+// full socket, and writes with control.Inline.TryWrite, which drops the
+// frame rather than wait for a socket that has not taken the last one.
 type socketTransport struct {
 	sess *control.Session
 	in   *control.Inline
@@ -119,15 +120,24 @@ func (t *socketTransport) send(ctx context.Context, h frame.Header, ext []byte, 
 	select {
 	case t.lock <- struct{}{}:
 	default:
-		if err := t.queue(ctx); err != nil {
+		if err := t.queue(ctx, noWait); err != nil {
 			return err
 		}
 	}
 	live := t.sess.Err() == nil
-	err := t.in.Write(h, ext, m, false)
+	var err error
+	if noWait {
+		err = t.in.TryWrite(h, ext, m)
+	} else {
+		err = t.in.Write(h, ext, m, false)
+	}
 	switch {
 	case err == nil:
-		t.dirty.Store(true)
+		if !noWait { // TryWrite wrote what the socket took; the rest goes with the next write
+			t.dirty.Store(true)
+		}
+	case errors.Is(err, control.ErrFull):
+		err = errFull
 	case errors.Is(err, ErrTooLarge):
 	case live:
 		// The session ended in Write: a buffer flushed when full may have
@@ -139,21 +149,38 @@ func (t *socketTransport) send(ctx context.Context, h frame.Header, ext []byte, 
 	return t.unlock(err)
 }
 
-// queue waits for the lock, within ctx.
-func (t *socketTransport) queue(ctx context.Context) error {
+// queue waits for the lock, within ctx; with noWait, only while no write
+// waits for a full socket (looked at every stallAfter).
+func (t *socketTransport) queue(ctx context.Context, noWait bool) error {
 	t.waiting.Add(1)
-	select {
-	case t.lock <- struct{}{}:
-		t.waiting.Add(-1)
-		return nil
-	case <-ctx.Done():
-		t.leave()
-		return ctx.Err()
-	case <-t.sess.Done():
-		t.leave()
-		return t.sessionErr(nil)
+	var tick <-chan time.Time
+	if noWait {
+		tk := time.NewTicker(stallCheck)
+		defer tk.Stop()
+		tick = tk.C
+	}
+	for {
+		if noWait && t.in.Stalled() {
+			t.leave()
+			return errFull
+		}
+		select {
+		case t.lock <- struct{}{}:
+			t.waiting.Add(-1)
+			return nil
+		case <-tick:
+		case <-ctx.Done():
+			t.leave()
+			return ctx.Err()
+		case <-t.sess.Done():
+			t.leave()
+			return t.sessionErr(nil)
+		}
 	}
 }
+
+// stallCheck is how often a queued noWait sender looks for a stalled write.
+const stallCheck = time.Millisecond
 
 // unlock writes what is buffered unless another sender waits for the lock
 // (it will) or a holder holds, then releases the lock. A waiter that gives

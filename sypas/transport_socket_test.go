@@ -14,7 +14,10 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/sypas/go/control"
+	"github.com/sypas/go/frame"
 	"github.com/sypas/go/internal/shm"
+	"github.com/sypas/go/wire"
 )
 
 // forceInline makes dialT's Clients turn shared memory off, so that the
@@ -214,4 +217,37 @@ func TestInlineLargePayloads(t *testing.T) {
 	_, err = c.Call(ctx, "echo", make([]byte, p.MaxPayload))
 	assert.ErrorIs(t, err, ErrTooLarge)
 	stillServes(t, c)
+}
+
+// DropNewest never waits on the inline transport either: a subscriber that
+// reads nothing fills its queue and the socket, then each event is dropped
+// and counted at once, and the subscriber's session lives on.
+func TestInlinePublishDropNewestNeverWaits(t *testing.T) {
+	cfg := ServerConfig{}
+	cfg.HeartbeatInterval = 5 * time.Second // the subscriber stays alive throughout
+	k := startKernel(t, cfg, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	s, err := control.Dial(ctx, k.path, control.DialConfig{SessionConfig: control.SessionConfig{
+		NoSharedMemory: true, Features: control.DefaultFeatures | wire.FeatureSubscribe | wire.FeatureInline,
+		RxRingSize: 64 << 10, Logger: quiet}})
+	require.NoError(t, err)
+	defer s.Close()
+	in := s.Inline()
+	require.NotNil(t, in)
+	sub := wire.Subscribe{SubscriptionID: 7, Topic: []byte("news")}
+	require.NoError(t, in.Write(frame.Header{Type: frame.TypeSubscribe, Correlation: 1}, nil, &sub, true))
+	f, err := in.Next(time.Now().Add(10 * time.Second))
+	require.NoError(t, err)
+	require.Equal(t, frame.TypeResponse, f.Type)
+	in.Release() // and never read again
+
+	body := make([]byte, 32<<10)
+	for i := range 64 { // 2 MiB: more than the queue and the socket's buffers
+		start := time.Now()
+		require.NoError(t, k.srv.Publish(ctx, "news", body))
+		require.Less(t, time.Since(start), promptly, "Publish %d waited for a full subscriber", i)
+	}
+	assert.NotZero(t, k.srv.Stats().Dropped)
+	assert.NoError(t, s.Err(), "the subscriber's session lives on")
 }

@@ -46,6 +46,7 @@ type fdReader struct {
 	// sender's address (ReadMsgUnix allocates it on every read: an
 	// inline data plane reads here per frame). recv is made once, so a
 	// read allocates nothing; it works on the fields below.
+	raw               bool // read with recvmsg below, not ReadMsgUnix: inline sessions
 	rc                syscall.RawConn
 	recv              func(fd uintptr) bool
 	rp                []byte
@@ -106,7 +107,13 @@ func (r *fdReader) Read(p []byte) (int, error) {
 	if r.err != nil {
 		return 0, r.err
 	}
-	n, oobn, flags, err := r.readMsg(p)
+	var n, oobn, flags int
+	var err error
+	if r.raw {
+		n, oobn, flags, err = r.readMsg(p)
+	} else {
+		n, oobn, flags, _, err = r.c.ReadMsgUnix(p, r.oob)
+	}
 	if n < 0 {
 		n = 0
 	}

@@ -137,6 +137,7 @@ func newInline(s *Session, budget uint32, reason string) *Inline {
 	// to the control limit (readFrame).
 	s.fr.SetConfig(frame.Config{MaxPayload: max(controlMaxPayload, int(s.welcome.MaxPayload))})
 	s.fdr.fds = false // no REGIONS will come: descriptors are refused
+	s.fdr.raw = true  // a read per data frame: none may allocate
 	return d
 }
 

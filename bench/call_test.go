@@ -59,9 +59,10 @@ func BenchmarkCall(b *testing.B) {
 type callKind int
 
 const (
-	callInto callKind = iota // CallInto, Inline handler
-	callOwn                  // Call, Inline handler
-	callPool                 // CallInto, a handler on the worker pool
+	callInto   callKind = iota // CallInto, Inline handler
+	callOwn                    // Call, Inline handler
+	callPool                   // CallInto, a handler on the worker pool
+	callInline                 // CallInto, Inline handler, frames inline on the socket
 )
 
 func init() { peers["sypas-kernel"] = sypasKernel }
@@ -84,9 +85,16 @@ func startKernel(b *testing.B, idle futex.Config, pinned bool) string {
 }
 
 func dialKernel(b *testing.B, path string, idle futex.Config) *sypas.Client {
+	return dialKernelCfg(b, path, idle, false)
+}
+
+// dialKernelCfg is dialKernel, with shared memory off (noShm): the frames
+// then travel inline on the control socket.
+func dialKernelCfg(b *testing.B, path string, idle futex.Config, noShm bool) *sypas.Client {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	cfg := sypas.ClientConfig{}
+	cfg.NoSharedMemory = noShm
 	cfg.Ring = ring.Config{Idle: idle}
 	cfg.Logger = slog.New(slog.DiscardHandler)
 	c, err := sypas.Dial(ctx, path, cfg)
@@ -99,7 +107,10 @@ func dialKernel(b *testing.B, path string, idle futex.Config) *sypas.Client {
 
 func benchCall(b *testing.B, idle futex.Config, pinned bool, size int, kind callKind) {
 	path := startKernel(b, idle, pinned)
-	c := dialKernel(b, path, idle)
+	c := dialKernelCfg(b, path, idle, kind == callInline)
+	if info, err := c.Transport(); err != nil || (info.Name == sypas.TransportInline) != (kind == callInline) {
+		b.Fatalf("transport %+v, %v", info, err)
+	}
 	ctx := context.Background()
 	msg := make([]byte, size)
 	buf := make([]byte, 0, size)

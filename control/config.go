@@ -64,6 +64,16 @@ type SessionConfig struct {
 	// MaxInFlight: zero means DefaultMaxInFlight (kernel) or the kernel's
 	// default (daemon).
 	MaxInFlight uint32
+	// NoSharedMemory turns the rings off: the data plane travels inline on
+	// the control socket (docs/PROTOCOL.md §8.6), whatever the peer
+	// prefers. A daemon asks for it in HELLO; a kernel grants it to every
+	// daemon that offers wire.FeatureInline and refuses the others. It
+	// implies wire.FeatureInline in Features. Without it, a session is
+	// inline only when the other side asks, or when the rings cannot be
+	// set up (a kernel whose memfd_create or mmap fails grants inline to
+	// a daemon that offers it; a daemon that cannot map the kernel's
+	// rings dials again asking for inline, if it offers it).
+	NoSharedMemory bool
 	// Name is the daemon's name for the kernel's logs.
 	Name string
 	// Logger receives the audit records of this side's refusals (keys and
@@ -169,6 +179,8 @@ type DialConfig struct {
 	// kernel cannot make a daemon wait hours to notice it is gone. Zero
 	// means DefaultMaxHeartbeatTimeout.
 	MaxHeartbeatTimeout time.Duration
+
+	inlineWhy string // Dial's second attempt: why it asks for inline
 }
 
 // check validates c as Dial will use it (its zero fields replaced by the

@@ -32,8 +32,25 @@ func Dial(ctx context.Context, path string, cfg DialConfig) (*Session, error) {
 	if err != nil {
 		return nil, fmt.Errorf("control: dial %s: %w", path, err)
 	}
-	return dialConn(ctx, c, cfg)
+	s, err := dialConn(ctx, c, cfg)
+	if err != nil && errors.Is(err, errRingsUnusable) && cfg.Features&wire.FeatureInline != 0 && !cfg.NoSharedMemory {
+		// The kernel's rings cannot be mapped here (mmap refused, a seal
+		// or header check failed): ask for the data plane inline (§8.6).
+		reason := "mapping the kernel's rings failed: " + err.Error()
+		c, cerr := connect(ctx, path)
+		if cerr != nil {
+			return nil, errors.Join(err, fmt.Errorf("control: dial %s again for inline: %w", path, cerr))
+		}
+		cfg.NoSharedMemory, cfg.inlineWhy = true, reason
+		return dialConn(ctx, c, cfg)
+	}
+	return s, err
 }
+
+// errRingsUnusable marks a handshake that failed because this side could
+// not map or attach the rings the kernel sent, as opposed to a REGIONS
+// frame that breaks the protocol.
+var errRingsUnusable = errors.New("control: the rings cannot be used")
 
 // connect connects to the socket at path within ctx. A full accept backlog
 // (EAGAIN: Go's connect does not block) is waited out, as a blocking
@@ -76,15 +93,23 @@ func dialConn(ctx context.Context, conn *net.UnixConn, cfg DialConfig) (*Session
 }
 
 func (s *Session) clientHandshake(cfg DialConfig) error {
+	inlineWhy := cfg.inlineWhy
 	s.setState(StateAttest)
 	if err := CheckServer(s.conn, cfg.ServerUIDs...); err != nil {
 		return err
 	}
 
 	s.setState(StateHandshake)
+	features := cfg.Features
+	if cfg.NoSharedMemory {
+		features |= wire.FeatureInline | wire.FeatureInlineOnly
+		if inlineWhy == "" {
+			inlineWhy = "the daemon's configuration turns shared memory off"
+		}
+	}
 	hello := wire.Hello{
 		MinVersion: wire.MinProtocolVersion, MaxVersion: wire.ProtocolVersion,
-		Features: cfg.Features, TxRingSize: cfg.TxRingSize, RxRingSize: cfg.RxRingSize,
+		Features: features, TxRingSize: cfg.TxRingSize, RxRingSize: cfg.RxRingSize,
 		MaxPayload: cfg.MaxPayload, MaxInFlight: cfg.MaxInFlight, Name: []byte(cfg.Name),
 	}
 	if err := s.send(&hello, 0, 0, 0); err != nil {
@@ -115,12 +140,22 @@ func (s *Session) clientHandshake(cfg DialConfig) error {
 	s.cfg.HeartbeatMisses = int(s.welcome.HeartbeatMisses)
 
 	s.setState(StateRegions)
-	f, files, err := s.readFrame()
-	if err != nil {
-		return err
-	}
-	if err := s.mapRegions(f, files); err != nil {
-		return err
+	switch {
+	case s.welcome.Features&wire.FeatureInline != 0:
+		if inlineWhy == "" {
+			inlineWhy = "the kernel chose it (its configuration turns shared memory off, or creating the rings failed)"
+		}
+		s.inline = newInline(s, s.welcome.RxRingSize, inlineWhy)
+	case hello.Features&wire.FeatureInlineOnly != 0:
+		return protoErr("kernel did not grant INLINE, and the daemon maps no shared memory")
+	default:
+		f, files, err := s.readFrame()
+		if err != nil {
+			return err
+		}
+		if err := s.mapRegions(f, files); err != nil {
+			return err
+		}
 	}
 
 	s.setState(StateToken)
@@ -188,15 +223,15 @@ func (s *Session) mapRegions(f *frame.Frame, files []*os.File) (err error) {
 		r, err := ring.OpenRegion(files[i], int(caps[e.Role])) // closes files[i] on failure
 		files[i] = nil
 		if err != nil {
-			return &wire.Error{Code: wire.CodeProto, Message: fmt.Sprintf("REGIONS: %v memfd refused", e.Role), Err: err}
+			return &wire.Error{Code: wire.CodeProto, Message: fmt.Sprintf("REGIONS: %v memfd refused", e.Role), Err: fmt.Errorf("%w: %w", errRingsUnusable, err)}
 		}
 		s.regions = append(s.regions, r)
 	}
 	if s.prod, err = s.regions[0].NewProducer(s.cfg.Ring); err != nil {
-		return &wire.Error{Code: wire.CodeProto, Message: "RING_TX", Err: err}
+		return &wire.Error{Code: wire.CodeProto, Message: "RING_TX", Err: fmt.Errorf("%w: %w", errRingsUnusable, err)}
 	}
 	if s.cons, err = s.regions[1].NewConsumer(s.cfg.Ring); err != nil {
-		return &wire.Error{Code: wire.CodeProto, Message: "RING_RX", Err: err}
+		return &wire.Error{Code: wire.CodeProto, Message: "RING_RX", Err: fmt.Errorf("%w: %w", errRingsUnusable, err)}
 	}
 	return nil
 }

@@ -2,9 +2,11 @@ package control
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strconv"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -39,6 +41,17 @@ type fdReader struct {
 	// REGIONS). claim of a frame that may carry descriptors clears it.
 	fds bool
 	err error // sticky: the first fd-passing violation
+
+	// recvmsg(2) through the runtime's poller, without asking for the
+	// sender's address (ReadMsgUnix allocates it on every read: an
+	// inline data plane reads here per frame). recv is made once, so a
+	// read allocates nothing; it works on the fields below.
+	raw               bool // read with recvmsg below, not ReadMsgUnix: inline sessions
+	rc                syscall.RawConn
+	recv              func(fd uintptr) bool
+	rp                []byte
+	rn, roobn, rflags int
+	rerr              error
 }
 
 type fdBatch struct {
@@ -48,14 +61,59 @@ type fdBatch struct {
 
 // newFDReader reads c; fds says whether one batch of descriptors may come.
 func newFDReader(c *net.UnixConn, fds bool) *fdReader {
-	return &fdReader{c: c, oob: make([]byte, unix.CmsgSpace((MaxFDs+1)*4)), fds: fds}
+	r := &fdReader{c: c, oob: make([]byte, unix.CmsgSpace((MaxFDs+1)*4)), fds: fds}
+	r.rc, r.rerr = c.SyscallConn()
+	r.recv = func(fd uintptr) bool {
+		for {
+			r.rn, r.roobn, r.rflags, r.rerr = recvmsg(int(fd), r.rp, r.oob, unix.MSG_CMSG_CLOEXEC)
+			switch r.rerr {
+			case unix.EINTR:
+				continue
+			case unix.EAGAIN:
+				return false // wait for the socket, then again
+			}
+			return true
+		}
+	}
+	return r
+}
+
+// readMsg is ReadMsgUnix without the sender's address: io.EOF at the end
+// of the stream, os.ErrDeadlineExceeded and net.ErrClosed (wrapped) from
+// the poller.
+func (r *fdReader) readMsg(p []byte) (n, oobn, flags int, err error) {
+	if r.rc == nil {
+		return 0, 0, 0, r.rerr
+	}
+	if len(p) == 0 {
+		return 0, 0, 0, nil
+	}
+	r.rp = p
+	if err := r.rc.Read(r.recv); err != nil {
+		r.rp = nil
+		return 0, 0, 0, err
+	}
+	r.rp = nil
+	if r.rerr != nil {
+		return 0, 0, 0, r.rerr
+	}
+	if r.rn == 0 && r.roobn == 0 {
+		return 0, 0, 0, io.EOF
+	}
+	return r.rn, r.roobn, r.rflags, nil
 }
 
 func (r *fdReader) Read(p []byte) (int, error) {
 	if r.err != nil {
 		return 0, r.err
 	}
-	n, oobn, flags, _, err := r.c.ReadMsgUnix(p, r.oob)
+	var n, oobn, flags int
+	var err error
+	if r.raw {
+		n, oobn, flags, err = r.readMsg(p)
+	} else {
+		n, oobn, flags, _, err = r.c.ReadMsgUnix(p, r.oob)
+	}
 	if n < 0 {
 		n = 0
 	}

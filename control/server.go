@@ -292,7 +292,14 @@ func (s *Session) serverHandshake() error {
 		return &wire.Error{Code: wire.CodeVersion, Message: fmt.Sprintf("daemon speaks versions [%d, %d], kernel [%d, %d]",
 			h.MinVersion, h.MaxVersion, wire.MinProtocolVersion, wire.ProtocolVersion)}
 	}
-	granted := h.Features & cfg.Features
+	if h.Features&wire.FeatureInlineOnly != 0 && h.Features&wire.FeatureInline == 0 {
+		return protoErr("HELLO asks for INLINE_ONLY without offering INLINE")
+	}
+	supported := cfg.Features
+	if cfg.NoSharedMemory {
+		supported |= wire.FeatureInline
+	}
+	granted := h.Features & supported &^ wire.FeatureInlineOnly
 	if miss := cfg.RequireFeatures &^ granted; miss != 0 {
 		return protoErr("daemon lacks required features %#x", miss)
 	}
@@ -319,30 +326,37 @@ func (s *Session) serverHandshake() error {
 		MaxPayload: maxPayload, MaxInFlight: inFlight,
 	}
 	s.cfg.HeartbeatInterval = s.welcome.HeartbeatInterval()
+	// The rings come first, so that a failure to make them can still turn
+	// into inline in WELCOME (§8.6).
+	reason, err := s.chooseDataPlane(&h, granted)
+	if err != nil {
+		return err
+	}
+	if reason != "" {
+		s.welcome.Features |= wire.FeatureInline
+		s.inline = newInline(s, tx, reason)
+	} else {
+		s.welcome.Features &^= wire.FeatureInline
+	}
 	if err := s.send(&s.welcome, 0, 0, 0); err != nil {
 		return err
 	}
 
 	s.setState(StateRegions)
-	for _, c := range []uint32{tx, rx} {
-		r, err := ring.CreateRegion(int(c))
-		if err != nil {
-			return &wire.Error{Code: wire.CodeResource, Message: "create ring", Err: err}
+	if s.inline == nil {
+		if s.cons, err = s.regions[0].NewConsumer(s.cfg.Ring); err != nil {
+			return &wire.Error{Code: wire.CodeInternal, Message: "attach the RING_TX consumer", Err: err}
 		}
-		s.regions = append(s.regions, r)
-	}
-	if s.cons, err = s.regions[0].NewConsumer(s.cfg.Ring); err != nil {
-		return &wire.Error{Code: wire.CodeInternal, Message: "attach the RING_TX consumer", Err: err}
-	}
-	if s.prod, err = s.regions[1].NewProducer(s.cfg.Ring); err != nil {
-		return &wire.Error{Code: wire.CodeInternal, Message: "attach the RING_RX producer", Err: err}
-	}
-	regions := wire.Regions{Entries: []wire.Region{
-		{Role: wire.RoleRingTx, ID: 1, Size: regionSize(tx)},
-		{Role: wire.RoleRingRx, ID: 2, Size: regionSize(rx)},
-	}}
-	if err := s.sendFDs(&regions, s.regions[0].File(), s.regions[1].File()); err != nil {
-		return err
+		if s.prod, err = s.regions[1].NewProducer(s.cfg.Ring); err != nil {
+			return &wire.Error{Code: wire.CodeInternal, Message: "attach the RING_RX producer", Err: err}
+		}
+		regions := wire.Regions{Entries: []wire.Region{
+			{Role: wire.RoleRingTx, ID: 1, Size: regionSize(tx)},
+			{Role: wire.RoleRingRx, ID: 2, Size: regionSize(rx)},
+		}}
+		if err := s.sendFDs(&regions, s.regions[0].File(), s.regions[1].File()); err != nil {
+			return err
+		}
 	}
 
 	s.setState(StateToken)
@@ -358,6 +372,45 @@ func (s *Session) serverHandshake() error {
 	}
 	s.setToken(t)
 	return nil
+}
+
+// chooseDataPlane decides where the session's data plane goes (§8.6): ""
+// for the rings, which it creates, or why it goes inline. Inline is
+// chosen when the daemon asks for it (INLINE_ONLY), when the kernel's
+// configuration turns shared memory off, or when the rings cannot be made
+// and the daemon offered INLINE; a daemon that needs inline from a kernel
+// that cannot, or that cannot take it from a kernel that needs it, is
+// refused.
+func (s *Session) chooseDataPlane(h *wire.Hello, granted uint64) (string, error) {
+	can := granted&wire.FeatureInline != 0
+	var reason string
+	switch {
+	case h.Features&wire.FeatureInlineOnly != 0:
+		reason = "the daemon maps no shared memory"
+	case s.srv.cfg.NoSharedMemory:
+		reason = "the kernel's configuration turns shared memory off"
+	}
+	if reason != "" {
+		if !can {
+			return "", &wire.Error{Code: wire.CodeUnavailable, Message: reason + ", and the other side does not carry the data plane inline"}
+		}
+		return reason, nil
+	}
+	for _, c := range []uint32{s.welcome.TxRingSize, s.welcome.RxRingSize} {
+		r, err := ring.CreateRegion(int(c))
+		if err != nil {
+			for _, r := range s.regions {
+				r.Close()
+			}
+			s.regions = nil
+			if can {
+				return "creating the rings failed: " + err.Error(), nil
+			}
+			return "", &wire.Error{Code: wire.CodeResource, Message: "create ring", Err: err}
+		}
+		s.regions = append(s.regions, r)
+	}
+	return "", nil
 }
 
 func (s *Session) sendTokenFirst(t *Token) error {

@@ -112,7 +112,9 @@ type Session struct {
 	// Kernel, readLoop only: the daemon's control frames and refreshes.
 	frames, refreshes bucket
 
-	// Read side: the handshake, then readLoop alone.
+	// Read side: the handshake, then readLoop alone (or, kernel inline,
+	// Inline.Next under rmu).
+	rmu      sync.Mutex
 	fdr      *fdReader
 	fr       *frame.Reader
 	consumed int64  // stream bytes of the frames read so far
@@ -128,6 +130,7 @@ type Session struct {
 	regions []*ring.Region // daemon→kernel ring, kernel→daemon ring
 	prod    *ring.Producer
 	cons    *ring.Consumer
+	inline  *Inline // the data plane, when on the socket (no regions then)
 
 	tok       atomic.Pointer[Token]
 	prevTokID atomic.Uint64                    // kernel: still accepted as CapRef during a refresh
@@ -181,6 +184,11 @@ func (s *Session) Producer() *ring.Producer { return s.prod }
 // Consumer is this side's receiving ring end. After Close its calls return
 // ring.ErrClosed.
 func (s *Session) Consumer() *ring.Consumer { return s.cons }
+
+// Inline is the session's data plane when it travels on the control
+// socket (WELCOME granted wire.FeatureInline), else nil: the rings
+// (Producer, Consumer) carry it. Inline sessions have no rings.
+func (s *Session) Inline() *Inline { return s.inline }
 
 // Token returns the current token; TOKEN_REFRESH replaces it.
 func (s *Session) Token() Token { return *s.tok.Load() }
@@ -328,7 +336,9 @@ func (s *Session) Close() error {
 		}
 		s.fail(ErrSessionClosed)
 		s.wg.Wait()
+		s.rmu.Lock() // a direct Inline reader has left readFrame (fail closed the socket)
 		s.fdr.close()
+		s.rmu.Unlock()
 		if s.ctl != nil {
 			s.ctl.pidfd.Close()
 		}
@@ -400,6 +410,13 @@ func (s *Session) send(m wire.Message, flags frame.Flags, corr uint64, timeout t
 		return err
 	}
 	s.wbuf = p
+	if s.inline != nil {
+		// Data frames buffered before this one go first: the socket's
+		// sequence is theirs and ours.
+		if err := s.inline.flushLocked(); err != nil {
+			return err
+		}
+	}
 	if timeout == 0 && s.live {
 		timeout = s.deadAfter()
 	}
@@ -476,8 +493,18 @@ func (s *Session) readFrame() (*frame.Frame, []*os.File, error) {
 	switch {
 	case f.Sequence != s.rseq+1:
 		return bad(protoErr("%v frame with sequence %d, want %d", f.Type, f.Sequence, s.rseq+1))
+	case f.StreamID == DataStream && s.inline != nil && s.State() >= StateOperation:
+		// The data plane, inline (§8.6): its own types, max_payload.
+		if !dataAccepts(s.kernel, f.Type) {
+			return bad(protoErr("%v frame on the data stream: the %s does not send it (§8.1)", f.Type, peerName(s.kernel)))
+		}
+		s.rseq++
+		return f, files, nil
 	case f.StreamID != 0:
-		return bad(protoErr("%v frame on stream %d: the control socket carries stream 0 only", f.Type, f.StreamID))
+		return bad(protoErr("%v frame on stream %d: the control socket carries stream 0 only, and stream 1 once an inline session is in operation", f.Type, f.StreamID))
+	case f.PayloadLen > controlMaxPayload:
+		// Reachable only inline, whose reader admits data-plane payloads.
+		return bad(&wire.Error{Code: wire.CodeTooLarge, Message: fmt.Sprintf("%v payload of %d bytes on the control stream, limit %d", f.Type, f.PayloadLen, controlMaxPayload)})
 	case !accepts(s.kernel, s.State(), f.Type):
 		return bad(protoErr("unexpected %v frame in state %v", f.Type, s.State()))
 	case s.State() < StateOperation && f.Type != frame.TypeError && (f.CapRef != 0 || f.Correlation != 0):
@@ -496,6 +523,24 @@ func (s *Session) readFrame() (*frame.Frame, []*os.File, error) {
 	}
 	s.rseq++
 	return f, files, nil
+}
+
+// dataAccepts reports whether the peer may send a data-plane frame of type
+// t (§8.1): REQUEST, SUBSCRIBE, UNSUBSCRIBE to the kernel; RESPONSE,
+// ERROR, EVENT to a daemon.
+func dataAccepts(kernel bool, t frame.Type) bool {
+	if kernel {
+		return t == frame.TypeRequest || t == frame.TypeSubscribe || t == frame.TypeUnsubscribe
+	}
+	return t == frame.TypeResponse || t == frame.TypeError || t == frame.TypeEvent
+}
+
+// peerName names the other side, for messages.
+func peerName(kernel bool) string {
+	if kernel {
+		return "daemon"
+	}
+	return "kernel"
 }
 
 // readErr classifies a read failure: a hang-up or silence means the peer is
@@ -599,10 +644,13 @@ func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error)
 			}
 		})
 	}
-	s.wg.Add(3)
-	go s.readLoop()
+	s.wg.Add(2)
 	go s.heartbeatLoop()
 	go s.expiryLoop()
+	if s.inline == nil || !s.inline.direct {
+		s.wg.Add(1)
+		go s.readLoop()
+	} // else Inline.Next is the socket's reader
 	if s.kernel {
 		s.wg.Add(1)
 		go s.watchPidfd()
@@ -626,17 +674,27 @@ func (s *Session) readLoop() {
 		s.conn.SetReadDeadline(time.Now().Add(s.deadAfter()))
 		f, _, err := s.readFrame()
 		if err == nil {
-			err = s.handle(f)
+			if f.StreamID == DataStream {
+				err = s.inline.push(f) // readFrame admits it only inline
+			} else {
+				err = s.handle(f)
+			}
 		}
 		if err != nil {
-			var pe *wire.Error
-			if errors.As(err, &pe) && !isPeerError(err) && !errors.Is(err, ErrPeerGone) {
-				s.failProto(err)
-			}
-			s.fail(err)
+			s.endRead(err)
 			return
 		}
 	}
+}
+
+// endRead ends the session for err, the failure of reading or handling a
+// frame: a protocol error of the peer's is reported to it first.
+func (s *Session) endRead(err error) {
+	var pe *wire.Error
+	if errors.As(err, &pe) && !isPeerError(err) && !errors.Is(err, ErrPeerGone) {
+		s.failProto(err)
+	}
+	s.fail(err)
 }
 
 // handle dispatches a frame of the operation phase (already checked
@@ -882,8 +940,10 @@ func (s *Session) endRevoked(id uint64) {
 	var err error = &wire.Error{Code: wire.CodeAuth, Message: msg, Err: token.ErrRevoked}
 	if s.Err() == nil && s.ending.CompareAndSwap(nil, &err) {
 		s.audit(err)
-		s.prod.Interrupt(err)
-		s.cons.Interrupt(err)
+		if s.prod != nil { // nil inline (its waiters wake when the session ends)
+			s.prod.Interrupt(err)
+			s.cons.Interrupt(err)
+		}
 		s.send(&wire.GoAway{Code: wire.CodeAuth, Message: []byte(msg)}, 0, 0, 100*time.Millisecond)
 	}
 	s.fail(err)

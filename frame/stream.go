@@ -87,6 +87,22 @@ func (r *Reader) ReadFrame() (*Frame, error) {
 	return &r.f, nil
 }
 
+// Buffered is the number of bytes read from the stream and not yet
+// returned in a frame: a frame may be complete among them without a read.
+func (r *Reader) Buffered() int { return r.tail - r.head }
+
+// SetConfig replaces the limits of the frames read from now on (a control
+// socket whose data plane is negotiated inline accepts larger payloads
+// after its handshake). Bytes already buffered are kept. An invalid cfg
+// is refused with ErrConfig and changes nothing.
+func (r *Reader) SetConfig(cfg Config) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	r.cfg = cfg
+	return nil
+}
+
 func (r *Reader) fail(err error) error {
 	r.f = Frame{}
 	r.err = err

@@ -85,11 +85,19 @@ func dialT(t testing.TB, path string, cfg ClientConfig) *Client {
 	if cfg.Logger == nil {
 		cfg.Logger = quiet
 	}
+	if forceInline.Load() {
+		cfg.NoSharedMemory = true
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	c, err := Dial(ctx, path, cfg)
 	require.NoError(t, err)
 	t.Cleanup(func() { c.Close() })
+	if forceInline.Load() {
+		info, err := c.Transport()
+		require.NoError(t, err)
+		require.Equal(t, TransportInline, info.Name)
+	}
 	return c
 }
 

@@ -69,6 +69,8 @@ type Client struct {
 	changed chan struct{} // closed and replaced when cur changes
 
 	subs subRegistry
+
+	inlineLogged atomic.Bool // the fallback to inline is logged once
 }
 
 // NewClient returns a Client that connects to the kernel at path in the
@@ -80,7 +82,7 @@ func NewClient(path string, cfg ClientConfig) (*Client, error) {
 		return nil, fmt.Errorf("%w: ClientConfig.MaxAttempts %d is negative", control.ErrConfig, cfg.MaxAttempts)
 	}
 	cfg.MaxAttempts = cmp.Or(cfg.MaxAttempts, DefaultMaxAttempts)
-	cfg.Features = cmp.Or(cfg.Features, control.DefaultFeatures) | wire.FeatureSubscribe
+	cfg.Features = cmp.Or(cfg.Features, control.DefaultFeatures) | wire.FeatureSubscribe | wire.FeatureInline
 	if cfg.RetryBackoff == (control.Backoff{}) {
 		cfg.RetryBackoff = control.Backoff{Base: 10 * time.Millisecond, Multiplier: 2, Max: time.Second}
 	}

@@ -94,7 +94,7 @@ func newClientConn(cl *Client, sess *control.Session) *clientConn {
 	// kernel's grant (any u32) must not size our memory.
 	n := min(int(sess.Params().MaxInFlight), maxSlots)
 	c := &clientConn{
-		cl: cl, sess: sess, tr: newRingTransport(sess, 0),
+		cl: cl, sess: sess, tr: cl.newTransport(sess),
 		slots: make([]slot, n), free: make(chan *slot, n), idle: make(chan struct{}, 1),
 	}
 	for i := range c.slots {

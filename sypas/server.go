@@ -123,6 +123,8 @@ type Server struct {
 	notServing atomic.Bool
 	stats      serverStats
 	topics     topics
+
+	inlineLogged atomic.Bool // the fallback to inline is logged once
 }
 
 type route struct {
@@ -148,7 +150,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.AuditGrants == nil {
 		cfg.AuditGrants = slog.LevelDebug
 	}
-	cfg.Features = cmp.Or(cfg.Features, control.DefaultFeatures) | wire.FeatureSubscribe
+	cfg.Features = cmp.Or(cfg.Features, control.DefaultFeatures) | wire.FeatureSubscribe | wire.FeatureInline
 	cfg.Topics = maps.Clone(cfg.Topics) // Publish reads it: the caller may go on changing theirs
 	s := &Server{cfg: cfg, log: cfg.Logger, conns: make(map[*serverConn]struct{}), closed: make(chan struct{})}
 	if s.log == nil {

@@ -100,7 +100,7 @@ func newServerConn(s *Server, sess *control.Session) *serverConn {
 	ctx, cancel := context.WithCancel(context.Background())
 	c := &serverConn{
 		srv: s, sess: sess, ctx: ctx, end: cancel,
-		tr:          newRingTransport(sess, s.cfg.WriteTimeout),
+		tr:          s.newTransport(sess),
 		maxPayload:  int(sess.Params().MaxPayload),
 		maxInFlight: uint64(sess.Params().MaxInFlight),
 		idle:        make(chan struct{}, 1),

@@ -12,6 +12,9 @@ type ServerStats struct {
 	InFlight  int64  // requests read and not yet answered (one-way: not yet served), all sessions
 	Published uint64 // events written to subscribers' rings
 	Dropped   uint64 // events a slow subscriber lost (DropNewest, or Block past the deadline)
+	// Inline counts the sessions served with their frames inline on the
+	// control socket (shared memory off, or its setup failed), since start.
+	Inline uint64
 	// DroppedByTopic is Dropped by the topic Publish named (a copy).
 	DroppedByTopic map[string]uint64
 }
@@ -21,6 +24,7 @@ type serverStats struct {
 	ok, failed, denied atomic.Uint64
 	panics             atomic.Uint64
 	published, dropped atomic.Uint64
+	inline             atomic.Uint64
 }
 
 // Stats returns the server's counters, each read atomically.
@@ -29,6 +33,7 @@ func (s *Server) Stats() ServerStats {
 		Sessions: s.stats.sessions.Load(), OK: s.stats.ok.Load(), Failed: s.stats.failed.Load(),
 		Denied: s.stats.denied.Load(), Panics: s.stats.panics.Load(),
 		Published: s.stats.published.Load(), Dropped: s.stats.dropped.Load(),
+		Inline: s.stats.inline.Load(),
 	}
 	st.DroppedByTopic = s.topics.dropCounts()
 	s.mu.Lock()

@@ -401,20 +401,27 @@ func (t *ringTransport) sessionErr(err error) error {
 	if errors.Is(err, ring.ErrCorrupt) {
 		return &Error{Code: CodeProto, Message: "the peer corrupted the ring", Err: err}
 	}
+	return endedErr(t.sess, err)
+}
+
+// endedErr is sessionErr for any transport: err, a failure of the
+// transport that means sess is ending, turned into why it ended (waiting
+// for the reason at most endGrace).
+func endedErr(sess *control.Session, err error) error {
 	select {
-	case <-t.sess.Done():
+	case <-sess.Done():
 	default:
 		if err == nil {
 			return unavailable(control.ErrSessionClosed)
 		}
 		tm := time.NewTimer(endGrace)
 		select {
-		case <-t.sess.Done():
+		case <-sess.Done():
 		case <-tm.C:
 		}
 		tm.Stop()
 	}
-	if e := t.sess.Err(); e != nil {
+	if e := sess.Err(); e != nil {
 		return unavailable(e)
 	}
 	return unavailable(err)

@@ -39,6 +39,15 @@ const (
 	FeatureBulk         uint64 = 1 << 1 // BULK descriptors and bulk regions
 	FeatureSubscribe    uint64 = 1 << 2 // SUBSCRIBE/EVENT
 	FeatureTokenRefresh uint64 = 1 << 3 // TOKEN_REFRESH before expiry
+	// FeatureInline: in HELLO, the daemon can carry the data plane inline
+	// on the control socket; in WELCOME, the kernel chose to: no REGIONS
+	// follows, and the data-plane frames travel on the socket, stream 1
+	// (docs/PROTOCOL.md §8.6).
+	FeatureInline uint64 = 1 << 4
+	// FeatureInlineOnly, in HELLO only (with FeatureInline): the daemon
+	// maps no shared memory (its configuration, or its last attempt
+	// failed), so the kernel grants FeatureInline or refuses. Never granted.
+	FeatureInlineOnly uint64 = 1 << 5
 )
 
 // ---------------------------------------------------------------- REQUEST

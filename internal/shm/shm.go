@@ -53,6 +53,10 @@ func Create(name string, size int) (_ *Region, err error) {
 		name = "sypas"
 	}
 	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC|unix.MFD_ALLOW_SEALING)
+	if ferr := fault(&createFault); ferr != nil && err == nil {
+		unix.Close(fd)
+		err = ferr
+	}
 	if err != nil {
 		return nil, fmt.Errorf("shm: memfd_create %q: %w", name, err)
 	}
@@ -117,6 +121,9 @@ func Open(f *os.File, size int) (_ *Region, err error) {
 	}
 	if opErr != nil {
 		return nil, fmt.Errorf("shm: open %s: %w", f.Name(), opErr)
+	}
+	if err := fault(&openFault); err != nil {
+		return nil, fmt.Errorf("shm: mmap %s (%d bytes): %w", f.Name(), size, err)
 	}
 	return mapFile(f, size)
 }

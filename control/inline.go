@@ -1,0 +1,520 @@
+package control
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
+)
+
+// DataStream is the stream id of the data-plane frames on a control socket
+// whose data plane is inline (docs/PROTOCOL.md §8.6); control frames keep
+// stream 0.
+const DataStream = 1
+
+// Inline is the data plane of a session that carries it on the control
+// socket instead of the rings (WELCOME granted wire.FeatureInline): the
+// frames of docs/PROTOCOL.md §8 travel on stream 1, interleaved with the
+// control frames and numbered in the socket's one sequence.
+//
+// On a daemon, the session's reader goroutine, which reads every frame of
+// the socket, checks each data-plane frame's header (sequence, stream, type
+// for this side) and copies it into a queue bounded in bytes by the ring
+// the session would have had (WELCOME's rx size; one frame is always
+// admitted): a full queue stops the reading of the socket, the
+// backpressure of a full ring. Next takes frames from the queue (one
+// goroutine at a time, as a ring Consumer). The daemon needs that reader:
+// between calls nothing else reads, and heartbeats, GOAWAY and refreshed
+// tokens must still be read.
+//
+// On the kernel there is no reader goroutine: Next is the socket's reader.
+// It serves the control frames it meets (heartbeats, TOKEN_REFRESH,
+// GOAWAY) and returns each data-plane frame in place, with no copy and no
+// goroutine hand-off (a quarter of an inline call's round trip). So the
+// kernel's owner MUST keep calling Next for as long as the session lives,
+// as sypas.Server's reader does: while it does not, the daemon's control
+// frames wait in the socket.
+//
+// Write appends frames to a buffer written to the socket by Flush, or by
+// the session's next control frame, in sequence order.
+type Inline struct {
+	s      *Session
+	reason string
+	budget int // bytes queued and held admitted before the reader waits
+
+	mu    sync.Mutex
+	q     []*inlineFrame // received, not yet returned by Next
+	head  int            // q[head:] are waiting
+	held  []*inlineFrame // returned by Next, not yet released
+	free  []*inlineFrame
+	bytes int           // of q[head:] and held
+	ready chan struct{} // cap 1: a frame was queued
+	room  chan struct{} // cap 1: bytes were released
+	wake  chan struct{} // cap 1: Wake
+
+	timer *time.Timer // Next's: one goroutine at a time
+
+	buf []byte // under Session.wmu: frames written, not yet flushed
+	// backlog: a TryWrite left part of buf unwritten (the socket was
+	// full); the next write sends it first. Under Session.wmu.
+	backlog bool
+	// writing is when the write under way began (UnixNano), 0 if none: a
+	// write that has lasted stallAfter is waiting for a peer that does
+	// not read (Stalled).
+	writing atomic.Int64
+	wfn     func(fd uintptr) bool // one non-blocking write(2) of buf: made once
+	wn      int
+	werr    error
+
+	// direct (the kernel): there is no queue and no reader goroutine:
+	// Next reads the socket itself, serving the control frames it meets,
+	// and returns a data-plane frame in place, with no copy and no
+	// goroutine hand-off. The kernel's owner reads all the time (a
+	// sypas.Server does); a daemon keeps the queue, as it may read
+	// nothing between calls while heartbeats, GOAWAY and refreshed
+	// tokens still need reading.
+	direct  bool
+	peekBuf [1]byte
+	peek    func(fd uintptr) bool // whether the socket has bytes (or an end) to read
+	dmu     sync.Mutex            // Wake versus the reader's deadline
+	peeking bool                  // under dmu: the reader waits for bytes (Wake may interrupt it)
+	woken   bool                  // under dmu
+}
+
+type inlineFrame struct {
+	h   frame.Header
+	ext int    // length of the extension at the start of b
+	b   []byte // extension, then payload: private copies
+}
+
+// maxKeptFrame bounds the buffer a released frame keeps for reuse, and
+// maxKeptWrite the write buffer kept after a flush.
+const (
+	maxKeptFrame = 64 << 10
+	maxKeptWrite = 256 << 10
+	// flushAt is the size at which Write flushes even when asked not to:
+	// a burst held back for one write stays bounded.
+	flushAt = 64 << 10
+)
+
+func newInline(s *Session, budget uint32, reason string) *Inline {
+	t := time.NewTimer(time.Hour)
+	t.Stop()
+	d := &Inline{
+		s: s, reason: reason, budget: int(budget), timer: t, direct: s.kernel,
+		ready: make(chan struct{}, 1), room: make(chan struct{}, 1), wake: make(chan struct{}, 1),
+	}
+	d.wfn = func(fd uintptr) bool {
+		for {
+			d.wn, d.werr = unix.Write(int(fd), d.buf)
+			if d.werr != unix.EINTR {
+				return true // never wait: EAGAIN is a full socket
+			}
+		}
+	}
+	d.peek = func(fd uintptr) bool {
+		for {
+			_, _, _, err := recvmsg(int(fd), d.peekBuf[:], nil, unix.MSG_PEEK|unix.MSG_DONTWAIT)
+			switch err {
+			case unix.EINTR:
+				continue
+			case unix.EAGAIN:
+				return false // wait for the socket, then again
+			}
+			return true // bytes, the end, or an error that readFrame will meet
+		}
+	}
+	// Data frames carry up to max_payload; control frames are still held
+	// to the control limit (readFrame).
+	s.fr.SetConfig(frame.Config{MaxPayload: max(controlMaxPayload, int(s.welcome.MaxPayload))})
+	s.fdr.fds = false // no REGIONS will come: descriptors are refused
+	s.fdr.raw = true  // a read per data frame: none may allocate
+	return d
+}
+
+// Reason says why the session's data plane is inline rather than on the
+// rings: whose configuration turned shared memory off, or what failed.
+func (d *Inline) Reason() string { return d.reason }
+
+// MaxPayload is the session's max_payload, which both directions obey.
+func (d *Inline) MaxPayload() int { return int(d.s.welcome.MaxPayload) }
+
+// push queues a data-plane frame read from the socket (the reader only),
+// waiting while the queue is over its budget.
+func (d *Inline) push(f *frame.Frame) error {
+	n := len(f.Extension) + len(f.Payload)
+	for {
+		d.mu.Lock()
+		if d.bytes == 0 || d.bytes+n <= d.budget {
+			break
+		}
+		d.mu.Unlock()
+		select {
+		case <-d.room:
+		case <-d.s.done:
+			return d.endErr()
+		}
+	}
+	var fr *inlineFrame
+	if k := len(d.free); k > 0 {
+		fr, d.free = d.free[k-1], d.free[:k-1]
+	} else {
+		fr = new(inlineFrame)
+	}
+	fr.h, fr.ext = f.Header, len(f.Extension)
+	fr.b = append(append(fr.b[:0], f.Extension...), f.Payload...)
+	if d.head > 0 && d.head == len(d.q) {
+		d.q, d.head = d.q[:0], 0
+	} else if d.head > 64 && d.head > len(d.q)/2 {
+		d.q = d.q[:copy(d.q, d.q[d.head:])]
+		d.head = 0
+	}
+	d.q = append(d.q, fr)
+	d.bytes += n
+	d.mu.Unlock()
+	select {
+	case d.ready <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// Next returns the next data-plane frame the peer sent, waiting until
+// deadline (zero: none; a past one: only a frame already there) or Wake.
+// Its Extension and Payload are valid until Release and the next call
+// (daemon: private copies; kernel: the socket reader's buffer). On a
+// daemon, frames received before the session ended are still returned;
+// then Next fails with why it ended. One goroutine at a time.
+func (d *Inline) Next(deadline time.Time) (frame.Frame, error) {
+	if d.direct {
+		return d.nextDirect(deadline)
+	}
+	for {
+		d.mu.Lock()
+		if d.head < len(d.q) {
+			fr := d.q[d.head]
+			d.q[d.head] = nil
+			d.head++
+			d.held = append(d.held, fr)
+			d.mu.Unlock()
+			return frame.Frame{Header: fr.h, Extension: fr.b[:fr.ext:fr.ext], Payload: fr.b[fr.ext:]}, nil
+		}
+		d.mu.Unlock()
+		select {
+		case <-d.s.done:
+			return frame.Frame{}, d.endErr()
+		case <-d.wake:
+			return frame.Frame{}, os.ErrDeadlineExceeded
+		default:
+		}
+		var expired <-chan time.Time
+		if !deadline.IsZero() {
+			wait := time.Until(deadline)
+			if wait <= 0 {
+				return frame.Frame{}, os.ErrDeadlineExceeded
+			}
+			d.timer.Reset(wait)
+			expired = d.timer.C
+		}
+		select {
+		case <-d.ready:
+			d.timer.Stop()
+		case <-d.wake:
+			d.timer.Stop()
+			return frame.Frame{}, os.ErrDeadlineExceeded
+		case <-expired:
+			return frame.Frame{}, os.ErrDeadlineExceeded
+		case <-d.s.done:
+			d.timer.Stop()
+		}
+	}
+}
+
+// nextDirect is Next on the kernel: it reads the socket itself, serving
+// control frames as the session's reader would, until a data-plane frame,
+// which stays in the reader's buffer until the next call. The liveness
+// deadline of the socket (heartbeat interval × misses) applies while it
+// waits; a wait that ends at deadline or by Wake reads nothing, so the
+// stream stays whole.
+func (d *Inline) nextDirect(deadline time.Time) (frame.Frame, error) {
+	s := d.s
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	for {
+		if err := s.Err(); err != nil {
+			return frame.Frame{}, err
+		}
+		if s.fr.Buffered() == 0 {
+			if !deadline.IsZero() && !time.Now().Before(deadline) {
+				return frame.Frame{}, os.ErrDeadlineExceeded
+			}
+			live := time.Now().Add(s.deadAfter())
+			wait := live
+			if !deadline.IsZero() && deadline.Before(live) {
+				wait = deadline
+			}
+			d.dmu.Lock()
+			woken := d.woken
+			d.woken, d.peeking = false, !woken
+			if !woken {
+				s.conn.SetReadDeadline(wait)
+			}
+			d.dmu.Unlock()
+			if woken {
+				return frame.Frame{}, os.ErrDeadlineExceeded
+			}
+			err := s.fdr.rc.Read(d.peek)
+			d.dmu.Lock()
+			woken, d.woken, d.peeking = d.woken, false, false
+			d.dmu.Unlock()
+			if errors.Is(err, os.ErrDeadlineExceeded) && (woken || wait.Before(live)) {
+				return frame.Frame{}, os.ErrDeadlineExceeded
+			}
+			if err != nil {
+				err = s.readErr(err)
+				s.endRead(err)
+				return frame.Frame{}, err
+			}
+		}
+		s.conn.SetReadDeadline(time.Now().Add(s.deadAfter()))
+		f, _, err := s.readFrame()
+		if err == nil {
+			if f.StreamID == DataStream {
+				return *f, nil
+			}
+			err = s.handle(f)
+		}
+		if err != nil {
+			s.endRead(err)
+			return frame.Frame{}, err
+		}
+	}
+}
+
+// Release hands back every frame Next returned.
+func (d *Inline) Release() {
+	if d.direct {
+		return // the frame lives in the reader's buffer until the next Next
+	}
+	d.mu.Lock()
+	if len(d.held) == 0 {
+		d.mu.Unlock()
+		return
+	}
+	for i, fr := range d.held {
+		d.bytes -= len(fr.b)
+		if cap(fr.b) > maxKeptFrame {
+			fr.b = nil
+		}
+		d.free = append(d.free, fr)
+		d.held[i] = nil
+	}
+	d.held = d.held[:0]
+	d.mu.Unlock()
+	select {
+	case d.room <- struct{}{}:
+	default:
+	}
+}
+
+// Buffered reports whether Next has a frame without waiting.
+func (d *Inline) Buffered() bool {
+	if d.direct {
+		return d.s.fr.Buffered() > 0 // a hint: perhaps only part of a frame
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.head < len(d.q)
+}
+
+// Wake makes a Next waiting in another goroutine return at once with
+// os.ErrDeadlineExceeded (or the next call, if none waits and no frame is
+// there).
+func (d *Inline) Wake() {
+	if d.direct {
+		// Only a wait for bytes is interrupted: a deadline landing inside
+		// a frame would break the stream.
+		d.dmu.Lock()
+		d.woken = true
+		if d.peeking {
+			d.s.conn.SetReadDeadline(time.Unix(1, 0))
+		}
+		d.dmu.Unlock()
+		return
+	}
+	select {
+	case d.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Write appends one data-plane frame carrying m, with ext (nil, or a
+// multiple of 8 bytes) as its header extension, to the socket's write
+// buffer: stream 1, the socket's next sequence, the current token's
+// cap_ref; h gives Type, Flags and Correlation. With flush, or when the
+// buffer has grown past 64 KiB, the buffer is written at once. A payload
+// over max_payload fails with an error matching wire.ErrTooLarge and
+// nothing is written. A write that fails (the peer does not read for the
+// write timeout, or is gone) ends the session: the stream is broken.
+func (d *Inline) Write(h frame.Header, ext []byte, m wire.Message, flush bool) error {
+	d.s.wmu.Lock()
+	defer d.s.wmu.Unlock()
+	if err := d.appendLocked(h, ext, m); err != nil {
+		return err
+	}
+	if flush || len(d.buf) >= flushAt {
+		return d.flushLocked()
+	}
+	return nil
+}
+
+// appendLocked encodes one frame at the end of buf; under Session.wmu.
+func (d *Inline) appendLocked(h frame.Header, ext []byte, m wire.Message) error {
+	n := m.Len()
+	if n > d.MaxPayload() {
+		return &wire.Error{Code: wire.CodeTooLarge, Message: fmt.Sprintf("%v payload of %d bytes, the session's limit is %d", h.Type, n, d.MaxPayload())}
+	}
+	s := d.s
+	if err := s.Err(); err != nil {
+		return err
+	}
+	hl := frame.HeaderSize + len(ext)
+	off := len(d.buf)
+	d.buf = slices.Grow(d.buf, hl+n)[:off+hl]
+	h.HeaderLen, h.PayloadLen, h.StreamID = uint16(hl), uint32(n), DataStream
+	h.Sequence, h.CapRef = s.wseq+1, s.capRef()
+	if err := h.Put(d.buf[off:]); err != nil {
+		d.buf = d.buf[:off]
+		return err
+	}
+	copy(d.buf[off+frame.HeaderSize:], ext)
+	b, err := m.Append(d.buf)
+	if err != nil || len(b) != off+hl+n {
+		d.buf = d.buf[:off]
+		return fmt.Errorf("control: encode %v: %w", h.Type, err)
+	}
+	d.buf = b
+	s.wseq++
+	return nil
+}
+
+// stallAfter is how long a write lasts before Stalled says the socket is
+// full: a write to a socket with room takes microseconds.
+const stallAfter = time.Millisecond
+
+// Stalled reports whether a write to the socket has been waiting for the
+// peer to read for a while: a sender that must not wait gives up.
+func (d *Inline) Stalled() bool {
+	t := d.writing.Load()
+	return t != 0 && time.Now().UnixNano()-t > int64(stallAfter)
+}
+
+// ErrFull is a TryWrite that found the socket full.
+var ErrFull = errors.New("control: the socket is full: the peer reads too slowly")
+
+// TryWrite is Write for a sender that must not wait for the peer (an event
+// under a drop policy): it fails with ErrFull, writing nothing, when
+// another writer holds the socket or what was written before has not all
+// left yet (the peer reads more slowly than we write). A frame it takes
+// goes out at once, as far as the socket has room; the rest leaves with
+// the next write, at the latest the next heartbeat.
+func (d *Inline) TryWrite(h frame.Header, ext []byte, m wire.Message) error {
+	s := d.s
+	for !s.wmu.TryLock() {
+		// Held: briefly by another writer, or by one that waits for a
+		// full socket.
+		if d.Stalled() {
+			return ErrFull
+		}
+		runtime.Gosched()
+	}
+	defer s.wmu.Unlock()
+	if d.backlog {
+		if err := d.writeNow(); err != nil {
+			return err
+		}
+		if d.backlog {
+			return ErrFull
+		}
+	}
+	if err := d.appendLocked(h, ext, m); err != nil {
+		return err
+	}
+	return d.writeNow()
+}
+
+// writeNow writes as much of buf as the socket takes without waiting;
+// under Session.wmu.
+func (d *Inline) writeNow() error {
+	s := d.s
+	if err := s.Err(); err != nil {
+		return err
+	}
+	if len(d.buf) == 0 {
+		d.backlog = false
+		return nil
+	}
+	err := s.fdr.rc.Write(d.wfn)
+	if err == nil && d.werr != nil && d.werr != unix.EAGAIN {
+		err = d.werr
+	}
+	if err != nil {
+		err = fmt.Errorf("%w: data-plane write: %w", ErrPeerGone, writeErr(err))
+		s.fail(err)
+		return err
+	}
+	n := max(d.wn, 0)
+	d.buf = d.buf[:copy(d.buf, d.buf[n:])]
+	d.backlog = len(d.buf) > 0
+	return nil
+}
+
+// Flush writes the frames Write buffered.
+func (d *Inline) Flush() error {
+	d.s.wmu.Lock()
+	defer d.s.wmu.Unlock()
+	return d.flushLocked()
+}
+
+// flushLocked writes the buffer, under Session.wmu, within the write
+// timeout. A failed write ends the session.
+func (d *Inline) flushLocked() error {
+	if len(d.buf) == 0 {
+		return nil
+	}
+	s := d.s
+	now := time.Now()
+	s.conn.SetWriteDeadline(now.Add(s.deadAfter()))
+	d.writing.Store(now.UnixNano())
+	_, err := s.conn.Write(d.buf)
+	d.writing.Store(0)
+	d.buf, d.backlog = d.buf[:0], false
+	if cap(d.buf) > maxKeptWrite {
+		d.buf = nil
+	}
+	if err != nil {
+		if e := s.Err(); e != nil {
+			return e
+		}
+		err = fmt.Errorf("%w: data-plane write: %w", ErrPeerGone, writeErr(err))
+		s.fail(err)
+	}
+	return err
+}
+
+// endErr is why the session ended.
+func (d *Inline) endErr() error {
+	if err := d.s.Err(); err != nil {
+		return err
+	}
+	return ErrSessionClosed
+}

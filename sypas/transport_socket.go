@@ -1,0 +1,267 @@
+package sypas
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"os"
+	"sync/atomic"
+	"time"
+
+	"github.com/sypas/go/control"
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
+)
+
+// socketTransport carries the data plane inline on the session's control
+// socket (docs/PROTOCOL.md §8.6), when shared memory is off or could not be
+// set up. control.Inline does the work: the session's reader, which reads
+// every frame of the socket, hands the data-plane frames to a bounded
+// queue that recv takes from (the frames are private copies, so a view
+// never changes under its reader); send appends to a buffer that Flush
+// writes, in the socket's one sequence with the control frames.
+//
+// Senders take turns through lock, a one-slot channel so that a sender
+// waiting for its turn honours its context, and write once per burst: a
+// sender that sees another waiting leaves the write to it, and hold leaves
+// it to flush, as on the rings. The write itself is bounded by the control
+// plane's write timeout (heartbeat interval × misses), not by a context: a
+// frame half written would break the stream, so a write that fails ends
+// the session. A noWait send (an event under DropNewest) never waits for
+// the peer: it gives up (errFull) when the lock's holder is writing to a
+// full socket, and writes with control.Inline.TryWrite, which drops the
+// frame rather than wait for a socket that has not taken the last one.
+type socketTransport struct {
+	sess *control.Session
+	in   *control.Inline
+
+	lock    chan struct{}
+	waiting atomic.Int32
+	dirty   atomic.Bool // written to the buffer, not flushed; set under lock
+	held    atomic.Bool // hold: the write is flush's
+	stopped atomic.Bool // stop was called
+}
+
+// newTransport returns the transport the session negotiated: inline on the
+// socket, or the rings (writeTimeout: see ringTransport).
+func newTransport(s *control.Session, writeTimeout time.Duration) transport {
+	if in := s.Inline(); in != nil {
+		return &socketTransport{sess: s, in: in, lock: make(chan struct{}, 1)}
+	}
+	return newRingTransport(s, writeTimeout)
+}
+
+// Transport names, for TransportInfo.
+const (
+	TransportRings  = "shm"
+	TransportInline = "inline"
+)
+
+// TransportInfo says how a session carries its frames.
+type TransportInfo struct {
+	// Name is TransportRings (shared memory) or TransportInline (frames
+	// on the control socket, the fallback).
+	Name string
+	// Reason says why the session is inline: whose configuration turned
+	// shared memory off, or what failed setting it up. Empty on the rings.
+	Reason string
+}
+
+func transportInfo(s *control.Session) TransportInfo {
+	if in := s.Inline(); in != nil {
+		return TransportInfo{Name: TransportInline, Reason: in.Reason()}
+	}
+	return TransportInfo{Name: TransportRings}
+}
+
+// Transport describes the current session's transport. With no session it
+// fails with an error matching ErrUnavailable.
+func (c *Client) Transport() (TransportInfo, error) {
+	cc, err := c.conn(context.Background(), false)
+	if err != nil {
+		return TransportInfo{}, err
+	}
+	return transportInfo(cc.sess), nil
+}
+
+// logInline logs, once per Client or Server (once), that a session's data
+// plane fell back to the socket, and why: never a silent fallback.
+func logInline(log *slog.Logger, once *atomic.Bool, side string, s *control.Session) {
+	in := s.Inline()
+	if in == nil || once.Swap(true) {
+		return
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	log.LogAttrs(context.Background(), slog.LevelWarn, "sypas: frames travel inline on the control socket, not in shared memory",
+		slog.String("side", side), slog.String(control.LogKeyReason, in.Reason()))
+}
+
+// newTransport is the Client's transport for a new session.
+func (c *Client) newTransport(s *control.Session) transport {
+	logInline(c.cfg.Logger, &c.inlineLogged, "daemon", s)
+	return newTransport(s, 0)
+}
+
+// newTransport is the Server's transport for a new session.
+func (s *Server) newTransport(sess *control.Session) transport {
+	if sess.Inline() != nil {
+		s.stats.inline.Add(1)
+	}
+	logInline(s.log, &s.inlineLogged, "kernel", sess)
+	return newTransport(sess, s.cfg.WriteTimeout)
+}
+
+func (t *socketTransport) session() *control.Session { return t.sess }
+func (t *socketTransport) maxPayload() int           { return t.in.MaxPayload() }
+
+func (t *socketTransport) send(ctx context.Context, h frame.Header, ext []byte, m wire.Message, noWait bool) error {
+	select {
+	case t.lock <- struct{}{}:
+	default:
+		if err := t.queue(ctx, noWait); err != nil {
+			return err
+		}
+	}
+	live := t.sess.Err() == nil
+	var err error
+	if noWait {
+		err = t.in.TryWrite(h, ext, m)
+	} else {
+		err = t.in.Write(h, ext, m, false)
+	}
+	switch {
+	case err == nil:
+		if !noWait { // TryWrite wrote what the socket took; the rest goes with the next write
+			t.dirty.Store(true)
+		}
+	case errors.Is(err, control.ErrFull):
+		err = errFull
+	case errors.Is(err, ErrTooLarge):
+	case live:
+		// The session ended in Write: a buffer flushed when full may have
+		// taken our frame with it.
+		err = &writtenErr{t.sessionErr(err)}
+	default:
+		err = t.sessionErr(err)
+	}
+	return t.unlock(err)
+}
+
+// queue waits for the lock, within ctx; with noWait, only while no write
+// waits for a full socket (looked at every stallAfter).
+func (t *socketTransport) queue(ctx context.Context, noWait bool) error {
+	t.waiting.Add(1)
+	var tick <-chan time.Time
+	if noWait {
+		tk := time.NewTicker(stallCheck)
+		defer tk.Stop()
+		tick = tk.C
+	}
+	for {
+		if noWait && t.in.Stalled() {
+			t.leave()
+			return errFull
+		}
+		select {
+		case t.lock <- struct{}{}:
+			t.waiting.Add(-1)
+			return nil
+		case <-tick:
+		case <-ctx.Done():
+			t.leave()
+			return ctx.Err()
+		case <-t.sess.Done():
+			t.leave()
+			return t.sessionErr(nil)
+		}
+	}
+}
+
+// stallCheck is how often a queued noWait sender looks for a stalled write.
+const stallCheck = time.Millisecond
+
+// unlock writes what is buffered unless another sender waits for the lock
+// (it will) or a holder holds, then releases the lock. A waiter that gives
+// up after we looked (leave) finds the lock free and settles in our place.
+func (t *socketTransport) unlock(err error) error {
+	for {
+		if t.dirty.Load() && t.waiting.Load() == 0 && !t.held.Load() {
+			t.dirty.Store(false)
+			if ferr := t.in.Flush(); err == nil && ferr != nil {
+				err = &writtenErr{t.sessionErr(ferr)}
+			}
+		}
+		<-t.lock
+		if !t.dirty.Load() || t.waiting.Load() != 0 || t.held.Load() {
+			return err
+		}
+		select {
+		case t.lock <- struct{}{}: // a waiter left after we looked: settle again
+		default:
+			return err // another sender holds the lock: it settles
+		}
+	}
+}
+
+// leave is a waiting sender giving up: if the holder left the write to
+// it, it takes the lock (when free) and settles.
+func (t *socketTransport) leave() {
+	t.waiting.Add(-1)
+	select {
+	case t.lock <- struct{}{}:
+		t.unlock(nil)
+	default:
+	}
+}
+
+func (t *socketTransport) recv(deadline time.Time) (frame.Frame, error) {
+	if t.stopped.Load() {
+		return frame.Frame{}, t.stoppedErr()
+	}
+	f, err := t.in.Next(deadline)
+	if err != nil {
+		if t.stopped.Load() {
+			return f, t.stoppedErr()
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return f, err
+		}
+		return f, t.sessionErr(err)
+	}
+	return f, nil
+}
+
+// stoppedErr is recv's error after stop: why the session ended, or that
+// it is being closed.
+func (t *socketTransport) stoppedErr() error {
+	if err := t.sess.Err(); err != nil {
+		return unavailable(err)
+	}
+	return unavailable(control.ErrSessionClosed)
+}
+
+func (t *socketTransport) release()       { t.in.Release() }
+func (t *socketTransport) buffered() bool { return t.in.Buffered() }
+func (t *socketTransport) hold()          { t.held.Store(true) }
+
+// flush ends hold. If another sender holds the lock, it writes as it
+// leaves (unlock looks at held after letting the lock go).
+func (t *socketTransport) flush() {
+	t.held.Store(false)
+	select {
+	case t.lock <- struct{}{}:
+		t.unlock(nil) // a failed write ends the session: the reader sees it
+	default:
+	}
+}
+
+func (t *socketTransport) nudge() { t.in.Wake() }
+
+func (t *socketTransport) stop() {
+	t.stopped.Store(true)
+	t.in.Wake() // after: a recv that missed the flag is woken
+}
+
+func (t *socketTransport) sessionErr(err error) error { return endedErr(t.sess, err) }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"os"
+	"runtime"
 	"sync/atomic"
 	"time"
 
@@ -194,7 +195,11 @@ func (t *socketTransport) unlock(err error) error {
 			}
 		}
 		<-t.lock
-		if !t.dirty.Load() || t.waiting.Load() != 0 || t.held.Load() {
+		if t.waiting.Load() != 0 {
+			runtime.Gosched() // the lock's new owner runs now: see ringTransport.unlock
+			return err
+		}
+		if !t.dirty.Load() || t.held.Load() {
 			return err
 		}
 		select {
@@ -249,13 +254,18 @@ func (t *socketTransport) hold()          { t.held.Store(true) }
 // flush ends hold. If another sender holds the lock, it writes as it
 // leaves (unlock looks at held after letting the lock go).
 func (t *socketTransport) flush() {
-	t.held.Store(false)
+	t.held.Swap(false) // a read-modify-write: see ringTransport.flush
 	select {
 	case t.lock <- struct{}{}:
 		t.unlock(nil) // a failed write ends the session: the reader sees it
 	default:
 	}
 }
+
+// drained is true: the socket is one ordered stream, so a peer's frames
+// sent before its GOAWAY have all been returned by recv (the kernel's
+// Inline.Next reads the socket itself) by the time the GOAWAY is seen.
+func (t *socketTransport) drained() bool { return true }
 
 func (t *socketTransport) nudge() { t.in.Wake() }
 

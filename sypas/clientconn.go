@@ -556,7 +556,10 @@ func (c *clientConn) subReader() {
 			if err != nil {
 				return // the session failed
 			}
-			c.mu.Lock()
+			if f := afterBgHandOff.Load(); f != nil {
+				(*f)()
+			}
+			continue // look again: the caller may be done with the role already
 		}
 		bg.state.Store(slotWaiting)
 		c.mu.Unlock()
@@ -567,6 +570,10 @@ func (c *clientConn) subReader() {
 		}
 	}
 }
+
+// afterBgHandOff, set by tests only, runs in subReader right after it has
+// handed the role to a caller.
+var afterBgHandOff atomic.Pointer[func()]
 
 // startSubReader runs subReader, once, until the session ends.
 func (c *clientConn) startSubReader() {

@@ -254,3 +254,29 @@ func TestCallFuncPanicLeavesClientUsable(t *testing.T) {
 		})
 	}
 }
+
+// The background reader hands the reader role to a caller, and the caller
+// finishes its call and gives the role up before the background reader
+// has registered to get it back: the role must not be lost (nobody would
+// read, and events would stop for good).
+func TestBackgroundReaderGetsTheRoleBack(t *testing.T) {
+	k := startKernel(t, ServerConfig{}, func(s *Server) { s.Handle("echo", RightRequest, echo, Inline) })
+	c := dialT(t, k.path, ClientConfig{})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	sub, err := c.Subscribe(ctx, "news", SubscribeOptions{})
+	require.NoError(t, err)
+	pause := func() { time.Sleep(5 * time.Millisecond) } // the caller finishes meanwhile
+	afterBgHandOff.Store(&pause)
+	defer afterBgHandOff.Store(nil)
+	for i := range 20 {
+		_, err := c.Call(ctx, "echo", nil)
+		require.NoError(t, err)
+		require.NoError(t, k.srv.Publish(ctx, "news", nil))
+		select {
+		case <-sub.Events():
+		case <-time.After(5 * time.Second):
+			t.Fatalf("call %d: the event after it never came: nobody reads the ring", i)
+		}
+	}
+}

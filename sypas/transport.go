@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"runtime"
 	"sync/atomic"
 	"time"
 
@@ -69,13 +68,10 @@ type transport interface {
 // ringTransport carries frames in the session's two rings, one frame per
 // ring record.
 //
-// Senders take turns through lock, a one-slot channel rather than a mutex
-// so that a sender waiting for its turn still honours its context. The
-// producer publishes with one Flush per burst: a sender that sees another
-// waiting for the lock leaves the Flush to it, so callers arriving together
-// share one index store and at most one FUTEX_WAKE. A noWait sender (an
-// event under DropNewest) never queues behind a holder that waits for room
-// in the peer's ring: the ring is full, so it gives up at once.
+// Senders take turns (turns) and the producer publishes with one Flush per
+// burst. A noWait sender (an event under DropNewest) never queues behind a
+// holder that waits for room in the peer's ring: the ring is full, so it
+// gives up at once.
 type ringTransport struct {
 	sess *control.Session
 	max  int
@@ -84,14 +80,11 @@ type ringTransport struct {
 	// reply writers for ever); 0 means no bound.
 	writeTimeout time.Duration
 
-	lock    chan struct{}
-	waiting atomic.Int32
+	turns
 	stalled atomic.Bool    // the lock's holder waits for room in the peer's ring
 	kick    chan struct{}  // cap 1: wakes the noWait senders queued behind a stalled holder
 	prod    *ring.Producer // under lock
 	seq     uint64         // under lock: sequence of the last frame sent
-	dirty   atomic.Bool    // committed, not flushed; written under lock
-	held    atomic.Bool    // hold: the Flush is flush's
 
 	cons     *ring.Consumer // the receiving goroutine's
 	rseq     uint64         // sequence of the last frame received
@@ -103,14 +96,16 @@ type ringTransport struct {
 
 func newRingTransport(s *control.Session, writeTimeout time.Duration) *ringTransport {
 	max := int(s.Params().MaxPayload)
-	return &ringTransport{
+	t := &ringTransport{
 		sess: s, max: max, writeTimeout: writeTimeout,
-		lock: make(chan struct{}, 1), kick: make(chan struct{}, 1),
+		kick: make(chan struct{}, 1),
 		prod: s.Producer(), cons: s.Consumer(),
 		// Decode whatever fits a record: a frame over max_payload is still
 		// read whole, so the kernel can refuse it with its correlation.
 		fcfg: frame.Config{MaxPayload: frame.HardMaxPayload},
 	}
+	t.turns.init(t.prod.Flush, t.sessionErr)
+	return t
 }
 
 func (t *ringTransport) session() *control.Session { return t.sess }
@@ -161,48 +156,6 @@ func (t *ringTransport) queue(ctx context.Context, noWait bool) error {
 			t.leave()
 			return t.sessionErr(nil)
 		}
-	}
-}
-
-// unlock publishes what is committed unless another sender waits for the
-// lock (it will), then releases the lock. A waiter that gives up after we
-// looked (leave) finds the lock free and settles in our place.
-func (t *ringTransport) unlock(err error) error {
-	for {
-		if t.dirty.Load() && t.waiting.Load() == 0 && !t.held.Load() {
-			t.dirty.Store(false)
-			if ferr := t.prod.Flush(); err == nil && ferr != nil {
-				err = &writtenErr{t.sessionErr(ferr)} // our frame went out with the others
-			}
-		}
-		<-t.lock
-		if t.waiting.Load() != 0 {
-			// The lock went to a waiting sender, made runnable next on
-			// our P: let it run now, rather than behind whatever we do
-			// next (a caller that goes on to read replies spins there),
-			// while every other sender waits for it.
-			runtime.Gosched()
-			return err
-		}
-		if !t.dirty.Load() || t.held.Load() {
-			return err
-		}
-		select {
-		case t.lock <- struct{}{}: // a waiter left after we looked: settle again
-		default:
-			return err // another sender holds the lock: it settles
-		}
-	}
-}
-
-// leave is a waiting sender giving up: if the holder left the Flush to it,
-// it takes the lock (when free) and settles.
-func (t *ringTransport) leave() {
-	t.waiting.Add(-1)
-	select {
-	case t.lock <- struct{}{}:
-		t.unlock(nil)
-	default:
 	}
 }
 
@@ -354,22 +307,6 @@ func (t *ringTransport) release() { t.cons.Release() }
 func (t *ringTransport) buffered() bool { return t.cons.Buffered() }
 
 func (t *ringTransport) drained() bool { return t.cons.Drained() }
-
-func (t *ringTransport) hold() { t.held.Store(true) }
-
-// flush ends hold. If another sender holds the lock, it publishes as it
-// leaves (unlock looks at held after letting the lock go).
-func (t *ringTransport) flush() {
-	// A read-modify-write, not a store: it is ordered before our look at
-	// the lock on every architecture (and under the race detector), so a
-	// holder we find there sees held false when it leaves.
-	t.held.Swap(false)
-	select {
-	case t.lock <- struct{}{}:
-		t.unlock(nil) // a failed Flush: the session is ending, the reader sees it
-	default:
-	}
-}
 
 func (t *ringTransport) nudge() {
 	t.cons.SetDeadline(time.Unix(1, 0)) // wakes the waiting Next

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"log/slog"
 	"os"
-	"runtime"
 	"sync/atomic"
 	"time"
 
@@ -22,10 +21,8 @@ import (
 // never changes under its reader); send appends to a buffer that Flush
 // writes, in the socket's one sequence with the control frames.
 //
-// Senders take turns through lock, a one-slot channel so that a sender
-// waiting for its turn honours its context, and write once per burst: a
-// sender that sees another waiting leaves the write to it, and hold leaves
-// it to flush, as on the rings. The write itself is bounded by the control
+// Senders take turns (turns) and write once per burst, as on the rings.
+// The write itself is bounded by the control
 // plane's write timeout (heartbeat interval × misses), not by a context: a
 // frame half written would break the stream, so a write that fails ends
 // the session. A noWait send (an event under DropNewest) never waits for
@@ -36,10 +33,7 @@ type socketTransport struct {
 	sess *control.Session
 	in   *control.Inline
 
-	lock    chan struct{}
-	waiting atomic.Int32
-	dirty   atomic.Bool // written to the buffer, not flushed; set under lock
-	held    atomic.Bool // hold: the write is flush's
+	turns
 	stopped atomic.Bool // stop was called
 }
 
@@ -47,7 +41,9 @@ type socketTransport struct {
 // socket, or the rings (writeTimeout: see ringTransport).
 func newTransport(s *control.Session, writeTimeout time.Duration) transport {
 	if in := s.Inline(); in != nil {
-		return &socketTransport{sess: s, in: in, lock: make(chan struct{}, 1)}
+		t := &socketTransport{sess: s, in: in}
+		t.turns.init(in.Flush, t.sessionErr)
+		return t
 	}
 	return newRingTransport(s, writeTimeout)
 }
@@ -183,44 +179,6 @@ func (t *socketTransport) queue(ctx context.Context, noWait bool) error {
 // stallCheck is how often a queued noWait sender looks for a stalled write.
 const stallCheck = time.Millisecond
 
-// unlock writes what is buffered unless another sender waits for the lock
-// (it will) or a holder holds, then releases the lock. A waiter that gives
-// up after we looked (leave) finds the lock free and settles in our place.
-func (t *socketTransport) unlock(err error) error {
-	for {
-		if t.dirty.Load() && t.waiting.Load() == 0 && !t.held.Load() {
-			t.dirty.Store(false)
-			if ferr := t.in.Flush(); err == nil && ferr != nil {
-				err = &writtenErr{t.sessionErr(ferr)}
-			}
-		}
-		<-t.lock
-		if t.waiting.Load() != 0 {
-			runtime.Gosched() // the lock's new owner runs now: see ringTransport.unlock
-			return err
-		}
-		if !t.dirty.Load() || t.held.Load() {
-			return err
-		}
-		select {
-		case t.lock <- struct{}{}: // a waiter left after we looked: settle again
-		default:
-			return err // another sender holds the lock: it settles
-		}
-	}
-}
-
-// leave is a waiting sender giving up: if the holder left the write to
-// it, it takes the lock (when free) and settles.
-func (t *socketTransport) leave() {
-	t.waiting.Add(-1)
-	select {
-	case t.lock <- struct{}{}:
-		t.unlock(nil)
-	default:
-	}
-}
-
 func (t *socketTransport) recv(deadline time.Time) (frame.Frame, error) {
 	if t.stopped.Load() {
 		return frame.Frame{}, t.stoppedErr()
@@ -249,18 +207,6 @@ func (t *socketTransport) stoppedErr() error {
 
 func (t *socketTransport) release()       { t.in.Release() }
 func (t *socketTransport) buffered() bool { return t.in.Buffered() }
-func (t *socketTransport) hold()          { t.held.Store(true) }
-
-// flush ends hold. If another sender holds the lock, it writes as it
-// leaves (unlock looks at held after letting the lock go).
-func (t *socketTransport) flush() {
-	t.held.Swap(false) // a read-modify-write: see ringTransport.flush
-	select {
-	case t.lock <- struct{}{}:
-		t.unlock(nil) // a failed write ends the session: the reader sees it
-	default:
-	}
-}
 
 // drained is true: the socket is one ordered stream, so a peer's frames
 // sent before its GOAWAY have all been returned by recv (the kernel's

@@ -280,3 +280,31 @@ func TestBackgroundReaderGetsTheRoleBack(t *testing.T) {
 		}
 	}
 }
+
+// Unsubscribe while a re-subscription on a new session holds the
+// subscription's lock (it waits for the kernel's answer, up to the drain
+// timeout): Events closes at once and Unsubscribe returns with its
+// context, not after the re-subscription.
+func TestUnsubscribeHonoursItsContext(t *testing.T) {
+	k := startKernel(t, ServerConfig{}, nil)
+	c := dialT(t, k.path, ClientConfig{})
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	sub, err := c.Subscribe(ctx, "news", SubscribeOptions{})
+	require.NoError(t, err)
+	sub.subMu <- struct{}{} // as subscribeOn does while a restore waits for the kernel
+	defer func() { <-sub.subMu }()
+
+	short, cancelShort := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancelShort()
+	done := make(chan error, 1)
+	go func() { done <- sub.Unsubscribe(short) }()
+	select {
+	case err := <-done:
+		assert.ErrorIs(t, err, context.DeadlineExceeded)
+	case <-time.After(10 * time.Second):
+		t.Fatal("Unsubscribe waited past its context for the re-subscription")
+	}
+	_, open := <-sub.Events()
+	assert.False(t, open, "Events is closed at once")
+}

@@ -46,11 +46,25 @@ type Subscription struct {
 
 	// subMu orders this subscription's SUBSCRIBE and UNSUBSCRIBE: from
 	// Subscribe, from the restore on a new session, and from Unsubscribe.
-	subMu sync.Mutex
-	on    *clientConn // the session it is subscribed on
-	gone  bool        // unsubscribed
-	err   error       // why it ended, if the kernel ended it; under subMu
+	// A one-slot channel, so that a waiter honours its context (a restore
+	// holds it for as long as a kernel takes to answer).
+	subMu chan struct{}
+	on    *clientConn           // the session it is subscribed on; under subMu
+	gone  atomic.Bool           // unsubscribed, or ended
+	err   atomic.Pointer[error] // why it ended, if the kernel ended it
 }
+
+// lockSub takes subMu, within ctx.
+func (s *Subscription) lockSub(ctx context.Context) error {
+	select {
+	case s.subMu <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (s *Subscription) unlockSub() { <-s.subMu }
 
 // Events delivers the events, in the order they were published. It is
 // closed by Unsubscribe and by the Client's Close.
@@ -69,21 +83,26 @@ func (s *Subscription) Dropped() uint64 { return s.dropped.Load() }
 // subscribe it again after a reconnection (or did not answer), and Events
 // was closed. It is nil otherwise.
 func (s *Subscription) Err() error {
-	s.subMu.Lock()
-	defer s.subMu.Unlock()
-	return s.err
+	if p := s.err.Load(); p != nil {
+		return *p
+	}
+	return nil
 }
 
-// Unsubscribe ends the subscription (telling the kernel, if a session is
-// up, within ctx) and closes Events.
+// Unsubscribe ends the subscription at once (Events is closed) and tells
+// the kernel, if a session is up, within ctx. If ctx ends first, which a
+// re-subscription on a new session in progress can make it do, the kernel
+// is not told and Unsubscribe returns ctx's error: the session's end
+// drops the kernel's side, and events that still come are dropped here.
 func (s *Subscription) Unsubscribe(ctx context.Context) error {
-	s.subMu.Lock()
-	defer s.subMu.Unlock()
-	if s.gone {
+	if s.gone.Swap(true) {
 		return nil
 	}
-	s.gone = true
 	s.c.subs.remove(s)
+	if err := s.lockSub(ctx); err != nil {
+		return err
+	}
+	defer s.unlockSub()
 	if cc := s.on; cc != nil && cc.sess.Err() == nil {
 		return cc.subscribe(ctx, frame.TypeUnsubscribe, &wire.Unsubscribe{SubscriptionID: s.id})
 	}
@@ -93,9 +112,11 @@ func (s *Subscription) Unsubscribe(ctx context.Context) error {
 // subscribeOn subscribes s on cc's session, unless it is already, or was
 // unsubscribed.
 func (s *Subscription) subscribeOn(ctx context.Context, cc *clientConn) error {
-	s.subMu.Lock()
-	defer s.subMu.Unlock()
-	if s.gone || s.on == cc {
+	if err := s.lockSub(ctx); err != nil {
+		return err
+	}
+	defer s.unlockSub()
+	if s.gone.Load() || s.on == cc {
 		return nil
 	}
 	err := cc.subscribe(ctx, frame.TypeSubscribe, &wire.Subscribe{SubscriptionID: s.id, Topic: stringBytes(s.topic)})
@@ -155,7 +176,7 @@ func (c *Client) Subscribe(ctx context.Context, topic string, opts SubscribeOpti
 	if opts.Pending < 0 {
 		return nil, fmt.Errorf("sypas: SubscribeOptions.Pending %d is negative", opts.Pending)
 	}
-	s := &Subscription{c: c, id: c.subs.next.Add(1), topic: topic,
+	s := &Subscription{c: c, id: c.subs.next.Add(1), topic: topic, subMu: make(chan struct{}, 1),
 		events: make(chan Event, cmp.Or(opts.Pending, DefaultPending))}
 	cc, err := c.conn(ctx, true)
 	if err != nil {
@@ -212,12 +233,11 @@ func (r *subRegistry) restore(cc *clientConn) {
 
 // end ends s because of err (Err), closing Events.
 func (s *Subscription) end(err error) {
-	s.subMu.Lock()
-	if !s.gone {
-		s.gone, s.err = true, err
-		s.c.subs.remove(s)
+	if s.gone.Swap(true) {
+		return
 	}
-	s.subMu.Unlock()
+	s.err.Store(&err) // before remove closes Events: a reader sees it then
+	s.c.subs.remove(s)
 }
 
 // deliver hands an EVENT to its subscription (reader goroutine).

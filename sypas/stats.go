@@ -2,7 +2,9 @@ package sypas
 
 import "sync/atomic"
 
-// ServerStats is a snapshot of a Server's counters.
+// ServerStats is a snapshot of a Server's counters. OK and Published count
+// frames written to a daemon's ring; the last ones a session writes before
+// it dies may not have reached the daemon.
 type ServerStats struct {
 	Sessions  int64  // sessions being served now
 	OK        uint64 // requests answered with a RESPONSE (or one-way ones served)

@@ -22,7 +22,8 @@ import (
 
 // BenchmarkCallsInFlight: calls/s with 1, 8 and 64 goroutines of one daemon
 // calling at once, 64-byte bodies echoed by another process, over the bridge
-// (CallInto, an Inline handler, the default idle policy) and over one Unix
+// (CallInto, an Inline handler, the default idle policy; "sypas-inline" with
+// the frames inline on the control socket) and over one Unix
 // socket with the same concurrency (sockClient). Nothing is pinned: the
 // callers are goroutines the runtime places. Each reports calls/s and the
 // p50/p99 of one call as its goroutine saw it. "unix-socket-unbatched" is
@@ -34,7 +35,8 @@ import (
 // over and wait: the bound on calls/s of any Go client whose callers block.
 func BenchmarkCallsInFlight(b *testing.B) {
 	for _, n := range []int{1, 8, 64} {
-		b.Run(fmt.Sprintf("sypas/%d", n), func(b *testing.B) { benchCallsInFlight(b, n) })
+		b.Run(fmt.Sprintf("sypas/%d", n), func(b *testing.B) { benchCallsInFlight(b, n, false) })
+		b.Run(fmt.Sprintf("sypas-inline/%d", n), func(b *testing.B) { benchCallsInFlight(b, n, true) })
 		b.Run(fmt.Sprintf("unix-socket/%d", n), func(b *testing.B) { benchSocketInFlight(b, n, true) })
 		b.Run(fmt.Sprintf("unix-socket-unbatched/%d", n), func(b *testing.B) { benchSocketInFlight(b, n, false) })
 		b.Run(fmt.Sprintf("go-chan/%d", n), func(b *testing.B) { benchChanInFlight(b, n) })
@@ -72,9 +74,11 @@ type chanCall struct {
 	done        chan struct{}
 }
 
-func benchCallsInFlight(b *testing.B, callers int) {
+// benchCallsInFlight: inline puts the frames on the control socket
+// (shared memory off in the daemon), the fallback transport.
+func benchCallsInFlight(b *testing.B, callers int, inline bool) {
 	idle := futex.Config{}
-	c := dialKernel(b, startKernel(b, idle, false), idle)
+	c := dialKernelCfg(b, startKernel(b, idle, false), idle, inline)
 	ctx := context.Background()
 	runInFlight(b, callers, func(g int) func(seq uint64) error {
 		msg, buf := make([]byte, msgSize), make([]byte, 0, msgSize)

@@ -26,8 +26,13 @@
 //     socket; Call (the reply allocated) and a handler on the worker pool at
 //     the default; allocations in the caller and in the kernel per call.
 //   - BenchmarkCallsInFlight: calls/s with 1, 8 and 64 goroutines calling at
-//     once, against one Unix-socket connection carrying tagged requests with
-//     the same concurrency.
+//     once, over the rings and inline on the control socket, against one
+//     Unix-socket connection carrying tagged requests with the same
+//     concurrency, and against goroutines of one process calling through
+//     channels (go-chan: no IPC, the floor of any client whose callers block).
+//   - BenchmarkCallInline: the Call round trip with the frames inline on the
+//     control socket (shared memory off), beside a raw Unix socket, a Unix
+//     socket through Go's poller and the Call on the rings.
 //   - BenchmarkSend: one-way Sends, checked and summed by the kernel, beside
 //     the ring stream with a Flush per message and a Unix-socket stream.
 //   - BenchmarkPublish: events/s delivered to 1 and 8 subscribers, each

@@ -554,10 +554,7 @@ func (s *Session) readErr(err error) error {
 		return ErrSessionClosed
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
 		errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
-		if s.goAwaySent.Load() && isClosed(s.goAwayRecv) {
-			return ErrSessionClosed
-		}
-		return fmt.Errorf("%w: connection closed in state %v: %w", ErrPeerGone, s.State(), err)
+		return s.goneErr(fmt.Sprintf("connection closed in state %v", s.State()), err)
 	case errors.Is(err, os.ErrDeadlineExceeded) && s.State() >= StateOperation:
 		return fmt.Errorf("%w: no frame for %v (%d heartbeats missed)", ErrPeerGone, s.deadAfter(), s.cfg.HeartbeatMisses)
 	case errors.Is(err, ErrFDPassing):
@@ -717,7 +714,7 @@ func (s *Session) handle(f *frame.Frame) error {
 		if !f.Flags.Has(frame.FlagAck) {
 			m.SentAt = monotonic()
 			if err := s.send(&m, frame.FlagAck, 0, 0); err != nil {
-				return fmt.Errorf("%w: heartbeat reply: %w", ErrPeerGone, err)
+				return s.goneErr("heartbeat reply", err)
 			}
 		}
 	case frame.TypeGoAway:
@@ -772,7 +769,7 @@ func (s *Session) heartbeatLoop() {
 		case <-t.C:
 		}
 		if err := s.send(&wire.Heartbeat{Nonce: nonce, SentAt: monotonic()}, 0, 0, 0); err != nil {
-			s.fail(fmt.Errorf("%w: heartbeat: %w", ErrPeerGone, err))
+			s.fail(s.goneErr("heartbeat", err))
 			return
 		}
 	}
@@ -835,12 +832,21 @@ func (s *Session) watchPidfd() {
 			return
 		case <-t.C:
 		}
-		if s.goAwaySent.Load() && isClosed(s.goAwayRecv) {
-			s.fail(ErrSessionClosed) // both GOAWAYs, then the peer left: an orderly end (§6.8)
-			return
-		}
-		s.fail(fmt.Errorf("%w: process %d exited", ErrPeerGone, s.peer.PID))
+		s.fail(s.goneErr(fmt.Sprintf("process %d exited", s.peer.PID), nil))
 	}
+}
+
+// goneErr is the session's end when the peer cannot be reached (what
+// failed, with err if any): a hang-up after both GOAWAYs is an orderly
+// close (§6.8), ErrSessionClosed; anything else the peer's death.
+func (s *Session) goneErr(what string, err error) error {
+	if s.goAwaySent.Load() && isClosed(s.goAwayRecv) {
+		return ErrSessionClosed
+	}
+	if err == nil {
+		return fmt.Errorf("%w: %s", ErrPeerGone, what)
+	}
+	return fmt.Errorf("%w: %s: %w", ErrPeerGone, what, err)
 }
 
 // exitGrace is how long a session whose peer process exited leaves its

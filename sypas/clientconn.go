@@ -39,12 +39,13 @@ type clientConn struct {
 	// memory for private pages, under which a frame would read as zeros.
 	viewMu sync.RWMutex
 
-	mu      sync.Mutex
-	leading bool    // the reader role is held
-	ended   bool    // the session has ended: nobody parks any more (watch)
-	bgLeads bool    // by the background reader
-	waiters []*slot // the callers parked in await, each once (slot.parked)
-	bg      *slot   // the background reader's pseudo-slot, when it runs
+	mu       sync.Mutex
+	leading  bool         // the reader role is held
+	ended    bool         // the session has ended: nobody parks any more (watch)
+	bgLeads  bool         // by the background reader
+	waiters  []*slot      // the callers parked in await, each once (slot.parked)
+	nwaiters atomic.Int32 // len(waiters), for callerWaiting without mu
+	bg       *slot        // the background reader's pseudo-slot, when it runs
 
 	draining atomic.Bool // GOAWAY received: start nothing new
 	pending  atomic.Int32
@@ -212,6 +213,7 @@ func (c *clientConn) await(ctx context.Context, s *slot, fn func([]byte) error) 
 		}
 		s.parked = true
 		c.waiters = append(c.waiters, s)
+		c.nwaiters.Store(int32(len(c.waiters)))
 		nudge := c.bgLeads
 		c.mu.Unlock()
 		if nudge {
@@ -257,6 +259,7 @@ func (c *clientConn) unpark(s *slot) {
 	for i, w := range c.waiters {
 		if w == s {
 			c.waiters = append(c.waiters[:i], c.waiters[i+1:]...)
+			c.nwaiters.Store(int32(len(c.waiters)))
 			return
 		}
 	}
@@ -385,16 +388,10 @@ func (c *clientConn) deliver(f *frame.Frame, s *slot, fn func([]byte) error) (ow
 		body = f.Payload
 	}
 	if t == s {
-		s.err = rerr
-		if rerr == nil {
-			switch {
-			case fn != nil:
-				s.err = handView(s, fn, body)
-			case s.mode == modeInto:
-				s.reply = append(s.dst, body...)
-			default:
-				s.reply = append([]byte(nil), body...)
-			}
+		if fn != nil && rerr == nil {
+			s.err = handView(s, fn, body) // in place: the reader's own reply
+		} else {
+			s.store(body, rerr)
 		}
 		s.state.Store(slotDone)
 		return true, nil
@@ -410,18 +407,7 @@ func (c *clientConn) deliver(f *frame.Frame, s *slot, fn func([]byte) error) (ow
 		}
 		return false, nil
 	}
-	t.err = rerr
-	if rerr == nil {
-		switch t.mode {
-		case modeInto:
-			t.reply = append(t.dst, body...)
-		case modeView:
-			t.buf = append(t.buf[:0], body...)
-			t.reply = t.buf
-		default:
-			t.reply = append([]byte(nil), body...)
-		}
-	}
+	t.store(body, rerr)
 	t.state.Store(slotDone)
 	select {
 	case t.wake <- struct{}{}:
@@ -450,6 +436,25 @@ func (c *clientConn) take(s *slot, fn func([]byte) error) ([]byte, error) {
 // kept in s and raised again by take, once the reader role and the ring's
 // view are given back: raised in the reader, it kept them, and every later
 // call and Close waited for them for ever.
+// store delivers a reply to t, as t.mode says: rerr, or body appended to
+// the caller's buffer, copied into the slot's own (a view for fn, which
+// take hands over), or into a new slice.
+func (t *slot) store(body []byte, rerr error) {
+	t.err = rerr
+	if rerr != nil {
+		return
+	}
+	switch t.mode {
+	case modeInto:
+		t.reply = append(t.dst, body...)
+	case modeView:
+		t.buf = append(t.buf[:0], body...)
+		t.reply = t.buf
+	default:
+		t.reply = append([]byte(nil), body...)
+	}
+}
+
 func handView(s *slot, fn func([]byte) error, b []byte) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
@@ -589,6 +594,9 @@ func (c *clientConn) startSubReader() {
 // callerWaiting reports whether a caller (not the background reader)
 // waits for the role.
 func (c *clientConn) callerWaiting() bool {
+	if c.nwaiters.Load() == 0 {
+		return false // the background reader asks after every event: no lock for it
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for _, w := range c.waiters {

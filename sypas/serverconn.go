@@ -282,20 +282,15 @@ const reqContextChunk = 64
 // with all busy it waits, which is the session's backpressure.
 func (c *serverConn) dispatch(cl *call) {
 	c.handedOff = true
-	select {
-	case c.jobs <- cl:
-		if c.workers < cap(c.jobs) {
-			c.workers++
-			c.wg.Add(1)
-			go c.work()
-		}
-		return
-	default:
-	}
 	if c.workers < cap(c.jobs) {
 		c.workers++
 		c.wg.Add(1)
 		go c.work()
+	}
+	select {
+	case c.jobs <- cl:
+		return
+	default:
 	}
 	c.tr.flush() // the answers held back must not wait for a busy worker
 	select {

@@ -280,17 +280,11 @@ func (t *ringTransport) recv(deadline time.Time) (frame.Frame, error) {
 	}
 	var f frame.Frame
 	if t.stopped.Load() { // after setting the deadline: stop's wake-up is never undone
-		return f, t.stoppedErr()
+		return f, stoppedErr(t.sess)
 	}
 	v, err := t.cons.Next()
 	if err != nil {
-		if t.stopped.Load() {
-			return f, t.stoppedErr()
-		}
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			return f, err
-		}
-		return f, t.sessionErr(err)
+		return f, recvErr(t.stopped.Load(), t.sess, err, t.sessionErr)
 	}
 	if _, err := f.Decode(v, t.fcfg); err != nil {
 		return f, &Error{Code: CodeProto, Message: "a ring record is not a frame", Err: err}
@@ -320,11 +314,19 @@ func (t *ringTransport) stop() {
 
 // stoppedErr is recv's error after stop: why the session ended, or that
 // it is being closed.
-func (t *ringTransport) stoppedErr() error {
-	if err := t.sess.Err(); err != nil {
-		return unavailable(err)
+func stoppedErr(s *control.Session) error { return unavailable(s.Err()) }
+
+// recvErr is recv's error when waiting for a frame failed with err: as
+// after stop if it came (stop wakes the wait), err itself at a deadline,
+// else the session's end (sessionErr).
+func recvErr(stopped bool, s *control.Session, err error, sessionErr func(error) error) error {
+	switch {
+	case stopped:
+		return stoppedErr(s)
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return err
 	}
-	return unavailable(control.ErrSessionClosed)
+	return sessionErr(err)
 }
 
 // sessionErr turns the error of a ring call into the session's end, so that

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"os"
 	"sync/atomic"
 	"time"
 
@@ -121,7 +120,7 @@ func (t *socketTransport) send(ctx context.Context, h frame.Header, ext []byte, 
 			return err
 		}
 	}
-	live := t.sess.Err() == nil
+	live := t.sess.State() != control.StateClosed // one load; Err takes a lock
 	var err error
 	if noWait {
 		err = t.in.TryWrite(h, ext, m)
@@ -181,28 +180,13 @@ const stallCheck = time.Millisecond
 
 func (t *socketTransport) recv(deadline time.Time) (frame.Frame, error) {
 	if t.stopped.Load() {
-		return frame.Frame{}, t.stoppedErr()
+		return frame.Frame{}, stoppedErr(t.sess)
 	}
 	f, err := t.in.Next(deadline)
 	if err != nil {
-		if t.stopped.Load() {
-			return f, t.stoppedErr()
-		}
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			return f, err
-		}
-		return f, t.sessionErr(err)
+		return f, recvErr(t.stopped.Load(), t.sess, err, t.sessionErr)
 	}
 	return f, nil
-}
-
-// stoppedErr is recv's error after stop: why the session ended, or that
-// it is being closed.
-func (t *socketTransport) stoppedErr() error {
-	if err := t.sess.Err(); err != nil {
-		return unavailable(err)
-	}
-	return unavailable(control.ErrSessionClosed)
 }
 
 func (t *socketTransport) release()       { t.in.Release() }

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"runtime"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -387,19 +386,9 @@ func (d *Inline) appendLocked(h frame.Header, ext []byte, m wire.Message) error 
 	if err := s.Err(); err != nil {
 		return err
 	}
-	hl := frame.HeaderSize + len(ext)
-	off := len(d.buf)
-	d.buf = slices.Grow(d.buf, hl+n)[:off+hl]
-	h.HeaderLen, h.PayloadLen, h.StreamID = uint16(hl), uint32(n), DataStream
-	h.Sequence, h.CapRef = s.wseq+1, s.capRef()
-	if err := h.Put(d.buf[off:]); err != nil {
-		d.buf = d.buf[:off]
-		return err
-	}
-	copy(d.buf[off+frame.HeaderSize:], ext)
-	b, err := m.Append(d.buf)
-	if err != nil || len(b) != off+hl+n {
-		d.buf = d.buf[:off]
+	h.StreamID, h.Sequence, h.CapRef = DataStream, s.wseq+1, s.capRef()
+	b, err := wire.AppendFrameExt(d.buf, h, ext, m)
+	if err != nil {
 		return fmt.Errorf("control: encode %v: %w", h.Type, err)
 	}
 	d.buf = b

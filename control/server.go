@@ -367,7 +367,7 @@ func (s *Session) serverHandshake() error {
 	// TOKEN itself carries cap_ref 0 (§6.1): the daemon learns the id from
 	// it. The token is the session's only once sent, so an ERROR for a
 	// failed send carries cap_ref 0 too.
-	if err := s.sendTokenFirst(t); err != nil {
+	if err := s.sendToken(t, 0); err != nil { // before setToken: cap_ref 0, the handshake's deadline
 		return err
 	}
 	s.setToken(t)
@@ -411,19 +411,6 @@ func (s *Session) chooseDataPlane(h *wire.Hello, granted uint64) (string, error)
 		s.regions = append(s.regions, r)
 	}
 	return "", nil
-}
-
-func (s *Session) sendTokenFirst(t *Token) error {
-	s.wmu.Lock()
-	defer s.wmu.Unlock()
-	s.wseq++
-	m := wire.Token{TokenID: t.ID, ExpiryUnix: t.Expiry.UnixNano(), Token: t.Bytes}
-	p, err := m.Append(s.wbuf[:0])
-	if err != nil {
-		return err
-	}
-	s.wbuf = p
-	return writeErr(s.fw.WriteFrame(&frame.Frame{Header: frame.Header{Type: frame.TypeToken, Sequence: s.wseq}, Payload: p}))
 }
 
 // tokenDefaultRights is what a token grants when ServerConfig.Rights is zero.

@@ -26,25 +26,33 @@ type Message interface {
 // checksum is computed when h.Flags has frame.FlagChecksum. On error b is
 // returned unchanged.
 func AppendFrame(b []byte, h frame.Header, m Message) ([]byte, error) {
+	return AppendFrameExt(b, h, nil, m)
+}
+
+// AppendFrameExt is AppendFrame with ext (nil, or a multiple of 8 bytes)
+// as the frame's header extension, HeaderLen set to match.
+func AppendFrameExt(b []byte, h frame.Header, ext []byte, m Message) ([]byte, error) {
 	n := m.Len()
 	if n > frame.HardMaxPayload {
 		return b, fmt.Errorf("sypas: %v payload of %d bytes: %w", m.Type(), n, ErrTooLarge)
 	}
+	hl := frame.HeaderSize + len(ext)
 	h.Type = m.Type()
-	h.HeaderLen = frame.HeaderSize
+	h.HeaderLen = uint16(hl)
 	h.PayloadLen = uint32(n)
 	off := len(b)
-	b = slices.Grow(b, frame.HeaderSize+n)
-	out := b[:off+frame.HeaderSize]
+	b = slices.Grow(b, hl+n)
+	out := b[:off+hl]
 	if err := h.Put(out[off:]); err != nil {
 		return b[:off], err
 	}
+	copy(out[off+frame.HeaderSize:], ext)
 	out, err := m.Append(out)
 	if err != nil {
 		return b[:off], err
 	}
-	if len(out) != off+frame.HeaderSize+n {
-		return b[:off], fmt.Errorf("sypas: %v: Len %d disagrees with Append %d: %w", m.Type(), n, len(out)-off-frame.HeaderSize, ErrInternal)
+	if len(out) != off+hl+n {
+		return b[:off], fmt.Errorf("sypas: %v: Len %d disagrees with Append %d: %w", m.Type(), n, len(out)-off-hl, ErrInternal)
 	}
 	if h.Flags.Has(frame.FlagChecksum) {
 		if err := frame.SetChecksum(out[off:]); err != nil {

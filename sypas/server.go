@@ -117,8 +117,9 @@ type Server struct {
 	serving  bool
 	stopping bool
 	stop     context.CancelFunc
-	served   chan struct{} // closed when Serve returns
-	closed   chan struct{} // closed by Close: cancels every handler
+	served   chan struct{}      // closed when Serve returns
+	base     context.Context    // every session's context derives from it
+	cancel   context.CancelFunc // Close's: cancels every session and handler
 
 	notServing atomic.Bool
 	stats      serverStats
@@ -152,7 +153,8 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	cfg.Features = cmp.Or(cfg.Features, control.DefaultFeatures) | wire.FeatureSubscribe | wire.FeatureInline
 	cfg.Topics = maps.Clone(cfg.Topics) // Publish reads it: the caller may go on changing theirs
-	s := &Server{cfg: cfg, log: cfg.Logger, conns: make(map[*serverConn]struct{}), closed: make(chan struct{})}
+	s := &Server{cfg: cfg, log: cfg.Logger, conns: make(map[*serverConn]struct{})}
+	s.base, s.cancel = context.WithCancel(context.Background())
 	if s.log == nil {
 		s.log = slog.Default()
 	}
@@ -295,11 +297,7 @@ func (s *Server) Close() error {
 	s.notServing.Store(true)
 	s.mu.Lock()
 	s.stopping = true
-	select {
-	case <-s.closed:
-	default:
-		close(s.closed)
-	}
+	s.cancel()
 	stop, served := s.stop, s.served
 	conns := make([]*serverConn, 0, len(s.conns))
 	for c := range s.conns {

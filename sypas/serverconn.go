@@ -97,7 +97,7 @@ func recycle(cl *call) {
 const maxPooledBody = 64 << 10
 
 func newServerConn(s *Server, sess *control.Session) *serverConn {
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := context.WithCancel(s.base) // ends with the server, too
 	c := &serverConn{
 		srv: s, sess: sess, ctx: ctx, end: cancel,
 		tr:          s.newTransport(sess),
@@ -113,8 +113,6 @@ func newServerConn(s *Server, sess *control.Session) *serverConn {
 // run reads and serves the daemon's frames until the session ends, then
 // waits for the handlers it started.
 func (c *serverConn) run() {
-	stop := context.AfterFunc(c.srv.closedCtx(), c.end)
-	defer stop()
 	go func() {
 		select {
 		case <-c.sess.Done():
@@ -486,20 +484,3 @@ func (c *serverConn) drain(ctx context.Context) {
 	c.sess.Drain(ctx)
 	c.closeSession()
 }
-
-// closedCtx is a context that ends when the server is closed.
-func (s *Server) closedCtx() context.Context { return closedContext{s.closed} }
-
-type closedContext struct{ ch chan struct{} }
-
-func (closedContext) Deadline() (time.Time, bool) { return time.Time{}, false }
-func (c closedContext) Done() <-chan struct{}     { return c.ch }
-func (c closedContext) Err() error {
-	select {
-	case <-c.ch:
-		return context.Canceled
-	default:
-		return nil
-	}
-}
-func (closedContext) Value(any) any { return nil }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -54,11 +55,12 @@ const (
 )
 
 // topics is the server's subscription registry: topic name → subscribers,
-// each list copied on write so that Publish reads it without a lock.
+// the whole map copied on write (subscriptions change rarely) so that
+// Publish reads it with one load and no lock.
 type topics struct {
-	mu    sync.Mutex
-	m     map[string]*atomic.Pointer[[]*subscriber]
-	drops map[string]uint64 // events dropped, by the topic Publish named; under mu
+	m     atomic.Pointer[map[string][]*subscriber] // never changed in place
+	mu    sync.Mutex                               // orders the writers of m, and guards drops
+	drops map[string]uint64                        // events dropped, by the topic Publish named
 }
 
 // subscriber is one SUBSCRIBE of one session.
@@ -70,8 +72,20 @@ type subscriber struct {
 }
 
 func (t *topics) init() {
-	t.m = make(map[string]*atomic.Pointer[[]*subscriber])
+	t.m.Store(&map[string][]*subscriber{})
 	t.drops = make(map[string]uint64)
+}
+
+// update replaces topic's subscribers with f of them (none: the topic
+// goes), in a new copy of the map; under mu.
+func (t *topics) update(topic string, f func([]*subscriber) []*subscriber) {
+	m := maps.Clone(*t.m.Load())
+	if l := f(m[topic]); len(l) == 0 {
+		delete(m, topic)
+	} else {
+		m[topic] = l
+	}
+	t.m.Store(&m)
 }
 
 // dropped counts n events dropped on topic.
@@ -92,51 +106,31 @@ func (t *topics) dropCounts() map[string]uint64 {
 	return m
 }
 
-func (t *topics) list(topic string) []*subscriber {
-	t.mu.Lock()
-	p := t.m[topic]
-	t.mu.Unlock()
-	if p == nil {
-		return nil
-	}
-	return *p.Load()
-}
+// list is topic's subscribers, read without a lock.
+func (t *topics) list(topic string) []*subscriber { return (*t.m.Load())[topic] }
 
 // add registers sub (its session checked its id).
 func (t *topics) add(sub *subscriber) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	p := t.m[sub.topic]
-	if p == nil {
-		p = new(atomic.Pointer[[]*subscriber])
-		p.Store(new([]*subscriber))
-		t.m[sub.topic] = p
-	}
-	l := append(append([]*subscriber(nil), *p.Load()...), sub)
-	p.Store(&l)
+	t.update(sub.topic, func(l []*subscriber) []*subscriber {
+		return append(append([]*subscriber(nil), l...), sub)
+	})
 }
 
-// remove drops the subscription id of c from topic, and the topic if it
-// was the last.
+// remove unregisters c's subscription id on topic.
 func (t *topics) remove(c *serverConn, id uint64, topic string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	p := t.m[topic]
-	if p == nil {
-		return
-	}
-	old := *p.Load()
-	l := make([]*subscriber, 0, len(old))
-	for _, o := range old {
-		if o.conn != c || o.id != id {
-			l = append(l, o)
+	t.update(topic, func(old []*subscriber) []*subscriber {
+		l := make([]*subscriber, 0, len(old))
+		for _, o := range old {
+			if o.conn != c || o.id != id {
+				l = append(l, o)
+			}
 		}
-	}
-	if len(l) == 0 {
-		delete(t.m, topic)
-	} else {
-		p.Store(&l)
-	}
+		return l
+	})
 }
 
 // dropConn drops every subscription of c (its reader has returned).

@@ -39,24 +39,16 @@ type Request struct {
 // Done, so a handler that never waits on its context allocates nothing.
 type reqContext struct {
 	parent   context.Context // ends with the session or the server
-	deadline time.Time       // zero: none
+	deadline time.Time       // the request's, never zero
 
 	once    sync.Once
 	derived context.Context
 	cancel  context.CancelFunc
 }
 
-func (c *reqContext) Deadline() (time.Time, bool) {
-	if !c.deadline.IsZero() {
-		return c.deadline, true
-	}
-	return c.parent.Deadline()
-}
+func (c *reqContext) Deadline() (time.Time, bool) { return c.deadline, true }
 
 func (c *reqContext) Done() <-chan struct{} {
-	if c.deadline.IsZero() {
-		return c.parent.Done()
-	}
 	c.once.Do(c.arm)
 	return c.derived.Done()
 }
@@ -67,7 +59,7 @@ func (c *reqContext) Err() error {
 	if err := c.parent.Err(); err != nil {
 		return err
 	}
-	if !c.deadline.IsZero() && !time.Now().Before(c.deadline) {
+	if !time.Now().Before(c.deadline) {
 		return context.DeadlineExceeded
 	}
 	return nil

@@ -284,17 +284,12 @@ func (d *Inline) nextDirect(deadline time.Time) (frame.Frame, error) {
 				return frame.Frame{}, err
 			}
 		}
-		s.conn.SetReadDeadline(time.Now().Add(s.deadAfter()))
-		f, _, err := s.readFrame()
-		if err == nil {
-			if f.StreamID == DataStream {
-				return *f, nil
-			}
-			err = s.handle(f)
-		}
+		f, err := s.readOne()
 		if err != nil {
-			s.endRead(err)
 			return frame.Frame{}, err
+		}
+		if f != nil {
+			return *f, nil
 		}
 	}
 }

@@ -668,20 +668,36 @@ func (s *Session) readLoop() {
 	defer s.wg.Done()
 	defer s.fdr.close()
 	for {
-		s.conn.SetReadDeadline(time.Now().Add(s.deadAfter()))
-		f, _, err := s.readFrame()
-		if err == nil {
-			if f.StreamID == DataStream {
-				err = s.inline.push(f) // readFrame admits it only inline
-			} else {
-				err = s.handle(f)
-			}
-		}
+		f, err := s.readOne()
 		if err != nil {
-			s.endRead(err)
 			return
 		}
+		if f != nil {
+			if err := s.inline.push(f); err != nil { // readFrame admits it only inline
+				s.endRead(err)
+				return
+			}
+		}
 	}
+}
+
+// readOne reads the next frame of the socket, within the liveness
+// deadline, and serves it if it is a control frame; a data frame (stream
+// 1) it returns. An error has ended the session.
+func (s *Session) readOne() (*frame.Frame, error) {
+	s.conn.SetReadDeadline(time.Now().Add(s.deadAfter()))
+	f, _, err := s.readFrame()
+	if err == nil {
+		if f.StreamID == DataStream {
+			return f, nil
+		}
+		err = s.handle(f)
+	}
+	if err != nil {
+		s.endRead(err)
+		return nil, err
+	}
+	return nil, nil
 }
 
 // endRead ends the session for err, the failure of reading or handling a

@@ -26,6 +26,14 @@ const (
 	stSent = 2 // its descriptor was sent: the peer holds it until its ACK
 )
 
+// A span's state word (Region.state, its first block's): gen<<32 |
+// state<<8 | order.
+func packState(gen uint32, st uint64, o int) uint64 { return uint64(gen)<<32 | st<<8 | uint64(o) }
+func stateGen(w uint64) uint32                      { return uint32(w >> 32) }
+func stateSt(w uint64) uint64                       { return (w >> 8) & 0xff }
+func stateOrder(w uint64) int                       { return int(w & 0xff) }
+func withState(w, st uint64) uint64                 { return w&^(0xff<<8) | st<<8 }
+
 // Region is a bulk region its owner, the sender, allocates spans from: a
 // sealed memfd the peer maps with OpenRegion, and a buddy allocator over it
 // whose every table lives in this process's private memory. The peer can
@@ -249,8 +257,8 @@ func (r *Region) Alloc(ctx context.Context, n int) (Span, error) {
 		}
 	}
 	w := r.state[idx].Load() // the block is ours: nobody else writes its state
-	gen := uint32(w>>32) + 1
-	r.state[idx].Store(uint64(gen)<<32 | stHeld<<8 | uint64(o))
+	gen := stateGen(w) + 1
+	r.state[idx].Store(packState(gen, stHeld, o))
 	r.spans.Add(1)
 	return Span{r: r, off: uint64(idx) << r.shift, n: n, idx: int32(idx), order: int32(o), lease: r.lease(gen, idx, o)}, nil
 }
@@ -326,10 +334,10 @@ func (r *Region) transition(s Span, from, to uint64) bool {
 	}
 	w := r.state[s.idx].Load()
 	want := s.lease ^ r.salt
-	if w>>32 != want>>32 || w&0xff != uint64(s.order) || (w>>8)&0xff != from {
+	if stateGen(w) != uint32(want>>32) || stateOrder(w) != int(s.order) || stateSt(w) != from {
 		return false
 	}
-	return r.state[s.idx].CompareAndSwap(w, w&^(0xff<<8)|to<<8)
+	return r.state[s.idx].CompareAndSwap(w, withState(w, to))
 }
 
 // Free returns a span this process holds and the peer does not: one never
@@ -405,14 +413,14 @@ func (r *Region) Ack(d *wire.Bulk) error {
 		return r.refuse("lease %#x was never issued by region %d", d.Lease, r.id)
 	}
 	w := r.state[idx].Load()
-	if uint32(w>>32) != gen || int(w&0xff) != o || (w>>8)&0xff != stSent {
+	if stateGen(w) != gen || stateOrder(w) != o || stateSt(w) != stSent {
 		return r.refuse("lease %#x is not outstanding: never sent, or released already", d.Lease)
 	}
 	if d.Offset != uint64(idx)<<r.shift || d.Length != r.sent[idx].Load() {
 		return r.refuse("lease %#x acknowledged as %d+%d, sent as %d+%d",
 			d.Lease, d.Offset, d.Length, uint64(idx)<<r.shift, r.sent[idx].Load())
 	}
-	if !r.state[idx].CompareAndSwap(w, w&^(0xff<<8)) {
+	if !r.state[idx].CompareAndSwap(w, withState(w, stFree)) {
 		return r.refuse("lease %#x released twice at once", d.Lease)
 	}
 	r.acks.Add(1)
@@ -435,8 +443,8 @@ func (r *Region) ReleaseAll() int {
 	n := 0
 	for idx := range r.state {
 		w := r.state[idx].Load()
-		if (w>>8)&0xff == stSent && r.state[idx].CompareAndSwap(w, w&^(0xff<<8)) {
-			r.release(idx, int(w&0xff))
+		if stateSt(w) == stSent && r.state[idx].CompareAndSwap(w, withState(w, stFree)) {
+			r.release(idx, stateOrder(w))
 			n++
 		}
 	}

@@ -332,6 +332,19 @@ func (d *Inline) Buffered() bool {
 	return d.head < len(d.q)
 }
 
+// Drained reports whether every data-plane frame read from the socket so
+// far has been returned by Next and released. Any goroutine may call it.
+// On the kernel's direct reader it is always true: a frame is read only
+// by Next.
+func (d *Inline) Drained() bool {
+	if d.direct {
+		return true
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.head == len(d.q) && len(d.held) == 0
+}
+
 // Wake makes a Next waiting in another goroutine return at once with
 // os.ErrDeadlineExceeded (or the next call, if none waits and no frame is
 // there).

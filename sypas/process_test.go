@@ -22,7 +22,6 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/go/control"
 	"github.com/sypas/go/control/token"
 )
 
@@ -88,6 +87,9 @@ func startHelper(t testing.TB, kind, path string, env ...string) *helperProc {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^TestBridgeHelper$", "-test.count=1")
 	cmd.Env = append(os.Environ(), append([]string{helperEnv + "=" + kind, "SYPAS_SOCK=" + path, "GORACE=atexit_sleep_ms=0"}, env...)...)
+	if isTCP(path) {
+		cmd.Env = append(cmd.Env, tlsCAEnv+"="+testCAPEM(t))
+	}
 	out := new(syncBuffer)
 	cmd.Stdout, cmd.Stderr = out, out
 	stdin, err := cmd.StdinPipe()
@@ -130,7 +132,14 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-func sockPath(t testing.TB) string { return filepath.Join(t.TempDir(), "k.sock") }
+// sockPath is a fresh address for a kernel: a socket path, or with
+// SYPAS_TRANSPORT=tls (TestTLSConformance) tcp:// on a free loopback port.
+func sockPath(t testing.TB) string {
+	if forceTLS.Load() {
+		return freeTCPAddr(t)
+	}
+	return filepath.Join(t.TempDir(), "k.sock")
+}
 
 // ---------------------------------------------------------------- the kernel
 
@@ -151,7 +160,7 @@ func helperKernel(sock string) error {
 	}
 	k := &testKernel{srv: srv, tag: os.Getenv("SYPAS_K_TAG"), seen: map[uint32]*seenSet{}}
 	k.register(srv)
-	l, err := control.Listen(sock, control.Config{})
+	l, err := listenAt(sock)
 	if err != nil {
 		return err
 	}

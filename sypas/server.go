@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -104,9 +105,10 @@ const (
 const HealthOp = "sypas.health"
 
 // Server is the kernel side of the bridge: it accepts daemons on a
-// control.Listener, checks every frame they send against their session's
-// token (the enforcer), routes requests to handlers, and publishes events
-// to subscribers.
+// control.Listener (a Unix socket, or TCP with TLS: control.ListenTLS) or
+// on streams another transport hands it (ServeConn), checks every frame
+// they send against their session's token (the enforcer), routes requests
+// to handlers, and publishes events to subscribers.
 type Server struct {
 	cfg ServerConfig
 	log *slog.Logger
@@ -127,6 +129,10 @@ type Server struct {
 	topics     topics
 
 	inlineLogged atomic.Bool // the fallback to inline is logged once
+
+	streamsOnce sync.Once
+	streams     *control.Server // ServeConn's
+	streamsErr  error
 }
 
 type route struct {
@@ -226,6 +232,49 @@ func (s *Server) Serve(l *control.Listener) error {
 		return nil
 	}
 	return err
+}
+
+// ServeConn serves one daemon on conn, a stream that a transport with its
+// own listener accepted and authenticated as peer: a gRPC stream adapted
+// to a net.Conn, with peer from control.AttestTLS. It runs the kernel
+// handshake (control.Server.HandshakeConn: inline, the token bound to
+// peer, the Limits counted under peer's host), then serves the session as
+// Serve serves each of its own, enforcer and audit included, until it
+// ends, and closes it. conn is owned from the call on. It returns nil
+// once a session that was established has ended, else why the handshake
+// failed, or an error matching ErrClosed after Shutdown or Close. ctx
+// bounds the handshake only; Shutdown and Close end the session.
+func (s *Server) ServeConn(ctx context.Context, conn net.Conn, peer control.PeerIdentity) error {
+	cs, err := s.streamServer()
+	if err != nil {
+		conn.Close()
+		return err
+	}
+	s.mu.Lock()
+	stopping := s.stopping
+	s.mu.Unlock()
+	if stopping {
+		conn.Close()
+		return fmt.Errorf("%w: ServeConn: the server was shut down", ErrClosed)
+	}
+	hctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(s.base, cancel) // Close stops the handshake
+	defer stop()
+	sess, err := cs.HandshakeConn(hctx, conn, peer)
+	if err != nil {
+		return err
+	}
+	defer sess.Close()
+	s.serveSession(sess)
+	return nil
+}
+
+// streamServer is the control-plane server of ServeConn, made at its
+// first call.
+func (s *Server) streamServer() (*control.Server, error) {
+	s.streamsOnce.Do(func() { s.streams, s.streamsErr = control.NewStreamServer(s.cfg.ServerConfig) })
+	return s.streams, s.streamsErr
 }
 
 // serveSession runs one daemon's session until it ends (control closes

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -278,13 +279,38 @@ func TestPlaintextLoopback(t *testing.T) {
 	inlineExchange(t, d, k, "plain")
 }
 
-// HandshakeConn and DialConn run a session on any stream with deadlines
-// (net.Pipe here, as a gRPC stream adapted to a net.Conn would be): the
-// caller's identity is the peer's, the data plane inline.
-func TestHandshakeConnOnAStream(t *testing.T) {
-	srv, err := NewStreamServer(ServerConfig{Keys: testKeys(t)})
+// streamConn is a net.Conn of some other transport (as a gRPC stream
+// adapted to one would be): its LocalAddr's network names it.
+type streamConn struct{ net.Conn }
+
+type streamAddr struct{}
+
+func (streamAddr) Network() string      { return "stream" }
+func (streamAddr) String() string       { return "stream" }
+func (streamConn) LocalAddr() net.Addr  { return streamAddr{} }
+func (streamConn) RemoteAddr() net.Addr { return streamAddr{} }
+
+// streamPair is two connected streamConns (TCP loopback under them).
+func streamPair(t *testing.T) (net.Conn, net.Conn) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	kc, dc := net.Pipe()
+	defer l.Close()
+	a, err := net.Dial("tcp", l.Addr().String())
+	require.NoError(t, err)
+	b, err := l.Accept()
+	require.NoError(t, err)
+	t.Cleanup(func() { a.Close(); b.Close() })
+	return streamConn{a}, streamConn{b}
+}
+
+// HandshakeConn and DialConn run a session on any stream with deadlines
+// (as a gRPC stream adapted to a net.Conn would be): the caller's
+// identity is the peer's, the data plane inline, and the kernel's Next
+// reads the stream directly, through heartbeats.
+func TestHandshakeConnOnAStream(t *testing.T) {
+	srv, err := NewStreamServer(ServerConfig{Keys: testKeys(t), SessionConfig: SessionConfig{HeartbeatInterval: 20 * time.Millisecond}})
+	require.NoError(t, err)
+	kc, dc := streamPair(t)
 	peer := PeerIdentity{UID: NoUID, GID: NoUID, Remote: "pipe", Cert: &CertIdentity{URIs: []string{testtls.DaemonURI}, SHA256: [32]byte{1}}}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -300,17 +326,30 @@ func TestHandshakeConnOnAStream(t *testing.T) {
 	k := <-kch
 	require.NotNil(t, k)
 	defer k.Close()
-	assert.Equal(t, "pipe", k.Network())
+	assert.Equal(t, "stream", k.Network())
+	assert.Equal(t, "stream", d.Network())
 	assert.Equal(t, peer, k.Peer())
 	assert.Equal(t, [32]byte{1}, k.Capability().Subject.ExeSHA256)
-	inlineExchange(t, d, k, "stream")
+	for i := range 10 {
+		inlineExchange(t, d, k, string(rune('a'+i)))
+		time.Sleep(10 * time.Millisecond) // heartbeats interleave
+	}
+	// Wake ends a wait of the kernel's reader and leaves the stream whole.
+	go func() {
+		time.Sleep(20 * time.Millisecond)
+		k.Inline().Wake()
+	}()
+	_, err = k.Inline().Next(time.Time{})
+	assert.ErrorIs(t, err, os.ErrDeadlineExceeded)
+	inlineExchange(t, d, k, "after a wake")
+	assert.NoError(t, d.Err())
+	assert.NoError(t, k.Err())
 
 	_, err = srv.Accept(ctx)
 	assert.ErrorIs(t, err, ErrConfig, "no Listener")
 
 	// A local identity is only a Listener's to give.
-	kc, dc = net.Pipe()
-	defer dc.Close()
+	kc, _ = streamPair(t)
 	_, err = srv.HandshakeConn(ctx, kc, PeerIdentity{UID: 1000, GID: 1000, PID: 1})
 	assert.ErrorIs(t, err, ErrPeerRejected)
 }

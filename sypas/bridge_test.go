@@ -73,7 +73,9 @@ func startKernelAt(t testing.TB, path string, cfg ServerConfig, setup func(*Serv
 	go func() { k.err = srv.Serve(l); close(k.done) }()
 	t.Cleanup(func() {
 		srv.Close()
-		assert.NoError(t, k.served(t))
+		if err := k.served(t); !t.Skipped() || !errors.Is(err, ErrClosed) { // a test skipped at once closes before Serve began
+			assert.NoError(t, err)
+		}
 		l.Close()
 	})
 	return k

@@ -23,6 +23,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/internal/testtls"
 )
 
 // Cross-process tests re-execute the test binary into TestBridgeHelper
@@ -400,6 +401,16 @@ func helperSubscriber(sock, topic string) error {
 	cfg.Logger = slog.New(slog.DiscardHandler)
 	if n, _ := strconv.Atoi(os.Getenv("SYPAS_RXRING")); n > 0 {
 		cfg.RxRingSize = uint32(n)
+	}
+	if isTCP(sock) {
+		if testCA(nil) == nil {
+			return caErr
+		}
+		cert, err := ca.Client("subscriber", testtls.DaemonURI)
+		if err != nil {
+			return err
+		}
+		cfg.TLS = ca.ClientConfig(cert)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()

@@ -25,7 +25,7 @@ import (
 // wraps ErrHandshake and has released every descriptor received.
 //
 // addr is a Unix socket path (or unix:///path), tcp://host:port (TLS 1.3
-// with cfg.TLS; the data plane inline, §10), or the address of a
+// with cfg.TLS; the data plane inline, §9), or the address of a
 // transport a package registered (grpc://host:port: RegisterTransport);
 // see ParseAddress. When addr cannot be reached (nothing listens, a
 // transport not built in), each of cfg.Fallbacks is tried in turn, and
@@ -170,7 +170,7 @@ func connectTCP(ctx context.Context, hostport string, cfg DialConfig) (net.Conn,
 // adapted to a net.Conn) carries a session: Dial calls it for the
 // transports of RegisterTransport. On a *net.UnixConn it is Dial's own
 // handshake (CheckServer, rings or inline); on anything else the data
-// plane is inline (INLINE_ONLY offered, no REGIONS: §8.6, §10) and the
+// plane is inline (INLINE_ONLY offered, no REGIONS: §8.6, §9) and the
 // kernel's uid is not checked. conn's deadlines must work as net.Conn's
 // do: the session bounds every read and write with them. The handshake is
 // bounded by ctx and cfg.HandshakeTimeout; every failure wraps

@@ -51,7 +51,7 @@ func newTransport(s *control.Session, writeTimeout time.Duration) transport {
 const (
 	TransportRings  = "shm"     // shared-memory rings beside a Unix socket
 	TransportInline = "inline"  // frames inline on the Unix socket (§8.6)
-	TransportTLS    = "tcp+tls" // frames on TCP with TLS 1.3 and client certificates (§10)
+	TransportTLS    = "tcp+tls" // frames on TCP with TLS 1.3 and client certificates (§9)
 	TransportTCP    = "tcp"     // frames on plain TCP, loopback only
 )
 

@@ -132,6 +132,7 @@ func checkInline(t *testing.T, c *Client, log *inlineLog, reason string) {
 // kernel's: the session is inline, the Client says so and why, both sides
 // log it once (not once per session), and the Server counts it.
 func TestInlineFallbackByConfig(t *testing.T) {
+	skipOnTLS(t, "the fallback from the rings to inline on a Unix socket")
 	if forceInline.Load() {
 		t.Skip("the whole run is inline already")
 	}
@@ -177,6 +178,7 @@ func TestInlineFallbackByConfig(t *testing.T) {
 // inline with the failure as its reason; so does a daemon whose mmap of
 // the kernel's rings fails.
 func TestInlineFallbackWhenSharedMemoryFails(t *testing.T) {
+	skipOnTLS(t, "the fallback from the rings to inline on a Unix socket")
 	if forceInline.Load() {
 		t.Skip("the whole run is inline already")
 	}
@@ -236,6 +238,7 @@ func TestInlineLargePayloads(t *testing.T) {
 // reads nothing fills its queue and the socket, then each event is dropped
 // and counted at once, and the subscriber's session lives on.
 func TestInlinePublishDropNewestNeverWaits(t *testing.T) {
+	skipOnTLS(t, "a TLS write cannot be cut short, so a DropNewest event may wait for a full socket (docs/PROTOCOL.md §9)")
 	cfg := ServerConfig{}
 	cfg.HeartbeatInterval = 5 * time.Second // the subscriber stays alive throughout
 	k := startKernel(t, cfg, nil)

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -56,6 +57,15 @@ func testCAPEM(t testing.TB) string {
 	p, err := testCA(t).PEM()
 	require.NoError(t, err)
 	return p
+}
+
+// skipOnTLS skips a test whose subject exists only on a Unix socket, in
+// a run on TCP with TLS.
+func skipOnTLS(t *testing.T, why string) {
+	t.Helper()
+	if forceTLS.Load() {
+		t.Skip("not on TCP: " + why)
+	}
 }
 
 func isTCP(addr string) bool { return strings.HasPrefix(addr, "tcp://") }
@@ -192,7 +202,7 @@ func TestTLSClientRefused(t *testing.T) {
 // one line is logged.
 func TestTransportFallback(t *testing.T) {
 	k := startKernelAt(t, freeTCPAddr(t), ServerConfig{}, func(s *Server) { s.Handle("echo", RightRequest, echo) })
-	missing := sockPath(t)
+	missing := filepath.Join(t.TempDir(), "k.sock") // nobody listens
 	log := &inlineLog{}
 	cfg := ClientConfig{DialConfig: control.DialConfig{Fallbacks: []string{"grpc://127.0.0.1:1", k.path},
 		SessionConfig: control.SessionConfig{Logger: slog.New(log)}}}

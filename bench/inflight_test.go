@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sypas/go/futex"
+	"github.com/sypas/go/sypas"
 )
 
 // BenchmarkCallsInFlight: calls/s with 1, 8 and 64 goroutines of one daemon
@@ -79,7 +80,11 @@ type chanCall struct {
 // (shared memory off in the daemon), the fallback transport.
 func benchCallsInFlight(b *testing.B, callers int, inline bool) {
 	idle := futex.Config{}
-	c := dialKernelCfg(b, startKernel(b, idle, false), idle, inline)
+	callsInFlight(b, dialKernelCfg(b, startKernel(b, idle, false), idle, inline), callers)
+}
+
+// callsInFlight runs runInFlight with CallInto of msgSize bytes on c.
+func callsInFlight(b *testing.B, c *sypas.Client, callers int) {
 	ctx := context.Background()
 	runInFlight(b, callers, func(g int) func(seq uint64) error {
 		msg, buf := make([]byte, msgSize), make([]byte, 0, msgSize)

@@ -3,8 +3,6 @@ package bench
 import (
 	"context"
 	"encoding/binary"
-	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -152,19 +150,7 @@ func benchCallNet(b *testing.B, size int, withTLS bool) {
 
 // benchCallsInFlightNet is benchCallsInFlight over TCP loopback with TLS.
 func benchCallsInFlightNet(b *testing.B, callers int) {
-	c := dialNetKernel(b, startNetKernel(b, true), true)
-	ctx := context.Background()
-	runInFlight(b, callers, func(g int) func(seq uint64) error {
-		msg, buf := make([]byte, msgSize), make([]byte, 0, msgSize)
-		return func(seq uint64) error {
-			binary.LittleEndian.PutUint64(msg, seq)
-			out, err := c.CallInto(ctx, "echo", msg, buf[:0])
-			if err == nil && (len(out) != msgSize || binary.LittleEndian.Uint64(out) != seq) {
-				err = fmt.Errorf("call %d: a reply of %d bytes for another call", seq, len(out))
-			}
-			return err
-		}
-	})
+	callsInFlight(b, dialNetKernel(b, startNetKernel(b, true), true), callers)
 }
 
 // benchGoTCPRTT is benchGoUnixRTT on a TCP loopback connection (Go's
@@ -191,17 +177,7 @@ func benchGoTCPRTT(b *testing.B, size int) {
 	}
 	cmd := startPeer(b, "go-echo", false, []*os.File{f}, "SIZE="+strconv.Itoa(size))
 	f.Close()
-	buf := make([]byte, size)
-	b.SetBytes(int64(2 * size))
-	timeRoundTrips(b, false, func(seq uint64) {
-		binary.LittleEndian.PutUint64(buf, seq)
-		if _, err := c.Write(buf); err != nil {
-			b.Fatal(err)
-		}
-		if _, err := io.ReadFull(c, buf); err != nil || binary.LittleEndian.Uint64(buf) != seq {
-			b.Fatalf("round trip %d: %v", seq, err)
-		}
-	})
+	goRTT(b, c, size)
 	c.(*net.TCPConn).CloseWrite()
 	waitPeer(b, cmd)
 }

@@ -38,7 +38,8 @@ func BenchmarkCallsInFlight(b *testing.B) {
 	for _, n := range []int{1, 8, 64} {
 		b.Run(fmt.Sprintf("sypas/%d", n), func(b *testing.B) { benchCallsInFlight(b, n, false) })
 		b.Run(fmt.Sprintf("sypas-inline/%d", n), func(b *testing.B) { benchCallsInFlight(b, n, true) })
-		b.Run(fmt.Sprintf("sypas-tls/%d", n), func(b *testing.B) { benchCallsInFlightNet(b, n) })
+		b.Run(fmt.Sprintf("sypas-tls/%d", n), func(b *testing.B) { benchCallsInFlightNet(b, n, true) })
+		b.Run(fmt.Sprintf("sypas-tcp/%d", n), func(b *testing.B) { benchCallsInFlightNet(b, n, false) })
 		b.Run(fmt.Sprintf("unix-socket/%d", n), func(b *testing.B) { benchSocketInFlight(b, n, true) })
 		b.Run(fmt.Sprintf("unix-socket-unbatched/%d", n), func(b *testing.B) { benchSocketInFlight(b, n, false) })
 		b.Run(fmt.Sprintf("go-chan/%d", n), func(b *testing.B) { benchChanInFlight(b, n) })

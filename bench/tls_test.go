@@ -148,9 +148,10 @@ func benchCallNet(b *testing.B, size int, withTLS bool) {
 	b.ReportMetric(float64(kernelMallocs(b, c)-before)/float64(b.N), "kernel-allocs/op")
 }
 
-// benchCallsInFlightNet is benchCallsInFlight over TCP loopback with TLS.
-func benchCallsInFlightNet(b *testing.B, callers int) {
-	callsInFlight(b, dialNetKernel(b, startNetKernel(b, true), true), callers)
+// benchCallsInFlightNet is benchCallsInFlight over TCP loopback, with TLS
+// or in plaintext.
+func benchCallsInFlightNet(b *testing.B, callers int, withTLS bool) {
+	callsInFlight(b, dialNetKernel(b, startNetKernel(b, withTLS), withTLS), callers)
 }
 
 // benchGoTCPRTT is benchGoUnixRTT on a TCP loopback connection (Go's

@@ -73,6 +73,7 @@ type Inline struct {
 	// not read (Stalled).
 	writing atomic.Int64
 	wfn     func(fd uintptr) bool // one non-blocking write(2) of buf: made once
+	kick    chan struct{}         // off a Unix socket: wakes the flusher (under Session.wmu)
 	wn      int
 	werr    error
 
@@ -457,10 +458,41 @@ func (d *Inline) TryWrite(h frame.Header, ext []byte, m wire.Message) error {
 			return ErrFull
 		}
 	}
+	if s.fdr.c == nil && len(d.buf) >= maxKeptWrite {
+		return ErrFull // the flusher has not written what went before
+	}
 	if err := d.appendLocked(h, ext, m); err != nil {
 		return err
 	}
 	return d.writeNow()
+}
+
+// kickFlusher has the session's flusher write buf (a stream other than
+// a Unix socket), starting it at the first call; under Session.wmu.
+func (d *Inline) kickFlusher() {
+	if d.kick == nil {
+		d.kick = make(chan struct{}, 1)
+		go d.flusher()
+	}
+	select {
+	case d.kick <- struct{}{}:
+	default: // it has a kick pending, which writes everything
+	}
+}
+
+// flusher writes what TryWrite left in buf, once per kick, until the
+// session ends.
+func (d *Inline) flusher() {
+	for {
+		select {
+		case <-d.s.done:
+			return
+		case <-d.kick:
+		}
+		d.s.wmu.Lock()
+		d.flushLocked()
+		d.s.wmu.Unlock()
+	}
 }
 
 // writeNow writes as much of buf as the socket takes without waiting;
@@ -476,9 +508,13 @@ func (d *Inline) writeNow() error {
 	}
 	if s.fdr.c == nil {
 		// A stream without a non-blocking write (TLS: a write cut short
-		// breaks the connection): written whole, within the write
-		// timeout. TryWrite still gives up while a write is stalled.
-		return d.flushLocked()
+		// breaks the connection): the session's flusher writes the
+		// buffer whole, within the write timeout, so that TryWrite never
+		// waits; while it waits for a full socket, TryWrite fails with
+		// ErrFull (wmu is held: Stalled), and so does a buffer of
+		// maxKeptWrite not yet written.
+		d.kickFlusher()
+		return nil
 	}
 	err := s.fdr.rc.Write(d.wfn)
 	if err == nil && d.werr != nil && d.werr != unix.EAGAIN {

@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"slices"
@@ -224,6 +225,7 @@ func (l *Listener) attestNet(ctx context.Context, c net.Conn, log *slog.Logger) 
 		err = reject("TLS handshake: %w", herr)
 	} else if id, err = AttestTLS(tc.ConnectionState(), c.RemoteAddr(), &l.policy); err != nil && id.Cert != nil {
 		tellRefusal(tc, &wire.Error{Code: wire.CodePermission, Message: "the kernel's policy does not admit this certificate's identity"})
+		lingerClose(tc, c)
 	}
 	if err != nil {
 		closeConn(tc)
@@ -243,6 +245,19 @@ func tellRefusal(c net.Conn, err error) {
 		c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
 		c.Write(b) // the daemon may be gone
 	}
+}
+
+// lingerClose ends the writing side of tc, whose socket is c, and reads
+// what the peer sent for up to 100 ms before the caller closes it: a TCP
+// socket closed with unread bytes (the daemon's HELLO, sent on the heels
+// of its TLS handshake) resets the connection, and the reset can destroy
+// the ERROR just written before the daemon reads it.
+func lingerClose(tc *tls.Conn, c net.Conn) {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+	c.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+	io.Copy(io.Discard, tc) // until the daemon closes, or the deadline
 }
 
 // hostOfString is the host part of a network address: the principal the

@@ -1,0 +1,197 @@
+package sypasgrpc
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+// connPair serves the Session method with handle (given the server's
+// Conn) on loopback, and returns a client Conn to it.
+func connPair(t *testing.T, handle func(*Conn)) *Conn {
+	t.Helper()
+	gs := grpc.NewServer()
+	gs.RegisterService(&grpc.ServiceDesc{
+		ServiceName: ServiceName,
+		HandlerType: (*any)(nil),
+		Streams: []grpc.StreamDesc{{StreamName: MethodSession, ServerStreams: true, ClientStreams: true,
+			Handler: func(_ any, ss grpc.ServerStream) error {
+				c, done := serverConn(ss)
+				go handle(c)
+				select {
+				case <-done:
+				case <-ss.Context().Done():
+				}
+				c.Close()
+				return nil
+			}}},
+	}, nil)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	go gs.Serve(l)
+	t.Cleanup(gs.Stop)
+	cc, err := grpc.NewClient(l.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	t.Cleanup(func() { cc.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := OpenSession(ctx, cc)
+	require.NoError(t, err)
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func echo(c *Conn) {
+	io.Copy(c, c)
+	c.Close()
+}
+
+func TestConnCarriesTheStreamInOrder(t *testing.T) {
+	c := connPair(t, echo)
+	want := make([]byte, 3*MaxChunk+12345) // several messages, one cut mid-way
+	rand.Read(want)
+	errc := make(chan error, 1)
+	go func() {
+		for p := want; len(p) > 0; {
+			n := min(len(p), 1+len(p)/3)
+			if _, err := c.Write(p[:n]); err != nil {
+				errc <- err
+				return
+			}
+			p = p[n:]
+		}
+		errc <- nil
+	}()
+	got := make([]byte, len(want))
+	_, err := io.ReadFull(c, got)
+	require.NoError(t, err)
+	require.NoError(t, <-errc)
+	assert.True(t, bytes.Equal(want, got), "the echoed bytes differ")
+}
+
+func TestConnCloseLosesNothingWritten(t *testing.T) {
+	got := make(chan []byte, 1)
+	c := connPair(t, func(s *Conn) {
+		b, _ := io.ReadAll(s) // until the client's orderly end: io.EOF
+		got <- b
+		s.Close()
+	})
+	want := make([]byte, 200<<10)
+	rand.Read(want)
+	_, err := c.Write(want)
+	require.NoError(t, err)
+	require.NoError(t, c.Close())
+	select {
+	case b := <-got:
+		assert.True(t, bytes.Equal(want, b), "the server read %d bytes of %d", len(b), len(want))
+	case <-time.After(5 * time.Second):
+		t.Fatal("the server never saw the client's end")
+	}
+	_, err = c.Write([]byte("x"))
+	assert.ErrorIs(t, err, net.ErrClosed)
+	_, err = c.Read(make([]byte, 1))
+	assert.ErrorIs(t, err, net.ErrClosed)
+}
+
+func TestConnReadDeadline(t *testing.T) {
+	c := connPair(t, echo)
+	require.NoError(t, c.SetReadDeadline(time.Now().Add(20*time.Millisecond)))
+	_, err := c.Read(make([]byte, 8))
+	require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+	var ne net.Error
+	require.ErrorAs(t, err, &ne)
+	assert.True(t, ne.Timeout())
+
+	// Still usable once the deadline moves; a past one wakes a blocked Read.
+	require.NoError(t, c.SetReadDeadline(time.Time{}))
+	_, err = c.Write([]byte("ping"))
+	require.NoError(t, err)
+	b := make([]byte, 4)
+	_, err = io.ReadFull(c, b)
+	require.NoError(t, err)
+	assert.Equal(t, "ping", string(b))
+
+	errc := make(chan error, 1)
+	go func() {
+		_, err := c.Read(b)
+		errc <- err
+	}()
+	time.Sleep(10 * time.Millisecond)
+	require.NoError(t, c.SetReadDeadline(time.Unix(1, 0)))
+	select {
+	case err := <-errc:
+		assert.ErrorIs(t, err, os.ErrDeadlineExceeded)
+	case <-time.After(5 * time.Second):
+		t.Fatal("a past deadline did not wake the Read")
+	}
+}
+
+// stuck is a server that never reads: the client's writes fill the
+// stream's flow-control window and then wait.
+func stuck(c *Conn) {}
+
+func TestConnCloseWakesBlockedReadAndWrite(t *testing.T) {
+	c := connPair(t, stuck)
+	var wg sync.WaitGroup
+	var rerr, werr error
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		_, rerr = c.Read(make([]byte, 10))
+	}()
+	go func() {
+		defer wg.Done()
+		_, werr = c.Write(make([]byte, 64<<20)) // far beyond the window
+	}()
+	time.Sleep(50 * time.Millisecond)
+	require.NoError(t, c.Close())
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close did not wake the blocked Read and Write")
+	}
+	assert.ErrorIs(t, rerr, net.ErrClosed)
+	assert.ErrorIs(t, werr, net.ErrClosed)
+	assert.NoError(t, c.Close(), "idempotent")
+}
+
+func TestConnWriteDeadlineBreaksTheConn(t *testing.T) {
+	c := connPair(t, stuck)
+	require.NoError(t, c.SetWriteDeadline(time.Now().Add(50*time.Millisecond)))
+	start := time.Now()
+	n, err := c.Write(make([]byte, 64<<20))
+	require.ErrorIs(t, err, os.ErrDeadlineExceeded)
+	assert.Less(t, n, 64<<20, "flow control held the writer back: nothing unbounded was buffered")
+	assert.Less(t, time.Since(start), 5*time.Second)
+	require.NoError(t, c.SetWriteDeadline(time.Time{}))
+	_, err = c.Write([]byte("x"))
+	assert.ErrorIs(t, err, os.ErrDeadlineExceeded, "a broken Conn stays broken")
+	_, err = c.Read(make([]byte, 1))
+	assert.Error(t, err)
+}
+
+func TestConnServerEndIsEOF(t *testing.T) {
+	c := connPair(t, func(s *Conn) {
+		s.Write([]byte("bye"))
+		s.Close()
+	})
+	b, err := io.ReadAll(c)
+	require.NoError(t, err, "the server's orderly end reads as io.EOF")
+	assert.Equal(t, "bye", string(b))
+	_, err = c.Read(make([]byte, 1))
+	assert.True(t, errors.Is(err, io.EOF))
+}

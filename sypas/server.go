@@ -123,6 +123,8 @@ type Server struct {
 	cancel   context.CancelFunc // Close's: cancels every session and handler
 
 	notServing atomic.Bool
+	quit       chan struct{} // closed when Shutdown or Close begins: Callers' feeds end
+	quitOnce   sync.Once
 	stats      serverStats
 	topics     topics
 
@@ -154,7 +156,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	cfg.Features = cmp.Or(cfg.Features, control.DefaultFeatures) | wire.FeatureSubscribe | wire.FeatureInline
 	cfg.Topics = maps.Clone(cfg.Topics) // Publish reads it: the caller may go on changing theirs
-	s := &Server{cfg: cfg, log: cfg.Logger, conns: make(map[*serverConn]struct{})}
+	s := &Server{cfg: cfg, log: cfg.Logger, conns: make(map[*serverConn]struct{}), quit: make(chan struct{})}
 	s.base, s.cancel = context.WithCancel(context.Background())
 	if s.log == nil {
 		s.log = slog.Default()
@@ -260,6 +262,7 @@ func (s *Server) serveSession(sess *control.Session) {
 // and returns ctx's error.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.notServing.Store(true)
+	s.quitOnce.Do(func() { close(s.quit) })
 	s.mu.Lock()
 	s.stopping = true
 	stop, served := s.stop, s.served
@@ -293,6 +296,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // idempotent.
 func (s *Server) Close() error {
 	s.notServing.Store(true)
+	s.quitOnce.Do(func() { close(s.quit) })
 	s.mu.Lock()
 	s.stopping = true
 	s.cancel()

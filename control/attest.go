@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
 	"slices"
@@ -24,15 +25,56 @@ import (
 
 // PeerIdentity is what attestation established about the process at the
 // other end of a connection. A token's Subject binds to it.
+//
+// A peer on a Unix socket is a process (UID, GID, PID, Exe, ExeSHA256,
+// from SO_PEERCRED and its pidfd). A peer on TCP (or gRPC) has no uid
+// across hosts: UID and GID are NoUID, PID is 0, Remote is its network
+// address, and Cert is the client certificate TLS verified (nil on a
+// plaintext loopback connection).
 type PeerIdentity struct {
 	UID, GID  uint32
 	PID       int
 	Exe       string   // target of /proc/<pid>/exe
 	ExeSHA256 [32]byte // digest of the file /proc/<pid>/exe opens
+	// Remote is the peer's network address (TCP, gRPC); empty on a Unix
+	// socket.
+	Remote string
+	// Cert is the identity of the verified client certificate of a peer
+	// on TLS; nil on a Unix socket and on plaintext TCP.
+	Cert *CertIdentity
 }
 
-// Subject is the token subject for this peer.
+// NoUID is the UID and GID of a peer that is not a local process (TCP,
+// gRPC): (uid_t)-1, which no Linux process can have (setuid(-1) means
+// "unchanged"), so no uid rule or token of a local peer ever matches it.
+const NoUID = math.MaxUint32
+
+// CertIdentity is what a verified client certificate says about its
+// holder: the attested identity of a peer on TLS (docs/SECURITY.md).
+type CertIdentity struct {
+	// URIs are the certificate's URI SANs (a SPIFFE id, say), as strings.
+	URIs []string
+	// Subject is the certificate subject's distinguished name
+	// (pkix.Name.String, RFC 2253 order: "CN=daemon,O=example").
+	Subject string
+	// SHA256 is the digest of the leaf certificate (DER): the token
+	// subject of the session binds to this one certificate.
+	SHA256 [32]byte
+}
+
+// Local reports whether p is a process on this host (a Unix socket
+// peer, attested through SO_PEERCRED), not a network peer.
+func (p PeerIdentity) Local() bool { return p.Remote == "" && p.Cert == nil && p.UID != NoUID }
+
+// Subject is the token subject for this peer. A network peer's is uid and
+// gid NoUID, pid 0, and in place of the executable digest its
+// certificate's SHA-256 (all zero on plaintext TCP): a token minted for
+// it matches no local process, and no other certificate
+// (docs/PROTOCOL.md §6.6).
 func (p PeerIdentity) Subject() token.Subject {
+	if p.Cert != nil {
+		return token.Subject{UID: NoUID, GID: NoUID, ExeSHA256: p.Cert.SHA256}
+	}
 	return token.Subject{UID: p.UID, GID: p.GID, PID: uint32(p.PID), ExeSHA256: p.ExeSHA256}
 }
 
@@ -49,11 +91,21 @@ func (p PeerIdentity) Subject() token.Subject {
 // allowlisted binary; pass it with SCM_RIGHTS), and no kernel API prevents
 // that. Use them to catch the wrong program of a trusted uid, not to contain
 // a hostile one (docs/SECURITY.md §3.2).
+//
+// Peers on TLS (ListenTLS, and gRPC) are admitted by their verified client
+// certificate instead, and only by an explicit rule: a certificate is
+// admitted if one of its URI SANs is in CertURIs or its subject is in
+// CertSubjects. With both empty no certificate is admitted (ListenTLS
+// refuses such a Policy up front). The Unix rules do not apply to them,
+// nor the certificate rules to Unix peers.
 type Policy struct {
 	UIDs      []uint32   // empty: the server's effective uid only
 	GIDs      []uint32   // empty: any primary gid (the uid is the principal)
 	ExePaths  []string   // empty: any executable path (of the process at attestation)
 	ExeSHA256 [][32]byte // empty: any executable content (of the process at attestation)
+
+	CertURIs     []string // URI SANs admitted (exact match), e.g. "spiffe://example.org/daemon"
+	CertSubjects []string // certificate subjects admitted (exact match of pkix.Name.String)
 }
 
 // allowsUID reports whether p admits uid (an empty UIDs: the server's

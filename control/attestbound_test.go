@@ -80,7 +80,7 @@ func TestHandshakeRefusesUnattestedConn(t *testing.T) {
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	s, err := srv.Handshake(ctx, &Conn{UnixConn: a})
+	s, err := srv.Handshake(ctx, &Conn{Conn: a})
 	if s != nil {
 		s.Close()
 	}

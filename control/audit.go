@@ -2,10 +2,12 @@ package control
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"log/slog"
 	"os"
 	"strconv"
+	"strings"
 
 	"github.com/sypas/go/control/token"
 	"github.com/sypas/go/wire"
@@ -15,16 +17,21 @@ import (
 // match them (docs/SECURITY.md §10). A record never holds token bytes or a
 // key, only ids.
 const (
-	LogKeyEvent     = "event"      // the kind of record: one of the Event* names
-	LogKeyReason    = "reason"     // why, in words (an error's text)
-	LogKeyCode      = "code"       // the error code sent to the peer (E_AUTH...), if one was
-	LogKeyLimit     = "limit"      // the ServerConfig.Limits field that refused (event limit)
-	LogKeyPeerUID   = "peer_uid"   // the attested (kernel) or SO_PEERCRED uid of the peer
-	LogKeyPeerGID   = "peer_gid"   //
-	LogKeyPeerPID   = "peer_pid"   //
-	LogKeyExe       = "exe"        // the peer's executable, as attested
-	LogKeyTokenID   = "token_id"   // the session's current token id, hex
-	LogKeySessionID = "session_id" // WELCOME's session id, hex
+	LogKeyEvent   = "event"    // the kind of record: one of the Event* names
+	LogKeyReason  = "reason"   // why, in words (an error's text)
+	LogKeyCode    = "code"     // the error code sent to the peer (E_AUTH...), if one was
+	LogKeyLimit   = "limit"    // the ServerConfig.Limits field that refused (event limit)
+	LogKeyPeerUID = "peer_uid" // the attested (kernel) or SO_PEERCRED uid of the peer
+	LogKeyPeerGID = "peer_gid" //
+	LogKeyPeerPID = "peer_pid" //
+	LogKeyExe     = "exe"      // the peer's executable, as attested
+	// A network peer (TCP, gRPC) has no uid, gid or pid; its records carry:
+	LogKeyPeerAddr    = "peer_addr"    // the peer's network address
+	LogKeyCertSubject = "cert_subject" // its verified client certificate's subject
+	LogKeyCertURI     = "cert_uri"     // the certificate's URI SANs, comma-separated
+	LogKeyCertSHA256  = "cert_sha256"  // the certificate's SHA-256, hex: what its tokens are bound to
+	LogKeyTokenID     = "token_id"     // the session's current token id, hex
+	LogKeySessionID   = "session_id"   // WELCOME's session id, hex
 	// The bridge's records of one request (package sypas) add:
 	LogKeyOp          = "op"          // the operation the request named, when known
 	LogKeyCorrelation = "correlation" // the request's correlation (0: one-way, not answered)
@@ -75,8 +82,17 @@ func logger(l *slog.Logger) *slog.Logger {
 }
 
 // PeerAttrs are the audit attributes of an attested peer: uid, gid, pid
-// and, when known, the executable.
+// and, when known, the executable; for a network peer its address and,
+// when TLS verified one, its certificate's subject, URIs and digest.
 func PeerAttrs(p PeerIdentity) []slog.Attr {
+	if !p.Local() {
+		a := []slog.Attr{slog.String(LogKeyPeerAddr, p.Remote)}
+		if c := p.Cert; c != nil {
+			a = append(a, slog.String(LogKeyCertSubject, c.Subject), slog.String(LogKeyCertURI, strings.Join(c.URIs, ",")),
+				slog.String(LogKeyCertSHA256, hex.EncodeToString(c.SHA256[:])))
+		}
+		return a
+	}
 	a := []slog.Attr{slog.Uint64(LogKeyPeerUID, uint64(p.UID)), slog.Uint64(LogKeyPeerGID, uint64(p.GID)), slog.Int(LogKeyPeerPID, p.PID)}
 	if p.Exe != "" {
 		a = append(a, slog.String(LogKeyExe, p.Exe))

@@ -17,7 +17,7 @@ import (
 // so a kernel that drops every session at once is not redialed in a tight
 // loop.
 //
-// While nobody listens at the path (no socket, or a stale one), the Client
+// While nobody listens at a Unix socket path (no socket, or a stale one), the Client
 // also watches it (inotify on its directory, else a 10 ms poll) and dials
 // as soon as a socket appears there, without waiting out the backoff: a
 // restarted kernel is reconnected within milliseconds of its Listen. A
@@ -31,7 +31,8 @@ import (
 // Session returned: closing is safe at any time, and ring calls in flight
 // on it return ring.ErrClosed (see Session).
 type Client struct {
-	path string
+	path string // the address Dial takes
+	sock string // the Unix socket path of path, watched while nobody listens; "" for other networks
 	cfg  DialConfig
 	rnd  func() float64
 
@@ -47,8 +48,9 @@ type Client struct {
 	cfgErr  error         // cfg is invalid: Session returns it, nothing is dialed
 }
 
-// NewClient starts dialing path in the background. An invalid cfg starts
-// nothing: Session returns its error (wrapping ErrConfig) at once.
+// NewClient starts dialing path, an address as Dial takes it (a socket
+// path, tcp://host:port...), in the background. An invalid cfg or address
+// starts nothing: Session returns its error (wrapping ErrConfig) at once.
 func NewClient(path string, cfg DialConfig) *Client {
 	return newClient(path, cfg, rand.Float64)
 }
@@ -56,9 +58,16 @@ func NewClient(path string, cfg DialConfig) *Client {
 func newClient(path string, cfg DialConfig, rnd func() float64) *Client {
 	c := &Client{path: path, cfg: cfg, rnd: rnd, changed: make(chan struct{})}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
-	if err := cfg.check(); err != nil {
+	network, where, err := ParseAddress(path)
+	if err == nil {
+		err = cfg.check()
+	}
+	if err != nil {
 		c.cfgErr = err
 		return c
+	}
+	if network == NetworkUnix {
+		c.sock = where
 	}
 	c.wg.Add(1)
 	go c.loop()
@@ -70,7 +79,10 @@ func (c *Client) loop() {
 	minLife := c.cfg.Backoff.withDefaults().Base
 	retries := 0 // consecutive failures: failed dials and short-lived sessions
 	for {
-		before := idOf(c.path)
+		var before fileID
+		if c.sock != "" {
+			before = idOf(c.sock)
+		}
 		s, err := Dial(c.ctx, c.path, c.cfg)
 		c.publish(s, err)
 		if err == nil {
@@ -84,8 +96,8 @@ func (c *Client) loop() {
 			}
 		}
 		delay := c.cfg.Backoff.Delay(retries, c.rnd)
-		if err != nil && nobodyListening(err) {
-			waitSocket(c.ctx, c.path, before, delay)
+		if err != nil && c.sock != "" && nobodyListening(err) {
+			waitSocket(c.ctx, c.sock, before, delay)
 		} else {
 			select {
 			case <-c.ctx.Done():

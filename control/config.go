@@ -2,6 +2,7 @@ package control
 
 import (
 	"cmp"
+	"crypto/tls"
 	"fmt"
 	"log/slog"
 	"math"
@@ -179,6 +180,19 @@ type DialConfig struct {
 	// kernel cannot make a daemon wait hours to notice it is gone. Zero
 	// means DefaultMaxHeartbeatTimeout.
 	MaxHeartbeatTimeout time.Duration
+	// TLS configures tcp:// addresses: the kernel's CAs (RootCAs) and this
+	// daemon's client certificate (Certificates or GetClientCertificate),
+	// which the kernel's Policy must admit. It is cloned; TLS 1.3 is
+	// required, and ServerName defaults to the address's host.
+	TLS *tls.Config
+	// InsecurePlaintextLoopback lets a tcp:// address with no TLS connect
+	// in plaintext, to a loopback address only (benchmarks, tests).
+	InsecurePlaintextLoopback bool
+	// Fallbacks are addresses Dial tries in order when the one before
+	// cannot be reached (nothing listens, the transport is not built in):
+	// a preference order, e.g. the Unix socket, then tcp://, then grpc://.
+	// A kernel that answers and refuses is not passed over.
+	Fallbacks []string
 
 	inlineWhy string // Dial's second attempt: why it asks for inline
 }

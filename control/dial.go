@@ -3,10 +3,12 @@ package control
 import (
 	"cmp"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
 	"os"
+	"strings"
 	"syscall"
 	"time"
 
@@ -15,19 +17,84 @@ import (
 	"github.com/sypas/go/wire"
 )
 
-// Dial connects to the kernel at path and runs the daemon side of the
+// Dial connects to the kernel at addr and runs the daemon side of the
 // handshake (docs/PROTOCOL.md §6): CheckServer, HELLO, WELCOME, REGIONS
 // with the two ring memfds, TOKEN. The whole of it is bounded by ctx and
 // cfg.HandshakeTimeout. The Session's Producer is the daemon→kernel ring,
 // its Consumer the kernel→daemon ring. Every failure after the connect
 // wraps ErrHandshake and has released every descriptor received.
-func Dial(ctx context.Context, path string, cfg DialConfig) (*Session, error) {
+//
+// addr is a Unix socket path (or unix:///path), tcp://host:port (TLS 1.3
+// with cfg.TLS; the data plane inline, §10), or the address of a
+// transport a package registered (grpc://host:port: RegisterTransport);
+// see ParseAddress. When addr cannot be reached (nothing listens, a
+// transport not built in), each of cfg.Fallbacks is tried in turn, and
+// Session.Fallback says why the better ones were passed over; a kernel
+// that answers and refuses (a handshake, TLS or policy failure) is not
+// passed over.
+func Dial(ctx context.Context, addr string, cfg DialConfig) (*Session, error) {
 	if err := cfg.check(); err != nil {
 		return nil, err
 	}
 	cfg.SessionConfig = cfg.SessionConfig.withDefaults()
+	var skipped []string
+	var errs []error
+	for i, a := range append([]string{addr}, cfg.Fallbacks...) {
+		s, err := dialAddr(ctx, a, cfg)
+		if err == nil {
+			s.fallback = strings.Join(skipped, "; ")
+			return s, nil
+		}
+		errs = append(errs, err)
+		if !Unreachable(err) || ctx.Err() != nil || i == len(cfg.Fallbacks) {
+			break
+		}
+		skipped = append(skipped, err.Error())
+	}
+	return nil, errors.Join(errs...)
+}
+
+// Unreachable reports whether a Dial failed because nothing could be
+// reached at the address (nothing listens, the host does not answer, the
+// transport is not built into this program), as opposed to a kernel that
+// answered and refused or failed the handshake (ErrHandshake). Only the
+// former makes Dial try a fallback.
+func Unreachable(err error) bool {
+	return err != nil && !errors.Is(err, ErrHandshake) && !errors.Is(err, ErrConfig)
+}
+
+// dialAddr dials one address within HandshakeTimeout.
+func dialAddr(ctx context.Context, addr string, cfg DialConfig) (*Session, error) {
+	network, where, err := ParseAddress(addr)
+	if err != nil {
+		return nil, err
+	}
 	ctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeout)
 	defer cancel()
+	switch network {
+	case NetworkUnix:
+		return dialUnix(ctx, where, cfg)
+	case "tcp":
+		c, err := connectTCP(ctx, where, cfg)
+		if err != nil {
+			return nil, err
+		}
+		return dialConn(ctx, c, cfg)
+	}
+	t := transportFor(network)
+	if t == nil {
+		return nil, fmt.Errorf("control: dial %s: %w", addr, &noTransportError{network})
+	}
+	c, err := t(ctx, where, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("control: dial %s: %w", addr, err)
+	}
+	return dialConn(ctx, c, cfg)
+}
+
+// dialUnix dials the Unix socket at path; a daemon that cannot map the
+// kernel's rings dials again for inline.
+func dialUnix(ctx context.Context, path string, cfg DialConfig) (*Session, error) {
 	c, err := connect(ctx, path)
 	if err != nil {
 		return nil, fmt.Errorf("control: dial %s: %w", path, err)
@@ -45,6 +112,68 @@ func Dial(ctx context.Context, path string, cfg DialConfig) (*Session, error) {
 		return dialConn(ctx, c, cfg)
 	}
 	return s, err
+}
+
+// connectTCP connects to host:port and runs the TLS handshake (cfg.TLS),
+// or, with cfg.InsecurePlaintextLoopback and no cfg.TLS, connects in
+// plaintext to a loopback address only. A failed TLS handshake wraps
+// ErrHandshake: the kernel answered.
+func connectTCP(ctx context.Context, hostport string, cfg DialConfig) (net.Conn, error) {
+	var d net.Dialer
+	if cfg.TLS == nil {
+		if !cfg.InsecurePlaintextLoopback {
+			return nil, configErr("DialConfig.TLS", "is nil: tcp:// needs TLS (plain TCP: InsecurePlaintextLoopback, loopback only)")
+		}
+		if err := checkLoopback("DialConfig.InsecurePlaintextLoopback", hostport); err != nil {
+			return nil, err
+		}
+		c, err := d.DialContext(ctx, "tcp", hostport)
+		if err != nil {
+			return nil, fmt.Errorf("control: dial tcp://%s: %w", hostport, err)
+		}
+		return c, nil
+	}
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return nil, configErr("Dial", "address tcp://%s: %v", hostport, err)
+	}
+	tc, err := clientTLS(cfg.TLS, host)
+	if err != nil {
+		return nil, err
+	}
+	c, err := d.DialContext(ctx, "tcp", hostport)
+	if err != nil {
+		return nil, fmt.Errorf("control: dial tcp://%s: %w", hostport, err)
+	}
+	t := tls.Client(c, tc)
+	if err := t.HandshakeContext(ctx); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("%w: TLS with tcp://%s: %w", ErrHandshake, hostport, err)
+	}
+	return t, nil
+}
+
+// DialConn runs the daemon side of the handshake on conn, a reliable byte
+// stream already connected to a kernel (and authenticated, if it crosses
+// hosts: the kernel's certificate verified by TLS), which it owns from then
+// on. It is how a transport built outside this package (a gRPC stream
+// adapted to a net.Conn) carries a session: Dial calls it for the
+// transports of RegisterTransport. On a *net.UnixConn it is Dial's own
+// handshake (CheckServer, rings or inline); on anything else the data
+// plane is inline (INLINE_ONLY offered, no REGIONS: §8.6, §10) and the
+// kernel's uid is not checked. conn's deadlines must work as net.Conn's
+// do: the session bounds every read and write with them. The handshake is
+// bounded by ctx and cfg.HandshakeTimeout; every failure wraps
+// ErrHandshake and has closed conn.
+func DialConn(ctx context.Context, conn net.Conn, cfg DialConfig) (*Session, error) {
+	if err := cfg.check(); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	cfg.SessionConfig = cfg.SessionConfig.withDefaults()
+	ctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeout)
+	defer cancel()
+	return dialConn(ctx, conn, cfg)
 }
 
 // errRingsUnusable marks a handshake that failed because this side could
@@ -79,7 +208,7 @@ func connect(ctx context.Context, path string) (*net.UnixConn, error) {
 }
 
 // dialConn runs the daemon handshake on conn, which it owns.
-func dialConn(ctx context.Context, conn *net.UnixConn, cfg DialConfig) (*Session, error) {
+func dialConn(ctx context.Context, conn net.Conn, cfg DialConfig) (*Session, error) {
 	cfg.SessionConfig = cfg.SessionConfig.withDefaults()
 	s := newSession(false, conn, cfg.SessionConfig)
 	stop := s.handshakeDeadline(ctx)
@@ -95,8 +224,17 @@ func dialConn(ctx context.Context, conn *net.UnixConn, cfg DialConfig) (*Session
 func (s *Session) clientHandshake(cfg DialConfig) error {
 	inlineWhy := cfg.inlineWhy
 	s.setState(StateAttest)
-	if err := CheckServer(s.conn, cfg.ServerUIDs...); err != nil {
-		return err
+	if uc, ok := s.conn.(*net.UnixConn); ok {
+		if err := CheckServer(uc, cfg.ServerUIDs...); err != nil {
+			return err
+		}
+	} else {
+		// No shared memory across the stream; the kernel was authenticated
+		// by it (TLS verified its certificate).
+		cfg.NoSharedMemory = true
+		if inlineWhy == "" {
+			inlineWhy = "the connection is " + networkOf(s.conn) + ", not a Unix socket: no shared memory across it"
+		}
 	}
 
 	s.setState(StateHandshake)

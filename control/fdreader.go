@@ -32,8 +32,12 @@ import (
 // a daemon once REGIONS has been read), or a second batch arrives before
 // the first was claimed, or a batch holds more than MaxFDs. At most MaxFDs
 // descriptors are ever held.
+//
+// On a stream that is not a Unix socket (TLS, gRPC) c is nil and Read is
+// a plain read of nc: no descriptor can come.
 type fdReader struct {
 	c       *net.UnixConn
+	nc      net.Conn
 	oob     []byte
 	off     int64 // stream bytes read so far
 	pending []fdBatch
@@ -59,9 +63,14 @@ type fdBatch struct {
 	files []*os.File
 }
 
-// newFDReader reads c; fds says whether one batch of descriptors may come.
-func newFDReader(c *net.UnixConn, fds bool) *fdReader {
-	r := &fdReader{c: c, oob: make([]byte, unix.CmsgSpace((MaxFDs+1)*4)), fds: fds}
+// newFDReader reads conn; fds says whether one batch of descriptors may
+// come (never on anything but a Unix socket).
+func newFDReader(conn net.Conn, fds bool) *fdReader {
+	c, ok := conn.(*net.UnixConn)
+	if !ok {
+		return &fdReader{nc: conn}
+	}
+	r := &fdReader{c: c, nc: conn, oob: make([]byte, unix.CmsgSpace((MaxFDs+1)*4)), fds: fds}
 	r.rc, r.rerr = c.SyscallConn()
 	r.recv = func(fd uintptr) bool {
 		for {
@@ -106,6 +115,9 @@ func (r *fdReader) readMsg(p []byte) (n, oobn, flags int, err error) {
 func (r *fdReader) Read(p []byte) (int, error) {
 	if r.err != nil {
 		return 0, r.err
+	}
+	if r.c == nil {
+		return r.nc.Read(p)
 	}
 	var n, oobn, flags int
 	var err error

@@ -109,7 +109,9 @@ func newInline(s *Session, budget uint32, reason string) *Inline {
 	t := time.NewTimer(time.Hour)
 	t.Stop()
 	d := &Inline{
-		s: s, reason: reason, budget: int(budget), timer: t, direct: s.kernel,
+		// Direct reading peeks at the socket (MSG_PEEK) to wait for a
+		// frame without taking part of it: Unix sockets only.
+		s: s, reason: reason, budget: int(budget), timer: t, direct: s.kernel && s.fdr.c != nil,
 		ready: make(chan struct{}, 1), room: make(chan struct{}, 1), wake: make(chan struct{}, 1),
 	}
 	d.wfn = func(fd uintptr) bool {
@@ -446,6 +448,12 @@ func (d *Inline) writeNow() error {
 	if len(d.buf) == 0 {
 		d.backlog = false
 		return nil
+	}
+	if s.fdr.c == nil {
+		// A stream without a non-blocking write (TLS: a write cut short
+		// breaks the connection): written whole, within the write
+		// timeout. TryWrite still gives up while a write is stalled.
+		return d.flushLocked()
 	}
 	err := s.fdr.rc.Write(d.wfn)
 	if err == nil && d.werr != nil && d.werr != unix.EAGAIN {

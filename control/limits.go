@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math"
+	"strconv"
 	"sync"
 	"time"
 
@@ -158,7 +159,7 @@ type admission struct {
 	mu         sync.Mutex
 	sessions   int
 	handshakes int
-	uids       map[uint32]*uidUse
+	uids       map[principal]*uidUse
 	room       chan struct{} // closed and replaced when a handshake ends
 	fdBuf      []byte        // getdents buffer, under mu
 	// headroom returns the free descriptors under RLIMIT_NOFILE; tests
@@ -168,22 +169,43 @@ type admission struct {
 
 type uidUse struct{ sessions, handshakes int }
 
+// principal is whom the per-uid Limits count a connection under: its uid
+// (a Unix peer), or its remote host (a network peer, whose uid is NoUID).
+type principal struct {
+	uid  uint32
+	host string
+}
+
+func principalOf(p PeerIdentity) principal {
+	if p.Local() {
+		return principal{uid: p.UID}
+	}
+	return principal{uid: NoUID, host: hostOfString(p.Remote)}
+}
+
+func (p principal) String() string {
+	if p.uid == NoUID {
+		return "host " + p.host
+	}
+	return "uid " + strconv.FormatUint(uint64(p.uid), 10)
+}
+
 func newAdmission(lim Limits) *admission {
-	return &admission{lim: lim, uids: make(map[uint32]*uidUse), room: make(chan struct{}), headroom: fdHeadroom}
+	return &admission{lim: lim, uids: make(map[principal]*uidUse), room: make(chan struct{}), headroom: fdHeadroom}
 }
 
 // slot is one connection's share of the admission: a handshake in
 // progress and a session, each released once.
 type slot struct {
 	a         *admission
-	uid       uint32
+	uid       principal
 	handshake bool // under a.mu
 	session   bool // under a.mu
 }
 
 // admit takes a handshake and a session slot for a connection of uid, or
 // refuses with the limit that forbids it.
-func (a *admission) admit(uid uint32) (*slot, error) {
+func (a *admission) admit(uid principal) (*slot, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	u := a.uids[uid]
@@ -195,11 +217,11 @@ func (a *admission) admit(uid uint32) (*slot, error) {
 	case a.handshakes >= lim.MaxHandshakes:
 		return nil, limitErr("MaxHandshakes", retryHandshake, "%d handshakes in progress", a.handshakes)
 	case u.handshakes >= lim.MaxHandshakesPerUID:
-		return nil, limitErr("MaxHandshakesPerUID", retryHandshake, "%d handshakes of uid %d in progress", u.handshakes, uid)
+		return nil, limitErr("MaxHandshakesPerUID", retryHandshake, "%d handshakes of %v in progress", u.handshakes, uid)
 	case a.sessions >= lim.MaxSessions:
 		return nil, limitErr("MaxSessions", retrySession, "%d sessions open", a.sessions)
 	case u.sessions >= lim.MaxSessionsPerUID:
-		return nil, limitErr("MaxSessionsPerUID", retrySession, "%d sessions of uid %d open", u.sessions, uid)
+		return nil, limitErr("MaxSessionsPerUID", retrySession, "%d sessions of %v open", u.sessions, uid)
 	}
 	if a.fdBuf == nil {
 		a.fdBuf = make([]byte, 32<<10)

@@ -2,6 +2,7 @@ package control
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -35,11 +36,20 @@ type Config struct {
 	// Accept refuses. Nil means slog.Default(). A Server logs the refusals
 	// of its own accepts to ServerConfig.Logger instead.
 	Logger *slog.Logger
+	// InsecurePlaintextLoopback lets ListenTLS listen without TLS, on a
+	// loopback address only: no encryption and no peer identity (any
+	// local process may connect). For benchmarks and tests; never needed
+	// on a Unix socket.
+	InsecurePlaintextLoopback bool
 }
 
-// Listener is a Unix socket listener that attests every peer.
+// Listener is a Unix socket listener that attests every peer (Listen),
+// or a TCP listener that authenticates every peer with TLS and its client
+// certificate (ListenTLS).
 type Listener struct {
 	ul       *net.UnixListener
+	tl       *net.TCPListener // ListenTLS: ul is nil
+	tlsCfg   *tls.Config      // ListenTLS: nil on plaintext loopback
 	path     string
 	dev, ino uint64   // identity of the socket inode we created
 	lock     *os.File // flock held for the listener's lifetime
@@ -270,8 +280,12 @@ func renameNoReplace(from, to string) error {
 // the attestation bounded by DefaultAttestTimeout. A refused peer gives an
 // error wrapping ErrPeerRejected after its connection has been closed; the
 // listener stays usable, so callers log and keep accepting.
+//
+// On a TCP Listener (ListenTLS) attestation is the TLS handshake with its
+// verified client certificate and the Policy's certificate rules, bounded
+// the same way.
 func (l *Listener) Accept() (*Conn, error) {
-	c, err := l.ul.AcceptUnix()
+	c, err := l.acceptConn()
 	if err != nil {
 		return nil, err
 	}
@@ -280,9 +294,29 @@ func (l *Listener) Accept() (*Conn, error) {
 	return l.attest(ctx, c, l.log)
 }
 
+// acceptConn accepts the next connection, attesting nothing.
+func (l *Listener) acceptConn() (net.Conn, error) {
+	if l.tl != nil {
+		c, err := l.tl.AcceptTCP()
+		if err != nil {
+			return nil, err
+		}
+		return c, nil
+	}
+	c, err := l.ul.AcceptUnix()
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
 // attest attests an accepted connection under ctx; it owns c. A refusal is
 // recorded in log.
-func (l *Listener) attest(ctx context.Context, c *net.UnixConn, log *slog.Logger) (*Conn, error) {
+func (l *Listener) attest(ctx context.Context, nc net.Conn, log *slog.Logger) (*Conn, error) {
+	c, ok := nc.(*net.UnixConn)
+	if !ok {
+		return l.attestNet(ctx, nc, log)
+	}
 	id, pidfd, err := attest(ctx, c, &l.policy, l.hooks)
 	if err != nil {
 		c.Close()
@@ -291,18 +325,38 @@ func (l *Listener) attest(ctx context.Context, c *net.UnixConn, log *slog.Logger
 		}
 		return nil, err
 	}
-	return &Conn{UnixConn: c, Peer: id, pidfd: pidfd}, nil
+	return &Conn{Conn: c, Peer: id, pidfd: pidfd, attested: true}, nil
 }
 
 // SetDeadline bounds Accept, net.Conn style: zero means none, an expired
 // deadline makes Accept fail with os.ErrDeadlineExceeded.
-func (l *Listener) SetDeadline(t time.Time) error { return l.ul.SetDeadline(t) }
+func (l *Listener) SetDeadline(t time.Time) error {
+	if l.tl != nil {
+		return l.tl.SetDeadline(t)
+	}
+	return l.ul.SetDeadline(t)
+}
 
-// Addr is the socket's public address.
-func (l *Listener) Addr() net.Addr { return &net.UnixAddr{Name: l.path, Net: "unix"} }
+// Addr is the socket's public address: the socket file, or the TCP
+// address listened on (with the port the system chose for ":0").
+func (l *Listener) Addr() net.Addr {
+	if l.tl != nil {
+		return l.tl.Addr()
+	}
+	return &net.UnixAddr{Name: l.path, Net: "unix"}
+}
 
-// Path is the socket file's path.
+// Path is the socket file's path; empty on a TCP Listener.
 func (l *Listener) Path() string { return l.path }
+
+// URL is the address a daemon dials (Dial, NewClient): the socket file's
+// path, or tcp://host:port.
+func (l *Listener) URL() string {
+	if l.tl != nil {
+		return "tcp://" + l.tl.Addr().String()
+	}
+	return l.path
+}
 
 // Close stops listening and removes the socket file if it is still the
 // inode this listener created (a later server's socket is left alone). It
@@ -310,6 +364,9 @@ func (l *Listener) Path() string { return l.path }
 func (l *Listener) Close() error {
 	if !l.closed.CompareAndSwap(false, true) {
 		return nil
+	}
+	if l.tl != nil {
+		return l.tl.Close()
 	}
 	errs := []error{l.ul.Close()}
 	var st unix.Stat_t
@@ -322,20 +379,32 @@ func (l *Listener) Close() error {
 	return errors.Join(errs...)
 }
 
-// Conn is an accepted, attested connection.
+// Conn is an accepted, attested connection: a *net.UnixConn from Listen,
+// a *tls.Conn (or, plaintext loopback, a *net.TCPConn) from ListenTLS.
 type Conn struct {
-	*net.UnixConn
+	net.Conn
 	// Peer is who connected, as attested at Accept.
-	Peer  PeerIdentity
-	pidfd *os.File
+	Peer     PeerIdentity
+	pidfd    *os.File // Unix peers
+	attested bool     // made by a Listener: Server.Handshake trusts Peer
+}
+
+// Unix is the connection as a Unix socket, or nil on TCP.
+func (c *Conn) Unix() *net.UnixConn {
+	uc, _ := c.Conn.(*net.UnixConn)
+	return uc
 }
 
 // PidFD is a pidfd for the peer process: it polls readable once the peer
 // exits, which is how the kernel notices a dead daemon without waiting for a
-// heartbeat. Owned by the Conn; do not close it.
+// heartbeat. Owned by the Conn; do not close it. Nil on TCP.
 func (c *Conn) PidFD() *os.File { return c.pidfd }
 
 // Close closes the connection and the pidfd.
 func (c *Conn) Close() error {
-	return errors.Join(c.UnixConn.Close(), c.pidfd.Close())
+	err := closeConn(c.Conn)
+	if c.pidfd != nil {
+		err = errors.Join(err, c.pidfd.Close())
+	}
+	return err
 }

@@ -256,7 +256,7 @@ func TestCrossProcessMemfd(t *testing.T) {
 	seals := unix.F_SEAL_SHRINK | unix.F_SEAL_GROW | unix.F_SEAL_SEAL
 	_, err = unix.FcntlInt(f.Fd(), unix.F_ADD_SEALS, seals)
 	require.NoError(t, err)
-	require.NoError(t, SendFDs(c.UnixConn, []byte("R"), f))
+	require.NoError(t, SendFDs(c.Unix(), []byte("R"), f))
 
 	out := output(t, cmd)
 	assert.Equal(t, fmt.Sprintf("SERVER <nil>\nPAYLOAD R\nSEALS %#x\nGOT hello from the kernel\n", seals), out)

@@ -27,10 +27,21 @@ type Server struct {
 
 // NewServer serves sessions on l, which stays owned by the caller. A nil l
 // or an invalid cfg gives an error wrapping ErrConfig that names the field.
+// NewStreamServer makes one without a Listener.
 func NewServer(l *Listener, cfg ServerConfig) (*Server, error) {
 	if l == nil {
 		return nil, fmt.Errorf("%w: NewServer: Listener is nil", ErrConfig)
 	}
+	return newServer(l, cfg)
+}
+
+// NewStreamServer is a Server without a Listener, for a transport that
+// accepts and authenticates connections itself (a gRPC server with mutual
+// TLS): it runs only HandshakeConn; Serve, Accept and Handshake fail with
+// ErrConfig.
+func NewStreamServer(cfg ServerConfig) (*Server, error) { return newServer(nil, cfg) }
+
+func newServer(l *Listener, cfg ServerConfig) (*Server, error) {
 	cfg.SessionConfig = cfg.SessionConfig.withDefaults()
 	// A default ring never exceeds an explicit MaxRingSize.
 	cfg.TxRingSize = cmp.Or(cfg.TxRingSize, min(DefaultRingSize, cfg.MaxRingSize))
@@ -74,6 +85,9 @@ func (srv *Server) Serve(ctx context.Context, handle func(*Session)) error {
 	if handle == nil {
 		return fmt.Errorf("%w: Serve: handle is nil", ErrConfig)
 	}
+	if srv.l == nil {
+		return fmt.Errorf("%w: Serve: a Server from NewStreamServer has no Listener", ErrConfig)
+	}
 	hctx, cancel := context.WithCancel(ctx)
 	var conns sync.WaitGroup
 	defer func() {
@@ -88,7 +102,7 @@ func (srv *Server) Serve(ctx context.Context, handle func(*Session)) error {
 		if !srv.adm.waitRoom(ctx.Done()) {
 			return ctx.Err()
 		}
-		uc, err := srv.l.ul.AcceptUnix()
+		uc, err := srv.l.acceptConn()
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
@@ -143,8 +157,11 @@ func (srv *Server) Serve(ctx context.Context, handle func(*Session)) error {
 // of the Limits until it is closed. Accept is not for concurrent use (it
 // sets the Listener's deadline from ctx).
 func (srv *Server) Accept(ctx context.Context) (*Session, error) {
+	if srv.l == nil {
+		return nil, fmt.Errorf("%w: Accept: a Server from NewStreamServer has no Listener", ErrConfig)
+	}
 	stop := srv.acceptDeadline(ctx)
-	uc, err := srv.l.ul.AcceptUnix()
+	uc, err := srv.l.acceptConn()
 	if !stop() && err != nil {
 		return nil, fmt.Errorf("control: accept: %w (%w)", ctx.Err(), err)
 	}
@@ -187,7 +204,7 @@ func (srv *Server) acceptDeadline(ctx context.Context) (stop func() bool) {
 
 // serveConn attests and handshakes the accepted connection uc, which it
 // owns with its slot, under ctx and HandshakeTimeout from accepted.
-func (srv *Server) serveConn(ctx context.Context, uc *net.UnixConn, sl *slot, accepted time.Time) (*Session, error) {
+func (srv *Server) serveConn(ctx context.Context, uc net.Conn, sl *slot, accepted time.Time) (*Session, error) {
 	ctx, cancel := context.WithDeadline(ctx, accepted.Add(srv.cfg.HandshakeTimeout))
 	defer cancel()
 	c, err := srv.l.attest(ctx, uc, srv.cfg.Logger)
@@ -201,33 +218,48 @@ func (srv *Server) serveConn(ctx context.Context, uc *net.UnixConn, sl *slot, ac
 // admit takes the Limits' slots for an accepted connection, knowing its
 // owner from SO_PEERCRED before any attestation work. A refused peer is
 // told with ERROR E_RESOURCE (if the Policy admits its uid at all: nothing
-// is sent to others), recorded and closed.
-func (srv *Server) admit(uc *net.UnixConn) (*slot, error) {
+// is sent to others), recorded and closed. A TCP connection is counted
+// under its remote host (TLS has not said who it is yet) and refused
+// without a word: it cannot be spoken to before TLS.
+func (srv *Server) admit(c net.Conn) (*slot, error) {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		peer := PeerIdentity{UID: NoUID, GID: NoUID, Remote: c.RemoteAddr().String()}
+		sl, err := srv.adm.admit(principalOf(peer))
+		if err != nil {
+			srv.refuse(c, peer, err)
+			return nil, err
+		}
+		return sl, nil
+	}
 	cred, err := peerCred(uc)
 	if err != nil {
 		uc.Close()
 		Audit(context.Background(), srv.cfg.Logger, slog.LevelWarn, refusedMsg, EventAttestation, err.Error())
 		return nil, err
 	}
-	sl, err := srv.adm.admit(cred.Uid)
+	peer := PeerIdentity{UID: cred.Uid, GID: cred.Gid, PID: int(cred.Pid)}
+	sl, err := srv.adm.admit(principalOf(peer))
 	if err != nil {
-		srv.refuse(uc, PeerIdentity{UID: cred.Uid, GID: cred.Gid, PID: int(cred.Pid)}, err)
+		srv.refuse(uc, peer, err)
 		return nil, err
 	}
 	return sl, nil
 }
 
 // refuse tells a connection refused by a limit why, records it and closes
-// it.
-func (srv *Server) refuse(uc *net.UnixConn, peer PeerIdentity, err error) {
-	if srv.l.policy.allowsUID(peer.UID) {
-		m := errorMsg(err)
-		if b, e := wire.AppendFrame(nil, frame.Header{Sequence: 1}, &m); e == nil {
-			uc.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
-			uc.Write(b) // best effort: the daemon may be gone
-		}
+// it. Only a peer the Policy admits is told: a Unix peer of an admitted
+// uid, a network peer attested already (HandshakeConn, or a Conn from
+// ListenTLS's Accept).
+func (srv *Server) refuse(c net.Conn, peer PeerIdentity, err error) {
+	tell := peer.Cert != nil
+	if peer.Local() && srv.l != nil {
+		tell = srv.l.policy.allowsUID(peer.UID)
 	}
-	uc.Close()
+	if tell {
+		tellRefusal(c, err)
+	}
+	closeConn(c)
 	Audit(context.Background(), srv.cfg.Logger, slog.LevelWarn, refusedMsg, EventLimit, err.Error(), append(PeerAttrs(peer), errAttrs(err)...)...)
 }
 
@@ -239,16 +271,18 @@ func (srv *Server) refuse(uc *net.UnixConn, peer PeerIdentity, err error) {
 // wire.ErrResource here). The session holds its share of the Limits until
 // it is closed.
 func (srv *Server) Handshake(ctx context.Context, c *Conn) (*Session, error) {
-	if c == nil || c.UnixConn == nil || c.pidfd == nil {
-		if c != nil && c.UnixConn != nil {
-			c.UnixConn.Close()
+	if c == nil || c.Conn == nil || !c.attested || (c.Peer.Local() && c.pidfd == nil) {
+		if c != nil && c.Conn != nil {
+			closeConn(c.Conn)
 		}
 		return nil, fmt.Errorf("%w: %w: connection was not attested by a Listener", ErrHandshake, ErrPeerRejected)
 	}
-	sl, err := srv.adm.admit(c.Peer.UID)
+	sl, err := srv.adm.admit(principalOf(c.Peer))
 	if err != nil {
-		c.pidfd.Close()
-		srv.refuse(c.UnixConn, c.Peer, err)
+		if c.pidfd != nil {
+			c.pidfd.Close()
+		}
+		srv.refuse(c.Conn, c.Peer, err)
 		return nil, fmt.Errorf("%w: %w", ErrHandshake, err)
 	}
 	ctx, cancel := context.WithTimeout(ctx, srv.cfg.HandshakeTimeout)
@@ -256,10 +290,37 @@ func (srv *Server) Handshake(ctx context.Context, c *Conn) (*Session, error) {
 	return srv.handshake(ctx, c, sl)
 }
 
+// HandshakeConn runs the kernel side of the handshake on conn, a reliable
+// byte stream that the caller accepted and whose peer it has already
+// authenticated as peer: a network peer (peer.Remote or peer.Cert set,
+// UID NoUID), such as AttestTLS returns for a gRPC stream with mutual TLS.
+// A local identity (a uid) is refused: only a Listener attests those. The
+// session's data plane is inline on conn (no REGIONS: §8.6, §10), its
+// token is bound to peer (PeerIdentity.Subject), and its refusals and
+// audit records name peer. conn is owned from then on (closed on
+// failure); its deadlines must work as net.Conn's do, since the session
+// bounds every read and write with them. The handshake is bounded by ctx
+// and HandshakeTimeout, and counted in the Limits under peer's remote
+// host; the session holds its share until it is closed.
+func (srv *Server) HandshakeConn(ctx context.Context, conn net.Conn, peer PeerIdentity) (*Session, error) {
+	if conn == nil {
+		return nil, fmt.Errorf("%w: HandshakeConn: conn is nil", ErrConfig)
+	}
+	if peer.Local() || peer.UID != NoUID || peer.GID != NoUID {
+		closeConn(conn)
+		return nil, fmt.Errorf("%w: %w: HandshakeConn takes a network peer (UID NoUID, Remote or Cert set); a local one is attested by a Listener", ErrHandshake, ErrPeerRejected)
+	}
+	if _, unix := conn.(*net.UnixConn); unix {
+		closeConn(conn)
+		return nil, fmt.Errorf("%w: %w: HandshakeConn on a Unix socket: attest it with a Listener", ErrHandshake, ErrPeerRejected)
+	}
+	return srv.Handshake(ctx, &Conn{Conn: conn, Peer: peer, attested: true})
+}
+
 // handshake runs the kernel handshake under ctx, which already carries its
 // deadline. The session owns sl from here: Close releases it.
 func (srv *Server) handshake(ctx context.Context, c *Conn, sl *slot) (*Session, error) {
-	s := newSession(true, c.UnixConn, srv.cfg.SessionConfig)
+	s := newSession(true, c.Conn, srv.cfg.SessionConfig)
 	s.ctl, s.peer, s.srv, s.slot = c, c.Peer, srv, sl
 	lim := &srv.cfg.Limits
 	s.frames = newBucket(lim.MaxControlFrames, srv.cfg.HeartbeatInterval)
@@ -296,7 +357,7 @@ func (s *Session) serverHandshake() error {
 		return protoErr("HELLO asks for INLINE_ONLY without offering INLINE")
 	}
 	supported := cfg.Features
-	if cfg.NoSharedMemory {
+	if cfg.NoSharedMemory || s.fdr.c == nil { // a stream other than a Unix socket is inline (§10)
 		supported |= wire.FeatureInline
 	}
 	granted := h.Features & supported &^ wire.FeatureInlineOnly
@@ -385,6 +446,8 @@ func (s *Session) chooseDataPlane(h *wire.Hello, granted uint64) (string, error)
 	can := granted&wire.FeatureInline != 0
 	var reason string
 	switch {
+	case s.fdr.c == nil:
+		reason = "the connection is " + networkOf(s.conn) + ", not a Unix socket: no shared memory across it"
 	case h.Features&wire.FeatureInlineOnly != 0:
 		reason = "the daemon maps no shared memory"
 	case s.srv.cfg.NoSharedMemory:

@@ -103,8 +103,8 @@ type Token struct {
 type Session struct {
 	kernel bool
 	cfg    SessionConfig
-	conn   *net.UnixConn
-	ctl    *Conn // kernel side: owns conn and the pidfd
+	conn   net.Conn // a *net.UnixConn, or any other stream (TLS, gRPC): inline then
+	ctl    *Conn    // kernel side: owns conn and the pidfd
 	peer   PeerIdentity
 	srv    *Server
 	slot   *slot // kernel: its share of the Limits, released by Close
@@ -131,6 +131,8 @@ type Session struct {
 	prod    *ring.Producer
 	cons    *ring.Consumer
 	inline  *Inline // the data plane, when on the socket (no regions then)
+
+	fallback string // daemon: why better addresses were passed over (Dial)
 
 	tok       atomic.Pointer[Token]
 	prevTokID atomic.Uint64                    // kernel: still accepted as CapRef during a refresh
@@ -160,7 +162,7 @@ type Session struct {
 	closeErr  error
 }
 
-func newSession(kernel bool, conn *net.UnixConn, cfg SessionConfig) *Session {
+func newSession(kernel bool, conn net.Conn, cfg SessionConfig) *Session {
 	s := &Session{
 		kernel:     kernel,
 		cfg:        cfg,
@@ -212,8 +214,20 @@ func (s *Session) Admits(capRef uint64) bool {
 	return capRef == s.prevTokID.Load()
 }
 
-// Peer is the attested identity of the daemon (kernel side; zero on a daemon).
+// Peer is the attested identity of the daemon (kernel side; zero on a
+// daemon): a process on a Unix socket, a certificate on TLS.
 func (s *Session) Peer() PeerIdentity { return s.peer }
+
+// Network names the stream the session runs on: NetworkUnix, NetworkTLS,
+// NetworkPlain, or another transport's name (a gRPC stream's). Only a
+// Unix socket carries shared memory; on the others the data plane is
+// Inline.
+func (s *Session) Network() string { return networkOf(s.conn) }
+
+// Fallback says why the session runs on a fallback address of
+// DialConfig.Fallbacks, not the address asked for: what each better one
+// answered. Empty when the first address was used.
+func (s *Session) Fallback() string { return s.fallback }
 
 // Params are the parameters the kernel granted in WELCOME.
 func (s *Session) Params() wire.Welcome { return s.welcome }
@@ -268,7 +282,7 @@ func (s *Session) fail(err error) {
 	if s.cons != nil {
 		s.cons.Interrupt(err)
 	}
-	s.conn.Close()
+	closeConn(s.conn)
 	close(s.done)
 }
 
@@ -339,7 +353,7 @@ func (s *Session) Close() error {
 		s.rmu.Lock() // a direct Inline reader has left readFrame (fail closed the socket)
 		s.fdr.close()
 		s.rmu.Unlock()
-		if s.ctl != nil {
+		if s.ctl != nil && s.ctl.pidfd != nil {
 			s.ctl.pidfd.Close()
 		}
 		s.closeErr = errors.Join(errs...)
@@ -441,12 +455,16 @@ func writeErr(err error) error {
 func (s *Session) sendFDs(m wire.Message, files ...*os.File) error {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
+	uc, ok := s.conn.(*net.UnixConn)
+	if !ok {
+		return &wire.Error{Code: wire.CodeInternal, Message: "descriptors on a connection that is not a Unix socket"}
+	}
 	s.wseq++
 	b, err := wire.AppendFrame(nil, frame.Header{Sequence: s.wseq}, m)
 	if err != nil {
 		return err
 	}
-	return writeErr(SendFDs(s.conn, b, files...))
+	return writeErr(SendFDs(uc, b, files...))
 }
 
 // CapRef is the id of the token this side puts in the cap_ref of its
@@ -649,8 +667,10 @@ func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error)
 		go s.readLoop()
 	} // else Inline.Next is the socket's reader
 	if s.kernel {
-		s.wg.Add(1)
-		go s.watchPidfd()
+		if s.ctl.pidfd != nil { // a Unix peer
+			s.wg.Add(1)
+			go s.watchPidfd()
+		}
 	} else if s.welcome.Features&wire.FeatureTokenRefresh != 0 {
 		s.wg.Add(1)
 		go s.refreshLoop()

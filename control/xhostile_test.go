@@ -168,7 +168,7 @@ func TestCrossProcessHostileKernel(t *testing.T) {
 			cmd := helper(t, exe, "hostile-kernel:"+mode, l.Path(), nil)
 			c, err := l.Accept()
 			require.NoError(t, err)
-			fakeKernel(t, c.UnixConn, fakeOpts{fds: mode})
+			fakeKernel(t, c.Unix(), fakeOpts{fds: mode})
 			c.Close()
 			assert.Contains(t, waitHelper(t, cmd), "REFUSED")
 			assert.Equal(t, base, countFDs(t), "fake kernel fds leaked")

@@ -60,7 +60,7 @@ func sessionHelper(mode, sock string) int {
 		if err != nil {
 			return fail(err)
 		}
-		f, err := s.conn.File()
+		f, err := s.conn.(*net.UnixConn).File()
 		if err != nil {
 			return fail(err)
 		}

@@ -1,0 +1,255 @@
+package control
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"slices"
+	"time"
+
+	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
+)
+
+// Network names: what Session.Network reports for the stream a session
+// runs on.
+const (
+	NetworkUnix  = "unix"    // a Unix socket: shared memory, or inline (§8.6)
+	NetworkTLS   = "tcp+tls" // TCP with TLS 1.3 and client certificates: inline
+	NetworkPlain = "tcp"     // plain TCP on loopback (Config.InsecurePlaintextLoopback): inline
+)
+
+// networkOf names the stream c: NetworkUnix, NetworkTLS, NetworkPlain, or
+// for any other net.Conn (a gRPC stream adapted to one) the network of its
+// LocalAddr.
+func networkOf(c net.Conn) string {
+	switch c.(type) {
+	case *net.UnixConn:
+		return NetworkUnix
+	case *tls.Conn:
+		return NetworkTLS
+	case *net.TCPConn:
+		return NetworkPlain
+	}
+	if a := c.LocalAddr(); a != nil {
+		return a.Network()
+	}
+	return "stream"
+}
+
+// closeConn closes c at once. A TLS connection's own Close first sends
+// close_notify, waiting up to 5 s for a peer that does not read; a session
+// ends in order with its GOAWAY exchange (§6.8) instead, so the socket
+// under it is closed.
+func closeConn(c net.Conn) error {
+	if tc, ok := c.(*tls.Conn); ok {
+		return tc.NetConn().Close()
+	}
+	return c.Close()
+}
+
+// ListenTLS listens on the TCP address addr ("host:port") for daemons on
+// another host: every connection runs a TLS 1.3 handshake that requires a
+// client certificate verified against tlsCfg.ClientCAs, and the
+// certificate's identity (CertIdentity) must be admitted by a rule of
+// cfg.Policy (CertURIs, CertSubjects): a Policy without one is refused
+// with ErrConfig, as nothing could connect. Then the usual handshake runs
+// on the TLS stream (docs/PROTOCOL.md §10), without REGIONS: the data
+// plane is inline (§8.6). The Listener serves a control.Server or a
+// sypas.Server as a Unix one does; Accept does the TLS handshake and the
+// policy check within DefaultAttestTimeout, and Server.Serve does them in
+// each connection's goroutine, within HandshakeTimeout, off its accept
+// loop.
+//
+// tlsCfg is cloned; it must hold the server's certificate (Certificates,
+// GetCertificate or GetConfigForClient) and ClientCAs. MinVersion is
+// raised to TLS 1.3 and ClientAuth set to RequireAndVerifyClientCert; a
+// weaker ClientAuth or a MaxVersion below 1.3 is refused with ErrConfig.
+//
+// A nil tlsCfg listens in plaintext, with no peer identity at all, and
+// only when cfg.InsecurePlaintextLoopback says so and addr's host is a
+// loopback address ("localhost", 127.0.0.0/8, ::1); anything else is
+// refused with ErrConfig.
+func ListenTLS(addr string, tlsCfg *tls.Config, cfg Config) (*Listener, error) {
+	l := &Listener{log: cfg.Logger}
+	if cfg.Policy != nil {
+		l.policy = *cfg.Policy
+	}
+	if tlsCfg == nil {
+		if !cfg.InsecurePlaintextLoopback {
+			return nil, configErr("ListenTLS", "tlsCfg is nil: plain TCP needs Config.InsecurePlaintextLoopback and a loopback address")
+		}
+		if err := checkLoopback("ListenTLS", addr); err != nil {
+			return nil, err
+		}
+	} else {
+		c, err := serverTLS(tlsCfg)
+		if err != nil {
+			return nil, err
+		}
+		if len(l.policy.CertURIs) == 0 && len(l.policy.CertSubjects) == 0 {
+			return nil, configErr("Config.Policy", "admits no certificate: a TLS listener needs CertURIs or CertSubjects")
+		}
+		l.tlsCfg = c
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("control: listen tcp %s: %w", addr, err)
+	}
+	l.tl = ln.(*net.TCPListener)
+	return l, nil
+}
+
+// serverTLS is the kernel's TLS configuration made from the caller's:
+// TLS 1.3 and verified client certificates, whatever it said.
+func serverTLS(in *tls.Config) (*tls.Config, error) {
+	c := in.Clone()
+	switch {
+	case c.MaxVersion != 0 && c.MaxVersion < tls.VersionTLS13:
+		return nil, configErr("ListenTLS tlsCfg.MaxVersion", "%#x: TLS 1.3 is required", c.MaxVersion)
+	case c.ClientAuth != tls.NoClientCert && c.ClientAuth != tls.RequireAndVerifyClientCert:
+		return nil, configErr("ListenTLS tlsCfg.ClientAuth", "%v: client certificates are required and verified (RequireAndVerifyClientCert)", c.ClientAuth)
+	case c.GetConfigForClient == nil && c.ClientCAs == nil:
+		return nil, configErr("ListenTLS tlsCfg.ClientCAs", "is nil: the CAs that sign daemon certificates are required")
+	case c.GetConfigForClient == nil && len(c.Certificates) == 0 && c.GetCertificate == nil:
+		return nil, configErr("ListenTLS tlsCfg.Certificates", "is empty: the kernel needs a certificate")
+	}
+	c.MinVersion = tls.VersionTLS13
+	c.ClientAuth = tls.RequireAndVerifyClientCert
+	return c, nil
+}
+
+// clientTLS is the daemon's TLS configuration for a kernel at host: TLS
+// 1.3, the server name from the address unless set.
+func clientTLS(in *tls.Config, host string) (*tls.Config, error) {
+	c := in.Clone()
+	if c.MaxVersion != 0 && c.MaxVersion < tls.VersionTLS13 {
+		return nil, configErr("DialConfig.TLS.MaxVersion", "%#x: TLS 1.3 is required", c.MaxVersion)
+	}
+	if len(c.Certificates) == 0 && c.GetClientCertificate == nil {
+		return nil, configErr("DialConfig.TLS.Certificates", "is empty: the kernel requires a client certificate")
+	}
+	c.MinVersion = tls.VersionTLS13
+	if c.ServerName == "" {
+		c.ServerName = host
+	}
+	return c, nil
+}
+
+// checkLoopback refuses addr unless its host is a loopback address: plain
+// TCP carries tokens and frames in the clear, and nothing identifies the
+// peer.
+func checkLoopback(field, addr string) error {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return configErr(field, "address %q: %v", addr, err)
+	}
+	if host == "localhost" {
+		return nil
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+		return nil
+	}
+	return configErr(field, "plaintext TCP refused on %q: only a loopback address (localhost, 127.0.0.0/8, ::1) may go without TLS", addr)
+}
+
+// AttestTLS is the attestation of a peer on TLS (a Listener from ListenTLS
+// does it, and a gRPC server with mutual TLS calls it with
+// credentials.TLSInfo's State): the identity of the verified client
+// certificate (the leaf of state's first verified chain), checked against
+// p's certificate rules. remote is the peer's address, for the logs. A
+// connection without a verified certificate, or one no rule admits, is
+// refused with an error wrapping ErrPeerRejected (which matches
+// wire.ErrPermission). A nil p admits no certificate.
+func AttestTLS(state tls.ConnectionState, remote net.Addr, p *Policy) (PeerIdentity, error) {
+	id := PeerIdentity{UID: NoUID, GID: NoUID}
+	if remote != nil {
+		id.Remote = remote.String()
+	}
+	if !state.HandshakeComplete {
+		return id, reject("TLS handshake not complete")
+	}
+	if state.Version < tls.VersionTLS13 {
+		return id, reject("TLS version %#x: 1.3 is required", state.Version)
+	}
+	if len(state.VerifiedChains) == 0 || len(state.VerifiedChains[0]) == 0 {
+		return id, reject("no verified client certificate")
+	}
+	leaf := state.VerifiedChains[0][0]
+	ci := &CertIdentity{Subject: leaf.Subject.String(), SHA256: sha256.Sum256(leaf.Raw)}
+	for _, u := range leaf.URIs {
+		ci.URIs = append(ci.URIs, u.String())
+	}
+	id.Cert = ci
+	if p == nil {
+		p = &Policy{}
+	}
+	return id, p.admitCert(ci)
+}
+
+// admitCert checks a verified certificate's identity against the
+// certificate rules: one URI SAN in CertURIs, or the subject in
+// CertSubjects.
+func (p *Policy) admitCert(c *CertIdentity) error {
+	if slices.Contains(p.CertSubjects, c.Subject) {
+		return nil
+	}
+	for _, u := range c.URIs {
+		if slices.Contains(p.CertURIs, u) {
+			return nil
+		}
+	}
+	if len(p.CertURIs) == 0 && len(p.CertSubjects) == 0 {
+		return reject("certificate %q: the policy admits no certificate (set Policy.CertURIs or CertSubjects)", c.Subject)
+	}
+	return reject("certificate identity not allowed: subject %q, URIs %q", c.Subject, c.URIs)
+}
+
+// attestNet is Listener.attest for a TCP connection, which it owns: the
+// TLS handshake and the policy check under ctx (nothing on plaintext
+// loopback). A certificate the CA vouches for that the policy does not
+// admit is told so with ERROR E_PERMISSION; other refusals just close.
+func (l *Listener) attestNet(ctx context.Context, c net.Conn, log *slog.Logger) (*Conn, error) {
+	id := PeerIdentity{UID: NoUID, GID: NoUID, Remote: c.RemoteAddr().String()}
+	if l.tlsCfg == nil {
+		return &Conn{Conn: c, Peer: id, attested: true}, nil
+	}
+	tc := tls.Server(c, l.tlsCfg)
+	var err error
+	if herr := tc.HandshakeContext(ctx); herr != nil {
+		err = reject("TLS handshake: %w", herr)
+	} else if id, err = AttestTLS(tc.ConnectionState(), c.RemoteAddr(), &l.policy); err != nil && id.Cert != nil {
+		tellRefusal(tc, &wire.Error{Code: wire.CodePermission, Message: "the kernel's policy does not admit this certificate's identity"})
+	}
+	if err != nil {
+		closeConn(tc)
+		if !errors.Is(err, context.Canceled) {
+			Audit(ctx, log, slog.LevelWarn, refusedMsg, EventAttestation, err.Error(), PeerAttrs(id)...)
+		}
+		return nil, err
+	}
+	return &Conn{Conn: tc, Peer: id, attested: true}, nil
+}
+
+// tellRefusal sends the first frame of a refused connection, ERROR with
+// err's code and reason, best effort within 100 ms.
+func tellRefusal(c net.Conn, err error) {
+	m := errorMsg(err)
+	if b, e := wire.AppendFrame(nil, frame.Header{Sequence: 1}, &m); e == nil {
+		c.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+		c.Write(b) // the daemon may be gone
+	}
+}
+
+// hostOfString is the host part of a network address: the principal the
+// per-uid Limits count a TCP connection under, before TLS says who it is.
+func hostOfString(addr string) string {
+	if h, _, err := net.SplitHostPort(addr); err == nil {
+		return h
+	}
+	return addr
+}

@@ -125,6 +125,10 @@ type Server struct {
 	notServing atomic.Bool
 	quit       chan struct{} // closed when Shutdown or Close begins: Callers' feeds end
 	quitOnce   sync.Once
+
+	streamOnce sync.Once // ServeConn's control plane, made on first use
+	stream     *control.Server
+	streamErr  error
 	stats      serverStats
 	topics     topics
 

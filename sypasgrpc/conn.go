@@ -8,10 +8,13 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/sypas/go/wire"
 )
 
 // msgStream is what Conn needs of a gRPC stream: grpc.ClientStream and
@@ -184,7 +187,7 @@ func (c *Conn) readErr() error {
 	if c.rerr == io.EOF {
 		return io.EOF
 	}
-	return c.opErr("read", c.rerr)
+	return c.opErr("read", streamErr(c.rerr))
 }
 
 // Write sends p, in messages of at most MaxChunk bytes.
@@ -242,9 +245,28 @@ func (c *Conn) send(b []byte) error {
 		if c.isClosed() {
 			return c.opErr("write", net.ErrClosed)
 		}
+		if errors.Is(err, io.EOF) {
+			err = c.endStatus()
+		}
 		return c.opErr("write", streamErr(err))
 	}
 	return nil
+}
+
+// endStatus is why the stream ended, when SendMsg says only that it did
+// (io.EOF): grpc gives the status to RecvMsg, so the receiver has it soon
+// (unless it waits for Read to take what it holds: then io.EOF it stays).
+func (c *Conn) endStatus() error {
+	t := time.NewTimer(100 * time.Millisecond)
+	defer t.Stop()
+	select {
+	case <-c.rdone:
+		if c.rerr != nil && c.rerr != net.ErrClosed {
+			return c.rerr
+		}
+	case <-t.C:
+	}
+	return io.EOF
 }
 
 // armWrite sets the timer that breaks the Write in progress at the write
@@ -356,16 +378,47 @@ func (c *Conn) opErr(op string, err error) error {
 	return &net.OpError{Op: op, Net: "grpc", Source: c.local, Addr: c.remote, Err: err}
 }
 
-// streamErr turns a stream's end into the error a net.Conn user expects:
-// a cancelled stream is a closed connection.
+// streamErr turns a stream's end into the error a net.Conn user (the
+// control plane) expects: a stream that broke (the connection lost, the
+// peer's server stopped, a cancel) is a connection reset, which the
+// session reports as the peer gone and a Client reconnects after; a
+// refusal with a status of its own (PermissionDenied...) becomes the
+// *wire.Error of the same meaning, keeping the status's message.
 func streamErr(err error) error {
 	if errors.Is(err, io.EOF) {
 		return io.ErrUnexpectedEOF
 	}
-	if s, ok := status.FromError(err); ok && s.Code() == codes.Canceled {
-		return fmt.Errorf("%w: %v", net.ErrClosed, s.Message())
+	s, ok := status.FromError(err)
+	if !ok {
+		return err
 	}
-	return err
+	switch s.Code() {
+	case codes.Unavailable, codes.Canceled, codes.Internal, codes.Unknown, codes.Aborted:
+		return fmt.Errorf("%w (%w)", syscall.ECONNRESET, err)
+	}
+	return &wire.Error{Code: wireCode(s.Code()), Message: s.Message(), Err: err}
+}
+
+// wireCode is grpcCode's inverse, for the statuses a Session stream can
+// end with.
+func wireCode(c codes.Code) wire.Code {
+	switch c {
+	case codes.InvalidArgument:
+		return wire.CodeProto
+	case codes.Unauthenticated:
+		return wire.CodeAuth
+	case codes.ResourceExhausted:
+		return wire.CodeResource
+	case codes.NotFound, codes.Unimplemented:
+		return wire.CodeNotFound
+	case codes.DeadlineExceeded:
+		return wire.CodeTimeout
+	case codes.FailedPrecondition:
+		return wire.CodeVersion
+	case codes.PermissionDenied:
+		return wire.CodePermission
+	}
+	return wire.CodeInternal
 }
 
 // deadline is a settable point in time as a channel that is closed once

@@ -13,17 +13,34 @@ import (
 // sessionDesc is the Session method as a stream.
 var sessionDesc = grpc.StreamDesc{StreamName: MethodSession, ServerStreams: true, ClientStreams: true}
 
-// addr is a gRPC peer's address as a Conn reports it when grpc does not
-// know a better one.
+// Network is the network of a Conn's addresses: control.Session.Network
+// reports it, and a Client's Transport with it.
+const Network = "grpc"
+
+// addr is an address of a Conn: grpc's (host:port), on network "grpc".
 type addr string
 
-func (addr) Network() string  { return "grpc" }
+func (addr) Network() string  { return Network }
 func (a addr) String() string { return string(a) }
+
+func addrOf(a net.Addr, unknown string) addr {
+	if a == nil {
+		return addr(unknown)
+	}
+	return addr(a.String())
+}
 
 // OpenSession opens a Session stream on cc and returns it as a Conn (the
 // client's end), with the raw codec. The stream lives until the Conn is
-// closed, not within ctx, which bounds only its opening.
+// closed, not within ctx, which bounds only its opening. cc stays the
+// caller's.
 func OpenSession(ctx context.Context, cc grpc.ClientConnInterface) (*Conn, error) {
+	return openSession(ctx, cc, func() {})
+}
+
+// openSession is OpenSession, with after called once the stream has ended
+// (Dial's: it closes its own ClientConn).
+func openSession(ctx context.Context, cc grpc.ClientConnInterface, after func()) (*Conn, error) {
 	sctx, cancel := context.WithCancel(context.Background())
 	stop := context.AfterFunc(ctx, cancel)
 	st, err := cc.NewStream(sctx, &sessionDesc, FullSession, grpc.CallContentSubtype(CodecName))
@@ -34,9 +51,14 @@ func OpenSession(ctx context.Context, cc grpc.ClientConnInterface) (*Conn, error
 		}
 		return nil, err
 	}
-	var remote net.Addr = addr("grpc")
+	remote := addr("")
 	if t, ok := cc.(interface{ Target() string }); ok {
 		remote = addr(t.Target())
+	}
+	var once sync.Once
+	end := func() {
+		cancel()
+		once.Do(after)
 	}
 	var c *Conn
 	finish := func() {
@@ -48,9 +70,9 @@ func OpenSession(ctx context.Context, cc grpc.ClientConnInterface) (*Conn, error
 			}
 			t.Stop()
 		}
-		cancel()
+		end()
 	}
-	c = newConn(st, cancel, finish, addr("grpc-client"), remote)
+	c = newConn(st, end, finish, addr(""), remote)
 	return c, nil
 }
 
@@ -61,14 +83,9 @@ func serverConn(ss grpc.ServerStream) (*Conn, <-chan struct{}) {
 	done := make(chan struct{})
 	var once sync.Once
 	end := func() { once.Do(func() { close(done) }) }
-	var local, remote net.Addr = addr("grpc-server"), addr("grpc-client")
+	local, remote := addr(""), addr("")
 	if p, ok := peer.FromContext(ss.Context()); ok {
-		if p.Addr != nil {
-			remote = p.Addr
-		}
-		if p.LocalAddr != nil {
-			local = p.LocalAddr
-		}
+		local, remote = addrOf(p.LocalAddr, ""), addrOf(p.Addr, "")
 	}
 	return newConn(ss, end, nil, local, remote), done
 }

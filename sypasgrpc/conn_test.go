@@ -16,11 +16,25 @@ import (
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
 // connPair serves the Session method with handle (given the server's
 // Conn) on loopback, and returns a client Conn to it.
 func connPair(t *testing.T, handle func(*Conn)) *Conn {
+	t.Helper()
+	cc := sessionServer(t, handle)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := OpenSession(ctx, cc)
+	require.NoError(t, err)
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// sessionServer serves the Session method with handle on loopback and
+// returns a client connection to it.
+func sessionServer(t *testing.T, handle func(*Conn)) *grpc.ClientConn {
 	t.Helper()
 	gs := grpc.NewServer()
 	gs.RegisterService(&grpc.ServiceDesc{
@@ -45,12 +59,7 @@ func connPair(t *testing.T, handle func(*Conn)) *Conn {
 	cc, err := grpc.NewClient(l.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	require.NoError(t, err)
 	t.Cleanup(func() { cc.Close() })
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	c, err := OpenSession(ctx, cc)
-	require.NoError(t, err)
-	t.Cleanup(func() { c.Close() })
-	return c
+	return cc
 }
 
 func echo(c *Conn) {
@@ -194,4 +203,28 @@ func TestConnServerEndIsEOF(t *testing.T) {
 	assert.Equal(t, "bye", string(b))
 	_, err = c.Read(make([]byte, 1))
 	assert.True(t, errors.Is(err, io.EOF))
+}
+
+// A peer that speaks the Session stream with protobuf's codec (plain
+// application/grpc) sends and receives the same bytes.
+func TestConnProtoCodecPeer(t *testing.T) {
+	cc := sessionServer(t, echo)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	st, err := cc.NewStream(ctx, &sessionDesc, FullSession)
+	require.NoError(t, err)
+	require.NoError(t, st.SendMsg(wrapperspb.Bytes([]byte("hel"))))
+	require.NoError(t, st.SendMsg(wrapperspb.Bytes(nil)))
+	require.NoError(t, st.SendMsg(wrapperspb.Bytes([]byte("lo"))))
+	require.NoError(t, st.CloseSend())
+	var got []byte
+	for {
+		var m wrapperspb.BytesValue
+		if err := st.RecvMsg(&m); err != nil {
+			require.ErrorIs(t, err, io.EOF)
+			break
+		}
+		got = append(got, m.GetValue()...)
+	}
+	assert.Equal(t, "hello", string(got))
 }

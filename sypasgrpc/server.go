@@ -24,7 +24,7 @@ import (
 	"github.com/sypas/go/wire"
 )
 
-// Metadata keys (docs/PROTOCOL.md §9.3).
+// Metadata keys (docs/PROTOCOL.md §11.3).
 const (
 	// MetaOp is the request metadata of Call that names the operation.
 	MetaOp = "sypas-op"
@@ -254,7 +254,7 @@ func sessionHandler(srv any, ss grpc.ServerStream) error {
 	return nil
 }
 
-// toStatus is the gRPC status of a SYPAS error (docs/PROTOCOL.md §9.4).
+// toStatus is the gRPC status of a SYPAS error (docs/PROTOCOL.md §11.5).
 func toStatus(err error) error {
 	var e *sypas.Error
 	if !errors.As(err, &e) {

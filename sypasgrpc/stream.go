@@ -3,11 +3,14 @@ package sypasgrpc
 import (
 	"context"
 	"net"
+	"slices"
 	"sync"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
 // sessionDesc is the Session method as a stream.
@@ -78,14 +81,41 @@ func openSession(ctx context.Context, cc grpc.ClientConnInterface, after func())
 
 // serverConn returns the server's end of a Session stream as a Conn, and
 // a channel closed when the Conn ends the stream: the handler returns
-// then (or when the stream's context ends).
+// then (or when the stream's context ends). A client that called with
+// another codec than ours (application/grpc+proto: the same bytes) is
+// read and answered through BytesValue messages.
 func serverConn(ss grpc.ServerStream) (*Conn, <-chan struct{}) {
 	done := make(chan struct{})
 	var once sync.Once
 	end := func() { once.Do(func() { close(done) }) }
 	local, remote := addr(""), addr("")
-	if p, ok := peer.FromContext(ss.Context()); ok {
+	ctx := ss.Context()
+	if p, ok := peer.FromContext(ctx); ok {
 		local, remote = addrOf(p.LocalAddr, ""), addrOf(p.Addr, "")
 	}
-	return newConn(ss, end, nil, local, remote), done
+	var s msgStream = ss
+	if md, _ := metadata.FromIncomingContext(ctx); !slices.Contains(md.Get("content-type"), contentType) {
+		s = protoStream{ss}
+	}
+	return newConn(s, end, nil, local, remote), done
+}
+
+// contentType is the content type of a Session called with our codec.
+const contentType = "application/grpc+" + CodecName
+
+// protoStream carries a Conn's chunks as BytesValue messages, for a peer
+// whose codec is protobuf's.
+type protoStream struct{ s grpc.ServerStream }
+
+func (p protoStream) SendMsg(m any) error {
+	return p.s.SendMsg(&wrapperspb.BytesValue{Value: m.(*chunk).b})
+}
+
+func (p protoStream) RecvMsg(m any) error {
+	var v wrapperspb.BytesValue
+	if err := p.s.RecvMsg(&v); err != nil {
+		return err
+	}
+	m.(*chunk).b = v.Value
+	return nil
 }

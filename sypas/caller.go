@@ -150,6 +150,21 @@ func (c *Caller) deny(ctx context.Context, cp *token.Capability, corr uint64, op
 	return &Error{Code: code, Message: reason}
 }
 
+// begin is the first checks of every request: the Server serving
+// (E_UNAVAILABLE, not a refusal) and the token (E_AUTH). It numbers the
+// request (corr) and returns the token it is checked against.
+func (c *Caller) begin(ctx context.Context, op string) (*token.Capability, uint64, error) {
+	if c.srv.notServing.Load() {
+		return nil, 0, &Error{Code: CodeUnavailable, Message: "the kernel is shutting down"}
+	}
+	corr := c.corr.Add(1)
+	cp, why := c.capability()
+	if cp == nil {
+		return nil, corr, c.deny(ctx, nil, corr, op, CodeAuth, control.EventAuth, why)
+	}
+	return cp, corr, nil
+}
+
 // Call runs op with body for the Caller, through the enforcer (see the
 // type's comment), and returns the handler's reply or the *Error the
 // caller is told. The handler's context ends with ctx, at its deadline, or
@@ -157,13 +172,9 @@ func (c *Caller) deny(ctx context.Context, cp *token.Capability, corr uint64, op
 // Request.Correlation counts the Caller's calls.
 func (c *Caller) Call(ctx context.Context, op string, body []byte) ([]byte, error) {
 	s := c.srv
-	if s.notServing.Load() {
-		return nil, &Error{Code: CodeUnavailable, Message: "the kernel is shutting down"}
-	}
-	corr := c.corr.Add(1)
-	cp, why := c.capability()
-	if cp == nil {
-		return nil, c.deny(ctx, nil, corr, op, CodeAuth, control.EventAuth, why)
+	cp, corr, err := c.begin(ctx, op)
+	if err != nil {
+		return nil, err
 	}
 	if len(body) > c.maxPayload {
 		return nil, c.deny(ctx, cp, corr, "", CodeTooLarge, control.EventProtocol, "request payload above the session's max_payload")
@@ -227,13 +238,9 @@ type Feed struct {
 // done with it.
 func (c *Caller) Subscribe(ctx context.Context, topic string, pending int) (*Feed, error) {
 	s := c.srv
-	if s.notServing.Load() {
-		return nil, &Error{Code: CodeUnavailable, Message: "the kernel is shutting down"}
-	}
-	corr := c.corr.Add(1)
-	cp, why := c.capability()
-	if cp == nil {
-		return nil, c.deny(ctx, nil, corr, "", CodeAuth, control.EventAuth, why)
+	cp, corr, err := c.begin(ctx, "")
+	if err != nil {
+		return nil, err
 	}
 	if cp.Rights&RightSubscribe == 0 {
 		return nil, c.deny(ctx, cp, corr, "", CodePermission, control.EventPermission, "the token lacks the subscribe right")

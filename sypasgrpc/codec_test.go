@@ -8,11 +8,14 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/sypas/go/sypas"
 )
 
 // TestCodecIsBytesValue: what the codec sends is what protobuf makes of a
@@ -114,4 +117,19 @@ func streamed(s bool, m protoreflect.MessageDescriptor) string {
 		return "stream " + string(m.FullName())
 	}
 	return string(m.FullName())
+}
+
+// Every SYPAS code has its gRPC status, and a status back to its code:
+// the same, except the two that share a status with another
+// (E_TOO_LARGE and E_CLOSED read back as E_RESOURCE and E_UNAVAILABLE).
+func TestCodeMap(t *testing.T) {
+	shared := map[sypas.Code]sypas.Code{sypas.CodeTooLarge: sypas.CodeResource, sypas.CodeClosed: sypas.CodeUnavailable}
+	for c := sypas.CodeOK; c <= sypas.CodePermission; c++ {
+		want := c
+		if w, ok := shared[c]; ok {
+			want = w
+		}
+		assert.Equal(t, want, wireCode(grpcCode(c)), "%v", c)
+	}
+	assert.Equal(t, codes.Internal, grpcCode(sypas.Code(200)))
 }

@@ -301,6 +301,15 @@ func (c *Conn) writeExpired() {
 	}
 }
 
+// broken is the error of a Write past its deadline, which broke the Conn;
+// nil if none did.
+func (c *Conn) broken() error {
+	if p := c.werr.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
 // Close ends the Conn: see the type's comment. It is idempotent and never
 // blocks on the peer.
 func (c *Conn) Close() error {
@@ -397,28 +406,6 @@ func streamErr(err error) error {
 		return fmt.Errorf("%w (%w)", syscall.ECONNRESET, err)
 	}
 	return &wire.Error{Code: wireCode(s.Code()), Message: s.Message(), Err: err}
-}
-
-// wireCode is grpcCode's inverse, for the statuses a Session stream can
-// end with.
-func wireCode(c codes.Code) wire.Code {
-	switch c {
-	case codes.InvalidArgument:
-		return wire.CodeProto
-	case codes.Unauthenticated:
-		return wire.CodeAuth
-	case codes.ResourceExhausted:
-		return wire.CodeResource
-	case codes.NotFound, codes.Unimplemented:
-		return wire.CodeNotFound
-	case codes.DeadlineExceeded:
-		return wire.CodeTimeout
-	case codes.FailedPrecondition:
-		return wire.CodeVersion
-	case codes.PermissionDenied:
-		return wire.CodePermission
-	}
-	return wire.CodeInternal
 }
 
 // deadline is a settable point in time as a channel that is closed once

@@ -49,7 +49,7 @@ func sessionServer(t *testing.T, handle func(*Conn)) *grpc.ClientConn {
 				case <-ss.Context().Done():
 				}
 				c.Close()
-				return nil
+				return endStatus(c)
 			}}},
 	}, nil)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -227,4 +227,24 @@ func TestConnProtoCodecPeer(t *testing.T) {
 		got = append(got, m.GetValue()...)
 	}
 	assert.Equal(t, "hello", string(got))
+}
+
+// The server's end of a stream whose client never reads: a Write past its
+// deadline ends the stream (the handler returns), so nothing stays blocked
+// on flow control.
+func TestConnServerWriteDeadlineEndsTheStream(t *testing.T) {
+	errc := make(chan error, 1)
+	c := connPair(t, func(s *Conn) {
+		s.SetWriteDeadline(time.Now().Add(50 * time.Millisecond))
+		_, err := s.Write(make([]byte, 64<<20))
+		errc <- err
+	})
+	select {
+	case err := <-errc:
+		assert.ErrorIs(t, err, os.ErrDeadlineExceeded)
+	case <-time.After(5 * time.Second):
+		t.Fatal("the server's Write stayed blocked")
+	}
+	_, err := io.Copy(io.Discard, c) // what was sent, then the stream's end
+	assert.Error(t, err, "the stream ended without an orderly close")
 }

@@ -6,7 +6,6 @@ import (
 	"crypto/tls"
 	"log/slog"
 	"net"
-	"sync"
 	"testing"
 	"time"
 
@@ -16,6 +15,7 @@ import (
 
 	"github.com/sypas/go/control"
 	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/internal/testlog"
 	"github.com/sypas/go/internal/testtls"
 	"github.com/sypas/go/sypas"
 )
@@ -30,15 +30,16 @@ type TestKernel struct {
 	GS   *grpc.Server
 	Svc  *Service
 	Rev  *token.Revocations
-	Log  *AuditLog
+	Log  *testlog.Recorder
 
 	// TLS configurations of clients: Daemon's certificate is admitted by
 	// the Policy, Intruder's (same CA) is not, OtherCA's is signed by a CA
 	// the kernel does not trust (with the admitted URI), NoCert has none.
 	Daemon, Intruder, OtherCA, NoCert *tls.Config
 
-	tls  *tls.Config // the server's
-	stop func()      // stops GS
+	tls  *tls.Config  // the server's
+	log  *slog.Logger // writes to Log
+	stop func()       // stops GS
 }
 
 // Ops of the TestKernel: "echo" (RightRequest), "admin" (RightAdmin),
@@ -70,7 +71,8 @@ func startTestKernel(t testing.TB, cfg sypas.ServerConfig) *TestKernel {
 	foreign, err := other.Client("daemon", testtls.DaemonURI)
 	require.NoError(t, err)
 
-	k := &TestKernel{Rev: token.NewRevocations(), Log: &AuditLog{}}
+	k := &TestKernel{Rev: token.NewRevocations()}
+	k.Log, k.log = testlog.New()
 	k.Daemon, k.Intruder = ca.ClientConfig(daemon), ca.ClientConfig(intruder)
 	k.OtherCA, k.NoCert = ca.ClientConfig(tls.Certificate{}), ca.ClientConfig(tls.Certificate{})
 	// Presented whatever CAs the kernel asks for (crypto/tls would send
@@ -84,7 +86,7 @@ func startTestKernel(t testing.TB, cfg sypas.ServerConfig) *TestKernel {
 	if cfg.Revoked == nil {
 		cfg.Revoked = k.Rev
 	}
-	cfg.Logger = slog.New(k.Log)
+	cfg.Logger = k.log
 	k.Srv, err = sypas.NewServer(cfg)
 	require.NoError(t, err)
 	k.Srv.Handle("echo", sypas.RightRequest, func(_ context.Context, r *sypas.Request) ([]byte, error) { return r.Body, nil })
@@ -113,7 +115,7 @@ func (k *TestKernel) serve(t testing.TB, addr string) {
 	t.Helper()
 	k.GS = grpc.NewServer(grpc.Creds(credentials.NewTLS(k.tls)))
 	var err error
-	k.Svc, err = Register(k.GS, k.Srv, ServerConfig{Policy: &control.Policy{CertURIs: []string{testtls.DaemonURI}}, Logger: slog.New(k.Log)})
+	k.Svc, err = Register(k.GS, k.Srv, ServerConfig{Policy: &control.Policy{CertURIs: []string{testtls.DaemonURI}}, Logger: k.log})
 	require.NoError(t, err)
 	var l net.Listener
 	require.Eventually(t, func() bool { l, err = net.Listen("tcp", addr); return err == nil }, 5*time.Second, 10*time.Millisecond)
@@ -128,50 +130,4 @@ func (k *TestKernel) serve(t testing.TB, addr string) {
 func (k *TestKernel) restart(t testing.TB) {
 	k.stop()
 	k.serve(t, k.Addr)
-}
-
-// AuditLog is a slog.Handler that keeps every record, as string maps.
-type AuditLog struct {
-	mu   sync.Mutex
-	recs []map[string]string
-}
-
-func (a *AuditLog) Enabled(context.Context, slog.Level) bool { return true }
-func (a *AuditLog) WithAttrs([]slog.Attr) slog.Handler       { return a }
-func (a *AuditLog) WithGroup(string) slog.Handler            { return a }
-
-func (a *AuditLog) Handle(_ context.Context, r slog.Record) error {
-	m := map[string]string{"msg": r.Message}
-	r.Attrs(func(at slog.Attr) bool {
-		m[at.Key] = at.Value.String()
-		return true
-	})
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	a.recs = append(a.recs, m)
-	return nil
-}
-
-// Find waits up to 5 s for a record holding every key/value of want.
-func (a *AuditLog) Find(want map[string]string) map[string]string {
-	for end := time.Now().Add(5 * time.Second); ; time.Sleep(time.Millisecond) {
-		if r := a.find(want); r != nil || time.Now().After(end) {
-			return r
-		}
-	}
-}
-
-func (a *AuditLog) find(want map[string]string) map[string]string {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-next:
-	for _, r := range a.recs {
-		for k, v := range want {
-			if r[k] != v {
-				continue next
-			}
-		}
-		return r
-	}
-	return nil
 }

@@ -246,11 +246,30 @@ func sessionHandler(srv any, ss grpc.ServerStream) error {
 	if err != nil {
 		return err
 	}
-	conn, _ := serverConn(ss)
+	conn, done := serverConn(ss)
 	// The session owns conn: its end (the daemon's GOAWAY, a hang-up, the
-	// kernel's Shutdown) closes it, and the stream ends when this returns.
-	s.srv.ServeConn(ss.Context(), conn, id)
-	conn.Close()
+	// kernel's Shutdown) closes it. The stream ends when this returns,
+	// which is what wakes a Write blocked on flow control: so this returns
+	// as soon as conn ends the stream (closed, or a write past its
+	// deadline), not when the session has finished with it.
+	go func() {
+		s.srv.ServeConn(ss.Context(), conn, id)
+		conn.Close()
+	}()
+	select {
+	case <-done:
+	case <-ss.Context().Done():
+	}
+	return endStatus(conn)
+}
+
+// endStatus is how the server ends a Session stream: OK when its Conn was
+// closed, ABORTED when a write broke it (the client takes that as a
+// hang-up, not an orderly end).
+func endStatus(c *Conn) error {
+	if err := c.broken(); err != nil {
+		return status.Error(codes.Aborted, err.Error())
+	}
 	return nil
 }
 
@@ -267,29 +286,45 @@ func toStatus(err error) error {
 	return status.Error(grpcCode(e.Code), msg)
 }
 
-// grpcCode maps a SYPAS code to the gRPC code a stock client acts on.
+// codeMap pairs each SYPAS code with the gRPC status code a stock client
+// acts on (docs/PROTOCOL.md §11.5). Read left to right it is grpcCode;
+// right to left, wireCode, where the first pair of a status wins.
+var codeMap = []struct {
+	sypas sypas.Code
+	grpc  codes.Code
+}{
+	{sypas.CodeOK, codes.OK},
+	{sypas.CodeProto, codes.InvalidArgument},
+	{sypas.CodeAuth, codes.Unauthenticated},
+	{sypas.CodeResource, codes.ResourceExhausted},
+	{sypas.CodeTooLarge, codes.ResourceExhausted},
+	{sypas.CodeInternal, codes.Internal},
+	{sypas.CodeNotFound, codes.NotFound},
+	{sypas.CodeTimeout, codes.DeadlineExceeded},
+	{sypas.CodeUnavailable, codes.Unavailable},
+	{sypas.CodeClosed, codes.Unavailable},
+	{sypas.CodeVersion, codes.FailedPrecondition},
+	{sypas.CodePermission, codes.PermissionDenied},
+}
+
+// grpcCode is the gRPC status code of a SYPAS code (Internal if unknown).
 func grpcCode(c sypas.Code) codes.Code {
-	switch c {
-	case sypas.CodeOK:
-		return codes.OK
-	case sypas.CodeProto:
-		return codes.InvalidArgument
-	case sypas.CodeAuth:
-		return codes.Unauthenticated
-	case sypas.CodeResource, sypas.CodeTooLarge:
-		return codes.ResourceExhausted
-	case sypas.CodeNotFound:
-		return codes.NotFound
-	case sypas.CodeTimeout:
-		return codes.DeadlineExceeded
-	case sypas.CodeUnavailable, sypas.CodeClosed:
-		return codes.Unavailable
-	case sypas.CodeVersion:
-		return codes.FailedPrecondition
-	case sypas.CodePermission:
-		return codes.PermissionDenied
+	for _, m := range codeMap {
+		if m.sypas == c {
+			return m.grpc
+		}
 	}
 	return codes.Internal
+}
+
+// wireCode is the SYPAS code of a gRPC status code (E_INTERNAL if none).
+func wireCode(c codes.Code) sypas.Code {
+	for _, m := range codeMap {
+		if m.grpc == c {
+			return m.sypas
+		}
+	}
+	return sypas.CodeInternal
 }
 
 // refusal is a status for a refusal made here, before any Caller.

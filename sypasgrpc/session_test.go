@@ -81,7 +81,7 @@ func TestSessionConformance(t *testing.T) {
 		assert.Contains(t, err.Error(), "no such key")
 		_, err = c.Call(ctx, "echo", make([]byte, 1<<20))
 		assert.ErrorIs(t, err, sypas.ErrTooLarge)
-		assert.NotNil(t, k.Log.Find(map[string]string{"msg": "sypas: refused", "op": "admin", "code": "E_PERMISSION", "cert_uri": "spiffe://sypas.test/daemon"}))
+		assert.NotNil(t, k.Log.Await(map[string]string{"msg": "sypas: refused", "op": "admin", "code": "E_PERMISSION", "cert_uri": "spiffe://sypas.test/daemon"}, 5*time.Second))
 	})
 
 	t.Run("subscribe", func(t *testing.T) {
@@ -120,7 +120,7 @@ func TestSessionRevokedToken(t *testing.T) {
 	got, err := c.Call(ctx, "echo", []byte("again"))
 	require.NoError(t, err)
 	assert.Equal(t, "again", string(got))
-	assert.NotNil(t, k.Log.Find(map[string]string{"event": "revocation"}))
+	assert.NotNil(t, k.Log.Await(map[string]string{"event": "revocation"}, 5*time.Second))
 }
 
 // Refusals of the Session stream: a certificate the Policy does not
@@ -131,7 +131,9 @@ func TestSessionRefused(t *testing.T) {
 	dial := func(tc *tls.Config) error {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		s, err := control.Dial(ctx, "grpc://"+k.Addr, control.DialConfig{TLS: tc})
+		cfg := control.DialConfig{TLS: tc}
+		cfg.Logger = slog.New(slog.DiscardHandler)
+		s, err := control.Dial(ctx, "grpc://"+k.Addr, cfg)
 		if err == nil {
 			s.Close()
 		}
@@ -139,7 +141,7 @@ func TestSessionRefused(t *testing.T) {
 	}
 	err := dial(k.Intruder)
 	assert.ErrorIs(t, err, sypas.ErrPermission)
-	assert.NotNil(t, k.Log.Find(map[string]string{"event": "attestation", "cert_uri": IntruderURI}))
+	assert.NotNil(t, k.Log.Await(map[string]string{"event": "attestation", "cert_uri": IntruderURI}, 5*time.Second))
 	assert.ErrorIs(t, dial(k.NoCert), sypas.ErrPermission)
 	err = dial(k.OtherCA)
 	assert.Error(t, err)

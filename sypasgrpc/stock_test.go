@@ -68,7 +68,7 @@ func TestStockClientCalls(t *testing.T) {
 	}
 	_, _, err = call(cc, "fail", nil)
 	assert.Equal(t, "no such key", status.Convert(err).Message(), "a handler's *Error travels with its message")
-	assert.NotNil(t, k.Log.Find(map[string]string{"msg": "sypas: refused", "event": "permission", "op": "admin", "code": "E_PERMISSION"}),
+	assert.NotNil(t, k.Log.Await(map[string]string{"msg": "sypas: refused", "event": "permission", "op": "admin", "code": "E_PERMISSION"}, 5*time.Second),
 		"the refusal is audited with the certificate's identity")
 }
 
@@ -104,7 +104,7 @@ func TestStockClientRefused(t *testing.T) {
 	_, tr, err := call(stockClient(t, k.Addr, k.Intruder), "echo", nil)
 	assert.Equal(t, codes.PermissionDenied, status.Code(err))
 	assert.Equal(t, []string{"E_PERMISSION"}, tr.Get("sypas-code"))
-	assert.NotNil(t, k.Log.Find(map[string]string{"msg": "sypas: refused", "event": "attestation", "cert_uri": sypasgrpc.IntruderURI}))
+	assert.NotNil(t, k.Log.Await(map[string]string{"msg": "sypas: refused", "event": "attestation", "cert_uri": sypasgrpc.IntruderURI}, 5*time.Second))
 
 	_, _, err = call(stockClient(t, k.Addr, k.NoCert), "echo", nil)
 	assert.Equal(t, codes.PermissionDenied, status.Code(err))

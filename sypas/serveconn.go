@@ -23,7 +23,20 @@ func (s *Server) ServeConn(ctx context.Context, conn net.Conn, peer control.Peer
 		conn.Close()
 		return err
 	}
-	sess, err := cs.HandshakeConn(ctx, conn, peer)
+	s.mu.Lock()
+	if s.stopping {
+		s.mu.Unlock()
+		conn.Close()
+		return fmt.Errorf("sypas: ServeConn: %w: the server is shutting down", ErrClosed)
+	}
+	s.streams.Add(1) // Shutdown and Close wait for it, as for Serve's sessions
+	s.mu.Unlock()
+	defer s.streams.Done()
+	hctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(s.base, cancel) // Close cancels a handshake in progress
+	defer stop()
+	sess, err := cs.HandshakeConn(hctx, conn, peer)
 	if err != nil {
 		return err
 	}

@@ -126,7 +126,8 @@ type Server struct {
 	quit       chan struct{} // closed when Shutdown or Close begins: Callers' feeds end
 	quitOnce   sync.Once
 
-	streamOnce sync.Once // ServeConn's control plane, made on first use
+	streams    sync.WaitGroup // ServeConn's sessions; Add under mu while !stopping
+	streamOnce sync.Once      // ServeConn's control plane, made on first use
 	stream     *control.Server
 	streamErr  error
 	stats      serverStats
@@ -261,7 +262,8 @@ func (s *Server) serveSession(sess *control.Session) {
 // daemon is accepted, and each session gets GOAWAY (docs/PROTOCOL.md
 // §6.8): its daemon starts no new call, and once the calls it has in
 // flight are answered it sends GOAWAY back and the session closes; then
-// Serve returns. A daemon that does not answer GOAWAY is closed after
+// Serve returns, and Shutdown once ServeConn's sessions have ended too. A
+// daemon that does not answer GOAWAY is closed after
 // DrainTimeout. When ctx ends first, Shutdown closes what is left (Close)
 // and returns ctx's error.
 func (s *Server) Shutdown(ctx context.Context) error {
@@ -291,13 +293,21 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			return ctx.Err()
 		}
 	}
+	streamed := make(chan struct{})
+	go func() { s.streams.Wait(); close(streamed) }()
+	select {
+	case <-streamed:
+	case <-ctx.Done():
+		s.Close()
+		return ctx.Err()
+	}
 	return ctx.Err()
 }
 
 // Close stops the server at once: every session ends, handlers' contexts
-// are cancelled, and Serve returns once the handlers running have
-// returned (a handler that ignores its context delays it). It is
-// idempotent.
+// are cancelled, and Serve (and Close, and each ServeConn) returns once the
+// handlers running have returned (a handler that ignores its context
+// delays it). It is idempotent.
 func (s *Server) Close() error {
 	s.notServing.Store(true)
 	s.quitOnce.Do(func() { close(s.quit) })
@@ -314,5 +324,6 @@ func (s *Server) Close() error {
 		stop()
 		<-served
 	}
+	s.streams.Wait()
 	return nil
 }

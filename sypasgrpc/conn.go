@@ -44,11 +44,11 @@ type msgStream interface {
 // longer known), as crypto/tls does: the stream is ended, and every later
 // Write and Read fails.
 type Conn struct {
-	s      msgStream
-	end    func() // ends the stream at once (client: cancel; server: the handler returns)
-	finish func() // the orderly end after Close (client: CloseSend, then end)
-	local  net.Addr
-	remote net.Addr
+	s         msgStream
+	end       func()       // ends the stream at once (client: cancel; server: the handler returns)
+	closeSend func() error // the client's half-close, for an orderly Close; nil on the server
+	local     net.Addr
+	remote    net.Addr
 
 	closed    chan struct{}
 	closeOnce sync.Once
@@ -84,10 +84,10 @@ const MaxChunk = 1 << 20
 const Linger = 5 * time.Second
 
 // newConn starts the receiver of s. end must make s's blocked SendMsg and
-// RecvMsg return; finish (nil: end) is Close's orderly version.
-func newConn(s msgStream, end func(), finish func(), local, remote net.Addr) *Conn {
+// RecvMsg return; closeSend (nil on a server) half-closes the stream.
+func newConn(s msgStream, end func(), closeSend func() error, local, remote net.Addr) *Conn {
 	c := &Conn{
-		s: s, end: end, finish: finish, local: local, remote: remote,
+		s: s, end: end, closeSend: closeSend, local: local, remote: remote,
 		closed: make(chan struct{}),
 		in:     make(chan *chunk, 2),
 		free:   make(chan *chunk, 2),
@@ -325,18 +325,34 @@ func (c *Conn) Close() error {
 	c.wdlMu.Lock()
 	writing := c.writing
 	c.wdlMu.Unlock()
-	if writing || c.finish == nil {
+	if writing || c.closeSend == nil {
 		// A Write waits for flow control: its bytes are lost anyway, and
 		// CloseSend may not run beside SendMsg.
 		c.end()
 		return nil
 	}
-	go func() {
-		c.wmu.Lock() // a Write that began just now is done
-		defer c.wmu.Unlock()
-		c.finish()
-	}()
+	go c.linger()
 	return nil
+}
+
+// linger ends a closed client Conn in order: it half-closes the stream
+// after what was written (a Write that began just before Close is done:
+// wmu), waits up to Linger for the server to end its side, then cancels.
+// No Write waits for it: they fail at once on the closed Conn.
+func (c *Conn) linger() {
+	defer c.end()
+	c.wmu.Lock()
+	err := c.closeSend()
+	c.wmu.Unlock()
+	if err != nil {
+		return
+	}
+	t := time.NewTimer(Linger)
+	defer t.Stop()
+	select {
+	case <-c.rdone: // the server ended the stream
+	case <-t.C:
+	}
 }
 
 func (c *Conn) isClosed() bool {

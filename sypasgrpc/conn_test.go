@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime/pprof"
 	"sync"
 	"testing"
 	"time"
@@ -171,6 +172,7 @@ func TestConnCloseWakesBlockedReadAndWrite(t *testing.T) {
 	select {
 	case <-done:
 	case <-time.After(5 * time.Second):
+		pprof.Lookup("goroutine").WriteTo(os.Stderr, 1)
 		t.Fatal("Close did not wake the blocked Read and Write")
 	}
 	assert.ErrorIs(t, rerr, net.ErrClosed)
@@ -178,16 +180,46 @@ func TestConnCloseWakesBlockedReadAndWrite(t *testing.T) {
 	assert.NoError(t, c.Close(), "idempotent")
 }
 
+// waitBlocked waits until a Write of c has been in one SendMsg for 50 ms:
+// held back by flow control.
+func waitBlocked(t *testing.T, c *Conn) {
+	t.Helper()
+	since := time.Now()
+	require.Eventually(t, func() bool {
+		c.wdlMu.Lock()
+		w := c.writing
+		c.wdlMu.Unlock()
+		if !w {
+			since = time.Now()
+		}
+		return time.Since(since) > 50*time.Millisecond
+	}, 10*time.Second, time.Millisecond, "the Write never waited")
+}
+
 func TestConnWriteDeadlineBreaksTheConn(t *testing.T) {
 	c := connPair(t, stuck)
-	require.NoError(t, c.SetWriteDeadline(time.Now().Add(50*time.Millisecond)))
-	start := time.Now()
-	n, err := c.Write(make([]byte, 64<<20))
-	require.ErrorIs(t, err, os.ErrDeadlineExceeded)
-	assert.Less(t, n, 64<<20, "flow control held the writer back: nothing unbounded was buffered")
-	assert.Less(t, time.Since(start), 5*time.Second)
+	type result struct {
+		n   int
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		n, err := c.Write(make([]byte, 64<<20)) // waits for flow control soon
+		done <- result{n, err}
+	}()
+	waitBlocked(t, c)
+	require.NoError(t, c.SetWriteDeadline(time.Unix(1, 0))) // passes now, under the waiting Write
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("a past deadline did not wake the Write")
+	}
+	require.ErrorIs(t, r.err, os.ErrDeadlineExceeded)
+	assert.Less(t, r.n, 64<<20, "flow control held the writer back: nothing unbounded was buffered")
+	require.Error(t, c.broken(), "the deadline passed inside SendMsg")
 	require.NoError(t, c.SetWriteDeadline(time.Time{}))
-	_, err = c.Write([]byte("x"))
+	_, err := c.Write([]byte("x"))
 	assert.ErrorIs(t, err, os.ErrDeadlineExceeded, "a broken Conn stays broken")
 	_, err = c.Read(make([]byte, 1))
 	assert.Error(t, err)
@@ -230,14 +262,17 @@ func TestConnProtoCodecPeer(t *testing.T) {
 }
 
 // The server's end of a stream whose client never reads: a Write past its
-// deadline ends the stream (the handler returns), so nothing stays blocked
+// deadline returns, and the stream ends (ABORTED, a hang-up to the client,
+// if the deadline broke a SendMsg in progress), so nothing stays blocked
 // on flow control.
 func TestConnServerWriteDeadlineEndsTheStream(t *testing.T) {
-	errc := make(chan error, 1)
+	errc, broken := make(chan error, 1), make(chan bool, 1)
 	c := connPair(t, func(s *Conn) {
-		s.SetWriteDeadline(time.Now().Add(50 * time.Millisecond))
+		s.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
 		_, err := s.Write(make([]byte, 64<<20))
+		broken <- s.broken() != nil
 		errc <- err
+		s.Close() // as a session does when a write fails
 	})
 	select {
 	case err := <-errc:
@@ -245,6 +280,27 @@ func TestConnServerWriteDeadlineEndsTheStream(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the server's Write stayed blocked")
 	}
-	_, err := io.Copy(io.Discard, c) // what was sent, then the stream's end
-	assert.Error(t, err, "the stream ended without an orderly close")
+	copied := make(chan error, 1)
+	go func() { _, err := io.Copy(io.Discard, c); copied <- err }()
+	select {
+	case err := <-copied:
+		if <-broken {
+			assert.Error(t, err, "a broken stream is no orderly end")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the stream did not end")
+	}
+}
+
+// Close lingers for the server's end in the background: a Write or Read
+// after it fails at once, not after Linger.
+func TestConnCloseDoesNotHoldWriters(t *testing.T) {
+	c := connPair(t, stuck) // never ends its side: Close lingers
+	require.NoError(t, c.Close())
+	start := time.Now()
+	_, err := c.Write([]byte("x"))
+	assert.ErrorIs(t, err, net.ErrClosed)
+	_, err = c.Read(make([]byte, 1))
+	assert.ErrorIs(t, err, net.ErrClosed)
+	assert.Less(t, time.Since(start), time.Second)
 }

@@ -61,7 +61,7 @@ type Service struct {
 	log    *slog.Logger
 	health *health.Server
 
-	mu      sync.Mutex
+	mu      sync.RWMutex
 	callers map[[32]byte]*sypas.Caller // by certificate digest
 }
 
@@ -142,12 +142,18 @@ func (s *Service) caller(ctx context.Context) (*sypas.Caller, error) {
 	if err != nil {
 		return nil, err
 	}
+	s.mu.RLock()
+	c := s.callers[id.Cert.SHA256]
+	s.mu.RUnlock()
+	if c != nil {
+		return c, nil
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if c := s.callers[id.Cert.SHA256]; c != nil {
 		return c, nil
 	}
-	c, err := s.srv.NewCaller(id)
+	c, err = s.srv.NewCaller(id)
 	if err != nil {
 		return nil, toStatus(err)
 	}

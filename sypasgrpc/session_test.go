@@ -165,3 +165,19 @@ func TestSessionKernelRestarted(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "back", string(got))
 }
+
+// The kernel's Shutdown drains a session on a gRPC stream as on a Unix
+// socket: GOAWAY both ways, then the session closes, and the Client sees
+// health NOT_SERVING on the way.
+func TestSessionShutdown(t *testing.T) {
+	k := StartTestKernel(t)
+	c, err := dialKernel(t, k, k.Daemon)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err = c.Call(ctx, "echo", nil)
+	require.NoError(t, err)
+	require.Equal(t, int64(1), k.Srv.Stats().Sessions)
+	require.NoError(t, k.Srv.Shutdown(ctx), "drained before ctx ended")
+	assert.Zero(t, k.Srv.Stats().Sessions)
+}

@@ -5,7 +5,6 @@ import (
 	"net"
 	"slices"
 	"sync"
-	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/metadata"
@@ -63,20 +62,7 @@ func openSession(ctx context.Context, cc grpc.ClientConnInterface, after func())
 		cancel()
 		once.Do(after)
 	}
-	var c *Conn
-	finish := func() {
-		if st.CloseSend() == nil {
-			t := time.NewTimer(Linger)
-			select {
-			case <-c.rdone: // the server ended the stream
-			case <-t.C:
-			}
-			t.Stop()
-		}
-		end()
-	}
-	c = newConn(st, end, finish, addr(""), remote)
-	return c, nil
+	return newConn(st, end, st.CloseSend, addr(""), remote), nil
 }
 
 // serverConn returns the server's end of a Session stream as a Conn, and

@@ -13,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sypas/go/control"
 	"github.com/sypas/go/control/token"
 	"github.com/sypas/go/futex"
 	"github.com/sypas/go/internal/affinity"
@@ -187,7 +186,7 @@ func sypasKernel() error {
 	var s sink
 	srv.Handle("sink", sypas.RightRequest, s.take, sypas.Inline)
 	srv.Handle("sink.result", sypas.RightRequest, s.result, sypas.Inline)
-	l, err := control.Listen(os.Getenv("SYPAS_SOCK"), control.Config{})
+	l, err := listenKernel(os.Getenv("SYPAS_SOCK"))
 	if err != nil {
 		return err
 	}

@@ -26,13 +26,20 @@
 //     socket; Call (the reply allocated) and a handler on the worker pool at
 //     the default; allocations in the caller and in the kernel per call.
 //   - BenchmarkCallsInFlight: calls/s with 1, 8 and 64 goroutines calling at
-//     once, over the rings and inline on the control socket, against one
-//     Unix-socket connection carrying tagged requests with the same
-//     concurrency, and against goroutines of one process calling through
-//     channels (go-chan: no IPC, the floor of any client whose callers block).
+//     once, over the rings, inline on the control socket and on TCP with
+//     TLS, against one Unix-socket connection carrying tagged requests with
+//     the same concurrency, and against goroutines of one process calling
+//     through channels (go-chan: no IPC, the floor of any client whose
+//     callers block).
 //   - BenchmarkCallInline: the Call round trip with the frames inline on the
 //     control socket (shared memory off), beside a raw Unix socket, a Unix
 //     socket through Go's poller and the Call on the rings.
+//   - BenchmarkCallTCP: the Call round trip over TCP loopback with TLS 1.3
+//     and client certificates (the kernel in another process, the TLS
+//     material made for the run), beside the same Call on plain TCP, a
+//     raw request/response through net.TCPConn (go-tcp), the Call inline
+//     on the Unix socket and on the rings, at 64 B and 4 KiB; calls in
+//     flight over TLS are BenchmarkCallsInFlight's sypas-tls.
 //   - BenchmarkSend: one-way Sends, checked and summed by the kernel, beside
 //     the ring stream with a Flush per message and a Unix-socket stream.
 //   - BenchmarkPublish: events/s delivered to 1 and 8 subscribers, each

@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sypas/go/futex"
+	"github.com/sypas/go/sypas"
 )
 
 // BenchmarkCallsInFlight: calls/s with 1, 8 and 64 goroutines of one daemon
@@ -37,6 +38,8 @@ func BenchmarkCallsInFlight(b *testing.B) {
 	for _, n := range []int{1, 8, 64} {
 		b.Run(fmt.Sprintf("sypas/%d", n), func(b *testing.B) { benchCallsInFlight(b, n, false) })
 		b.Run(fmt.Sprintf("sypas-inline/%d", n), func(b *testing.B) { benchCallsInFlight(b, n, true) })
+		b.Run(fmt.Sprintf("sypas-tls/%d", n), func(b *testing.B) { benchCallsInFlightNet(b, n, true) })
+		b.Run(fmt.Sprintf("sypas-tcp/%d", n), func(b *testing.B) { benchCallsInFlightNet(b, n, false) })
 		b.Run(fmt.Sprintf("unix-socket/%d", n), func(b *testing.B) { benchSocketInFlight(b, n, true) })
 		b.Run(fmt.Sprintf("unix-socket-unbatched/%d", n), func(b *testing.B) { benchSocketInFlight(b, n, false) })
 		b.Run(fmt.Sprintf("go-chan/%d", n), func(b *testing.B) { benchChanInFlight(b, n) })
@@ -78,7 +81,11 @@ type chanCall struct {
 // (shared memory off in the daemon), the fallback transport.
 func benchCallsInFlight(b *testing.B, callers int, inline bool) {
 	idle := futex.Config{}
-	c := dialKernelCfg(b, startKernel(b, idle, false), idle, inline)
+	callsInFlight(b, dialKernelCfg(b, startKernel(b, idle, false), idle, inline), callers)
+}
+
+// callsInFlight runs runInFlight with CallInto of msgSize bytes on c.
+func callsInFlight(b *testing.B, c *sypas.Client, callers int) {
 	ctx := context.Background()
 	runInFlight(b, callers, func(g int) func(seq uint64) error {
 		msg, buf := make([]byte, msgSize), make([]byte, 0, msgSize)

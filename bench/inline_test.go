@@ -46,6 +46,15 @@ func benchGoUnixRTT(b *testing.B, size int) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	goRTT(b, c, size)
+	c.(*net.UnixConn).CloseWrite()
+	waitPeer(b, cmd)
+	c.Close()
+}
+
+// goRTT times round trips of size-byte messages on c, through the
+// runtime's poller, to a peer echoing them.
+func goRTT(b *testing.B, c net.Conn, size int) {
 	buf := make([]byte, size)
 	b.SetBytes(int64(2 * size))
 	timeRoundTrips(b, false, func(seq uint64) {
@@ -57,9 +66,6 @@ func benchGoUnixRTT(b *testing.B, size int) {
 			b.Fatalf("round trip %d: %v", seq, err)
 		}
 	})
-	c.(*net.UnixConn).CloseWrite()
-	waitPeer(b, cmd)
-	c.Close()
 }
 
 // goEcho echoes SIZE-byte messages on fd 3 through net.UnixConn until the

@@ -62,6 +62,11 @@ func newClient(path string, cfg DialConfig, rnd func() float64) *Client {
 	if err == nil {
 		err = cfg.check()
 	}
+	for _, a := range append([]string{path}, cfg.Fallbacks...) {
+		if err == nil {
+			err = cfg.checkAddress(a)
+		}
+	}
 	if err != nil {
 		c.cfgErr = err
 		return c

@@ -25,7 +25,7 @@ import (
 // wraps ErrHandshake and has released every descriptor received.
 //
 // addr is a Unix socket path (or unix:///path), tcp://host:port (TLS 1.3
-// with cfg.TLS; the data plane inline, §10), or the address of a
+// with cfg.TLS; the data plane inline, §9), or the address of a
 // transport a package registered (grpc://host:port: RegisterTransport);
 // see ParseAddress. When addr cannot be reached (nothing listens, a
 // transport not built in), each of cfg.Fallbacks is tried in turn, and
@@ -42,7 +42,7 @@ func Dial(ctx context.Context, addr string, cfg DialConfig) (*Session, error) {
 	for i, a := range append([]string{addr}, cfg.Fallbacks...) {
 		s, err := dialAddr(ctx, a, cfg)
 		if err == nil {
-			s.fallback = strings.Join(skipped, "; ")
+			s.fallback, s.addr = strings.Join(skipped, "; "), a
 			return s, nil
 		}
 		errs = append(errs, err)
@@ -63,12 +63,31 @@ func Unreachable(err error) bool {
 	return err != nil && !errors.Is(err, ErrHandshake) && !errors.Is(err, ErrConfig)
 }
 
+// checkAddress refuses, with ErrConfig, an address c cannot dial whatever
+// the network does: malformed, or tcp:// without TLS (or the plaintext
+// loopback exception), or with a TLS configuration that cannot work.
+func (c DialConfig) checkAddress(addr string) error {
+	network, where, err := ParseAddress(addr)
+	if err != nil || network != "tcp" {
+		return err
+	}
+	if c.TLS == nil {
+		if !c.InsecurePlaintextLoopback {
+			return configErr("DialConfig.TLS", "is nil: %s needs TLS (plain TCP: InsecurePlaintextLoopback, loopback only)", addr)
+		}
+		return checkLoopback("DialConfig.InsecurePlaintextLoopback", where)
+	}
+	host, _, _ := net.SplitHostPort(where)
+	_, err = clientTLS(c.TLS, host)
+	return err
+}
+
 // dialAddr dials one address within HandshakeTimeout.
 func dialAddr(ctx context.Context, addr string, cfg DialConfig) (*Session, error) {
-	network, where, err := ParseAddress(addr)
-	if err != nil {
+	if err := cfg.checkAddress(addr); err != nil {
 		return nil, err
 	}
+	network, where, _ := ParseAddress(addr)
 	ctx, cancel := context.WithTimeout(ctx, cfg.HandshakeTimeout)
 	defer cancel()
 	switch network {
@@ -120,23 +139,14 @@ func dialUnix(ctx context.Context, path string, cfg DialConfig) (*Session, error
 // ErrHandshake: the kernel answered.
 func connectTCP(ctx context.Context, hostport string, cfg DialConfig) (net.Conn, error) {
 	var d net.Dialer
-	if cfg.TLS == nil {
-		if !cfg.InsecurePlaintextLoopback {
-			return nil, configErr("DialConfig.TLS", "is nil: tcp:// needs TLS (plain TCP: InsecurePlaintextLoopback, loopback only)")
-		}
-		if err := checkLoopback("DialConfig.InsecurePlaintextLoopback", hostport); err != nil {
-			return nil, err
-		}
+	if cfg.TLS == nil { // checkAddress: plaintext loopback
 		c, err := d.DialContext(ctx, "tcp", hostport)
 		if err != nil {
 			return nil, fmt.Errorf("control: dial tcp://%s: %w", hostport, err)
 		}
 		return c, nil
 	}
-	host, _, err := net.SplitHostPort(hostport)
-	if err != nil {
-		return nil, configErr("Dial", "address tcp://%s: %v", hostport, err)
-	}
+	host, _, _ := net.SplitHostPort(hostport)
 	tc, err := clientTLS(cfg.TLS, host)
 	if err != nil {
 		return nil, err
@@ -160,7 +170,7 @@ func connectTCP(ctx context.Context, hostport string, cfg DialConfig) (net.Conn,
 // adapted to a net.Conn) carries a session: Dial calls it for the
 // transports of RegisterTransport. On a *net.UnixConn it is Dial's own
 // handshake (CheckServer, rings or inline); on anything else the data
-// plane is inline (INLINE_ONLY offered, no REGIONS: §8.6, §10) and the
+// plane is inline (INLINE_ONLY offered, no REGIONS: §8.6, §9) and the
 // kernel's uid is not checked. conn's deadlines must work as net.Conn's
 // do: the session bounds every read and write with them. The handshake is
 // bounded by ctx and cfg.HandshakeTimeout; every failure wraps

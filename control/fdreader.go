@@ -38,6 +38,8 @@ import (
 type fdReader struct {
 	c       *net.UnixConn
 	nc      net.Conn
+	pb      [1]byte // nc only: a byte peekByte read, handed out first
+	peeked  bool
 	oob     []byte
 	off     int64 // stream bytes read so far
 	pending []fdBatch
@@ -117,6 +119,10 @@ func (r *fdReader) Read(p []byte) (int, error) {
 		return 0, r.err
 	}
 	if r.c == nil {
+		if r.peeked && len(p) > 0 {
+			p[0], r.peeked = r.pb[0], false
+			return 1, nil
+		}
 		return r.nc.Read(p)
 	}
 	var n, oobn, flags int
@@ -161,6 +167,24 @@ func (r *fdReader) Read(p []byte) (int, error) {
 	}
 	r.pending = append(r.pending, fdBatch{end: r.off, files: files})
 	return n, err
+}
+
+// peekByte waits for nc to have a byte (or an end) and reads it, to be
+// handed out by the next Read: the kernel's inline reader waits for a
+// frame this way on a stream that cannot be peeked at (TLS, gRPC). A
+// deadline that ends the wait takes nothing: net.Conn and tls.Conn reads
+// resume after a timeout. An error that comes with the byte waits for the
+// next Read.
+func (r *fdReader) peekByte() error {
+	if r.peeked {
+		return nil
+	}
+	n, err := r.nc.Read(r.pb[:])
+	if n == 1 {
+		r.peeked = true
+		return nil
+	}
+	return err
 }
 
 // claim returns the descriptors that arrived with the frame occupying

@@ -41,7 +41,9 @@ const DataStream = 1
 // goroutine hand-off (a quarter of an inline call's round trip). So the
 // kernel's owner MUST keep calling Next for as long as the session lives,
 // as sypas.Server's reader does: while it does not, the daemon's control
-// frames wait in the socket.
+// frames wait in the socket. The same holds on any stream (TLS, gRPC): the
+// session is inline there from the handshake on, and the control socket
+// of these comments is that stream.
 //
 // Write appends frames to a buffer written to the socket by Flush, or by
 // the session's next control frame, in sequence order.
@@ -109,9 +111,7 @@ func newInline(s *Session, budget uint32, reason string) *Inline {
 	t := time.NewTimer(time.Hour)
 	t.Stop()
 	d := &Inline{
-		// Direct reading peeks at the socket (MSG_PEEK) to wait for a
-		// frame without taking part of it: Unix sockets only.
-		s: s, reason: reason, budget: int(budget), timer: t, direct: s.kernel && s.fdr.c != nil,
+		s: s, reason: reason, budget: int(budget), timer: t, direct: s.kernel,
 		ready: make(chan struct{}, 1), room: make(chan struct{}, 1), wake: make(chan struct{}, 1),
 	}
 	d.wfn = func(fd uintptr) bool {
@@ -273,7 +273,7 @@ func (d *Inline) nextDirect(deadline time.Time) (frame.Frame, error) {
 			if woken {
 				return frame.Frame{}, os.ErrDeadlineExceeded
 			}
-			err := s.fdr.rc.Read(d.peek)
+			err := d.waitBytes()
 			d.dmu.Lock()
 			woken, d.woken, d.peeking = d.woken, false, false
 			d.dmu.Unlock()
@@ -294,6 +294,18 @@ func (d *Inline) nextDirect(deadline time.Time) (frame.Frame, error) {
 			return *f, nil
 		}
 	}
+}
+
+// waitBytes waits, within the socket's read deadline, until the stream
+// has a byte to read (or has ended) without taking part of a frame: a
+// deadline or Wake that ends the wait leaves the stream whole. A Unix
+// socket is peeked at (MSG_PEEK); another stream is read one byte, which
+// the session's reader hands back first (fdReader.peekByte).
+func (d *Inline) waitBytes() error {
+	if d.s.fdr.c == nil {
+		return d.s.fdr.peekByte()
+	}
+	return d.s.fdr.rc.Read(d.peek)
 }
 
 // Release hands back every frame Next returned.
@@ -330,6 +342,19 @@ func (d *Inline) Buffered() bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.head < len(d.q)
+}
+
+// Drained reports whether every data-plane frame read from the socket so
+// far has been returned by Next and released. Any goroutine may call it.
+// On the kernel's direct reader it is always true: a frame is read only
+// by Next.
+func (d *Inline) Drained() bool {
+	if d.direct {
+		return true
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.head == len(d.q) && len(d.held) == 0
 }
 
 // Wake makes a Next waiting in another goroutine return at once with

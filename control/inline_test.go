@@ -50,6 +50,33 @@ func inlineExchange(t *testing.T, d, k *Session, body string) {
 	di.Release()
 }
 
+// inlineShutdown ends an inline session in order (the daemon's GOAWAY,
+// the kernel's answer) and checks both sides end closed.
+func inlineShutdown(t *testing.T, d, k *Session) {
+	t.Helper()
+	// The kernel's Inline.Next is its socket reader: it must go on
+	// reading for the GOAWAY to arrive.
+	kread := make(chan error, 1)
+	go func() {
+		for {
+			if _, err := k.Inline().Next(time.Time{}); err != nil {
+				kread <- err
+				return
+			}
+		}
+	}()
+	kdone := make(chan error, 1)
+	go func() {
+		<-k.GoAway()
+		kdone <- k.Shutdown(context.Background())
+	}()
+	require.NoError(t, d.Shutdown(context.Background()))
+	require.NoError(t, <-kdone)
+	_, err := d.Inline().Next(time.Time{})
+	assert.ErrorIs(t, err, ErrSessionClosed)
+	assert.ErrorIs(t, <-kread, ErrSessionClosed)
+}
+
 // Shared memory turned off by either side's configuration: WELCOME grants
 // INLINE, no REGIONS and no memfd comes, and frames travel on the socket
 // between the control frames (heartbeats every 20 ms here), in one
@@ -81,27 +108,7 @@ func TestInlineByConfig(t *testing.T) {
 			}
 			assert.NoError(t, d.Err())
 			assert.NoError(t, k.Err())
-			// The kernel's Inline.Next is its socket reader: it must go on
-			// reading for the GOAWAY to arrive.
-			kread := make(chan error, 1)
-			go func() {
-				for {
-					if _, err := k.Inline().Next(time.Time{}); err != nil {
-						kread <- err
-						return
-					}
-				}
-			}()
-			kdone := make(chan error, 1)
-			go func() {
-				<-k.GoAway()
-				kdone <- k.Shutdown(context.Background())
-			}()
-			require.NoError(t, d.Shutdown(context.Background()))
-			require.NoError(t, <-kdone)
-			_, err := d.Inline().Next(time.Time{})
-			assert.ErrorIs(t, err, ErrSessionClosed)
-			assert.ErrorIs(t, <-kread, ErrSessionClosed)
+			inlineShutdown(t, d, k)
 			ts.Close()
 			assert.Equal(t, base, countFDs(t), "every fd released")
 		})

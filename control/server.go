@@ -295,7 +295,7 @@ func (srv *Server) Handshake(ctx context.Context, c *Conn) (*Session, error) {
 // authenticated as peer: a network peer (peer.Remote or peer.Cert set,
 // UID NoUID), such as AttestTLS returns for a gRPC stream with mutual TLS.
 // A local identity (a uid) is refused: only a Listener attests those. The
-// session's data plane is inline on conn (no REGIONS: §8.6, §10), its
+// session's data plane is inline on conn (no REGIONS: §8.6, §9), its
 // token is bound to peer (PeerIdentity.Subject), and its refusals and
 // audit records name peer. conn is owned from then on (closed on
 // failure); its deadlines must work as net.Conn's do, since the session
@@ -357,7 +357,7 @@ func (s *Session) serverHandshake() error {
 		return protoErr("HELLO asks for INLINE_ONLY without offering INLINE")
 	}
 	supported := cfg.Features
-	if cfg.NoSharedMemory || s.fdr.c == nil { // a stream other than a Unix socket is inline (§10)
+	if cfg.NoSharedMemory || s.fdr.c == nil { // a stream other than a Unix socket is inline (§9)
 		supported |= wire.FeatureInline
 	}
 	granted := h.Features & supported &^ wire.FeatureInlineOnly

@@ -133,6 +133,7 @@ type Session struct {
 	inline  *Inline // the data plane, when on the socket (no regions then)
 
 	fallback string // daemon: why better addresses were passed over (Dial)
+	addr     string // daemon: the address Dial reached
 
 	tok       atomic.Pointer[Token]
 	prevTokID atomic.Uint64                    // kernel: still accepted as CapRef during a refresh
@@ -228,6 +229,11 @@ func (s *Session) Network() string { return networkOf(s.conn) }
 // DialConfig.Fallbacks, not the address asked for: what each better one
 // answered. Empty when the first address was used.
 func (s *Session) Fallback() string { return s.fallback }
+
+// Address is the address Dial reached the kernel at (one of
+// DialConfig.Fallbacks, if Fallback is not empty); empty on a kernel and
+// on a session from DialConn.
+func (s *Session) Address() string { return s.addr }
 
 // Params are the parameters the kernel granted in WELCOME.
 func (s *Session) Params() wire.Welcome { return s.welcome }
@@ -564,6 +570,14 @@ func peerName(kernel bool) string {
 // readErr classifies a read failure: a hang-up or silence means the peer is
 // gone; framing garbage is a protocol error.
 func (s *Session) readErr(err error) error {
+	var oe *net.OpError
+	if s.State() < StateOperation && errors.As(err, &oe) && oe.Op == "remote error" {
+		// A TLS alert from the peer during the handshake: on TLS 1.3 a
+		// daemon's handshake completes before the kernel has checked its
+		// certificate, and a refusal (unknown CA, no certificate) arrives
+		// with the first read.
+		return reject("the %s refused the TLS handshake: %w", peerName(s.kernel), err)
+	}
 	switch {
 	case errors.Is(err, net.ErrClosed):
 		if e := s.Err(); e != nil {

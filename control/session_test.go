@@ -43,15 +43,21 @@ func startServer(t *testing.T, path string, cfg ServerConfig) *testServer {
 	if path == "" {
 		path = sockPath(t)
 	}
+	l, err := Listen(path, Config{})
+	require.NoError(t, err)
+	return serveT(t, l, path, cfg)
+}
+
+// serveT serves l (closed with the test), known to daemons as addr.
+func serveT(t *testing.T, l *Listener, addr string, cfg ServerConfig) *testServer {
+	t.Helper()
 	if cfg.Keys == nil {
 		cfg.Keys = testKeys(t)
 	}
-	l, err := Listen(path, Config{})
-	require.NoError(t, err)
 	srv, err := NewServer(l, cfg)
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(context.Background())
-	ts := &testServer{path: path, l: l, srv: srv, sess: make(chan *Session, 16), errs: make(chan error, 16), stop: cancel, done: make(chan struct{})}
+	ts := &testServer{path: addr, l: l, srv: srv, sess: make(chan *Session, 16), errs: make(chan error, 16), stop: cancel, done: make(chan struct{})}
 	go func() {
 		defer close(ts.done)
 		for ctx.Err() == nil {

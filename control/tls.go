@@ -58,7 +58,7 @@ func closeConn(c net.Conn) error {
 // certificate's identity (CertIdentity) must be admitted by a rule of
 // cfg.Policy (CertURIs, CertSubjects): a Policy without one is refused
 // with ErrConfig, as nothing could connect. Then the usual handshake runs
-// on the TLS stream (docs/PROTOCOL.md §10), without REGIONS: the data
+// on the TLS stream (docs/PROTOCOL.md §9), without REGIONS: the data
 // plane is inline (§8.6). The Listener serves a control.Server or a
 // sypas.Server as a Unix one does; Accept does the TLS handshake and the
 // policy check within DefaultAttestTimeout, and Server.Serve does them in

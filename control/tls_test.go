@@ -4,11 +4,10 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
-	"errors"
 	"log/slog"
 	"net"
+	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -42,34 +41,12 @@ func newTLSMaterial(t *testing.T) *tlsMaterial {
 // plaintext loopback) and accepts sessions in the background.
 func startTLSServer(t *testing.T, server *tls.Config, lc Config, cfg ServerConfig) *testServer {
 	t.Helper()
-	if cfg.Keys == nil {
-		cfg.Keys = testKeys(t)
-	}
 	if lc.Policy == nil {
 		lc.Policy = &Policy{CertURIs: []string{testtls.DaemonURI}}
 	}
 	l, err := ListenTLS("127.0.0.1:0", server, lc)
 	require.NoError(t, err)
-	srv, err := NewServer(l, cfg)
-	require.NoError(t, err)
-	ctx, cancel := context.WithCancel(context.Background())
-	ts := &testServer{path: l.URL(), l: l, srv: srv, sess: make(chan *Session, 16), errs: make(chan error, 16), stop: cancel, done: make(chan struct{})}
-	go func() {
-		defer close(ts.done)
-		for ctx.Err() == nil {
-			s, err := srv.Accept(ctx)
-			if err != nil {
-				if ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
-					return
-				}
-				ts.errs <- err
-				continue
-			}
-			ts.sess <- s
-		}
-	}()
-	t.Cleanup(ts.Close)
-	return ts
+	return serveT(t, l, l.URL(), cfg)
 }
 
 // A daemon on TCP with TLS: the same handshake without REGIONS, the data
@@ -107,56 +84,13 @@ func TestTLSSession(t *testing.T) {
 		inlineExchange(t, d, k, string(rune('a'+i)))
 		time.Sleep(5 * time.Millisecond) // heartbeats interleave
 	}
-	kread := make(chan error, 1)
-	go func() {
-		for {
-			if _, err := k.Inline().Next(time.Time{}); err != nil {
-				kread <- err
-				return
-			}
-		}
-	}()
-	kdone := make(chan error, 1)
-	go func() {
-		<-k.GoAway()
-		kdone <- k.Shutdown(context.Background())
-	}()
-	require.NoError(t, d.Shutdown(context.Background()))
-	require.NoError(t, <-kdone)
-	assert.ErrorIs(t, <-kread, ErrSessionClosed)
-}
-
-// recordLog keeps the audit records written to it, one line each.
-type recordLog struct {
-	mu    sync.Mutex
-	lines []string
-}
-
-func (l *recordLog) Enabled(context.Context, slog.Level) bool { return true }
-func (l *recordLog) WithAttrs([]slog.Attr) slog.Handler       { return l }
-func (l *recordLog) WithGroup(string) slog.Handler            { return l }
-func (l *recordLog) Handle(_ context.Context, r slog.Record) error {
-	var b strings.Builder
-	b.WriteString(r.Message)
-	r.Attrs(func(a slog.Attr) bool {
-		b.WriteString(" " + a.Key + "=" + a.Value.String())
-		return true
-	})
-	l.mu.Lock()
-	l.lines = append(l.lines, b.String())
-	l.mu.Unlock()
-	return nil
-}
-
-func (l *recordLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return strings.Join(l.lines, "\n")
+	inlineShutdown(t, d, k)
 }
 
 // Refusals on TLS: no client certificate, one from another CA, an
 // identity the policy does not admit. Each fails the daemon's Dial with
-// ErrHandshake and is one audit record on the kernel.
+// ErrHandshake and is one audit record on the kernel, naming the peer by
+// its address (and its certificate, once verified).
 func TestTLSRefusals(t *testing.T) {
 	m := newTLSMaterial(t)
 	other, err := testtls.NewCA("another CA")
@@ -169,18 +103,19 @@ func TestTLSRefusals(t *testing.T) {
 	noCert.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &tls.Certificate{}, nil }
 
 	for _, tc := range []struct {
-		name   string
-		cfg    *tls.Config
-		reason string
-		code   error
+		name    string
+		cfg     *tls.Config
+		reason  string
+		code    error
+		subject string // in the record: the certificate, once verified
 	}{
-		{"no client certificate", noCert, "TLS handshake", nil},
-		{"another CA", m.ca.ClientConfig(foreign), "TLS handshake", nil},
-		{"identity not allowed", m.ca.ClientConfig(stranger), "certificate identity not allowed", wire.ErrPermission},
+		{"no client certificate", noCert, "TLS handshake", nil, ""},
+		{"another CA", m.ca.ClientConfig(foreign), "TLS handshake", nil, ""},
+		{"identity not allowed", m.ca.ClientConfig(stranger), "certificate identity not allowed", wire.ErrPermission, "CN=stranger"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			log := &recordLog{}
-			ts := startTLSServer(t, m.server, Config{}, ServerConfig{SessionConfig: SessionConfig{Logger: slog.New(log)}})
+			sink, log := newAuditSink()
+			ts := startTLSServer(t, m.server, Config{}, ServerConfig{SessionConfig: SessionConfig{Logger: log}})
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			s, err := Dial(ctx, ts.path, DialConfig{TLS: tc.cfg, SessionConfig: SessionConfig{Logger: quietLogger()}})
@@ -196,8 +131,10 @@ func TestTLSRefusals(t *testing.T) {
 			kerr := ts.acceptErr(t)
 			assert.ErrorIs(t, kerr, ErrPeerRejected)
 			assert.Contains(t, kerr.Error(), tc.reason)
-			assert.Contains(t, log.String(), "event=attestation")
-			assert.Contains(t, log.String(), "peer_addr=127.0.0.1:")
+			r := sink.one(t, EventAttestation)
+			assert.True(t, strings.HasPrefix(r[LogKeyPeerAddr], "127.0.0.1:"), "%v", r)
+			assert.Equal(t, tc.subject, r[LogKeyCertSubject])
+			assert.NotContains(t, r, LogKeyPeerUID, "a network peer has no uid")
 		})
 	}
 }
@@ -278,13 +215,38 @@ func TestPlaintextLoopback(t *testing.T) {
 	inlineExchange(t, d, k, "plain")
 }
 
-// HandshakeConn and DialConn run a session on any stream with deadlines
-// (net.Pipe here, as a gRPC stream adapted to a net.Conn would be): the
-// caller's identity is the peer's, the data plane inline.
-func TestHandshakeConnOnAStream(t *testing.T) {
-	srv, err := NewStreamServer(ServerConfig{Keys: testKeys(t)})
+// streamConn is a net.Conn of some other transport (as a gRPC stream
+// adapted to one would be): its LocalAddr's network names it.
+type streamConn struct{ net.Conn }
+
+type streamAddr struct{}
+
+func (streamAddr) Network() string      { return "stream" }
+func (streamAddr) String() string       { return "stream" }
+func (streamConn) LocalAddr() net.Addr  { return streamAddr{} }
+func (streamConn) RemoteAddr() net.Addr { return streamAddr{} }
+
+// streamPair is two connected streamConns (TCP loopback under them).
+func streamPair(t *testing.T) (net.Conn, net.Conn) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	kc, dc := net.Pipe()
+	defer l.Close()
+	a, err := net.Dial("tcp", l.Addr().String())
+	require.NoError(t, err)
+	b, err := l.Accept()
+	require.NoError(t, err)
+	t.Cleanup(func() { a.Close(); b.Close() })
+	return streamConn{a}, streamConn{b}
+}
+
+// HandshakeConn and DialConn run a session on any stream with deadlines
+// (as a gRPC stream adapted to a net.Conn would be): the caller's
+// identity is the peer's, the data plane inline, and the kernel's Next
+// reads the stream directly, through heartbeats.
+func TestHandshakeConnOnAStream(t *testing.T) {
+	srv, err := NewStreamServer(ServerConfig{Keys: testKeys(t), SessionConfig: SessionConfig{HeartbeatInterval: 20 * time.Millisecond}})
+	require.NoError(t, err)
+	kc, dc := streamPair(t)
 	peer := PeerIdentity{UID: NoUID, GID: NoUID, Remote: "pipe", Cert: &CertIdentity{URIs: []string{testtls.DaemonURI}, SHA256: [32]byte{1}}}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -300,17 +262,30 @@ func TestHandshakeConnOnAStream(t *testing.T) {
 	k := <-kch
 	require.NotNil(t, k)
 	defer k.Close()
-	assert.Equal(t, "pipe", k.Network())
+	assert.Equal(t, "stream", k.Network())
+	assert.Equal(t, "stream", d.Network())
 	assert.Equal(t, peer, k.Peer())
 	assert.Equal(t, [32]byte{1}, k.Capability().Subject.ExeSHA256)
-	inlineExchange(t, d, k, "stream")
+	for i := range 10 {
+		inlineExchange(t, d, k, string(rune('a'+i)))
+		time.Sleep(10 * time.Millisecond) // heartbeats interleave
+	}
+	// Wake ends a wait of the kernel's reader and leaves the stream whole.
+	go func() {
+		time.Sleep(20 * time.Millisecond)
+		k.Inline().Wake()
+	}()
+	_, err = k.Inline().Next(time.Time{})
+	assert.ErrorIs(t, err, os.ErrDeadlineExceeded)
+	inlineExchange(t, d, k, "after a wake")
+	assert.NoError(t, d.Err())
+	assert.NoError(t, k.Err())
 
 	_, err = srv.Accept(ctx)
 	assert.ErrorIs(t, err, ErrConfig, "no Listener")
 
 	// A local identity is only a Listener's to give.
-	kc, dc = net.Pipe()
-	defer dc.Close()
+	kc, _ = streamPair(t)
 	_, err = srv.HandshakeConn(ctx, kc, PeerIdentity{UID: 1000, GID: 1000, PID: 1})
 	assert.ErrorIs(t, err, ErrPeerRejected)
 }

@@ -24,7 +24,7 @@ import (
 // the Caller holds a token minted for that identity exactly as a session's
 // is (ServerConfig's Keys, Rights, Scope and TokenTTL, bound to the peer's
 // Subject), and every request is checked against it by the same enforcer
-// as a session's frames, in the same order (docs/PROTOCOL.md §8.3.5, §11.3):
+// as a session's frames, in the same order (docs/PROTOCOL.md §8.3.5, §10.3):
 // the token valid and not revoked (E_AUTH), the body within max_payload
 // (E_TOO_LARGE), the operation known (E_NOT_FOUND), the token's rights
 // (E_PERMISSION), the Caller's requests in flight within max_in_flight

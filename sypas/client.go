@@ -70,14 +70,24 @@ type Client struct {
 
 	subs subRegistry
 
-	inlineLogged atomic.Bool // the fallback to inline is logged once
+	inlineLogged atomic.Bool            // the fallback to inline is logged once
+	fallbackAt   atomic.Pointer[string] // the fallback address last logged
 }
 
-// NewClient returns a Client that connects to the kernel at path in the
+// NewClient returns a Client that connects to the kernel at addr in the
 // background, and again whenever the session ends. A call made before the
 // first session is up fails with an error matching ErrUnavailable unless
 // it is WaitForReady; Dial waits for the first session.
-func NewClient(path string, cfg ClientConfig) (*Client, error) {
+//
+// addr is a Unix socket path or unix:///path (shared memory, or frames
+// inline on the socket), tcp://host:port (TLS 1.3 with ClientConfig.TLS:
+// the kernel's CA and this daemon's certificate), or grpc://host:port
+// when a package providing it is built in (control.RegisterTransport).
+// ClientConfig.Fallbacks lists addresses to use, in order, when the one
+// before cannot be reached; Transport says which one is in use and why.
+// An address that cannot work (tcp:// without TLS) is refused with an
+// error matching ErrConfig.
+func NewClient(addr string, cfg ClientConfig) (*Client, error) {
 	if cfg.MaxAttempts < 0 {
 		return nil, fmt.Errorf("%w: ClientConfig.MaxAttempts %d is negative", control.ErrConfig, cfg.MaxAttempts)
 	}
@@ -86,7 +96,7 @@ func NewClient(path string, cfg ClientConfig) (*Client, error) {
 	if cfg.RetryBackoff == (control.Backoff{}) {
 		cfg.RetryBackoff = control.Backoff{Base: 10 * time.Millisecond, Multiplier: 2, Max: time.Second}
 	}
-	ctl := control.NewClient(path, cfg.DialConfig)
+	ctl := control.NewClient(addr, cfg.DialConfig)
 	if _, err := ctl.Current(); errors.Is(err, control.ErrConfig) {
 		ctl.Close()
 		return nil, err
@@ -100,8 +110,8 @@ func NewClient(path string, cfg ClientConfig) (*Client, error) {
 }
 
 // Dial is NewClient, then waits (within ctx) for the first session.
-func Dial(ctx context.Context, path string, cfg ClientConfig) (*Client, error) {
-	c, err := NewClient(path, cfg)
+func Dial(ctx context.Context, addr string, cfg ClientConfig) (*Client, error) {
+	c, err := NewClient(addr, cfg)
 	if err != nil {
 		return nil, err
 	}

@@ -18,6 +18,21 @@ import (
 // own, never reused, from a chunk of 64: 1/64 of an allocation.
 const kernelAllocsPerCall = 0
 
+// tlsReadAllocs is what crypto/tls allocates per frame a side receives
+// when it waits for the network (readFromUntil's atLeastReader escapes,
+// Go 1.26), twice that under the race detector (its sync.Pool drops
+// buffers). It is the standard library's, not ours; on a Unix socket it
+// is 0.
+func tlsReadAllocs(addr string) float64 {
+	switch {
+	case !isTCP(addr):
+		return 0
+	case raceEnabled:
+		return 2
+	}
+	return 1
+}
+
 // TestCallIntoAllocs: a CallInto with a buffer of enough capacity allocates
 // nothing in the daemon, and a Call only the reply it returns. Kernel and
 // daemon share this process, so the count includes what the kernel
@@ -60,10 +75,11 @@ func TestCallIntoAllocs(t *testing.T) {
 	}
 	// The average is floored: the session's rare background allocations
 	// (heartbeats) spread over 1000 calls do not count.
-	assert.LessOrEqual(t, testing.AllocsPerRun(1000, callInto), float64(kernelAllocsPerCall), "CallInto")
-	assert.LessOrEqual(t, testing.AllocsPerRun(1000, callPool), float64(kernelAllocsPerCall), "CallInto, a handler on the pool")
-	assert.LessOrEqual(t, testing.AllocsPerRun(1000, callDeadline), float64(kernelAllocsPerCall), "CallInto with a deadline")
-	assert.LessOrEqual(t, testing.AllocsPerRun(1000, call), float64(kernelAllocsPerCall+1), "Call")
+	tls := 2 * tlsReadAllocs(k.path) // the request read by the kernel, the reply by the daemon
+	assert.LessOrEqual(t, testing.AllocsPerRun(1000, callInto), float64(kernelAllocsPerCall)+tls, "CallInto")
+	assert.LessOrEqual(t, testing.AllocsPerRun(1000, callPool), float64(kernelAllocsPerCall)+tls, "CallInto, a handler on the pool")
+	assert.LessOrEqual(t, testing.AllocsPerRun(1000, callDeadline), float64(kernelAllocsPerCall)+tls, "CallInto with a deadline")
+	assert.LessOrEqual(t, testing.AllocsPerRun(1000, call), float64(kernelAllocsPerCall+1)+tls, "Call")
 }
 
 // BenchmarkEnforcer is what the kernel's session reader checks to admit a
@@ -184,5 +200,5 @@ func TestPublishAllocs(t *testing.T) {
 	for range 100 {
 		publish()
 	}
-	assert.LessOrEqual(t, testing.AllocsPerRun(1000, publish), 1.0)
+	assert.LessOrEqual(t, testing.AllocsPerRun(1000, publish), 1.0+tlsReadAllocs(k.path))
 }

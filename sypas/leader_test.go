@@ -116,6 +116,6 @@ func TestCallIntoAllocatesNothing(t *testing.T) {
 				t.Fatal(err)
 			}
 		})
-		assert.Zero(t, allocs)
+		assert.LessOrEqual(t, allocs, tlsReadAllocs(h.path), "crypto/tls's own, if on TLS")
 	}
 }

@@ -345,7 +345,7 @@ func TestServerShutdownUnderLoad(t *testing.T) {
 // ErrUnavailable and is not sent again, even WaitForReady (the kernel may
 // have run it), and the Client goes on with a new session.
 func TestRingClosedUnderLiveSession(t *testing.T) {
-	if forceInline.Load() {
+	if forceInline.Load() || forceTLS.Load() {
 		t.Skip("an inline session has no ring to close")
 	}
 	var calls atomic.Int64

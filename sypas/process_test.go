@@ -22,8 +22,8 @@ import (
 
 	"github.com/stretchr/testify/require"
 
-	"github.com/sypas/go/control"
 	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/internal/testtls"
 )
 
 // Cross-process tests re-execute the test binary into TestBridgeHelper
@@ -88,6 +88,9 @@ func startHelper(t testing.TB, kind, path string, env ...string) *helperProc {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^TestBridgeHelper$", "-test.count=1")
 	cmd.Env = append(os.Environ(), append([]string{helperEnv + "=" + kind, "SYPAS_SOCK=" + path, "GORACE=atexit_sleep_ms=0"}, env...)...)
+	if isTCP(path) {
+		cmd.Env = append(cmd.Env, tlsCAEnv+"="+testCAPEM(t))
+	}
 	out := new(syncBuffer)
 	cmd.Stdout, cmd.Stderr = out, out
 	stdin, err := cmd.StdinPipe()
@@ -130,7 +133,14 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-func sockPath(t testing.TB) string { return filepath.Join(t.TempDir(), "k.sock") }
+// sockPath is a fresh address for a kernel: a socket path, or with
+// SYPAS_TRANSPORT=tls (TestTLSConformance) tcp:// on a free loopback port.
+func sockPath(t testing.TB) string {
+	if forceTLS.Load() {
+		return freeTCPAddr(t)
+	}
+	return filepath.Join(t.TempDir(), "k.sock")
+}
 
 // ---------------------------------------------------------------- the kernel
 
@@ -151,7 +161,7 @@ func helperKernel(sock string) error {
 	}
 	k := &testKernel{srv: srv, tag: os.Getenv("SYPAS_K_TAG"), seen: map[uint32]*seenSet{}}
 	k.register(srv)
-	l, err := control.Listen(sock, control.Config{})
+	l, err := listenAt(sock)
 	if err != nil {
 		return err
 	}
@@ -391,6 +401,16 @@ func helperSubscriber(sock, topic string) error {
 	cfg.Logger = slog.New(slog.DiscardHandler)
 	if n, _ := strconv.Atoi(os.Getenv("SYPAS_RXRING")); n > 0 {
 		cfg.RxRingSize = uint32(n)
+	}
+	if isTCP(sock) {
+		if testCA(nil) == nil {
+			return caErr
+		}
+		cert, err := ca.Client("subscriber", testtls.DaemonURI)
+		if err != nil {
+			return err
+		}
+		cfg.TLS = ca.ClientConfig(cert)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()

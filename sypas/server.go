@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -104,9 +105,10 @@ const (
 const HealthOp = "sypas.health"
 
 // Server is the kernel side of the bridge: it accepts daemons on a
-// control.Listener, checks every frame they send against their session's
-// token (the enforcer), routes requests to handlers, and publishes events
-// to subscribers.
+// control.Listener (a Unix socket, or TCP with TLS: control.ListenTLS) or
+// on streams another transport hands it (ServeConn), checks every frame
+// they send against their session's token (the enforcer), routes requests
+// to handlers, and publishes events to subscribers.
 type Server struct {
 	cfg ServerConfig
 	log *slog.Logger
@@ -126,14 +128,15 @@ type Server struct {
 	quit       chan struct{} // closed when Shutdown or Close begins: Callers' feeds end
 	quitOnce   sync.Once
 
-	streams    sync.WaitGroup // ServeConn's sessions; Add under mu while !stopping
-	streamOnce sync.Once      // ServeConn's control plane, made on first use
-	stream     *control.Server
-	streamErr  error
-	stats      serverStats
-	topics     topics
+	stats  serverStats
+	topics topics
 
 	inlineLogged atomic.Bool // the fallback to inline is logged once
+
+	streamsOnce sync.Once
+	streams     *control.Server // ServeConn's
+	streamsErr  error
+	streamed    sync.WaitGroup // ServeConn's calls; Add under mu while !stopping
 }
 
 type route struct {
@@ -235,6 +238,59 @@ func (s *Server) Serve(l *control.Listener) error {
 	return err
 }
 
+// ServeConn serves one daemon on conn, a stream that a transport with its
+// own listener accepted and authenticated as peer: a gRPC stream adapted
+// to a net.Conn, with peer from control.AttestTLS. It runs the kernel
+// handshake (control.Server.HandshakeConn: inline, the token bound to
+// peer, the Limits counted under peer's host), then serves the session as
+// Serve serves each of its own, enforcer and audit included, until it
+// ends, and closes it. conn is owned from the call on. It returns nil
+// once a session that was established has ended, else why the handshake
+// failed, or an error matching ErrClosed after Shutdown or Close. ctx
+// bounds the handshake only; Shutdown and Close end the session, and wait
+// for ServeConn to return.
+func (s *Server) ServeConn(ctx context.Context, conn net.Conn, peer control.PeerIdentity) error {
+	cs, err := s.streamServer()
+	if err != nil {
+		conn.Close()
+		return err
+	}
+	s.mu.Lock()
+	stopping := s.stopping
+	if !stopping {
+		s.streamed.Add(1) // Shutdown and Close wait for it, as for Serve's sessions
+	}
+	s.mu.Unlock()
+	if stopping {
+		conn.Close()
+		return fmt.Errorf("%w: ServeConn: the server was shut down", ErrClosed)
+	}
+	defer s.streamed.Done()
+	hctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(s.base, cancel) // Close stops the handshake
+	defer stop()
+	sess, err := cs.HandshakeConn(hctx, conn, peer)
+	if err != nil {
+		return err
+	}
+	defer sess.Close()
+	s.serveSession(sess)
+	return nil
+}
+
+// streamServer is the control-plane server of ServeConn, made at its
+// first call.
+func (s *Server) streamServer() (*control.Server, error) {
+	s.streamsOnce.Do(func() { s.streams, s.streamsErr = control.NewStreamServer(s.cfg.ServerConfig) })
+	return s.streams, s.streamsErr
+}
+
+// Stopping is closed when Shutdown or Close begins: a transport that
+// serves the Server its own way (package sypasgrpc's health service, its
+// Subscribe streams) stops then.
+func (s *Server) Stopping() <-chan struct{} { return s.quit }
+
 // serveSession runs one daemon's session until it ends (control closes
 // it when this returns).
 func (s *Server) serveSession(sess *control.Session) {
@@ -294,7 +350,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		}
 	}
 	streamed := make(chan struct{})
-	go func() { s.streams.Wait(); close(streamed) }()
+	go func() { s.streamed.Wait(); close(streamed) }()
 	select {
 	case <-streamed:
 	case <-ctx.Done():
@@ -324,6 +380,6 @@ func (s *Server) Close() error {
 		stop()
 		<-served
 	}
-	s.streams.Wait()
+	s.streamed.Wait()
 	return nil
 }

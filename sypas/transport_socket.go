@@ -49,25 +49,41 @@ func newTransport(s *control.Session, writeTimeout time.Duration) transport {
 
 // Transport names, for TransportInfo.
 const (
-	TransportRings  = "shm"
-	TransportInline = "inline"
+	TransportRings  = "shm"     // shared-memory rings beside a Unix socket
+	TransportInline = "inline"  // frames inline on the Unix socket (§8.6)
+	TransportTLS    = "tcp+tls" // frames on TCP with TLS 1.3 and client certificates (§9)
+	TransportTCP    = "tcp"     // frames on plain TCP, loopback only
 )
 
 // TransportInfo says how a session carries its frames.
 type TransportInfo struct {
-	// Name is TransportRings (shared memory) or TransportInline (frames
-	// on the control socket, the fallback).
+	// Name is TransportRings (shared memory), TransportInline (frames on
+	// the control socket, the fallback), TransportTLS or TransportTCP, or
+	// the name of a transport a package registered ("grpc"). Only
+	// TransportRings uses shared memory.
 	Name string
-	// Reason says why the session is inline: whose configuration turned
-	// shared memory off, or what failed setting it up. Empty on the rings.
+	// Address is the address the session was dialed at: the one asked
+	// for, or the fallback taken (Daemon side; empty on a Server).
+	Address string
+	// Reason says why the frames are not in shared memory: whose
+	// configuration turned it off, what failed setting it up, or that the
+	// connection is not a Unix socket. Empty on the rings.
 	Reason string
+	// Fallback says why the better addresses of the preference order
+	// (control.DialConfig.Fallbacks) were passed over; empty when the
+	// first one was used.
+	Fallback string
 }
 
 func transportInfo(s *control.Session) TransportInfo {
+	info := TransportInfo{Name: TransportRings, Address: s.Address(), Fallback: s.Fallback()}
 	if in := s.Inline(); in != nil {
-		return TransportInfo{Name: TransportInline, Reason: in.Reason()}
+		info.Name, info.Reason = TransportInline, in.Reason()
+		if n := s.Network(); n != control.NetworkUnix {
+			info.Name = n
+		}
 	}
-	return TransportInfo{Name: TransportRings}
+	return info
 }
 
 // Transport describes the current session's transport. With no session it
@@ -81,10 +97,11 @@ func (c *Client) Transport() (TransportInfo, error) {
 }
 
 // logInline logs, once per Client or Server (once), that a session's data
-// plane fell back to the socket, and why: never a silent fallback.
+// plane fell back to the socket, and why: never a silent fallback. A
+// session on TCP or gRPC is inline by nature, not by a fallback.
 func logInline(log *slog.Logger, once *atomic.Bool, side string, s *control.Session) {
 	in := s.Inline()
-	if in == nil || once.Swap(true) {
+	if in == nil || s.Network() != control.NetworkUnix || once.Swap(true) {
 		return
 	}
 	if log == nil {
@@ -97,16 +114,36 @@ func logInline(log *slog.Logger, once *atomic.Bool, side string, s *control.Sess
 // newTransport is the Client's transport for a new session.
 func (c *Client) newTransport(s *control.Session) transport {
 	logInline(c.cfg.Logger, &c.inlineLogged, "daemon", s)
+	logFallback(c.cfg.Logger, &c.fallbackAt, s)
 	return newTransport(s, 0)
 }
 
 // newTransport is the Server's transport for a new session.
 func (s *Server) newTransport(sess *control.Session) transport {
-	if sess.Inline() != nil {
+	if sess.Inline() != nil && sess.Network() == control.NetworkUnix {
 		s.stats.inline.Add(1)
 	}
 	logInline(s.log, &s.inlineLogged, "kernel", sess)
 	return newTransport(sess, s.cfg.WriteTimeout)
+}
+
+// logFallback logs a session dialed at a fallback address, and why the
+// better ones were passed over: once per change of address (at stands
+// for the last one logged), never silently.
+func logFallback(log *slog.Logger, at *atomic.Pointer[string], s *control.Session) {
+	addr := s.Address()
+	if s.Fallback() == "" {
+		at.Store(nil)
+		return
+	}
+	if p := at.Swap(&addr); p != nil && *p == addr {
+		return
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	log.LogAttrs(context.Background(), slog.LevelWarn, "sypas: connected at a fallback address",
+		slog.String("address", addr), slog.String("network", s.Network()), slog.String(control.LogKeyReason, s.Fallback()))
 }
 
 func (t *socketTransport) session() *control.Session { return t.sess }
@@ -192,10 +229,12 @@ func (t *socketTransport) recv(deadline time.Time) (frame.Frame, error) {
 func (t *socketTransport) release()       { t.in.Release() }
 func (t *socketTransport) buffered() bool { return t.in.Buffered() }
 
-// drained is true: the socket is one ordered stream, so a peer's frames
-// sent before its GOAWAY have all been returned by recv (the kernel's
-// Inline.Next reads the socket itself) by the time the GOAWAY is seen.
-func (t *socketTransport) drained() bool { return true }
+// drained: the socket is one ordered stream, so a peer's frames sent
+// before its GOAWAY have all been read by the time the GOAWAY is seen:
+// returned by recv already where Inline.Next reads the socket itself (a
+// kernel on a Unix socket), else queued, and then drained once the queue
+// is empty and released (a kernel on TLS).
+func (t *socketTransport) drained() bool { return t.in.Drained() }
 
 func (t *socketTransport) nudge() { t.in.Wake() }
 

@@ -26,38 +26,51 @@ import (
 var forceInline atomic.Bool
 
 func init() {
-	if os.Getenv("SYPAS_TRANSPORT") == "inline" {
+	switch os.Getenv("SYPAS_TRANSPORT") {
+	case "inline":
 		forceInline.Store(true)
+	case "tls":
+		forceTLS.Store(true)
 	}
 }
 
-// The bridge's behaviour, over the inline transport: calls in every
-// delivery mode, concurrent callers, errors and codes, subscriptions,
-// a re-authentication after a refused token, a revoked token mid-call,
-// in-flight limits, and a kernel killed and restarted in another process.
+// conformance is the bridge's behaviour that every transport must keep:
+// calls in every delivery mode, concurrent callers, errors and codes,
+// subscriptions, a re-authentication after a refused token, a revoked
+// token mid-call, in-flight limits, and a kernel killed and restarted in
+// another process.
+var conformance = []struct {
+	name string
+	fn   func(*testing.T)
+	// rings: the test also plays a raw daemon that writes ring records
+	// (dialRaw), so it needs a Unix socket beside the kernel: not on TCP.
+	rings bool
+}{
+	{"CallEcho", TestCallEcho, false},
+	{"CallErrors", TestCallErrors, false},
+	{"ConcurrentCallers", TestConcurrentCallers, false},
+	{"Subscribe", TestSubscribe, false},
+	{"Unsubscribe", TestUnsubscribe, false},
+	{"MaxInFlightCallersWait", TestMaxInFlightCallersWait, false},
+	{"RetryReauthenticatesOnce", TestRetryReauthenticatesOnce, false},
+	{"RevokedMidCall", TestRevokedMidCall, false},
+	{"HandlerPanics", TestHandlerPanics, false},
+	{"ClientCloseWhileBlocked", TestClientCloseWhileBlocked, false},
+	{"ServerShutdownDrains", TestServerShutdownDrains, true},
+	{"CrossProcessKernelKill", TestCrossProcessKernelKill, false},
+}
+
+// The bridge's behaviour (conformance) over the inline transport.
 func TestInlineConformance(t *testing.T) {
 	if forceInline.Load() {
 		t.Skip("the whole run is inline already")
 	}
+	if forceTLS.Load() {
+		t.Skip("the whole run is on TCP with TLS")
+	}
 	forceInline.Store(true)
 	defer forceInline.Store(false)
-	for _, tc := range []struct {
-		name string
-		fn   func(*testing.T)
-	}{
-		{"CallEcho", TestCallEcho},
-		{"CallErrors", TestCallErrors},
-		{"ConcurrentCallers", TestConcurrentCallers},
-		{"Subscribe", TestSubscribe},
-		{"Unsubscribe", TestUnsubscribe},
-		{"MaxInFlightCallersWait", TestMaxInFlightCallersWait},
-		{"RetryReauthenticatesOnce", TestRetryReauthenticatesOnce},
-		{"RevokedMidCall", TestRevokedMidCall},
-		{"HandlerPanics", TestHandlerPanics},
-		{"ClientCloseWhileBlocked", TestClientCloseWhileBlocked},
-		{"ServerShutdownDrains", TestServerShutdownDrains},
-		{"CrossProcessKernelKill", TestCrossProcessKernelKill},
-	} {
+	for _, tc := range conformance {
 		t.Run(tc.name, tc.fn)
 	}
 }
@@ -119,6 +132,7 @@ func checkInline(t *testing.T, c *Client, log *inlineLog, reason string) {
 // kernel's: the session is inline, the Client says so and why, both sides
 // log it once (not once per session), and the Server counts it.
 func TestInlineFallbackByConfig(t *testing.T) {
+	skipOnTLS(t, "the fallback from the rings to inline on a Unix socket")
 	if forceInline.Load() {
 		t.Skip("the whole run is inline already")
 	}
@@ -154,7 +168,7 @@ func TestInlineFallbackByConfig(t *testing.T) {
 				r := dialT(t, k.path, ClientConfig{})
 				info, err := r.Transport()
 				require.NoError(t, err)
-				assert.Equal(t, TransportInfo{Name: TransportRings}, info)
+				assert.Equal(t, TransportInfo{Name: TransportRings, Address: k.path}, info)
 			}
 		})
 	}
@@ -164,6 +178,7 @@ func TestInlineFallbackByConfig(t *testing.T) {
 // inline with the failure as its reason; so does a daemon whose mmap of
 // the kernel's rings fails.
 func TestInlineFallbackWhenSharedMemoryFails(t *testing.T) {
+	skipOnTLS(t, "the fallback from the rings to inline on a Unix socket")
 	if forceInline.Load() {
 		t.Skip("the whole run is inline already")
 	}
@@ -223,6 +238,7 @@ func TestInlineLargePayloads(t *testing.T) {
 // reads nothing fills its queue and the socket, then each event is dropped
 // and counted at once, and the subscriber's session lives on.
 func TestInlinePublishDropNewestNeverWaits(t *testing.T) {
+	skipOnTLS(t, "a TLS write cannot be cut short, so a DropNewest event may wait for a full socket (docs/PROTOCOL.md §9)")
 	cfg := ServerConfig{}
 	cfg.HeartbeatInterval = 5 * time.Second // the subscriber stays alive throughout
 	k := startKernel(t, cfg, nil)

@@ -12,7 +12,7 @@ import (
 )
 
 // Names of the service and its methods, as on the wire (docs/PROTOCOL.md
-// §11.1): a method's full name is "/" + ServiceName + "/" + its name.
+// §10.1): a method's full name is "/" + ServiceName + "/" + its name.
 const (
 	ServiceName     = "sypas.v1.Sypas"
 	ProtoFile       = "sypasgrpc/sypas.proto" // its path in the repository

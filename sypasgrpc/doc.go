@@ -3,7 +3,7 @@
 // package of its own so that programs that do not use gRPC do not link it.
 //
 // The service, sypas.v1.Sypas (sypas.proto, described by hand in Go: no
-// protoc step), has three methods (docs/PROTOCOL.md §11):
+// protoc step), has three methods (docs/PROTOCOL.md §10):
 //
 //   - Session, a bidirectional stream that carries one SYPAS session as a
 //     byte stream: the control handshake, then the frames inline

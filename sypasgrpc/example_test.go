@@ -61,5 +61,5 @@ func Example() {
 	fmt.Println(info.Name)
 	// Output:
 	// hello, CN=daemon <nil>
-	// inline
+	// grpc
 }

@@ -24,7 +24,7 @@ import (
 	"github.com/sypas/go/wire"
 )
 
-// Metadata keys (docs/PROTOCOL.md §11.3).
+// Metadata keys (docs/PROTOCOL.md §10.3).
 const (
 	// MetaOp is the request metadata of Call that names the operation.
 	MetaOp = "sypas-op"
@@ -279,7 +279,7 @@ func endStatus(c *Conn) error {
 	return nil
 }
 
-// toStatus is the gRPC status of a SYPAS error (docs/PROTOCOL.md §11.5).
+// toStatus is the gRPC status of a SYPAS error (docs/PROTOCOL.md §10.5).
 func toStatus(err error) error {
 	var e *sypas.Error
 	if !errors.As(err, &e) {
@@ -293,7 +293,7 @@ func toStatus(err error) error {
 }
 
 // codeMap pairs each SYPAS code with the gRPC status code a stock client
-// acts on (docs/PROTOCOL.md §11.5). Read left to right it is grpcCode;
+// acts on (docs/PROTOCOL.md §10.5). Read left to right it is grpcCode;
 // right to left, wireCode, where the first pair of a status wins.
 var codeMap = []struct {
 	sypas sypas.Code

@@ -42,7 +42,8 @@ func TestSessionConformance(t *testing.T) {
 
 	tr, err := c.Transport()
 	require.NoError(t, err)
-	assert.Equal(t, sypas.TransportInline, tr.Name, "frames inline on the stream")
+	assert.Equal(t, Network, tr.Name, "frames inline on the Session stream")
+	assert.Equal(t, "grpc://"+k.Addr, tr.Address)
 	assert.Contains(t, tr.Reason, "grpc")
 
 	got, err := c.Call(ctx, "echo", []byte("hi"))

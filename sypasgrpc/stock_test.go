@@ -2,7 +2,7 @@ package sypasgrpc_test
 
 // A stock gRPC client: grpc-go and wrapperspb only, no code of this
 // project (the kernel it calls is the test's setup, StartTestKernel). The
-// method names and metadata are those docs/PROTOCOL.md §11 publishes.
+// method names and metadata are those docs/PROTOCOL.md §10 publishes.
 
 import (
 	"context"

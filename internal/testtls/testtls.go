@@ -10,6 +10,8 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
 	"math/big"
 	"net"
 	"net/url"
@@ -54,6 +56,46 @@ func NewCA(name string) (*CA, error) {
 func serial() *big.Int {
 	n, _ := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 120))
 	return n
+}
+
+// PEM encodes the CA's certificate and key, for a helper process of the
+// same test to rebuild it with ParseCA (through its environment: never a
+// file).
+func (ca *CA) PEM() (string, error) {
+	key, err := x509.MarshalECPrivateKey(ca.key)
+	if err != nil {
+		return "", err
+	}
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Cert.Raw})) +
+		string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: key})), nil
+}
+
+// ParseCA rebuilds a CA from PEM.
+func ParseCA(s string) (*CA, error) {
+	ca := &CA{Pool: x509.NewCertPool()}
+	rest := []byte(s)
+	for {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			break
+		}
+		var err error
+		switch b.Type {
+		case "CERTIFICATE":
+			ca.Cert, err = x509.ParseCertificate(b.Bytes)
+		case "EC PRIVATE KEY":
+			ca.key, err = x509.ParseECPrivateKey(b.Bytes)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	if ca.Cert == nil || ca.key == nil {
+		return nil, errors.New("testtls: PEM without a certificate and an EC key")
+	}
+	ca.Pool.AddCert(ca.Cert)
+	return ca, nil
 }
 
 // Server issues a server certificate for localhost, 127.0.0.1 and ::1.

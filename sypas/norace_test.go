@@ -1,0 +1,5 @@
+//go:build !race
+
+package sypas
+
+const raceEnabled = false

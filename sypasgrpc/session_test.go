@@ -30,15 +30,23 @@ func dialKernel(t testing.TB, k *TestKernel, tc *tls.Config) (*sypas.Client, err
 	return c, err
 }
 
-// The conformance suite over gRPC: calls, concurrent callers, errors and
-// their codes, subscriptions, through our own Client on the Session
-// stream.
-func TestSessionConformance(t *testing.T) {
+// connected is a TestKernel, our Client connected to it over grpc://, and
+// a context for the test's calls (10 s).
+func connected(t *testing.T) (*TestKernel, *sypas.Client, context.Context) {
+	t.Helper()
 	k := StartTestKernel(t)
 	c, err := dialKernel(t, k, k.Daemon)
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	t.Cleanup(cancel)
+	return k, c, ctx
+}
+
+// The conformance suite over gRPC: calls, concurrent callers, errors and
+// their codes, subscriptions, through our own Client on the Session
+// stream.
+func TestSessionConformance(t *testing.T) {
+	k, c, ctx := connected(t)
 
 	tr, err := c.Transport()
 	require.NoError(t, err)
@@ -106,11 +114,7 @@ func TestSessionConformance(t *testing.T) {
 // A revoked token ends the session (E_AUTH); the Client reconnects with a
 // new attestation and token, and calls go on.
 func TestSessionRevokedToken(t *testing.T) {
-	k := StartTestKernel(t)
-	c, err := dialKernel(t, k, k.Daemon)
-	require.NoError(t, err)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	k, c, ctx := connected(t)
 	ti, err := c.Token()
 	require.NoError(t, err)
 	k.Rev.Revoke(ti.ID, ti.Expiry)
@@ -154,12 +158,8 @@ func TestSessionRefused(t *testing.T) {
 // The kernel killed (the gRPC server stopped at once) and restarted on
 // the same address: the Client reconnects by itself.
 func TestSessionKernelRestarted(t *testing.T) {
-	k := StartTestKernel(t)
-	c, err := dialKernel(t, k, k.Daemon)
-	require.NoError(t, err)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	_, err = c.Call(ctx, "echo", nil)
+	k, c, ctx := connected(t)
+	_, err := c.Call(ctx, "echo", nil)
 	require.NoError(t, err)
 	k.restart(t)
 	got, err := c.Call(ctx, "echo", []byte("back"), sypas.WaitForReady, sypas.Idempotent)
@@ -168,15 +168,11 @@ func TestSessionKernelRestarted(t *testing.T) {
 }
 
 // The kernel's Shutdown drains a session on a gRPC stream as on a Unix
-// socket: GOAWAY both ways, then the session closes, and the Client sees
-// health NOT_SERVING on the way.
+// socket (GOAWAY both ways, then the session closes) and returns once it
+// has ended.
 func TestSessionShutdown(t *testing.T) {
-	k := StartTestKernel(t)
-	c, err := dialKernel(t, k, k.Daemon)
-	require.NoError(t, err)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	_, err = c.Call(ctx, "echo", nil)
+	k, c, ctx := connected(t)
+	_, err := c.Call(ctx, "echo", nil)
 	require.NoError(t, err)
 	require.Equal(t, int64(1), k.Srv.Stats().Sessions)
 	require.NoError(t, k.Srv.Shutdown(ctx), "drained before ctx ended")

@@ -1,6 +1,7 @@
 package sypasgrpc
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"fmt"
@@ -11,6 +12,9 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/sypas/go/control"
 	"github.com/sypas/go/sypas"
@@ -177,4 +181,30 @@ func TestSessionShutdown(t *testing.T) {
 	require.Equal(t, int64(1), k.Srv.Stats().Sessions)
 	require.NoError(t, k.Srv.Shutdown(ctx), "drained before ctx ended")
 	assert.Zero(t, k.Srv.Stats().Sessions)
+}
+
+// A peer admitted by its certificate that sends garbage on the Session
+// stream: the kernel's handshake refuses it and ends the stream; the
+// kernel goes on serving.
+func TestSessionHostileBytes(t *testing.T) {
+	k := StartTestKernel(t)
+	cc, err := grpc.NewClient(k.Addr, grpc.WithTransportCredentials(credentials.NewTLS(k.Daemon)))
+	require.NoError(t, err)
+	defer cc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	st, err := cc.NewStream(ctx, &sessionDesc, FullSession)
+	require.NoError(t, err)
+	require.NoError(t, st.SendMsg(wrapperspb.Bytes(bytes.Repeat([]byte{0xff}, 4096))))
+	for {
+		var m wrapperspb.BytesValue
+		if err := st.RecvMsg(&m); err != nil {
+			break // the kernel ended the stream
+		}
+	}
+	assert.Zero(t, k.Srv.Stats().Sessions)
+	c, err := dialKernel(t, k, k.Daemon)
+	require.NoError(t, err)
+	_, err = c.Call(ctx, "echo", nil)
+	assert.NoError(t, err)
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -205,6 +206,26 @@ func TestSessionHostileBytes(t *testing.T) {
 	assert.Zero(t, k.Srv.Stats().Sessions)
 	c, err := dialKernel(t, k, k.Daemon)
 	require.NoError(t, err)
+	_, err = c.Call(ctx, "echo", nil)
+	assert.NoError(t, err)
+}
+
+// grpc:// as a fallback: with nothing listening at the preferred Unix
+// socket, the Client takes the gRPC kernel and says why.
+func TestSessionAsFallback(t *testing.T) {
+	k := StartTestKernel(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	cfg := sypas.ClientConfig{DialConfig: control.DialConfig{TLS: k.Daemon, Fallbacks: []string{"grpc://" + k.Addr}}}
+	cfg.Logger = slog.New(slog.DiscardHandler)
+	c, err := sypas.Dial(ctx, "unix://"+filepath.Join(t.TempDir(), "none.sock"), cfg)
+	require.NoError(t, err)
+	defer c.Close()
+	tr, err := c.Transport()
+	require.NoError(t, err)
+	assert.Equal(t, Network, tr.Name)
+	assert.Equal(t, "grpc://"+k.Addr, tr.Address)
+	assert.NotEmpty(t, tr.Fallback, "why the Unix socket was passed over")
 	_, err = c.Call(ctx, "echo", nil)
 	assert.NoError(t, err)
 }

@@ -174,7 +174,7 @@ func TestSessionKernelRestarted(t *testing.T) {
 
 // The kernel's Shutdown drains a session on a gRPC stream as on a Unix
 // socket (GOAWAY both ways, then the session closes) and returns once it
-// has ended.
+// has ended; the grpc.Server's GracefulStop then has nothing to wait for.
 func TestSessionShutdown(t *testing.T) {
 	k, c, ctx := connected(t)
 	_, err := c.Call(ctx, "echo", nil)
@@ -182,6 +182,13 @@ func TestSessionShutdown(t *testing.T) {
 	require.Equal(t, int64(1), k.Srv.Stats().Sessions)
 	require.NoError(t, k.Srv.Shutdown(ctx), "drained before ctx ended")
 	assert.Zero(t, k.Srv.Stats().Sessions)
+	stopped := make(chan struct{})
+	go func() { k.GS.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped: // no Session handler was left running
+	case <-ctx.Done():
+		t.Fatal("GracefulStop waited for a handler after Shutdown")
+	}
 }
 
 // A peer admitted by its certificate that sends garbage on the Session

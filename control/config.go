@@ -191,7 +191,9 @@ type DialConfig struct {
 	// Fallbacks are addresses Dial tries in order when the one before
 	// cannot be reached (nothing listens, the transport is not built in):
 	// a preference order, e.g. the Unix socket, then tcp://, then grpc://.
-	// A kernel that answers and refuses is not passed over.
+	// A kernel that answers and refuses is not passed over. A Client on a
+	// fallback stays on it until that session ends; its next dial starts
+	// again from the first address.
 	Fallbacks []string
 
 	inlineWhy string // Dial's second attempt: why it asks for inline

@@ -1,5 +1,9 @@
 // Package control is the SYPAS control plane: the Unix socket beside the
-// shared-memory rings.
+// shared-memory rings, or for a daemon on another host a TCP connection
+// with TLS 1.3 whose verified client certificate is the peer's identity
+// (ListenTLS, AttestTLS, Dial("tcp://host:port"); docs/PROTOCOL.md §9).
+// A session runs on any reliable stream (Server.HandshakeConn, DialConn):
+// off a Unix socket its data plane is always inline.
 //
 // Sessions: Dial (daemon) and Server.Serve or Server.Accept (kernel) run
 // the handshake of docs/PROTOCOL.md §6 as an explicit state machine —

@@ -26,16 +26,18 @@ type Limits struct {
 	// watcher, two memfds), 2 mappings and its ring memory until it is
 	// closed. Zero means DefaultMaxSessions.
 	MaxSessions int
-	// MaxSessionsPerUID bounds the sessions of one daemon uid. Zero means
-	// DefaultMaxSessionsPerUID.
+	// MaxSessionsPerUID bounds the sessions of one daemon uid (of one
+	// remote host, on TCP: a connection is counted before TLS says who it
+	// is). Zero means DefaultMaxSessionsPerUID.
 	MaxSessionsPerUID int
 	// MaxHandshakes bounds the connections accepted and not yet in
 	// OPERATION (each is bounded by HandshakeTimeout). Serve accepts no
 	// more while this many are in progress; Accept and Handshake refuse.
 	// Zero means DefaultMaxHandshakes.
 	MaxHandshakes int
-	// MaxHandshakesPerUID bounds one uid's handshakes in progress, so a
-	// daemon that connects and sends nothing holds at most this many slots.
+	// MaxHandshakesPerUID bounds one uid's (one remote host's)
+	// handshakes in progress, so a daemon that connects and sends nothing
+	// holds at most this many slots.
 	// Zero means DefaultMaxHandshakesPerUID.
 	MaxHandshakesPerUID int
 	// FDReserve is the kernel's own descriptor headroom: a connection is

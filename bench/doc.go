@@ -45,6 +45,12 @@
 //   - BenchmarkPublish: events/s delivered to 1 and 8 subscribers, each
 //     checking order and bodies.
 //   - BenchmarkCallHog: the Call round trip under the hog, default vs park.
+//   - BenchmarkGRPC and BenchmarkGRPCInFlight: the Call round trip at 64 B
+//     and 4 KiB, and calls/s with 1 and 64 in flight, over gRPC with
+//     mutual TLS on loopback (package sypasgrpc): our Client on the
+//     Session stream, beside grpc-go's own unary call of a BytesValue echo
+//     (the baseline), the service's unary Call as a stock client calls it,
+//     and (round trip only) a plain grpc-go bidirectional stream's echo.
 //
 // The other process is this test binary re-executed. Where the machine has two
 // or more CPUs, variants that busy-poll (the ring in spin and auto mode, the

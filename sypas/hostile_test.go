@@ -5,7 +5,6 @@ import (
 	"errors"
 	"log/slog"
 	"strconv"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -16,53 +15,22 @@ import (
 	"github.com/sypas/go/control"
 	"github.com/sypas/go/control/token"
 	"github.com/sypas/go/frame"
+	"github.com/sypas/go/internal/testlog"
 	"github.com/sypas/go/ring"
 	"github.com/sypas/go/wire"
 )
 
 // auditLog is a slog.Handler that keeps every record, flattened to key →
 // value strings.
-type auditLog struct {
-	mu   sync.Mutex
-	recs []map[string]string
-}
+// auditLog keeps the records of the kernel's Logger.
+type auditLog struct{ *testlog.Recorder }
 
 func newAuditLog() (*auditLog, *slog.Logger) {
-	a := &auditLog{}
-	return a, slog.New(a)
+	r, l := testlog.New()
+	return &auditLog{r}, l
 }
 
-func (a *auditLog) Enabled(context.Context, slog.Level) bool { return true }
-func (a *auditLog) WithAttrs([]slog.Attr) slog.Handler       { return a }
-func (a *auditLog) WithGroup(string) slog.Handler            { return a }
-
-func (a *auditLog) Handle(_ context.Context, r slog.Record) error {
-	m := map[string]string{"msg": r.Message, "level": r.Level.String()}
-	r.Attrs(func(at slog.Attr) bool {
-		m[at.Key] = at.Value.String()
-		return true
-	})
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	a.recs = append(a.recs, m)
-	return nil
-}
-
-// find returns the first record holding every key/value of want.
-func (a *auditLog) find(want map[string]string) map[string]string {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-next:
-	for _, r := range a.recs {
-		for k, v := range want {
-			if r[k] != v {
-				continue next
-			}
-		}
-		return r
-	}
-	return nil
-}
+func (a *auditLog) find(want map[string]string) map[string]string { return a.Find(want) }
 
 // expect waits for a record holding want (the kernel may record a refusal
 // just after the daemon learns of it).
@@ -70,11 +38,9 @@ func (a *auditLog) expect(t *testing.T, want map[string]string) map[string]strin
 	t.Helper()
 	var r map[string]string
 	if !assert.Eventually(t, func() bool { r = a.find(want); return r != nil }, 10*time.Second, time.Millisecond, "no audit record with %v", want) {
-		a.mu.Lock()
-		for _, r := range a.recs {
+		for _, r := range a.Records() {
 			t.Logf("audit record: %v", r)
 		}
-		a.mu.Unlock()
 	}
 	return r
 }

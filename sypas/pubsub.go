@@ -63,9 +63,11 @@ type topics struct {
 	drops map[string]uint64                        // events dropped, by the topic Publish named
 }
 
-// subscriber is one SUBSCRIBE of one session.
+// subscriber is one SUBSCRIBE of one session, or one Feed of a Caller
+// (feed set, conn nil).
 type subscriber struct {
 	conn    *serverConn
+	feed    *Feed
 	id      uint64
 	topic   string
 	dropped atomic.Uint64 // since the last event delivered
@@ -126,6 +128,21 @@ func (t *topics) remove(c *serverConn, id uint64, topic string) {
 		l := make([]*subscriber, 0, len(old))
 		for _, o := range old {
 			if o.conn != c || o.id != id {
+				l = append(l, o)
+			}
+		}
+		return l
+	})
+}
+
+// removeSub unregisters sub.
+func (t *topics) removeSub(sub *subscriber) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.update(sub.topic, func(old []*subscriber) []*subscriber {
+		l := make([]*subscriber, 0, len(old))
+		for _, o := range old {
+			if o != sub {
 				l = append(l, o)
 			}
 		}
@@ -202,6 +219,18 @@ func (c *serverConn) serveSubscription(f *frame.Frame) {
 	c.ack(corr)
 }
 
+// deliverFeed queues a copy of the event for f; under Block it waits for
+// room until ctx's deadline, or WriteTimeout when ctx has none, as a
+// session's ring would.
+func (s *Server) deliverFeed(ctx context.Context, f *Feed, topic string, body []byte, ts uint64, noWait bool) bool {
+	if _, ok := ctx.Deadline(); !ok && !noWait {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, s.cfg.WriteTimeout)
+		defer cancel()
+	}
+	return f.deliver(ctx, Event{Topic: topic, Body: append([]byte(nil), body...), Time: time.Unix(0, int64(ts))}, noWait)
+}
+
 // ack answers corr with an empty final RESPONSE.
 func (c *serverConn) ack(corr uint64) {
 	c.resp.Body = nil
@@ -232,6 +261,18 @@ func (s *Server) Publish(ctx context.Context, topic string, body []byte) error {
 	var lost, tooLarge int
 	var drops uint64
 	for _, sub := range subs {
+		if sub.feed != nil {
+			if s.deliverFeed(ctx, sub.feed, topic, body, ev.Timestamp, noWait) {
+				s.stats.published.Add(1)
+			} else {
+				s.stats.dropped.Add(1)
+				drops++
+				if !noWait {
+					lost++
+				}
+			}
+			continue
+		}
 		ev.SubscriptionID = sub.id
 		var x []byte
 		d := sub.dropped.Load()

@@ -125,14 +125,18 @@ type Server struct {
 	cancel   context.CancelFunc // Close's: cancels every session and handler
 
 	notServing atomic.Bool
-	stats      serverStats
-	topics     topics
+	quit       chan struct{} // closed when Shutdown or Close begins: Callers' feeds end
+	quitOnce   sync.Once
+
+	stats  serverStats
+	topics topics
 
 	inlineLogged atomic.Bool // the fallback to inline is logged once
 
 	streamsOnce sync.Once
 	streams     *control.Server // ServeConn's
 	streamsErr  error
+	streamed    sync.WaitGroup // ServeConn's calls; Add under mu while !stopping
 }
 
 type route struct {
@@ -160,7 +164,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	cfg.Features = cmp.Or(cfg.Features, control.DefaultFeatures) | wire.FeatureSubscribe | wire.FeatureInline
 	cfg.Topics = maps.Clone(cfg.Topics) // Publish reads it: the caller may go on changing theirs
-	s := &Server{cfg: cfg, log: cfg.Logger, conns: make(map[*serverConn]struct{})}
+	s := &Server{cfg: cfg, log: cfg.Logger, conns: make(map[*serverConn]struct{}), quit: make(chan struct{})}
 	s.base, s.cancel = context.WithCancel(context.Background())
 	if s.log == nil {
 		s.log = slog.Default()
@@ -243,7 +247,8 @@ func (s *Server) Serve(l *control.Listener) error {
 // ends, and closes it. conn is owned from the call on. It returns nil
 // once a session that was established has ended, else why the handshake
 // failed, or an error matching ErrClosed after Shutdown or Close. ctx
-// bounds the handshake only; Shutdown and Close end the session.
+// bounds the handshake only; Shutdown and Close end the session, and wait
+// for ServeConn to return.
 func (s *Server) ServeConn(ctx context.Context, conn net.Conn, peer control.PeerIdentity) error {
 	cs, err := s.streamServer()
 	if err != nil {
@@ -252,11 +257,15 @@ func (s *Server) ServeConn(ctx context.Context, conn net.Conn, peer control.Peer
 	}
 	s.mu.Lock()
 	stopping := s.stopping
+	if !stopping {
+		s.streamed.Add(1) // Shutdown and Close wait for it, as for Serve's sessions
+	}
 	s.mu.Unlock()
 	if stopping {
 		conn.Close()
 		return fmt.Errorf("%w: ServeConn: the server was shut down", ErrClosed)
 	}
+	defer s.streamed.Done()
 	hctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stop := context.AfterFunc(s.base, cancel) // Close stops the handshake
@@ -276,6 +285,11 @@ func (s *Server) streamServer() (*control.Server, error) {
 	s.streamsOnce.Do(func() { s.streams, s.streamsErr = control.NewStreamServer(s.cfg.ServerConfig) })
 	return s.streams, s.streamsErr
 }
+
+// Stopping is closed when Shutdown or Close begins: a transport that
+// serves the Server its own way (package sypasgrpc's health service, its
+// Subscribe streams) stops then.
+func (s *Server) Stopping() <-chan struct{} { return s.quit }
 
 // serveSession runs one daemon's session until it ends (control closes
 // it when this returns).
@@ -304,11 +318,13 @@ func (s *Server) serveSession(sess *control.Session) {
 // daemon is accepted, and each session gets GOAWAY (docs/PROTOCOL.md
 // §6.8): its daemon starts no new call, and once the calls it has in
 // flight are answered it sends GOAWAY back and the session closes; then
-// Serve returns. A daemon that does not answer GOAWAY is closed after
+// Serve returns, and Shutdown once ServeConn's sessions have ended too. A
+// daemon that does not answer GOAWAY is closed after
 // DrainTimeout. When ctx ends first, Shutdown closes what is left (Close)
 // and returns ctx's error.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.notServing.Store(true)
+	s.quitOnce.Do(func() { close(s.quit) })
 	s.mu.Lock()
 	s.stopping = true
 	stop, served := s.stop, s.served
@@ -333,15 +349,24 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			return ctx.Err()
 		}
 	}
+	streamed := make(chan struct{})
+	go func() { s.streamed.Wait(); close(streamed) }()
+	select {
+	case <-streamed:
+	case <-ctx.Done():
+		s.Close()
+		return ctx.Err()
+	}
 	return ctx.Err()
 }
 
 // Close stops the server at once: every session ends, handlers' contexts
-// are cancelled, and Serve returns once the handlers running have
-// returned (a handler that ignores its context delays it). It is
-// idempotent.
+// are cancelled, and Serve (and Close, and each ServeConn) returns once the
+// handlers running have returned (a handler that ignores its context
+// delays it). It is idempotent.
 func (s *Server) Close() error {
 	s.notServing.Store(true)
+	s.quitOnce.Do(func() { close(s.quit) })
 	s.mu.Lock()
 	s.stopping = true
 	s.cancel()
@@ -355,5 +380,6 @@ func (s *Server) Close() error {
 		stop()
 		<-served
 	}
+	s.streamed.Wait()
 	return nil
 }

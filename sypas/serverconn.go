@@ -346,41 +346,49 @@ func (c *serverConn) handle(cl *call) {
 }
 
 // invoke calls the handler, turning a panic into E_INTERNAL.
-func (c *serverConn) invoke(cl *call) (body []byte, err error) {
+func (c *serverConn) invoke(cl *call) ([]byte, error) { return c.srv.run(cl.ctx, cl.rt, &cl.req) }
+
+// run calls rt's handler, turning a panic into E_INTERNAL.
+func (s *Server) run(ctx context.Context, rt *route, req *Request) (body []byte, err error) {
 	defer func() {
 		if p := recover(); p != nil {
-			c.srv.stats.panics.Add(1)
-			c.srv.log.LogAttrs(c.ctx, slog.LevelError, "sypas: handler panicked",
-				slog.String("op", cl.req.Op), slog.Any("panic", p), slog.String("stack", string(debug.Stack())))
+			s.stats.panics.Add(1)
+			s.log.LogAttrs(ctx, slog.LevelError, "sypas: handler panicked",
+				slog.String("op", req.Op), slog.Any("panic", p), slog.String("stack", string(debug.Stack())))
 			body, err = nil, errorf(CodeInternal, "the handler failed")
 		}
 	}()
-	return cl.rt.h(cl.ctx, &cl.req)
+	return rt.h(ctx, req)
 }
 
-// reply answers cl with ERROR for err: an *Error's code and message; for
-// a handler that gave up because its context ended, E_TIMEOUT (the
-// caller's deadline) or E_UNAVAILABLE (the session or the server is
-// closing); E_INTERNAL with no detail for any other error (its text is
-// logged).
+// reply answers cl with ERROR for err (answerErr).
 func (c *serverConn) reply(cl *call, err error) error {
-	var e *Error
-	switch {
-	case errors.As(err, &e):
-	case errors.Is(err, context.DeadlineExceeded):
-		e = &Error{Code: CodeTimeout, Message: "the call's deadline passed"}
-	case errors.Is(err, context.Canceled):
-		e = &Error{Code: CodeUnavailable, Message: "the kernel is closing the session"}
-	default:
-		c.srv.log.LogAttrs(c.ctx, slog.LevelWarn, "sypas: handler error",
-			slog.String("op", cl.req.Op), slog.String(control.LogKeyReason, err.Error()))
-		e = &Error{Code: CodeInternal, Message: "internal error"}
-	}
+	e := c.srv.answerErr(c.ctx, cl.req.Op, err)
 	cl.emsg = wire.NewErrorMsg(e)
 	if len(cl.emsg.Message) == 0 {
 		cl.emsg.Message = []byte(e.Code.String())
 	}
 	return c.tr.send(c.ctx, frame.Header{Type: frame.TypeError, Correlation: cl.req.Correlation}, nil, &cl.emsg, false)
+}
+
+// answerErr is what a caller is told of a handler's error for op: an
+// *Error's code and message; for a handler that gave up because its
+// context ended, E_TIMEOUT (the caller's deadline) or E_UNAVAILABLE (the
+// session or the server is closing); E_INTERNAL with no detail for any
+// other error (its text is logged).
+func (s *Server) answerErr(ctx context.Context, op string, err error) *Error {
+	var e *Error
+	switch {
+	case errors.As(err, &e):
+		return e
+	case errors.Is(err, context.DeadlineExceeded):
+		return &Error{Code: CodeTimeout, Message: "the call's deadline passed"}
+	case errors.Is(err, context.Canceled):
+		return &Error{Code: CodeUnavailable, Message: "the kernel is closing the session"}
+	}
+	s.log.LogAttrs(ctx, slog.LevelWarn, "sypas: handler error",
+		slog.String("op", op), slog.String(control.LogKeyReason, err.Error()))
+	return &Error{Code: CodeInternal, Message: "internal error"}
 }
 
 // finish ends cl's turn in flight (max_in_flight).
@@ -417,13 +425,7 @@ func (c *serverConn) deny(corr uint64, op string, code Code, event, reason strin
 }
 
 func (c *serverConn) denyRetry(corr uint64, op string, code Code, event, reason string, retry time.Duration) {
-	c.srv.stats.denied.Add(1)
-	attrs := append(c.sess.AuditAttrs(), slog.String(control.LogKeyCode, code.String()), slog.Uint64(control.LogKeyCorrelation, corr))
-	if op != "" {
-		attrs = append(attrs, slog.String(control.LogKeyOp, op))
-	}
-	attrs = append(attrs, slog.String(control.LogKeyDecision, control.DecisionDeny))
-	control.Audit(c.ctx, c.srv.cfg.Logger, slog.LevelWarn, "sypas: refused", event, reason, attrs...)
+	c.srv.refused(c.ctx, c.sess.AuditAttrs(), corr, op, code, event, reason)
 	if corr == 0 {
 		return
 	}
@@ -433,11 +435,27 @@ func (c *serverConn) denyRetry(corr uint64, op string, code Code, event, reason 
 	}
 }
 
+// refused counts and audits a refusal of the request corr for op (empty if
+// unknown yet) of the peer and token that attrs describe.
+func (s *Server) refused(ctx context.Context, attrs []slog.Attr, corr uint64, op string, code Code, event, reason string) {
+	s.stats.denied.Add(1)
+	attrs = append(attrs, slog.String(control.LogKeyCode, code.String()), slog.Uint64(control.LogKeyCorrelation, corr))
+	if op != "" {
+		attrs = append(attrs, slog.String(control.LogKeyOp, op))
+	}
+	attrs = append(attrs, slog.String(control.LogKeyDecision, control.DecisionDeny))
+	control.Audit(ctx, s.cfg.Logger, slog.LevelWarn, "sypas: refused", event, reason, attrs...)
+}
+
 // grant writes the record of a request the enforcer admitted, at level.
 func (c *serverConn) grant(level slog.Level, op string, corr uint64) {
-	attrs := append(c.sess.AuditAttrs(), slog.Uint64(control.LogKeyCorrelation, corr),
+	c.srv.granted(c.ctx, level, c.sess.AuditAttrs(), op, corr)
+}
+
+func (s *Server) granted(ctx context.Context, level slog.Level, attrs []slog.Attr, op string, corr uint64) {
+	attrs = append(attrs, slog.Uint64(control.LogKeyCorrelation, corr),
 		slog.String(control.LogKeyOp, op), slog.String(control.LogKeyDecision, control.DecisionGrant))
-	control.Audit(c.ctx, c.srv.log, level, "sypas: granted", control.EventGrant, "the token grants the operation's rights", attrs...)
+	control.Audit(ctx, s.log, level, "sypas: granted", control.EventGrant, "the token grants the operation's rights", attrs...)
 }
 
 // watchGoAway answers the daemon's GOAWAY: the daemon starts nothing new,

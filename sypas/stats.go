@@ -11,7 +11,7 @@ type ServerStats struct {
 	Failed    uint64 // requests whose handler returned an error (answered ERROR)
 	Denied    uint64 // frames the enforcer refused: token, rights, size, in flight, unknown op
 	Panics    uint64 // handler panics, answered E_INTERNAL
-	InFlight  int64  // requests read and not yet answered (one-way: not yet served), all sessions
+	InFlight  int64  // requests read and not yet answered (one-way: not yet served), all sessions and Callers
 	Published uint64 // events written to subscribers' rings
 	Dropped   uint64 // events a slow subscriber lost (DropNewest, or Block past the deadline)
 	// Inline counts the sessions served with their frames inline on the
@@ -27,6 +27,7 @@ type serverStats struct {
 	panics             atomic.Uint64
 	published, dropped atomic.Uint64
 	inline             atomic.Uint64
+	direct             atomic.Int64 // Callers' requests running
 }
 
 // Stats returns the server's counters, each read atomically.
@@ -38,6 +39,7 @@ func (s *Server) Stats() ServerStats {
 		Inline: s.stats.inline.Load(),
 	}
 	st.DroppedByTopic = s.topics.dropCounts()
+	st.InFlight = s.stats.direct.Load()
 	s.mu.Lock()
 	for c := range s.conns {
 		st.InFlight += int64(c.unanswered.Load())

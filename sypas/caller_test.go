@@ -1,0 +1,159 @@
+package sypas
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/sypas/go/control"
+	"github.com/sypas/go/control/token"
+)
+
+// callerServer is a Server (not serving any listener) with echo, an
+// admin-only op and a gate, and an audit log.
+func callerServer(t *testing.T, cfg ServerConfig) (*Server, *auditLog, *gate) {
+	t.Helper()
+	a, log := newAuditLog()
+	if cfg.Keys == nil {
+		cfg.Keys = testKeys(t)
+	}
+	cfg.Logger = log
+	srv, err := NewServer(cfg)
+	require.NoError(t, err)
+	g := newGate()
+	srv.Handle("echo", RightRequest, echo)
+	srv.Handle("admin", RightAdmin, echo)
+	srv.Handle("gate", RightRequest, g.handle)
+	t.Cleanup(func() { srv.Close() }) // ends a gate's calls too
+	return srv, a, g
+}
+
+var certPeer = control.PeerIdentity{UID: 1<<32 - 1, GID: 1<<32 - 1, ExeSHA256: [32]byte{1, 2, 3}}
+
+func TestCallerCallsThroughTheEnforcer(t *testing.T) {
+	srv, a, _ := callerServer(t, ServerConfig{ServerConfig: control.ServerConfig{SessionConfig: control.SessionConfig{MaxInFlight: 2}}})
+	c, err := srv.NewCaller(certPeer)
+	require.NoError(t, err)
+	ctx := context.Background()
+
+	got, err := c.Call(ctx, "echo", []byte("hi"))
+	require.NoError(t, err)
+	assert.Equal(t, "hi", string(got))
+
+	_, err = c.Call(ctx, "nope", nil)
+	assert.ErrorIs(t, err, ErrNotFound)
+	a.expect(t, refused(control.EventProtocol, CodeNotFound, 2))
+	_, err = c.Call(ctx, "admin", nil)
+	assert.ErrorIs(t, err, ErrPermission)
+	a.expect(t, refused(control.EventPermission, CodePermission, 3))
+	_, err = c.Call(ctx, "echo", make([]byte, 64<<10+1))
+	assert.ErrorIs(t, err, ErrTooLarge)
+	assert.Equal(t, uint64(3), srv.Stats().Denied)
+	assert.Equal(t, uint64(1), srv.Stats().OK)
+}
+
+func TestCallerInFlightBounded(t *testing.T) {
+	srv, a, g := callerServer(t, ServerConfig{ServerConfig: control.ServerConfig{SessionConfig: control.SessionConfig{MaxInFlight: 2}}})
+	c, err := srv.NewCaller(certPeer)
+	require.NoError(t, err)
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Go(func() {
+			_, err := c.Call(context.Background(), "gate", nil)
+			assert.NoError(t, err)
+		})
+	}
+	g.waitInside(t, 2)
+	assert.Equal(t, int64(2), srv.Stats().InFlight)
+	_, err = c.Call(context.Background(), "gate", nil)
+	assert.ErrorIs(t, err, ErrResource)
+	a.expect(t, refused(control.EventLimit, CodeResource, 0))
+	close(g.release)
+	wg.Wait()
+	assert.Equal(t, int64(0), srv.Stats().InFlight)
+}
+
+// TestCallerRevokedToken: a revoked token refuses the request (E_AUTH,
+// audited); the next one is served with a fresh token, as a reconnecting
+// daemon would be.
+func TestCallerRevokedToken(t *testing.T) {
+	rev := token.NewRevocations()
+	srv, a, _ := callerServer(t, ServerConfig{ServerConfig: control.ServerConfig{Revoked: rev}})
+	c, err := srv.NewCaller(certPeer)
+	require.NoError(t, err)
+	first := c.capab.Load()
+	rev.Revoke(first.ID, first.MintedExpiry)
+	_, err = c.Call(context.Background(), "echo", nil)
+	assert.ErrorIs(t, err, ErrAuth)
+	a.expect(t, refused(control.EventAuth, CodeAuth, 1))
+	_, err = c.Call(context.Background(), "echo", nil)
+	require.NoError(t, err)
+	assert.NotEqual(t, first.ID, c.capab.Load().ID)
+}
+
+func TestCallerExpiredTokenIsRenewed(t *testing.T) {
+	now := time.Now()
+	var mu sync.Mutex
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	srv, _, _ := callerServer(t, ServerConfig{ServerConfig: control.ServerConfig{Clock: clock, TokenTTL: time.Minute}})
+	c, err := srv.NewCaller(certPeer)
+	require.NoError(t, err)
+	first := c.capab.Load().ID
+	mu.Lock()
+	now = now.Add(2 * time.Minute)
+	mu.Unlock()
+	var got Request
+	srv.Handle("who", 0, func(_ context.Context, r *Request) ([]byte, error) { got = *r; return nil, nil })
+	_, err = c.Call(context.Background(), "who", nil)
+	require.NoError(t, err)
+	assert.NotEqual(t, first, got.TokenID)
+	assert.Equal(t, certPeer.Subject(), got.Subject)
+	assert.Equal(t, certPeer, got.Peer)
+}
+
+func TestCallerFeed(t *testing.T) {
+	srv, a, _ := callerServer(t, ServerConfig{MaxSubscriptions: 1})
+	c, err := srv.NewCaller(certPeer)
+	require.NoError(t, err)
+	ctx := context.Background()
+	f, err := c.Subscribe(ctx, "ticks", 2)
+	require.NoError(t, err)
+	_, err = c.Subscribe(ctx, "other", 2)
+	assert.ErrorIs(t, err, ErrResource)
+	a.expect(t, refused(control.EventLimit, CodeResource, 0))
+
+	for _, b := range []string{"1", "2", "3"} {
+		require.NoError(t, srv.Publish(ctx, "ticks", []byte(b)))
+	}
+	assert.Equal(t, "1", string((<-f.C).Body))
+	assert.Equal(t, "2", string((<-f.C).Body))
+	assert.Equal(t, uint64(1), f.Dropped(), "the third found the feed full")
+	assert.Equal(t, uint64(1), srv.Stats().Dropped)
+
+	f.Close()
+	require.NoError(t, srv.Publish(ctx, "ticks", []byte("4")))
+	assert.Empty(t, f.C)
+	g, err := c.Subscribe(ctx, "ticks", 0)
+	require.NoError(t, err, "Close gave the subscription back")
+	require.NoError(t, srv.Shutdown(ctx))
+	select {
+	case <-g.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("Shutdown did not end the feed")
+	}
+	_, err = c.Call(ctx, "echo", nil)
+	assert.ErrorIs(t, err, ErrUnavailable)
+}
+
+func TestCallerFeedNeedsTheRight(t *testing.T) {
+	srv, a, _ := callerServer(t, ServerConfig{ServerConfig: control.ServerConfig{Rights: RightRequest}})
+	c, err := srv.NewCaller(certPeer)
+	require.NoError(t, err)
+	_, err = c.Subscribe(context.Background(), "ticks", 0)
+	assert.ErrorIs(t, err, ErrPermission)
+	a.expect(t, refused(control.EventPermission, CodePermission, 0))
+}

@@ -52,6 +52,9 @@ func (s *Session) grantBulk(h *wire.Hello) uint32 {
 func (s *Session) createBulk(size, id uint32) error {
 	r, err := bulk.CreateRegion(bulk.Config{Size: int(size), ID: id, Name: "sypas-bulk-" + s.side()})
 	if err != nil {
+		if !s.kernel { // like the rings: a daemon that cannot map them dials again for inline
+			err = fmt.Errorf("%w: %w", errRingsUnusable, err)
+		}
 		return &wire.Error{Code: wire.CodeResource, Message: "create the bulk region", Err: err}
 	}
 	s.bulk = r
@@ -87,6 +90,9 @@ func (s *Session) checkBulkEntry(e wire.Region, id, asked, want uint32) error {
 func (s *Session) openPeerBulk(e wire.Region, f *os.File) error {
 	p, err := bulk.OpenRegion(f, e.ID, int(e.Size)) // closes f on failure
 	if err != nil {
+		if !s.kernel {
+			err = fmt.Errorf("%w: %w", errRingsUnusable, err)
+		}
 		return &wire.Error{Code: wire.CodeProto, Message: "REGIONS: BULK memfd refused", Err: err}
 	}
 	s.peerBulk = p

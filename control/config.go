@@ -242,7 +242,7 @@ type ServerConfig struct {
 	// TokenTTL is a token's lifetime. Zero means DefaultTokenTTL.
 	TokenTTL time.Duration
 	// Rights and Scope are granted to every session's token. Zero rights
-	// means request, subscribe and publish.
+	// means request, subscribe, publish and bulk.
 	Rights token.Rights
 	Scope  string
 	// Revoked, if set, is consulted by every session: Session.Capability's

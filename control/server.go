@@ -431,4 +431,4 @@ func (s *Session) chooseDataPlane(h *wire.Hello, granted uint64) (string, error)
 }
 
 // tokenDefaultRights is what a token grants when ServerConfig.Rights is zero.
-const tokenDefaultRights = token.RightRequest | token.RightSubscribe | token.RightPublish
+const tokenDefaultRights = token.RightRequest | token.RightSubscribe | token.RightPublish | token.RightBulk

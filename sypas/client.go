@@ -82,7 +82,7 @@ func NewClient(path string, cfg ClientConfig) (*Client, error) {
 		return nil, fmt.Errorf("%w: ClientConfig.MaxAttempts %d is negative", control.ErrConfig, cfg.MaxAttempts)
 	}
 	cfg.MaxAttempts = cmp.Or(cfg.MaxAttempts, DefaultMaxAttempts)
-	cfg.Features = cmp.Or(cfg.Features, control.DefaultFeatures) | wire.FeatureSubscribe | wire.FeatureInline
+	cfg.Features = cmp.Or(cfg.Features, control.DefaultFeatures) | wire.FeatureSubscribe | wire.FeatureInline | wire.FeatureBulk
 	if cfg.RetryBackoff == (control.Backoff{}) {
 		cfg.RetryBackoff = control.Backoff{Base: 10 * time.Millisecond, Multiplier: 2, Max: time.Second}
 	}

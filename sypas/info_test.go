@@ -18,7 +18,7 @@ func TestClientTokenAndParams(t *testing.T) {
 	tok, err := c.Token()
 	require.NoError(t, err)
 	assert.NotZero(t, tok.ID)
-	assert.Equal(t, RightRequest|RightSubscribe|RightPublish, tok.Rights, "the control plane's default rights")
+	assert.Equal(t, RightRequest|RightSubscribe|RightPublish|RightBulk, tok.Rights, "the control plane's default rights")
 	assert.Equal(t, uint32(os.Getpid()), tok.Subject.PID, "bound to this process as attested")
 	assert.Equal(t, uint32(os.Geteuid()), tok.Subject.UID)
 	assert.WithinDuration(t, time.Now().Add(control.DefaultTokenTTL), tok.Expiry, time.Minute)

@@ -270,6 +270,10 @@ func (c *Client) do(ctx context.Context, op string, body []byte, mode uint8, dst
 		}
 		if n := 10 + len(op) + len(body); n > cc.tr.maxPayload() {
 			return nil, &Error{Code: CodeTooLarge, Message: fmt.Sprintf("request of %d bytes, the session's limit is %d", n, cc.tr.maxPayload())}
+		} else if oneWay && cc.own != nil && n > int(cc.sess.Params().MaxPayload) {
+			// A one-way request in bulk: its ACK must be read though no
+			// caller waits for an answer (bulk.go).
+			cc.startSubReader()
 		}
 		s, err := cc.acquire(ctx)
 		if err != nil {

@@ -369,7 +369,14 @@ func (c *serverConn) handle(cl *call) {
 		cl.dl.end()
 	}
 	if cl.spanned {
-		// Before the answer: the daemon has its span back once it reads it.
+		// Before the answer, so that a daemon that has read it has its
+		// span back; a reply that is part of the body (an echo) is copied
+		// first, since the daemon may reuse the span as soon as it reads
+		// the ACK.
+		if overlaps(body, cl.req.Body) {
+			cl.body = append(cl.body[:0], body...)
+			body = cl.body
+		}
 		c.releaseSpan(&cl.span)
 	}
 	s := &c.srv.stats

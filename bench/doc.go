@@ -38,6 +38,10 @@
 //   - BenchmarkPublish: events/s delivered to 1 and 8 subscribers, each
 //     checking order and bodies.
 //   - BenchmarkCallHog: the Call round trip under the hog, default vs park.
+//   - BenchmarkBulk: a Call with a 1, 16 or 64 MiB body in a bulk span,
+//     zero-copy (AllocSpan, CallSpan) and copying (the body copied into the
+//     span), beside memcpy of the same size in one process and a Unix
+//     socket moving the same bytes to another process.
 //
 // The other process is this test binary re-executed. Where the machine has two
 // or more CPUs, variants that busy-poll (the ring in spin and auto mode, the

@@ -208,17 +208,17 @@ func (c *serverConn) bulkAllowed() bool {
 // the span in place, then released (after the copy, or after the callback
 // that sees it).
 func (c *clientConn) deliverBulk(f *frame.Frame, s *slot, fn func([]byte) error) (bool, error) {
-	var d wire.Bulk
-	if err := bulkFrame(f, c.peer, &d); err != nil {
+	d := &c.rdesc // the reader's: a local would escape (sendDesc is an interface's)
+	if err := bulkFrame(f, c.peer, d); err != nil {
 		return false, err
 	}
 	if f.Flags.Has(frame.FlagAck) {
-		if err := c.own.Ack(&d); err != nil {
+		if err := c.own.Ack(d); err != nil {
 			return false, ackErr(err)
 		}
 		return false, nil
 	}
-	view, err := c.peer.View(&d)
+	view, err := c.peer.View(d)
 	if err != nil {
 		return false, &Error{Code: CodeProto, Message: "BULK descriptor outside the kernel's bulk region", Err: err}
 	}
@@ -230,10 +230,10 @@ func (c *clientConn) deliverBulk(f *frame.Frame, s *slot, fn func([]byte) error)
 			return false, errorf(CodeProto, "BULK EVENT with a correlation or flags")
 		}
 		err := c.cl.subs.deliver(&inner) // copies
-		c.releaseSpan(&d)
+		c.releaseSpan(d)
 		return false, err
 	case frame.TypeResponse:
-		return c.deliverReply(&inner, s, fn, &d)
+		return c.deliverReply(&inner, s, fn, d)
 	}
 	return false, errorf(CodeProto, fmt.Sprintf("BULK carrying %v on the kernel's ring: want RESPONSE or EVENT", d.InnerType))
 }

@@ -52,10 +52,12 @@ type clientConn struct {
 	pending  atomic.Int32
 	idle     chan struct{}
 
-	// Bulk (bulk.go): nil without BULK.
-	bc   bulkCarrier
-	own  *bulk.Region
-	peer *bulk.PeerRegion
+	// Bulk (bulk.go): nil without BULK. rdesc is the reader's copy of
+	// the BULK descriptor it is delivering.
+	bc    bulkCarrier
+	own   *bulk.Region
+	peer  *bulk.PeerRegion
+	rdesc wire.Bulk
 }
 
 // Slot states.

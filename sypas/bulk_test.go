@@ -468,3 +468,51 @@ func TestBulkRightAndInline(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "small", string(got))
 }
+
+// A zero-copy transfer (AllocSpan, CallSpan) allocates nothing, on either
+// side: kernel and daemon share this process here, and the count includes
+// the kernel's reading of the span, its ACK and its answer. A copying one
+// (CallFunc with a body over the limit) allocates nothing either.
+func TestBulkZeroCopyAllocs(t *testing.T) {
+	if forceInline.Load() {
+		t.Skip("bulk needs shared memory")
+	}
+	var out [8]byte
+	k := startKernel(t, ServerConfig{}, func(s *Server) {
+		s.Handle("take", RightRequest, func(_ context.Context, r *Request) ([]byte, error) {
+			copy(out[:], r.Body)
+			return out[:], nil
+		}, Inline)
+	})
+	c := bulkClient(t, k.path, 4<<20)
+	ctx := context.Background()
+	body := make([]byte, 1<<20)
+	check := func(r []byte) error {
+		if len(r) != 8 {
+			return errors.New("short reply")
+		}
+		return nil
+	}
+	zeroCopy := func() {
+		sp, err := c.AllocSpan(ctx, "take", len(body))
+		if err == nil {
+			sp.Bytes()[0] = 1
+			err = c.CallSpan(ctx, sp, check)
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	copying := func() {
+		if err := c.CallFunc(ctx, "take", body, check); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 50 {
+		zeroCopy()
+		copying()
+	}
+	assert.Zero(t, testing.AllocsPerRun(200, zeroCopy), "AllocSpan, CallSpan")
+	assert.Zero(t, testing.AllocsPerRun(200, copying), "CallFunc in bulk")
+	require.Eventually(t, func() bool { st, _ := c.BulkStats(); return st.Spans == 0 }, 5*time.Second, time.Millisecond)
+}

@@ -516,3 +516,99 @@ func TestBulkZeroCopyAllocs(t *testing.T) {
 	assert.Zero(t, testing.AllocsPerRun(200, copying), "CallFunc in bulk")
 	require.Eventually(t, func() bool { st, _ := c.BulkStats(); return st.Spans == 0 }, 5*time.Second, time.Millisecond)
 }
+
+// A hostile kernel's descriptors: a reply in a span past the end of its
+// region, a BULK that carries a REQUEST, an ACK of a lease the daemon never
+// sent. Each ends the session with E_PROTO (the kernel is told why), the
+// call fails with it, and the daemon's allocator is unchanged (a forged
+// ACK is counted).
+func TestBulkHostileKernel(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		frame func(req frame.Frame) (frame.Header, wire.Bulk)
+	}{
+		{"outside", func(req frame.Frame) (frame.Header, wire.Bulk) {
+			return frame.Header{Flags: frame.FlagEndStream, Correlation: req.Correlation},
+				wire.Bulk{InnerType: frame.TypeResponse, Region: control.KernelBulkID, Offset: 1<<20 - 8, Length: 16, Lease: 1}
+		}},
+		{"other-region", func(req frame.Frame) (frame.Header, wire.Bulk) {
+			return frame.Header{Flags: frame.FlagEndStream, Correlation: req.Correlation},
+				wire.Bulk{InnerType: frame.TypeResponse, Region: control.DaemonBulkID, Length: 16, Lease: 1}
+		}},
+		{"inner-request", func(req frame.Frame) (frame.Header, wire.Bulk) {
+			return frame.Header{Correlation: req.Correlation},
+				wire.Bulk{InnerType: frame.TypeRequest, Region: control.KernelBulkID, Length: 16, Lease: 1}
+		}},
+		{"forged-ack", func(req frame.Frame) (frame.Header, wire.Bulk) {
+			return frame.Header{Flags: frame.FlagAck},
+				wire.Bulk{InnerType: frame.TypeRequest, Region: control.DaemonBulkID, Length: 100 << 10, Lease: 0x1234}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			path := sockPath(t)
+			l, err := control.Listen(path, control.Config{})
+			require.NoError(t, err)
+			defer l.Close()
+			cs, err := control.NewServer(l, control.ServerConfig{Keys: keyring(), SessionConfig: control.SessionConfig{
+				Features: control.DefaultFeatures | wire.FeatureSubscribe | wire.FeatureBulk, Logger: quiet}})
+			require.NoError(t, err)
+			kernel := make(chan error, 1)
+			go func() {
+				ks, err := cs.Accept(ctx)
+				if err != nil {
+					kernel <- err
+					return
+				}
+				defer ks.Close()
+				cons := ks.Consumer()
+				cons.SetDeadline(time.Now().Add(10 * time.Second))
+				v, err := cons.Next()
+				if err != nil {
+					kernel <- err
+					return
+				}
+				var req frame.Frame
+				if _, err := req.Decode(v, frame.Config{MaxPayload: frame.HardMaxPayload}); err != nil {
+					kernel <- err
+					return
+				}
+				req.Payload = nil
+				cons.Release()
+				h, d := tc.frame(req)
+				h.Type, h.StreamID, h.Sequence, h.CapRef = frame.TypeBulk, 1, 1, ks.CapRef()
+				b, err := wire.AppendFrame(nil, h, &d)
+				if err == nil {
+					_, err = ks.Producer().Write(b)
+				}
+				if err != nil {
+					kernel <- err
+					return
+				}
+				<-ks.Done()
+				kernel <- ks.Err()
+			}()
+			cfg := ClientConfig{MaxAttempts: 1}
+			cfg.Logger, cfg.BulkSize = quiet, 1<<20
+			c, err := Dial(ctx, path, cfg)
+			require.NoError(t, err)
+			defer c.Close()
+			cc := c.cur.Load()
+			_, err = c.Call(ctx, "x", make([]byte, 100<<10))
+			assert.ErrorIs(t, err, ErrProto)
+			select {
+			case kerr := <-kernel:
+				assert.ErrorIs(t, kerr, wire.ErrProto, "the kernel learns why")
+			case <-ctx.Done():
+				t.Fatal("the session did not end")
+			}
+			st := cc.own.Stats()
+			if tc.name == "forged-ack" {
+				assert.EqualValues(t, 1, st.Refused, "the forged ACK is counted")
+			}
+			assert.Zero(t, st.Spans, "the call's span is back (ReleaseAll)")
+			assert.Zero(t, st.Acks, "nothing was released by the kernel")
+		})
+	}
+}

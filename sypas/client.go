@@ -214,8 +214,12 @@ func (c *Client) conn(ctx context.Context, wait bool) (*clientConn, error) {
 // owns (the one allocation of a call). An error from the kernel is an
 // *Error (match it with errors.Is against ErrNotFound, ErrPermission...);
 // a call whose session ended or could not start matches ErrUnavailable;
-// ctx's error when ctx ends first. A body above the session's limit fails
-// with ErrTooLarge before anything is sent.
+// ctx's error when ctx ends first. A body above the session's max_payload
+// goes in bulk, copied once into the session's bulk region, where the
+// kernel reads it in place (waiting for room until ctx's deadline, then
+// an error matching ErrResource); one above the bulk region, or above
+// max_payload on a session without bulk (inline), fails with ErrTooLarge
+// before anything is sent. AllocSpan and CallSpan avoid the copy.
 func (c *Client) Call(ctx context.Context, op string, body []byte, opts ...CallOption) ([]byte, error) {
 	return c.do(ctx, op, body, modeOwn, nil, nil, false, opts)
 }

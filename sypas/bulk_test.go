@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -611,4 +612,52 @@ func TestBulkHostileKernel(t *testing.T) {
 			assert.Zero(t, st.Acks, "nothing was released by the kernel")
 		})
 	}
+}
+
+// The kernel's replies in bulk: one larger than the region is answered
+// E_TOO_LARGE; one that finds the kernel's region full (the daemon holds
+// the last reply's view) waits the write timeout, then is answered
+// E_RESOURCE, and the session goes on.
+func TestBulkKernelReplies(t *testing.T) {
+	if forceInline.Load() {
+		t.Skip("bulk needs shared memory")
+	}
+	kcfg := ServerConfig{WriteTimeout: 100 * time.Millisecond}
+	k := startKernel(t, kcfg, func(s *Server) {
+		s.Handle("blob", RightRequest, func(_ context.Context, r *Request) ([]byte, error) {
+			n, _ := strconv.Atoi(string(r.Body))
+			return bytes.Repeat([]byte("r"), n), nil
+		}, Inline)
+	})
+	c := bulkClient(t, k.path, 128<<10)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	_, err := c.Call(ctx, "blob", []byte("200000"))
+	assert.ErrorIs(t, err, ErrTooLarge)
+
+	holding, release := make(chan struct{}), make(chan struct{})
+	held := make(chan error, 1)
+	go func() {
+		held <- c.CallFunc(ctx, "blob", []byte("100000"), func(r []byte) error {
+			close(holding)
+			<-release // the kernel's span stays ours
+			return nil
+		})
+	}()
+	<-holding
+	second := make(chan error, 1)
+	go func() {
+		_, err := c.Call(ctx, "blob", []byte("100000"))
+		second <- err
+	}()
+	time.Sleep(300 * time.Millisecond) // the kernel's write timeout passes
+	close(release)
+	require.NoError(t, <-held)
+	err = <-second
+	assert.ErrorIs(t, err, ErrResource)
+	got, err := c.Call(ctx, "blob", []byte("100000"))
+	require.NoError(t, err, "the session goes on")
+	assert.Len(t, got, 100000)
+	require.Eventually(t, func() bool { return k.srv.Stats().BulkSpans == 0 }, 5*time.Second, time.Millisecond)
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -65,6 +66,16 @@ func bulkMappings(t *testing.T) int {
 	return strings.Count(string(b), "memfd:sypas-bulk")
 }
 
+// kernelProcStat asks the helper kernel what its process holds.
+func kernelProcStat(ctx context.Context, t *testing.T, c *Client) procStat {
+	t.Helper()
+	var st procStat
+	b, err := c.Call(ctx, "procstat", nil)
+	require.NoError(t, err)
+	require.NoError(t, json.Unmarshal(b, &st))
+	return st
+}
+
 // Bodies from 64 KiB to 64 MiB, to a kernel in another process and back,
 // through each way of calling: copied (Call), viewed (CallFunc), written
 // in place (CallSpan); then many callers at once; then events. The kernel
@@ -77,10 +88,13 @@ func TestBulkCrossProcess(t *testing.T) {
 	}
 	fds0 := openFDs(t)
 	h := startHelperKernel(t, sockPath(t))
-	c := bulkClient(t, h.path, 128<<20)
-	require.Equal(t, 2, bulkMappings(t), "ours and the kernel's")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
+	watcher := dialT(t, h.path, ClientConfig{}) // asks the kernel what it holds
+	kernel0 := kernelProcStat(ctx, t, watcher)
+	c := bulkClient(t, h.path, 128<<20)
+	require.Equal(t, 4, bulkMappings(t), "ours and the kernel's, for each client")
+	cc := c.cur.Load()
 
 	const caller = 1
 	seq := uint64(0)
@@ -116,6 +130,13 @@ func TestBulkCrossProcess(t *testing.T) {
 		})
 		require.NoError(t, err, "CallSpan %d", n)
 	}
+
+	// What the kernel holds once the session is up (its pidfd watcher
+	// starts after the handshake): the same at the end, after many bulk
+	// transfers.
+	kernel1 := kernelProcStat(ctx, t, watcher)
+	assert.Equal(t, kernel0.BulkMaps+2, kernel1.BulkMaps, "the kernel maps its region and ours")
+	assert.Equal(t, int64(2), kernel1.Sessions)
 
 	// Many callers at once, sizes mixed, each way of calling.
 	const callers, calls = 8, 12
@@ -219,7 +240,14 @@ func TestBulkCrossProcess(t *testing.T) {
 	require.NoError(t, err)
 	assert.Zero(t, ks.BulkRefused)
 
+	kp := kernelProcStat(ctx, t, watcher)
+	assert.Same(t, cc, c.cur.Load(), "one session all along: %v", c.cur.Load())
+	assert.Equal(t, int64(2), kp.Sessions)
+	assert.Equal(t, kernel1.FDs, kp.FDs, "the kernel holds the descriptors it held when the session began: %v, then %v", kernel1.Links, kp.Links)
+	assert.Equal(t, kernel1.BulkMaps, kp.BulkMaps, "and the same bulk mappings")
 	require.NoError(t, c.Close())
+	assert.Equal(t, 2, bulkMappings(t), "only the watcher's after Close")
+	require.NoError(t, watcher.Close())
 	assert.Zero(t, bulkMappings(t), "no bulk mapping after Close")
 	h.kill()
 	assert.Eventually(t, func() bool { return openFDs(t) <= fds0 }, 5*time.Second, 10*time.Millisecond, "every descriptor closed")

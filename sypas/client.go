@@ -232,7 +232,9 @@ func (c *Client) CallInto(ctx context.Context, op string, body, dst []byte, opts
 
 // CallFunc is Call with the reply handed to fn instead of returned: a
 // view, in place in the shared ring when this goroutine read the reply
-// itself, valid only until fn returns (copy what you keep; the kernel can
+// itself, or in the kernel's bulk region for a reply over max_payload
+// (whoever read it; the span is released when fn returns), valid only
+// until fn returns (copy what you keep; the kernel can
 // still change bytes of shared memory under a view). fn's error is
 // CallFunc's, and a panic in fn reaches CallFunc's caller once the call is
 // over (the Client stays usable). fn runs while this goroutine reads the

@@ -150,7 +150,7 @@ func kernelMallocs(b *testing.B, c *sypas.Client) uint64 {
 
 // sypasKernel serves on SYPAS_SOCK until killed: "echo" (Inline),
 // "echo.pool" (on the worker pool), "sink" and "sink.result" (Send's
-// receiver), "bench.mallocs".
+// receiver), "bulk.take" (BenchmarkBulk's receiver), "bench.mallocs".
 func sypasKernel() error {
 	// Resolved before GOMAXPROCS changes: one P turns the default spin
 	// phase off (futex.Config.Resolved: a peer in this process could not
@@ -177,6 +177,7 @@ func sypasKernel() error {
 	echo := func(_ context.Context, r *sypas.Request) ([]byte, error) { return r.Body, nil }
 	srv.Handle("echo", sypas.RightRequest, echo, sypas.Inline)
 	srv.Handle("echo.pool", sypas.RightRequest, echo)
+	srv.Handle("bulk.take", sypas.RightRequest, bulkTake(), sypas.Inline)
 	var mallocs [8]byte
 	srv.Handle("bench.mallocs", 0, func(context.Context, *sypas.Request) ([]byte, error) {
 		var ms runtime.MemStats

@@ -51,6 +51,10 @@
 //     Session stream, beside grpc-go's own unary call of a BytesValue echo
 //     (the baseline), the service's unary Call as a stock client calls it,
 //     and (round trip only) a plain grpc-go bidirectional stream's echo.
+//   - BenchmarkBulk: a Call with a 1, 16 or 64 MiB body in a bulk span,
+//     zero-copy (AllocSpan, CallSpan) and copying (the body copied into the
+//     span), beside memcpy of the same size in one process and a Unix
+//     socket moving the same bytes to another process.
 //
 // The other process is this test binary re-executed. Where the machine has two
 // or more CPUs, variants that busy-poll (the ring in spin and auto mode, the

@@ -25,6 +25,10 @@ const (
 	DefaultMaxInFlight       = 128
 	DefaultTokenTTL          = time.Hour
 	DefaultFeatures          = wire.FeatureTokenRefresh
+	// DefaultBulkSize is the bulk region a kernel grants when the daemon
+	// asks for its default: room for a few large payloads in flight on a
+	// small machine (bulk.DefaultSize).
+	DefaultBulkSize = 64 << 20
 
 	// controlMaxPayload bounds a frame on the control socket: the largest
 	// control payload is a TOKEN (18 + 2048 bytes) or a HELLO with its name
@@ -59,6 +63,15 @@ type SessionConfig struct {
 	TxRingSize, RxRingSize uint32
 	// MaxRingSize caps what the kernel grants. Zero means DefaultMaxRingSize.
 	MaxRingSize uint32
+	// BulkSize is the size of each side's bulk region when
+	// wire.FeatureBulk is granted (docs/PROTOCOL.md §6.4): what a daemon
+	// asks for (zero: the kernel's default), or a kernel's default (zero:
+	// DefaultBulkSize). A power of two in [wire.MinBulkSize,
+	// wire.MaxBulkSize]. Its pages cost memory only once written.
+	BulkSize uint32
+	// MaxBulkSize caps the bulk region size a kernel grants or a daemon
+	// accepts. Zero means wire.MaxBulkSize (1 GiB).
+	MaxBulkSize uint32
 	// MaxPayload is the inline payload limit; zero means
 	// frame.DefaultMaxPayload. It is clamped so a frame fits in a ring record.
 	MaxPayload uint32
@@ -96,6 +109,7 @@ func (c SessionConfig) withDefaults() SessionConfig {
 	c.HeartbeatMisses = cmp.Or(c.HeartbeatMisses, DefaultHeartbeatMisses)
 	c.Features = cmp.Or(c.Features, DefaultFeatures)
 	c.MaxRingSize = cmp.Or(c.MaxRingSize, DefaultMaxRingSize)
+	c.MaxBulkSize = cmp.Or(c.MaxBulkSize, wire.MaxBulkSize)
 	c.MaxPayload = cmp.Or(c.MaxPayload, frame.DefaultMaxPayload)
 	return c
 }
@@ -132,6 +146,17 @@ func (c SessionConfig) validate(owner string) error {
 	if err := negative(owner+".", durField("HandshakeTimeout", c.HandshakeTimeout),
 		durField("HeartbeatInterval", c.HeartbeatInterval), durField("DrainTimeout", c.DrainTimeout)); err != nil {
 		return err
+	}
+	for _, r := range []struct {
+		name string
+		v    uint32
+	}{{"MaxBulkSize", c.MaxBulkSize}, {"BulkSize", c.BulkSize}} {
+		if !wire.BulkSizeOK(uint64(r.v), true) {
+			return configErr(field(r.name), "%d: want 0 or a power of two in [%d, %d]", r.v, wire.MinBulkSize, wire.MaxBulkSize)
+		}
+		if r.name == "BulkSize" && c.MaxBulkSize != 0 && r.v > c.MaxBulkSize {
+			return configErr(field(r.name), "%d above MaxBulkSize %d", r.v, c.MaxBulkSize)
+		}
 	}
 	for _, r := range []struct {
 		name string
@@ -233,7 +258,7 @@ type ServerConfig struct {
 	// TokenTTL is a token's lifetime. Zero means DefaultTokenTTL.
 	TokenTTL time.Duration
 	// Rights and Scope are granted to every session's token. Zero rights
-	// means request, subscribe and publish.
+	// means request, subscribe, publish and bulk.
 	Rights token.Rights
 	Scope  string
 	// Revoked, if set, is consulted by every session: Session.Capability's

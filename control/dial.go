@@ -260,6 +260,9 @@ func (s *Session) clientHandshake(cfg DialConfig) error {
 		Features: features, TxRingSize: cfg.TxRingSize, RxRingSize: cfg.RxRingSize,
 		MaxPayload: cfg.MaxPayload, MaxInFlight: cfg.MaxInFlight, Name: []byte(cfg.Name),
 	}
+	if features&wire.FeatureBulk != 0 {
+		hello.BulkSize = cfg.BulkSize
+	}
 	if err := s.send(&hello, 0, 0, 0); err != nil {
 		// A kernel that refused us at once (E_RESOURCE) may have closed
 		// before HELLO arrived: its ERROR is still there to read.
@@ -301,8 +304,13 @@ func (s *Session) clientHandshake(cfg DialConfig) error {
 		if err != nil {
 			return err
 		}
-		if err := s.mapRegions(f, files); err != nil {
+		if err := s.mapRegions(f, files, hello.BulkSize); err != nil {
 			return err
+		}
+		if s.bulkGranted() {
+			if err := s.sendBulkRegion(); err != nil {
+				return err
+			}
 		}
 	}
 
@@ -331,6 +339,8 @@ func checkWelcome(w *wire.Welcome, h *wire.Hello, cfg *SessionConfig) error {
 		return &wire.Error{Code: wire.CodeVersion, Message: fmt.Sprintf("kernel chose version %d outside [%d, %d]", w.Version, h.MinVersion, h.MaxVersion)}
 	case w.Features&^h.Features != 0:
 		return protoErr("kernel granted features %#x, offered %#x", w.Features, h.Features)
+	case w.Features&wire.FeatureBulk != 0 && w.Features&wire.FeatureInline != 0:
+		return protoErr("kernel granted BULK with INLINE: bulk regions need the rings")
 	case cfg.RequireFeatures&^w.Features != 0:
 		return protoErr("kernel lacks required features %#x (granted %#x)", cfg.RequireFeatures&^w.Features, w.Features)
 	case w.HeartbeatIntervalMs > maxHeartbeatMs:
@@ -343,9 +353,11 @@ func checkWelcome(w *wire.Welcome, h *wire.Hello, cfg *SessionConfig) error {
 	return nil
 }
 
-// mapRegions checks REGIONS against WELCOME and maps the two rings. It
-// owns files: each is either mapped (and then owned by a Region) or closed.
-func (s *Session) mapRegions(f *frame.Frame, files []*os.File) (err error) {
+// mapRegions checks REGIONS against WELCOME and maps the two rings, and
+// the kernel's bulk region when BULK is granted (bulkAsked: the HELLO's
+// bulk_size). It owns files: each is either mapped (and then owned by a
+// Region) or closed.
+func (s *Session) mapRegions(f *frame.Frame, files []*os.File, bulkAsked uint32) (err error) {
 	defer func() {
 		if err != nil {
 			closeFiles(files)
@@ -356,10 +368,19 @@ func (s *Session) mapRegions(f *frame.Frame, files []*os.File) (err error) {
 		return protoErr("REGIONS: %v", err)
 	}
 	caps := map[wire.RegionRole]uint32{wire.RoleRingTx: s.welcome.TxRingSize, wire.RoleRingRx: s.welcome.RxRingSize}
-	if len(m.Entries) != 2 || m.Entries[0].Role != wire.RoleRingTx || m.Entries[1].Role != wire.RoleRingRx {
-		return protoErr("REGIONS: want [RING_TX, RING_RX], got %v", m.Entries)
+	want := 2
+	if s.bulkGranted() {
+		want = 3
 	}
-	for _, e := range m.Entries {
+	if len(m.Entries) != want || m.Entries[0].Role != wire.RoleRingTx || m.Entries[1].Role != wire.RoleRingRx {
+		return protoErr("REGIONS: want [RING_TX, RING_RX] (and BULK when granted), got %v", m.Entries)
+	}
+	if want == 3 {
+		if err := s.checkBulkEntry(m.Entries[2], KernelBulkID, bulkAsked, 0); err != nil {
+			return err
+		}
+	}
+	for _, e := range m.Entries[:2] {
 		if e.Flags != 0 || e.Size != regionSize(caps[e.Role]) {
 			return protoErr("REGIONS: %v region flags %#x size %d, want 0 and %d", e.Role, e.Flags, e.Size, regionSize(caps[e.Role]))
 		}
@@ -367,7 +388,14 @@ func (s *Session) mapRegions(f *frame.Frame, files []*os.File) (err error) {
 	if err := distinctFiles(files, m.Entries); err != nil {
 		return err
 	}
-	for i, e := range m.Entries {
+	if want == 3 {
+		err := s.openPeerBulk(m.Entries[2], files[2]) // closes files[2] on failure
+		files[2] = nil
+		if err != nil {
+			return err
+		}
+	}
+	for i, e := range m.Entries[:2] {
 		r, err := ring.OpenRegion(files[i], int(caps[e.Role])) // closes files[i] on failure
 		files[i] = nil
 		if err != nil {
@@ -390,11 +418,10 @@ func (s *Session) mapRegions(f *frame.Frame, files []*os.File) (err error) {
 func distinctFiles(files []*os.File, entries []wire.Region) error {
 	ids := make([]*syscall.Stat_t, len(files))
 	for i, f := range files {
-		fi, err := f.Stat() // fstat(2)
+		st, err := statOf(f) // fstat(2)
 		if err != nil {
 			return protoErr("REGIONS: %v memfd: %v", entries[i].Role, err)
 		}
-		st := fi.Sys().(*syscall.Stat_t)
 		for j := range i {
 			if ids[j].Dev == st.Dev && ids[j].Ino == st.Ino {
 				return protoErr("REGIONS: %v and %v are the same memfd (device %#x, inode %d)",

@@ -28,8 +28,8 @@ import (
 // that sends a frame one byte per sendmsg, each with MaxFDs descriptors,
 // would otherwise make us hold MaxFDs descriptors per byte until the frame
 // ends. Read therefore fails, closing everything it holds, as soon as a
-// batch arrives while fds is false (the kernel, which never receives any;
-// a daemon once REGIONS has been read), or a second batch arrives before
+// batch arrives while fds is false (the kernel, except for the daemon's
+// REGIONS when BULK is granted; a daemon once REGIONS has been read), or a second batch arrives before
 // the first was claimed, or a batch holds more than MaxFDs. At most MaxFDs
 // descriptors are ever held.
 //
@@ -44,7 +44,8 @@ type fdReader struct {
 	off     int64 // stream bytes read so far
 	pending []fdBatch
 	// fds: one batch of descriptors may still come (a daemon before
-	// REGIONS). claim of a frame that may carry descriptors clears it.
+	// REGIONS; the kernel once it has sent REGIONS with BULK granted).
+	// claim of a frame that may carry descriptors clears it.
 	fds bool
 	err error // sticky: the first fd-passing violation
 

@@ -23,7 +23,8 @@ import (
 type Limits struct {
 	// MaxSessions bounds the kernel's sessions, handshakes in progress
 	// included. A session holds 5 descriptors (socket, pidfd and its
-	// watcher, two memfds), 2 mappings and its ring memory until it is
+	// watcher, two ring memfds), 7 with BULK (its bulk memfd and the
+	// daemon's), 2 mappings (4 with BULK) and its ring memory until it is
 	// closed. Zero means DefaultMaxSessions.
 	MaxSessions int
 	// MaxSessionsPerUID bounds the sessions of one daemon uid (of one
@@ -87,8 +88,8 @@ const (
 	// heartbeat and the answer to ours); 64 is 32 times that.
 	DefaultMaxControlFrames = 64
 
-	// fdsPerSession is what one connection may need at its peak: the 5 a
-	// session holds, plus the files attestation opens for a moment.
+	// fdsPerSession is what one connection may need at its peak: the 7 a
+	// session with BULK holds, plus a file attestation opens for a moment.
 	fdsPerSession = 8
 )
 

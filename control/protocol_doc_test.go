@@ -54,6 +54,10 @@ var docKey = docgen.Key()
 // are legal in the session shown.
 const docFeatures = wire.FeatureBulk | wire.FeatureSubscribe | wire.FeatureTokenRefresh
 
+// docBulkSize is the bulk region the daemon asks for, so that HELLO shows
+// its bulk_size field.
+const docBulkSize = 16 << 20
+
 // docTokenTTL is short so that the daemon refreshes within the test: at
 // 70..80 % of it, after the first heartbeats (1 s) and well before the
 // second ones (2 s).
@@ -98,7 +102,8 @@ type step struct {
 var script = []step{
 	{toKernel, frame.TypeHello, false, 0, 0, "the daemon's first frame"},
 	{toDaemon, frame.TypeWelcome, false, 0, 0, "the granted parameters"},
-	{toDaemon, frame.TypeRegions, false, 0, 0, "sent with the two ring memfds in the same sendmsg (SCM_RIGHTS)"},
+	{toDaemon, frame.TypeRegions, false, 0, 0, "sent with the two ring memfds and the kernel's bulk memfd in the same sendmsg (SCM_RIGHTS)"},
+	{toKernel, frame.TypeRegions, false, 0, 0, "BULK was granted: the daemon's own bulk memfd, in the same sendmsg"},
 	{toDaemon, frame.TypeToken, false, 0, 0, "token 1; the handshake ends here"},
 	{toKernel, frame.TypeHeartbeat, false, 1, 0, "1 s (the interval) after the handshake"},
 	{toDaemon, frame.TypeHeartbeat, false, 1, 0, "1 s (the interval) after the handshake"},
@@ -282,7 +287,7 @@ func captureSession(t *testing.T) ([]captured, error) {
 		}
 	}()
 
-	d, err := control.Dial(ctx, ppath, control.DialConfig{SessionConfig: control.SessionConfig{Name: "netd", Features: docFeatures}})
+	d, err := control.Dial(ctx, ppath, control.DialConfig{SessionConfig: control.SessionConfig{Name: "netd", Features: docFeatures, BulkSize: docBulkSize}})
 	require.NoError(t, err)
 	defer d.Close()
 	first := d.Token().ID
@@ -475,8 +480,11 @@ func checkSessionRules(t *testing.T, frames []captured) {
 			assert.Equal(t, uint64(math.MaxUint64), m.LastCorrelation)
 			assert.Equal(t, wire.CodeOK, m.Code)
 		case *wire.Regions:
-			assert.Len(t, m.Entries, 2)
-			wantFDs = 2
+			wantFDs = 3 // the rings and the kernel's bulk region
+			if c.dir == toKernel {
+				wantFDs = 1 // the daemon's bulk region
+			}
+			assert.Len(t, m.Entries, wantFDs)
 		}
 		assert.Equal(t, wantFDs, c.fds, "frame %d: descriptors", i+1)
 		assert.Equal(t, toks[s.tok], h.CapRef, "frame %d (%v): cap_ref", i+1, h.Type)

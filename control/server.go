@@ -395,9 +395,15 @@ func (s *Session) serverHandshake() error {
 	}
 	if reason != "" {
 		s.welcome.Features |= wire.FeatureInline
+		s.welcome.Features &^= wire.FeatureBulk // bulk regions need the rings (§6.4)
 		s.inline = newInline(s, tx, reason)
 	} else {
 		s.welcome.Features &^= wire.FeatureInline
+	}
+	if s.bulkGranted() {
+		if err := s.createBulk(s.grantBulk(&h), KernelBulkID); err != nil {
+			return err
+		}
 	}
 	if err := s.send(&s.welcome, 0, 0, 0); err != nil {
 		return err
@@ -415,8 +421,19 @@ func (s *Session) serverHandshake() error {
 			{Role: wire.RoleRingTx, ID: 1, Size: regionSize(tx)},
 			{Role: wire.RoleRingRx, ID: 2, Size: regionSize(rx)},
 		}}
-		if err := s.sendFDs(&regions, s.regions[0].File(), s.regions[1].File()); err != nil {
+		files := []*os.File{s.regions[0].File(), s.regions[1].File()}
+		if s.bulk != nil {
+			regions.Entries = append(regions.Entries, s.bulkEntry())
+			files = append(files, s.bulk.File())
+			s.fdr.fds = true // the daemon answers with its own bulk region (§6.5)
+		}
+		if err := s.sendFDs(&regions, files...); err != nil {
 			return err
+		}
+		if s.bulk != nil {
+			if err := s.readPeerBulk(files...); err != nil {
+				return err
+			}
 		}
 	}
 
@@ -477,4 +494,4 @@ func (s *Session) chooseDataPlane(h *wire.Hello, granted uint64) (string, error)
 }
 
 // tokenDefaultRights is what a token grants when ServerConfig.Rights is zero.
-const tokenDefaultRights = token.RightRequest | token.RightSubscribe | token.RightPublish
+const tokenDefaultRights = token.RightRequest | token.RightSubscribe | token.RightPublish | token.RightBulk

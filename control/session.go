@@ -17,6 +17,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/sypas/go/bulk"
 	"github.com/sypas/go/control/token"
 	"github.com/sypas/go/frame"
 	"github.com/sypas/go/ring"
@@ -59,6 +60,8 @@ func accepts(kernel bool, st State, t frame.Type) bool {
 	switch {
 	case kernel && st == StateHandshake:
 		return t == frame.TypeHello
+	case kernel && st == StateRegions: // the daemon's bulk region (§6.5), read only when BULK is granted
+		return t == frame.TypeRegions
 	case kernel && (st == StateOperation || st == StateDraining):
 		return t == frame.TypeHeartbeat || t == frame.TypeGoAway || t == frame.TypeTokenRefresh
 	case !kernel && st == StateHandshake:
@@ -131,6 +134,10 @@ type Session struct {
 	prod    *ring.Producer
 	cons    *ring.Consumer
 	inline  *Inline // the data plane, when on the socket (no regions then)
+	// The bulk regions (bulk.go), when BULK is granted: this side's, and
+	// the peer's as mapped here.
+	bulk     *bulk.Region
+	peerBulk *bulk.PeerRegion
 
 	fallback string // daemon: why better addresses were passed over (Dial)
 	addr     string // daemon: the address Dial reached
@@ -276,6 +283,7 @@ func (s *Session) fail(err error) {
 	s.err = err
 	s.errMu.Unlock()
 	s.setState(StateClosed)
+	s.releaseBulk()
 	if t := s.drainTimer.Load(); t != nil {
 		t.Stop()
 	}
@@ -354,6 +362,7 @@ func (s *Session) Close() error {
 		for _, r := range s.regions {
 			errs = append(errs, r.Close())
 		}
+		errs = append(errs, s.closeBulk())
 		s.fail(ErrSessionClosed)
 		s.wg.Wait()
 		s.rmu.Lock() // a direct Inline reader has left readFrame (fail closed the socket)

@@ -111,6 +111,17 @@ func FuzzBridgeKernel(f *testing.F) {
 	f.Add(record(f, frame.TypeResponse, frame.FlagEndStream, 1, &wire.Response{Body: []byte("not yours")}))
 	f.Add([]byte{0, 5, 0, 'h', 'e', 'l', 'l', 'o'})
 	f.Add([]byte{})
+	// Bulk: the daemon's region holds an "echo" REQUEST at offset 0
+	// (bulkReq); descriptors of it, of past its end, of another region,
+	// and ACKs of leases the kernel never sent.
+	span := func(off, n uint64, region uint32) *wire.Bulk {
+		return &wire.Bulk{InnerType: frame.TypeRequest, Region: region, Offset: off, Length: n, Lease: 1}
+	}
+	f.Add(record(f, frame.TypeBulk, 0, 5, span(0, uint64(len(bulkReq)), control.DaemonBulkID)))
+	f.Add(record(f, frame.TypeBulk, 0, 0, span(0, uint64(len(bulkReq)), control.DaemonBulkID)))
+	f.Add(record(f, frame.TypeBulk, 0, 5, span(bridgeBulkSize-8, 16, control.DaemonBulkID)))
+	f.Add(record(f, frame.TypeBulk, 0, 5, span(0, 64, control.KernelBulkID)))
+	f.Add(record(f, frame.TypeBulk, frame.FlagAck, 0, &wire.Bulk{InnerType: frame.TypeResponse, Region: control.KernelBulkID, Length: 1, Lease: 7}))
 
 	cfg := sypas.ServerConfig{Workers: 2}
 	cfg.Keys, cfg.Logger = fuzzKeys(f), quiet
@@ -133,7 +144,8 @@ func FuzzBridgeKernel(f *testing.F) {
 		l.Close()
 	})
 	dcfg := control.DialConfig{SessionConfig: control.SessionConfig{Logger: quiet,
-		Features: control.DefaultFeatures | wire.FeatureSubscribe, TxRingSize: 16 << 10, RxRingSize: 16 << 10}}
+		Features: control.DefaultFeatures | wire.FeatureSubscribe | wire.FeatureBulk, TxRingSize: 16 << 10, RxRingSize: 16 << 10,
+		BulkSize: bridgeBulkSize}}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	other, err := sypas.Dial(ctx, path, sypas.ClientConfig{DialConfig: dcfg})
@@ -146,6 +158,7 @@ func FuzzBridgeKernel(f *testing.F) {
 		s, err := control.Dial(ctx, path, dcfg)
 		require.NoError(t, err)
 		defer s.Close()
+		copy(s.Bulk().Bytes(), bulkReq)
 
 		// The kernel's ring is read while the records are written: its
 		// answers must not wait for room behind our writes.
@@ -174,6 +187,20 @@ func FuzzBridgeKernel(f *testing.F) {
 		}
 	})
 }
+
+// bridgeBulkSize is the bulk regions' size in the bridge's fuzz targets: the
+// smallest.
+const bridgeBulkSize = wire.MinBulkSize
+
+// bulkReq is the REQUEST payload the fuzzing daemon keeps at offset 0 of
+// its bulk region.
+var bulkReq = func() []byte {
+	b, err := (&wire.Request{Method: []byte("echo"), Body: bytes.Repeat([]byte("b"), 100)}).Append(nil)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}()
 
 // readKernel reads the kernel's ring of s until the answer to the health
 // call, or the session's end, which must come with the kernel's reason.
@@ -229,6 +256,16 @@ func FuzzBridgeClient(f *testing.F) {
 		recordFixed(f, frame.TypeResponse, frame.FlagEndStream, 0, &wire.Response{Body: []byte("x")}, all)...))
 	f.Add(recordFixed(f, frame.TypeEvent, 0, 0, &wire.Event{SubscriptionID: 9, Topic: []byte("t"), Body: []byte("e")}, all&^fixCorrelation))
 	f.Add(recordFixed(f, frame.TypeRequest, 0, 1, &wire.Request{Method: []byte("x")}, all&^fixCorrelation))
+	// Bulk: the kernel's region holds 'k' bytes; a reply and an event in
+	// it, one past its end, one in the daemon's region, forged ACKs.
+	reply := func(off, n uint64, region uint32) *wire.Bulk {
+		return &wire.Bulk{InnerType: frame.TypeResponse, Region: region, Offset: off, Length: n, Lease: 3}
+	}
+	f.Add(recordFixed(f, frame.TypeBulk, frame.FlagEndStream, 0, reply(0, 70000, control.KernelBulkID), all))
+	f.Add(recordFixed(f, frame.TypeBulk, frame.FlagEndStream, 0, reply(bridgeBulkSize-4, 8, control.KernelBulkID), all))
+	f.Add(recordFixed(f, frame.TypeBulk, frame.FlagEndStream, 0, reply(0, 10, control.DaemonBulkID), all))
+	f.Add(recordFixed(f, frame.TypeBulk, 0, 0, &wire.Bulk{InnerType: frame.TypeEvent, Region: control.KernelBulkID, Length: 30, Lease: 4}, all&^fixCorrelation))
+	f.Add(recordFixed(f, frame.TypeBulk, frame.FlagAck, 0, &wire.Bulk{InnerType: frame.TypeRequest, Region: control.DaemonBulkID, Length: 1, Lease: 9}, all&^fixCorrelation))
 	f.Add([]byte{0, 5, 0, 'h', 'e', 'l', 'l', 'o'})
 	f.Add([]byte{})
 
@@ -237,7 +274,8 @@ func FuzzBridgeClient(f *testing.F) {
 	require.NoError(f, err)
 	f.Cleanup(func() { l.Close() })
 	srv, err := control.NewServer(l, control.ServerConfig{Keys: fuzzKeys(f), SessionConfig: control.SessionConfig{
-		Logger: quiet, Features: control.DefaultFeatures | wire.FeatureSubscribe, TxRingSize: 16 << 10, RxRingSize: 16 << 10}})
+		Logger: quiet, Features: control.DefaultFeatures | wire.FeatureSubscribe | wire.FeatureBulk,
+		TxRingSize: 16 << 10, RxRingSize: 16 << 10, BulkSize: bridgeBulkSize}})
 	require.NoError(f, err)
 	ccfg := sypas.ClientConfig{MaxAttempts: 1}
 	ccfg.Logger = quiet
@@ -260,6 +298,9 @@ func FuzzBridgeClient(f *testing.F) {
 		ks := <-accepted
 		require.NotNil(t, ks)
 		defer ks.Close()
+		if ks.Bulk() != nil {
+			copy(ks.Bulk().Bytes(), bytes.Repeat([]byte("k"), bridgeBulkSize))
+		}
 
 		const callFor = 200 * time.Millisecond
 		callCtx, cancelCall := context.WithTimeout(ctx, callFor)

@@ -95,7 +95,7 @@ func dialT(t testing.TB, path string, cfg ClientConfig) *Client {
 	c, err := Dial(ctx, path, cfg)
 	require.NoError(t, err)
 	t.Cleanup(func() { c.Close() })
-	if want := map[bool]string{true: TransportInline}[forceInline.Load()]; tcp || want != "" {
+	if want := map[bool]string{true: TransportInline}[forceInline.Load()]; len(cfg.Fallbacks) == 0 && (tcp || want != "") {
 		if tcp {
 			want = TransportTLS
 		}

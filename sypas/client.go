@@ -92,7 +92,7 @@ func NewClient(addr string, cfg ClientConfig) (*Client, error) {
 		return nil, fmt.Errorf("%w: ClientConfig.MaxAttempts %d is negative", control.ErrConfig, cfg.MaxAttempts)
 	}
 	cfg.MaxAttempts = cmp.Or(cfg.MaxAttempts, DefaultMaxAttempts)
-	cfg.Features = cmp.Or(cfg.Features, control.DefaultFeatures) | wire.FeatureSubscribe | wire.FeatureInline
+	cfg.Features = cmp.Or(cfg.Features, control.DefaultFeatures) | wire.FeatureSubscribe | wire.FeatureInline | wire.FeatureBulk
 	if cfg.RetryBackoff == (control.Backoff{}) {
 		cfg.RetryBackoff = control.Backoff{Base: 10 * time.Millisecond, Multiplier: 2, Max: time.Second}
 	}
@@ -224,8 +224,12 @@ func (c *Client) conn(ctx context.Context, wait bool) (*clientConn, error) {
 // owns (the one allocation of a call). An error from the kernel is an
 // *Error (match it with errors.Is against ErrNotFound, ErrPermission...);
 // a call whose session ended or could not start matches ErrUnavailable;
-// ctx's error when ctx ends first. A body above the session's limit fails
-// with ErrTooLarge before anything is sent.
+// ctx's error when ctx ends first. A body above the session's max_payload
+// goes in bulk, copied once into the session's bulk region, where the
+// kernel reads it in place (waiting for room until ctx's deadline, then
+// an error matching ErrResource); one above the bulk region, or above
+// max_payload on a session without bulk (inline), fails with ErrTooLarge
+// before anything is sent. AllocSpan and CallSpan avoid the copy.
 func (c *Client) Call(ctx context.Context, op string, body []byte, opts ...CallOption) ([]byte, error) {
 	return c.do(ctx, op, body, modeOwn, nil, nil, false, opts)
 }
@@ -238,7 +242,9 @@ func (c *Client) CallInto(ctx context.Context, op string, body, dst []byte, opts
 
 // CallFunc is Call with the reply handed to fn instead of returned: a
 // view, in place in the shared ring when this goroutine read the reply
-// itself, valid only until fn returns (copy what you keep; the kernel can
+// itself, or in the kernel's bulk region for a reply over max_payload
+// (whoever read it; the span is released when fn returns), valid only
+// until fn returns (copy what you keep; the kernel can
 // still change bytes of shared memory under a view). fn's error is
 // CallFunc's, and a panic in fn reaches CallFunc's caller once the call is
 // over (the Client stays usable). fn runs while this goroutine reads the
@@ -280,6 +286,10 @@ func (c *Client) do(ctx context.Context, op string, body []byte, mode uint8, dst
 		}
 		if n := 10 + len(op) + len(body); n > cc.tr.maxPayload() {
 			return nil, &Error{Code: CodeTooLarge, Message: fmt.Sprintf("request of %d bytes, the session's limit is %d", n, cc.tr.maxPayload())}
+		} else if oneWay && cc.own != nil && n > int(cc.sess.Params().MaxPayload) {
+			// A one-way request in bulk: its ACK must be read though no
+			// caller waits for an answer (bulk.go).
+			cc.startSubReader()
 		}
 		s, err := cc.acquire(ctx)
 		if err != nil {

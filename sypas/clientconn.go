@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/sypas/go/bulk"
 	"github.com/sypas/go/control"
 	"github.com/sypas/go/frame"
 	"github.com/sypas/go/wire"
@@ -50,6 +51,13 @@ type clientConn struct {
 	draining atomic.Bool // GOAWAY received: start nothing new
 	pending  atomic.Int32
 	idle     chan struct{}
+
+	// Bulk (bulk.go): nil without BULK. rdesc is the reader's copy of
+	// the BULK descriptor it is delivering.
+	bc    bulkCarrier
+	own   *bulk.Region
+	peer  *bulk.PeerRegion
+	rdesc wire.Bulk
 }
 
 // Slot states.
@@ -81,6 +89,12 @@ type slot struct {
 	err   error  // the kernel's ERROR, or the callback's error
 
 	panicked any // the callback's panic as the reader (handView), raised again by take
+
+	desc wire.Bulk // CallSpan: the request's descriptor, encoded from here
+	// rspan is the kernel's bulk span a follower's view (modeView) is in,
+	// released by take once fn has seen it; spanned says there is one.
+	rspan   wire.Bulk
+	spanned bool
 }
 
 // Delivery modes.
@@ -102,6 +116,9 @@ func newClientConn(cl *Client, sess *control.Session) *clientConn {
 		s := &c.slots[i]
 		s.idx, s.wake = uint32(i), make(chan struct{}, 1)
 		c.free <- s
+	}
+	if c.bc = carrier(c.tr); c.bc != nil {
+		c.own, c.peer = c.bc.bulkRegions()
 	}
 	go c.watch()
 	return c
@@ -359,18 +376,34 @@ func (c *clientConn) deliver(f *frame.Frame, s *slot, fn func([]byte) error) (ow
 	case frame.TypeResponse, frame.TypeError:
 	case frame.TypeEvent:
 		return false, c.cl.subs.deliver(f)
+	case frame.TypeBulk:
+		return c.deliverBulk(f, s, fn)
 	default:
 		return false, errorf(CodeProto, fmt.Sprintf("%v frame on the kernel's ring", f.Type))
+	}
+	return c.deliverReply(f, s, fn, nil)
+}
+
+// deliverReply routes a RESPONSE or ERROR to its slot. With span, the
+// payload is a view of the kernel's bulk span, released once nothing reads
+// it any more: after the copy, after fn, or at once for a stale reply.
+func (c *clientConn) deliverReply(f *frame.Frame, s *slot, fn func([]byte) error, span *wire.Bulk) (own bool, err error) {
+	release := func() {
+		if span != nil {
+			c.releaseSpan(span)
+		}
 	}
 	corr := f.Correlation
 	i := uint32(corr) - 1
 	if corr == 0 || uint64(i) >= uint64(len(c.slots)) {
+		release()
 		return false, errorf(CodeProto, fmt.Sprintf("%v for correlation %#x, which names no request", f.Type, corr))
 	}
 	t := &c.slots[i]
 	// The state first: it orders the owner's writes of id, mode and dst
 	// before our reads.
 	if st := t.state.Load(); st != slotWaiting && st != slotAbandoned || t.id != corr {
+		release()
 		return false, nil // a stale reply: its caller gave up, and the slot moved on
 	}
 	var body []byte
@@ -383,6 +416,7 @@ func (c *clientConn) deliver(f *frame.Frame, s *slot, fn func([]byte) error) (ow
 		rerr = m.Err()
 	} else {
 		if !f.Flags.Has(frame.FlagEndStream) {
+			release()
 			return false, errorf(CodeProto, "a streamed RESPONSE: version 1 replies are one frame")
 		}
 		body = f.Payload
@@ -393,6 +427,7 @@ func (c *clientConn) deliver(f *frame.Frame, s *slot, fn func([]byte) error) (ow
 		} else {
 			s.store(body, rerr)
 		}
+		release()
 		s.state.Store(slotDone)
 		return true, nil
 	}
@@ -400,6 +435,7 @@ func (c *clientConn) deliver(f *frame.Frame, s *slot, fn func([]byte) error) (ow
 	// (abandon) then waits for the reply rather than return, and no reply
 	// lands in the buffer of a call that has returned.
 	if !t.state.CompareAndSwap(slotWaiting, slotDelivering) {
+		release()
 		if t.state.CompareAndSwap(slotAbandoned, slotIdle) {
 			t.gen++ // nothing may match it any more
 			t.id = 0
@@ -407,7 +443,13 @@ func (c *clientConn) deliver(f *frame.Frame, s *slot, fn func([]byte) error) (ow
 		}
 		return false, nil
 	}
-	t.store(body, rerr)
+	if span != nil && t.mode == modeView && rerr == nil {
+		// The follower's fn sees the span in place; take releases it.
+		t.reply, t.err, t.rspan, t.spanned = body, nil, *span, true
+	} else {
+		t.store(body, rerr)
+		release()
+	}
 	t.state.Store(slotDone)
 	select {
 	case t.wake <- struct{}{}:
@@ -423,6 +465,10 @@ func (c *clientConn) take(s *slot, fn func([]byte) error) ([]byte, error) {
 	if p := s.panicked; p != nil {
 		s.panicked = nil
 		panic(p)
+	}
+	if s.spanned {
+		defer c.releaseSpan(&s.rspan) // after fn, which reads the span in place
+		s.spanned = false
 	}
 	reply, err := s.reply, s.err
 	if err == nil && fn != nil {

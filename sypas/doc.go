@@ -54,7 +54,8 @@
 // error matching ErrUnavailable (unless the session ended with a code of
 // its own, such as E_AUTH for a revoked token), or waits for the next
 // session if it is WaitForReady. A body above the session's max_payload
-// fails with ErrTooLarge before anything is sent. A call whose context
+// fails with ErrTooLarge before anything is sent, unless it goes in bulk
+// (below). A call whose context
 // ends returns at once, but its request stays counted against
 // max_in_flight until the kernel answers (there is no cancel frame), so
 // give calls deadlines: the kernel's handler sees the deadline, and
@@ -77,4 +78,23 @@
 // session and its rights cached, so the per-frame check is a few atomic
 // loads, a map lookup and an atomic add: no allocation, no system call.
 // docs/SECURITY.md §12 has the details.
+//
+// # Large payloads: bulk
+//
+// On the rings, a request body, a reply or an event over the session's
+// max_payload (64 KiB by default) travels by itself through shared memory:
+// its bytes go into a span of the sender's bulk region (a sealed memfd of
+// 64 MiB by default, ClientConfig.BulkSize), and only a 40-byte
+// descriptor crosses the ring (docs/PROTOCOL.md §8.7). Call copies the body
+// into the span once; AllocSpan and CallSpan let the caller write it there
+// in place, with no copy. The kernel's handler reads the span where it
+// lies (Request.Body) and the span is released when the handler returns;
+// the daemon copies a reply for Call, or hands CallFunc's callback a view
+// until it returns. A payload larger than the region fails with
+// ErrTooLarge; a region that stays full makes the sender wait until its
+// deadline, then fail with an error matching ErrResource: there is no
+// fallback to another path. A bulk request needs the token's bulk right
+// (RightBulk, in the default rights). The inline transport has no bulk
+// regions: there a body over max_payload fails with ErrTooLarge.
+// BulkStats and ServerStats.BulkSpans say how many spans are in use.
 package sypas

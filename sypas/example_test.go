@@ -33,7 +33,7 @@ func ExampleServer() {
 	}
 	audit := slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{ReplaceAttr: stableKeys}))
 	srv, err := sypas.NewServer(sypas.ServerConfig{ServerConfig: control.ServerConfig{
-		Keys:          keys, // tokens grant request, subscribe and publish: the default rights
+		Keys:          keys, // tokens grant request, subscribe, publish and bulk: the default rights
 		SessionConfig: control.SessionConfig{Logger: audit},
 	}})
 	if err != nil {

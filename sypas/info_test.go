@@ -18,7 +18,7 @@ func TestClientTokenAndParams(t *testing.T) {
 	tok, err := c.Token()
 	require.NoError(t, err)
 	assert.NotZero(t, tok.ID)
-	assert.Equal(t, RightRequest|RightSubscribe|RightPublish, tok.Rights, "the control plane's default rights")
+	assert.Equal(t, RightRequest|RightSubscribe|RightPublish|RightBulk, tok.Rights, "the control plane's default rights")
 	if isTCP(k.path) {
 		assert.EqualValues(t, control.NoUID, tok.Subject.UID, "bound to the certificate, no uid")
 		assert.Zero(t, tok.Subject.PID)

@@ -209,6 +209,34 @@ func (k *testKernel) register(s *Server) {
 		return json.Marshal(k.srv.Stats())
 	})
 	s.Handle("publish", RightRequest, k.publish)
+	s.Handle("procstat", RightRequest, func(context.Context, *Request) ([]byte, error) {
+		st := readProcStat()
+		st.Sessions = k.srv.Stats().Sessions
+		return json.Marshal(st)
+	})
+}
+
+// procStat is what a process holds: descriptors, and mappings of bulk
+// memfds.
+type procStat struct {
+	FDs, BulkMaps int
+	Sessions      int64
+	Links         []string // what each descriptor is, for a failure's message
+}
+
+func readProcStat() procStat {
+	var st procStat
+	if ents, err := os.ReadDir("/proc/self/fd"); err == nil {
+		st.FDs = len(ents)
+		for _, e := range ents {
+			l, _ := os.Readlink("/proc/self/fd/" + e.Name())
+			st.Links = append(st.Links, e.Name()+"="+l)
+		}
+	}
+	if b, err := os.ReadFile("/proc/self/maps"); err == nil {
+		st.BulkMaps = strings.Count(string(b), "memfd:sypas-bulk")
+	}
+	return st
 }
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)

@@ -248,6 +248,12 @@ func captureRingSession(t *testing.T) ([]ringFrame, string) {
 		<-release
 		return []byte("done"), nil
 	})
+	srv.Handle("blob.put", sypas.RightRequest, func(_ context.Context, r *sypas.Request) ([]byte, error) {
+		return fmt.Appendf(nil, "%d", len(r.Body)), nil // the body is the daemon's span, in place
+	}, sypas.Inline)
+	srv.Handle("blob.get", sypas.RightRequest, func(context.Context, *sypas.Request) ([]byte, error) {
+		return bytes.Repeat([]byte("g"), docBlob), nil
+	}, sypas.Inline)
 	srv.Handle("admin.reboot", sypas.RightAdmin, func(context.Context, *sypas.Request) ([]byte, error) {
 		t.Error("admin.reboot ran without the admin right")
 		return nil, nil
@@ -264,8 +270,8 @@ func captureRingSession(t *testing.T) ([]ringFrame, string) {
 	}()
 
 	sess, err := control.Dial(ctx, path, control.DialConfig{SessionConfig: control.SessionConfig{
-		Name: "netd", Features: wire.FeatureSubscribe | wire.FeatureTokenRefresh,
-		RxRingSize: docRxRing, MaxInFlight: docInFlight, Logger: quietLog}})
+		Name: "netd", Features: wire.FeatureSubscribe | wire.FeatureTokenRefresh | wire.FeatureBulk,
+		RxRingSize: docRxRing, MaxInFlight: docInFlight, BulkSize: wire.MinBulkSize, Logger: quietLog}})
 	require.NoError(t, err)
 	defer sess.Close()
 	d := &specEnd{t: t, sess: sess, out: toKernel}
@@ -322,6 +328,8 @@ func captureRingSession(t *testing.T) ([]ringFrame, string) {
 	// a moment after the daemon can read it.
 	require.Eventually(t, func() bool { return srv.Stats().InFlight == 0 }, 10*time.Second, time.Millisecond)
 
+	d.bulkExchange()
+
 	c = d.nextCorr()
 	d.send(frame.Header{Correlation: c}, nil, &wire.Unsubscribe{SubscriptionID: 7}, "end of subscription 7")
 	d.expect(frame.TypeResponse, c, "UNSUBSCRIBE accepted")
@@ -335,6 +343,47 @@ func captureRingSession(t *testing.T) ([]ringFrame, string) {
 	assert.EqualValues(t, 4, st.Denied)
 	assert.EqualValues(t, 4, st.Published)
 	return d.frames, audit.String()
+}
+
+// docBlob is the size of the bodies that travel in bulk: above the
+// session's max_payload (docRxRing's ring leaves less than 4 KiB).
+const docBlob = 4096
+
+// bulkExchange is §8.7 both ways: a REQUEST in a span of the daemon's
+// bulk region, released by the kernel before its answer; then a reply in
+// a span of the kernel's, released by the daemon once read.
+func (e *specEnd) bulkExchange() {
+	e.t.Helper()
+	own, peer := e.sess.Bulk(), e.sess.PeerBulk()
+	require.Greater(e.t, docBlob, int(e.sess.Params().MaxPayload))
+	req := wire.Request{Method: []byte("blob.put"), Body: bytes.Repeat([]byte("b"), docBlob)}
+	sp, err := own.Alloc(context.Background(), req.Len())
+	require.NoError(e.t, err)
+	_, err = req.Append(sp.Bytes()[:0])
+	require.NoError(e.t, err)
+	desc, err := own.Send(sp, frame.TypeRequest, 0)
+	require.NoError(e.t, err)
+	c := e.nextCorr()
+	e.send(frame.Header{Correlation: c}, nil, &desc, fmt.Sprintf("a REQUEST of %d bytes, above max_payload: in a span of the daemon's bulk region (id 4), its descriptor on the ring", req.Len()))
+	f := e.expect(frame.TypeBulk, 0, "the handler has returned: the kernel releases the span (ACK, the descriptor echoed), before the answer")
+	require.True(e.t, f.Flags.Has(frame.FlagAck))
+	var ack wire.Bulk
+	require.NoError(e.t, ack.Decode(f.Payload))
+	require.NoError(e.t, own.Ack(&ack))
+	f = e.expect(frame.TypeResponse, c, "the answer, inline")
+	require.Equal(e.t, fmt.Sprint(docBlob), string(f.Payload))
+
+	c = e.call("blob.get", "", 0, false, "an operation whose reply is above max_payload")
+	f = e.expect(frame.TypeBulk, c, fmt.Sprintf("the reply (%d bytes) in a span of the kernel's bulk region (id 3): a RESPONSE, END_STREAM", docBlob))
+	require.True(e.t, f.Flags.Has(frame.FlagEndStream))
+	var reply wire.Bulk
+	require.NoError(e.t, reply.Decode(f.Payload))
+	require.Equal(e.t, frame.TypeResponse, reply.InnerType)
+	v, err := peer.View(&reply)
+	require.NoError(e.t, err)
+	require.Equal(e.t, bytes.Repeat([]byte("g"), docBlob), v)
+	e.send(frame.Header{Flags: frame.FlagAck}, nil, &reply, "read: the daemon releases the span")
+	require.Eventually(e.t, func() bool { return own.Stats().Spans == 0 }, 10*time.Second, time.Millisecond)
 }
 
 // expectEvent reads an EVENT of subscription id with body, reporting
@@ -368,6 +417,9 @@ func varyingRing(f frame.Frame, forged uint64) []docgen.Span {
 	}
 	if f.Type == frame.TypeEvent {
 		s = append(s, docgen.Span{Off: int(f.HeaderLen) + 8, N: 8, What: "timestamp (the kernel's clock)"})
+	}
+	if f.Type == frame.TypeBulk {
+		s = append(s, docgen.Span{Off: int(f.HeaderLen) + 24, N: 8, What: "lease (salted at random per region)"})
 	}
 	return s
 }

@@ -162,7 +162,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.AuditGrants == nil {
 		cfg.AuditGrants = slog.LevelDebug
 	}
-	cfg.Features = cmp.Or(cfg.Features, control.DefaultFeatures) | wire.FeatureSubscribe | wire.FeatureInline
+	cfg.Features = cmp.Or(cfg.Features, control.DefaultFeatures) | wire.FeatureSubscribe | wire.FeatureInline | wire.FeatureBulk
 	cfg.Topics = maps.Clone(cfg.Topics) // Publish reads it: the caller may go on changing theirs
 	s := &Server{cfg: cfg, log: cfg.Logger, conns: make(map[*serverConn]struct{}), quit: make(chan struct{})}
 	s.base, s.cancel = context.WithCancel(context.Background())

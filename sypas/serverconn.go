@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/sypas/go/bulk"
 	"github.com/sypas/go/control"
 	"github.com/sypas/go/frame"
 	"github.com/sypas/go/wire"
@@ -61,6 +62,13 @@ type serverConn struct {
 	// time, so one will do.
 	inline call
 	ctxs   []reqContext // fresh ones for newReqContext
+
+	// Bulk (bulk.go): nil without BULK. desc is the reader's copy of the
+	// BULK descriptor it is serving.
+	bc   bulkCarrier
+	own  *bulk.Region
+	peer *bulk.PeerRegion
+	desc wire.Bulk
 }
 
 // call is one request on its way through a handler. The Request and the
@@ -75,6 +83,10 @@ type call struct {
 	resp   wire.Response
 	emsg   wire.ErrorMsg
 	pooled bool // from calls, back to it once answered
+	// span is the daemon's bulk span the body is a view of, released (ACK)
+	// once the handler has returned; spanned says there is one.
+	span    wire.Bulk
+	spanned bool
 }
 
 // calls recycles the calls of pool handlers, with their body buffers.
@@ -106,6 +118,9 @@ func newServerConn(s *Server, sess *control.Session) *serverConn {
 		idle:        make(chan struct{}, 1),
 		jobs:        make(chan *call, s.cfg.Workers),
 		subs:        make(map[uint64]string),
+	}
+	if c.bc = carrier(c.tr); c.bc != nil {
+		c.own, c.peer = c.bc.bulkRegions()
 	}
 	return c
 }
@@ -195,38 +210,61 @@ func (c *serverConn) serve(f *frame.Frame) {
 	case frame.TypeSubscribe, frame.TypeUnsubscribe:
 		c.serveSubscription(f)
 		return
+	case frame.TypeBulk:
+		c.serveBulk(f)
+		return
 	default:
 		c.sess.Abort(errorf(CodeProto, fmt.Sprintf("%v frame on the daemon's ring (docs/PROTOCOL.md §8.1)", f.Type)))
 		return
 	}
-	corr := f.Correlation
-	if !c.sess.Admits(f.CapRef) {
-		c.deny(corr, "", CodeAuth, control.EventAuth, "cap_ref names no valid token of this session")
+	if int(f.PayloadLen) > c.maxPayload && c.sess.Admits(f.CapRef) {
+		c.deny(f.Correlation, "", CodeTooLarge, control.EventProtocol, "request payload above the session's max_payload")
 		return
 	}
-	if int(f.PayloadLen) > c.maxPayload {
-		c.deny(corr, "", CodeTooLarge, control.EventProtocol, "request payload above the session's max_payload")
+	c.serveRequest(f, f.Payload, nil)
+}
+
+// serveRequest checks and dispatches a REQUEST whose payload is p: the
+// frame's, or (span non-nil) the daemon's bulk span it names, which is
+// released exactly once, whatever the outcome.
+func (c *serverConn) serveRequest(f *frame.Frame, p []byte, span *wire.Bulk) {
+	corr := f.Correlation
+	refuse := func(op string, code Code, event, reason string, retry time.Duration) {
+		if span != nil {
+			c.releaseSpan(span)
+		}
+		c.denyRetry(corr, op, code, event, reason, retry)
+	}
+	if !c.sess.Admits(f.CapRef) {
+		refuse("", CodeAuth, control.EventAuth, "cap_ref names no valid token of this session", 0)
+		return
+	}
+	if span != nil && !c.bulkAllowed() {
+		refuse("", CodePermission, control.EventPermission, "the token lacks the bulk right", 0)
 		return
 	}
 	m := &c.req
-	if err := m.Decode(f.Payload); err != nil {
+	if err := m.Decode(p); err != nil {
+		if span != nil {
+			c.releaseSpan(span)
+		}
 		c.sess.Abort(&Error{Code: CodeProto, Message: "REQUEST payload", Err: err})
 		return
 	}
 	rt := (*c.srv.routes.Load())[string(m.Method)]
 	if rt == nil {
-		c.deny(corr, string(m.Method), CodeNotFound, control.EventProtocol, "no such operation")
+		refuse(string(m.Method), CodeNotFound, control.EventProtocol, "no such operation", 0)
 		return
 	}
 	if need := rt.rights; need != 0 {
 		if cp := c.sess.Capability(); cp == nil || cp.Rights&need != need {
-			c.deny(corr, rt.op, CodePermission, control.EventPermission, "the token lacks the operation's rights")
+			refuse(rt.op, CodePermission, control.EventPermission, "the token lacks the operation's rights", 0)
 			return
 		}
 	}
 	if corr != 0 {
 		if c.admitted-c.done.Load() >= c.maxInFlight {
-			c.denyRetry(corr, rt.op, CodeResource, control.EventLimit, "more requests in flight than max_in_flight", time.Millisecond)
+			refuse(rt.op, CodeResource, control.EventLimit, "more requests in flight than max_in_flight", time.Millisecond)
 			return
 		}
 		c.admitted++
@@ -249,6 +287,18 @@ func (c *serverConn) serve(f *frame.Frame) {
 		cl.dl = c.newReqContext()
 		cl.dl.parent, cl.dl.deadline = c.ctx, time.Now().Add(m.Timeout)
 		cl.ctx = cl.dl
+	}
+	if span != nil {
+		// The span is not the ring: a handler that holds it pins only
+		// the daemon's bulk memory, released when it returns.
+		cl.span, cl.spanned = *span, true
+		cl.req.Body = m.Body
+		if rt.inline {
+			c.handle(cl)
+		} else {
+			c.dispatch(cl)
+		}
+		return
 	}
 	if rt.inline {
 		cl.req.Body = m.Body
@@ -294,6 +344,9 @@ func (c *serverConn) dispatch(cl *call) {
 	select {
 	case c.jobs <- cl:
 	case <-c.ctx.Done():
+		if cl.spanned {
+			c.releaseSpan(&cl.span)
+		}
 		c.finish(cl)
 		c.answered()
 		recycle(cl)
@@ -315,6 +368,17 @@ func (c *serverConn) handle(cl *call) {
 	if cl.dl != nil {
 		cl.dl.end()
 	}
+	if cl.spanned {
+		// Before the answer, so that a daemon that has read it has its
+		// span back; a reply that is part of the body (an echo) is copied
+		// first, since the daemon may reuse the span as soon as it reads
+		// the ACK.
+		if overlaps(body, cl.req.Body) {
+			cl.body = append(cl.body[:0], body...)
+			body = cl.body
+		}
+		c.releaseSpan(&cl.span)
+	}
 	s := &c.srv.stats
 	if cl.req.Correlation == 0 {
 		if err != nil {
@@ -334,7 +398,9 @@ func (c *serverConn) handle(cl *call) {
 		if err == nil {
 			s.ok.Add(1)
 		} else if errors.Is(err, ErrTooLarge) {
-			err = c.reply(cl, &Error{Code: CodeTooLarge, Message: "the handler's reply is above the session's max_payload"})
+			err = c.reply(cl, &Error{Code: CodeTooLarge, Message: "the handler's reply is above the session's max_payload and bulk region"})
+		} else if errors.Is(err, bulk.ErrFull) {
+			err = c.reply(cl, &Error{Code: CodeResource, Message: "no room in the kernel's bulk region for the reply before the write timeout"})
 		}
 	} else {
 		s.failed.Add(1)

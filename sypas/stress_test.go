@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/sypas/go/frame"
+	"github.com/sypas/go/wire"
 )
 
 // stressCaller is what one caller of TestCrossProcessStress did: the
@@ -40,11 +41,13 @@ func TestCrossProcessStress(t *testing.T) {
 		dur = time.Second
 	}
 	h := startHelperKernel(t, sockPath(t))
-	c := dialT(t, h.path, ClientConfig{})
+	cfg := ClientConfig{}
+	cfg.BulkSize = wire.MinBulkSize // the smallest bulk region: 64 KiB
+	c := dialT(t, h.path, cfg)
 	bg := context.Background()
 
-	// A body over the limit fails before anything is sent.
-	_, err := c.Call(bg, "chk", make([]byte, frame.DefaultMaxPayload))
+	// A body over the limit, inline and bulk, fails before anything is sent.
+	_, err := c.Call(bg, "chk", make([]byte, wire.MinBulkSize))
 	require.ErrorIs(t, err, ErrTooLarge)
 
 	const callers = 64

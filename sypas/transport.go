@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/sypas/go/bulk"
 	"github.com/sypas/go/control"
 	"github.com/sypas/go/frame"
 	"github.com/sypas/go/ring"
@@ -46,7 +47,8 @@ type transport interface {
 	// ended (or is ending), an error that says why, matching ErrUnavailable
 	// unless the reason has a code of its own; nil err asks only for that.
 	sessionErr(err error) error
-	// maxPayload is the largest payload send accepts.
+	// maxPayload is the largest payload send accepts: the session's
+	// max_payload, or its bulk region's size on a bulkCarrier (bulk.go).
 	maxPayload() int
 	// session is the control-plane session the frames belong to: identity,
 	// token, liveness.
@@ -92,6 +94,12 @@ type ringTransport struct {
 	nudged   atomic.Bool    // nudge changed the deadline behind recv's back
 	stopped  atomic.Bool    // stop was called
 	fcfg     frame.Config
+
+	// The session's bulk regions (bulk.go), nil without BULK: payloads
+	// over max go through own.
+	own  *bulk.Region
+	peer *bulk.PeerRegion
+	desc wire.Bulk // under lock: the descriptor sendDesc writes
 }
 
 func newRingTransport(s *control.Session, writeTimeout time.Duration) *ringTransport {
@@ -100,6 +108,7 @@ func newRingTransport(s *control.Session, writeTimeout time.Duration) *ringTrans
 		sess: s, max: max, writeTimeout: writeTimeout,
 		kick: make(chan struct{}, 1),
 		prod: s.Producer(), cons: s.Consumer(),
+		own: s.Bulk(), peer: s.PeerBulk(),
 		// Decode whatever fits a record: a frame over max_payload is still
 		// read whole, so the kernel can refuse it with its correlation.
 		fcfg: frame.Config{MaxPayload: frame.HardMaxPayload},
@@ -109,10 +118,21 @@ func newRingTransport(s *control.Session, writeTimeout time.Duration) *ringTrans
 }
 
 func (t *ringTransport) session() *control.Session { return t.sess }
-func (t *ringTransport) maxPayload() int           { return t.max }
+
+// maxPayload is max_payload, or the bulk region's size when payloads
+// over max_payload go through it.
+func (t *ringTransport) maxPayload() int {
+	if t.own != nil {
+		return max(t.max, t.own.Size())
+	}
+	return t.max
+}
 
 func (t *ringTransport) send(ctx context.Context, h frame.Header, ext []byte, m wire.Message, noWait bool) error {
 	n := m.Len()
+	if n > t.max && t.own != nil && bulkable(h.Type) {
+		return t.sendSpan(ctx, h, ext, m, n, noWait)
+	}
 	if n > t.max {
 		return &Error{Code: CodeTooLarge, Message: fmt.Sprintf("%v payload of %d bytes, the session's limit is %d", h.Type, n, t.max)}
 	}

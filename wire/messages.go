@@ -19,6 +19,11 @@ const (
 	MinRingSize   = 4 << 10
 	MaxRingSize   = 1 << 30
 	PageSize      = 4096 // region sizes are multiples of it
+	// Bulk region sizes (HELLO bulk_size, REGIONS role BULK): a power of
+	// two in [MinBulkSize, MaxBulkSize]. A bulk payload may be as large
+	// as its region.
+	MinBulkSize = 64 << 10
+	MaxBulkSize = 1 << 30
 )
 
 // Protocol versions a HELLO/WELCOME may name.
@@ -517,8 +522,9 @@ func (m *GoAway) Decode(p []byte) error {
 // Hello is the payload of a HELLO frame, the daemon's first frame. Zero
 // sizes ask for the kernel's default. Decode keeps Name as a view.
 //
-// HELLO is the one extensible payload: bytes after Name are ignored, so a
-// later version can append fields that a version 1 kernel skips.
+// HELLO is the one extensible payload: BulkSize, the first field appended
+// after Name, is present when 4 or more bytes follow Name; bytes after it
+// are ignored, so a later version can append fields a kernel skips.
 type Hello struct {
 	MinVersion  uint16 // ≥ 1
 	MaxVersion  uint16 // ≥ MinVersion
@@ -528,12 +534,30 @@ type Hello struct {
 	MaxPayload  uint32 // largest inline payload the daemon accepts: 0 (default) .. frame.HardMaxPayload
 	MaxInFlight uint32 // requests the daemon may have outstanding; 0 = kernel default
 	Name        []byte // daemon name for logs, 0..MaxNameLen bytes
+	// BulkSize is the size asked for each side's bulk region, with
+	// FeatureBulk: 0 (the kernel's default; then not encoded) or a power
+	// of two in [MinBulkSize, MaxBulkSize].
+	BulkSize uint32
 }
 
 const helloFixed = 34
 
 func (*Hello) Type() frame.Type { return frame.TypeHello }
-func (m *Hello) Len() int       { return helloFixed + len(m.Name) }
+func (m *Hello) Len() int {
+	if m.BulkSize != 0 {
+		return helloFixed + len(m.Name) + 4
+	}
+	return helloFixed + len(m.Name)
+}
+
+// BulkSizeOK reports whether n is a bulk region size: a power of two in
+// [MinBulkSize, MaxBulkSize] (0 only if zeroOK: the default).
+func BulkSizeOK(n uint64, zeroOK bool) bool {
+	if n == 0 {
+		return zeroOK
+	}
+	return n&(n-1) == 0 && n >= MinBulkSize && n <= MaxBulkSize
+}
 
 func (m *Hello) validate() error {
 	switch {
@@ -545,6 +569,8 @@ func (m *Hello) validate() error {
 		return invalidField(frame.TypeHello, "max payload %d", m.MaxPayload)
 	case len(m.Name) > MaxNameLen:
 		return tooLong(frame.TypeHello, "name", len(m.Name), MaxNameLen)
+	case !BulkSizeOK(uint64(m.BulkSize), true):
+		return invalidField(frame.TypeHello, "bulk size %d", m.BulkSize)
 	}
 	return nil
 }
@@ -570,7 +596,11 @@ func (m *Hello) Append(b []byte) ([]byte, error) {
 	b = le.AppendUint32(b, m.MaxPayload)
 	b = le.AppendUint32(b, m.MaxInFlight)
 	b = le.AppendUint16(b, uint16(len(m.Name)))
-	return append(b, m.Name...), nil
+	b = append(b, m.Name...)
+	if m.BulkSize != 0 {
+		b = le.AppendUint32(b, m.BulkSize)
+	}
+	return b, nil
 }
 
 func (m *Hello) Decode(p []byte) error {
@@ -583,13 +613,17 @@ func (m *Hello) Decode(p []byte) error {
 		d.invalid("name length %d exceeds %d", n, MaxNameLen)
 	}
 	m.Name = d.bytes(n)
+	if d.err == nil && len(d.b)-d.off >= 4 {
+		m.BulkSize = d.u32()
+	}
 	if rsv != 0 {
 		d.invalid("reserved bytes not zero")
 	}
 	if d.err == nil {
 		d.err = m.validate()
 	}
-	// Extension rule: bytes after Name are ignored.
+	// Extension rule: bytes after BulkSize (or fewer than 4 after Name)
+	// are ignored.
 	if d.err != nil {
 		*m = Hello{}
 	}

@@ -2,6 +2,7 @@ package wire
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"math"
 	"reflect"
@@ -302,13 +303,29 @@ func TestZeroAllocs(t *testing.T) {
 }
 
 func TestHelloExtension(t *testing.T) {
-	h := samples()[9].(*Hello)
+	h := *samples()[9].(*Hello)
 	p, err := h.Append(nil)
 	require.NoError(t, err)
-	p = append(p, bytes.Repeat([]byte{0xab}, 24)...) // fields of a later version
 	var got Hello
+	for _, n := range []int{1, 3} { // too few bytes for bulk_size: ignored
+		require.NoError(t, got.Decode(append(p[:len(p):len(p)], bytes.Repeat([]byte{0xab}, n)...)))
+		assert.Equal(t, h, got)
+	}
+	h.BulkSize = 16 << 20
+	p, err = h.Append(nil)
+	require.NoError(t, err)
+	assert.Len(t, p, h.Len())
+	p = append(p, bytes.Repeat([]byte{0xab}, 24)...) // fields of a later version
 	require.NoError(t, got.Decode(p))
-	assert.Equal(t, h, &got)
+	assert.Equal(t, h, got)
+
+	for _, bad := range []uint32{1, 3 << 20, MinBulkSize / 2, MaxBulkSize * 2} {
+		h.BulkSize = bad
+		_, err := h.Append(nil)
+		assert.ErrorIs(t, err, ErrMalformed, "bulk_size %d", bad)
+		q := binary.LittleEndian.AppendUint32(p[:len(p)-24-4:len(p)-24-4], bad)
+		assert.Error(t, got.Decode(q), "bulk_size %d", bad)
+	}
 }
 
 func TestTimes(t *testing.T) {

@@ -420,14 +420,29 @@ func (d *Inline) appendLocked(h frame.Header, ext []byte, m wire.Message) error 
 }
 
 // stallAfter is how long a write lasts before Stalled says the socket is
-// full: a write to a socket with room takes microseconds.
-const stallAfter = time.Millisecond
+// full: a write to a Unix socket with room takes microseconds.
+// stallAfterStream is the same for a stream the session's flusher writes
+// whole (TLS, gRPC): a TCP write runs the receiver's network stack and
+// a record's encryption, which on a busy host can take milliseconds, and
+// calling that a full socket dropped events a subscriber keeping up
+// should have had.
+const (
+	stallAfter       = time.Millisecond
+	stallAfterStream = 20 * time.Millisecond
+)
 
 // Stalled reports whether a write to the socket has been waiting for the
 // peer to read for a while: a sender that must not wait gives up.
 func (d *Inline) Stalled() bool {
 	t := d.writing.Load()
-	return t != 0 && time.Now().UnixNano()-t > int64(stallAfter)
+	if t == 0 {
+		return false
+	}
+	after := stallAfter
+	if d.s.fdr.c == nil {
+		after = stallAfterStream
+	}
+	return time.Now().UnixNano()-t > int64(after)
 }
 
 // ErrFull is a TryWrite that found the socket full.

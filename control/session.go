@@ -164,7 +164,10 @@ type Session struct {
 	// ending is the reason this side ends the session, recorded before it
 	// sends its last frame (ERROR, GOAWAY): the peer may close at once, and
 	// the hang-up readLoop then sees must not replace the reason.
-	ending    atomic.Pointer[error]
+	ending atomic.Pointer[error]
+	// errorSent: failProto wrote its ERROR, which the close must not
+	// destroy (lingerAfterError).
+	errorSent atomic.Bool
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 	closeErr  error
@@ -296,7 +299,11 @@ func (s *Session) fail(err error) {
 	if s.cons != nil {
 		s.cons.Interrupt(err)
 	}
-	closeConn(s.conn)
+	if s.errorSent.Load() {
+		lingerAfterError(s.conn)
+	} else {
+		closeConn(s.conn)
+	}
 	close(s.done)
 }
 
@@ -318,7 +325,9 @@ func (s *Session) failProto(err error) {
 	first := s.ending.CompareAndSwap(nil, &err)
 	if s.Err() == nil {
 		m := errorMsg(err)
-		s.send(&m, 0, 0, 100*time.Millisecond)
+		if s.send(&m, 0, 0, 100*time.Millisecond) == nil {
+			s.errorSent.Store(true)
+		}
 		if first {
 			s.audit(err)
 		}

@@ -53,6 +53,34 @@ func closeConn(c net.Conn) error {
 	return c.Close()
 }
 
+// errorLinger is how long a TCP stream stays open after the ERROR that
+// ended its session: time for the peer to read it.
+const errorLinger = 250 * time.Millisecond
+
+// lingerAfterError closes c, a stream whose session has just ended with an
+// ERROR frame written to it. On TCP (plain or under TLS), close(2) with
+// bytes of the peer's still unread resets the connection, and the reset
+// discards whatever of the ERROR has not left the host yet (a peer that
+// reads slowly, a congested link): the peer would see a bare reset instead
+// of the reason (docs/PROTOCOL.md §8.4). So the writing side is shut at
+// once (the peer reads the ERROR, then end of stream), readers and writers
+// blocked on c are woken by a deadline in the past, and the socket itself
+// is closed errorLinger later. Any other stream is closed at once.
+func lingerAfterError(c net.Conn) {
+	raw := c
+	if tc, ok := c.(*tls.Conn); ok {
+		raw = tc.NetConn()
+	}
+	tcp, ok := raw.(*net.TCPConn)
+	if !ok {
+		closeConn(c)
+		return
+	}
+	tcp.CloseWrite()
+	tcp.SetDeadline(time.Unix(1, 0))
+	time.AfterFunc(errorLinger, func() { tcp.Close() })
+}
+
 // ListenTLS listens on the TCP address addr ("host:port") for daemons on
 // another host: every connection runs a TLS 1.3 handshake that requires a
 // client certificate verified against tlsCfg.ClientCAs, and the

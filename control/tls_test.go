@@ -335,3 +335,27 @@ func TestDialFallbacks(t *testing.T) {
 	assert.ErrorIs(t, err, wire.ErrPermission)
 	assert.NotContains(t, err.Error(), missing)
 }
+
+// A session that ends with ERROR on TCP while the daemon's bytes lie
+// unread at the kernel: the kernel shuts its writing side and keeps the
+// socket open a moment (lingerAfterError), so the daemon, reading late,
+// reads the ERROR and then the end of the stream, never a reset that
+// discards the reason.
+func TestTCPErrorSurvivesUnreadBytes(t *testing.T) {
+	ts := startTLSServer(t, nil, Config{InsecurePlaintextLoopback: true}, ServerConfig{SessionConfig: SessionConfig{Logger: quietLogger()}})
+	addr := strings.TrimPrefix(ts.path, "tcp://")
+	for i := range 5 {
+		c, err := net.Dial("tcp", addr)
+		require.NoError(t, err)
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		// A version no kernel speaks, then bytes the kernel never reads.
+		msg := append(encodeMsg(t, 1, &wire.Hello{MinVersion: 99, MaxVersion: 99}), make([]byte, 256<<10)...)
+		_, err = c.Write(msg)
+		require.NoError(t, err, "round %d", i)
+		time.Sleep(20 * time.Millisecond) // the kernel has answered and ended the session
+		e := readError(t, c)
+		assert.ErrorIs(t, e, wire.ErrVersion, "round %d", i)
+		c.Close()
+		assert.ErrorIs(t, ts.acceptErr(t), ErrHandshake)
+	}
+}

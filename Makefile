@@ -30,11 +30,16 @@ test: lint
 bench:
 	$(GO) test -run '^$$' -bench '$(BENCH)' -benchtime $(BENCHTIME) -count 1 $(PKGS)
 
-## fuzz: run every fuzz target in ./fuzz for FUZZTIME each, one after another
+## fuzz: run every fuzz target for FUZZTIME each, one after another: those of
+## ./fuzz, and the two that need a package's internals (the token parser, the
+## gRPC transport's codec)
+FUZZPKGS  ?= ./fuzz/ ./control/token/ ./sypasgrpc/
 fuzz:
-	@set -e; for t in $$($(GO) test -list '^Fuzz' ./fuzz/ | grep '^Fuzz'); do \
-		echo "== $$t ($(FUZZTIME))"; \
-		$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $(FUZZFLAGS) ./fuzz/; \
+	@set -e; for p in $(FUZZPKGS); do \
+		for t in $$($(GO) test -list '^Fuzz' $$p | grep '^Fuzz'); do \
+			echo "== $$p $$t ($(FUZZTIME))"; \
+			$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $(FUZZFLAGS) $$p; \
+		done; \
 	done
 
 ## lint: formatting and vet

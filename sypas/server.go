@@ -117,12 +117,11 @@ type Server struct {
 
 	mu       sync.Mutex
 	conns    map[*serverConn]struct{}
-	serving  bool
 	stopping bool
-	stop     context.CancelFunc
-	served   chan struct{}      // closed when Serve returns
-	base     context.Context    // every session's context derives from it
-	cancel   context.CancelFunc // Close's: cancels every session and handler
+	stops    []context.CancelFunc // one per Serve call: ends its accept loop
+	serves   sync.WaitGroup       // the Serve calls running
+	base     context.Context      // every session's context derives from it
+	cancel   context.CancelFunc   // Close's: cancels every session and handler
 
 	notServing atomic.Bool
 	quit       chan struct{} // closed when Shutdown or Close begins: Callers' feeds end
@@ -215,22 +214,27 @@ var serving, notServing = []byte("SERVING"), []byte("NOT_SERVING")
 // Serve accepts daemons on l until Shutdown or Close, each session served
 // in its own goroutines; a slow or hostile handshake delays nobody else.
 // It returns nil after Shutdown or Close, or the listener's error. l stays
-// the caller's to close.
+// the caller's to close. One Server may serve several listeners at once,
+// one Serve call (and goroutine) each: a Unix socket for the daemons of its
+// host and a TLS one (control.ListenTLS) for others, with one router,
+// one set of topics and one Stats; ServerConfig.Limits apply to each
+// listener on its own.
 func (s *Server) Serve(l *control.Listener) error {
 	cs, err := control.NewServer(l, s.cfg.ServerConfig)
 	if err != nil {
 		return err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
 	s.mu.Lock()
-	if s.serving || s.stopping {
+	if s.stopping {
 		s.mu.Unlock()
-		cancel()
-		return fmt.Errorf("%w: Serve: the server is already serving, or was shut down", ErrClosed)
+		return fmt.Errorf("%w: Serve: the server was shut down", ErrClosed)
 	}
-	s.serving, s.stop, s.served = true, cancel, make(chan struct{})
+	s.stops = append(s.stops, cancel)
+	s.serves.Add(1)
 	s.mu.Unlock()
-	defer close(s.served)
+	defer s.serves.Done()
 	err = cs.Serve(ctx, s.serveSession)
 	if errors.Is(err, context.Canceled) {
 		return nil
@@ -327,7 +331,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.quitOnce.Do(func() { close(s.quit) })
 	s.mu.Lock()
 	s.stopping = true
-	stop, served := s.stop, s.served
+	stops := s.stops
 	conns := slices.Collect(maps.Keys(s.conns))
 	s.mu.Unlock()
 	var wg sync.WaitGroup
@@ -340,17 +344,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		}()
 	}
 	wg.Wait()
-	if stop != nil {
+	for _, stop := range stops {
 		stop()
-		select {
-		case <-served:
-		case <-ctx.Done():
-			s.Close()
-			return ctx.Err()
-		}
 	}
 	streamed := make(chan struct{})
-	go func() { s.streamed.Wait(); close(streamed) }()
+	go func() { s.serves.Wait(); s.streamed.Wait(); close(streamed) }()
 	select {
 	case <-streamed:
 	case <-ctx.Done():
@@ -370,16 +368,16 @@ func (s *Server) Close() error {
 	s.mu.Lock()
 	s.stopping = true
 	s.cancel()
-	stop, served := s.stop, s.served
+	stops := s.stops
 	conns := slices.Collect(maps.Keys(s.conns))
 	s.mu.Unlock()
 	for _, c := range conns {
 		c.closeSession()
 	}
-	if stop != nil {
+	for _, stop := range stops {
 		stop()
-		<-served
 	}
+	s.serves.Wait()
 	s.streamed.Wait()
 	return nil
 }

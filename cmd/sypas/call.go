@@ -9,19 +9,28 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/sypas/go/sypas"
 )
 
-// dial connects to the kernel at socket within timeout. A socket that is
-// not there fails at once, rather than after the reconnect backoff.
-func dial(ctx context.Context, socket string, timeout time.Duration, stderr io.Writer) (*sypas.Client, error) {
-	if _, err := os.Stat(socket); err != nil {
+// dial connects to the kernel at socket (a Unix socket's path, or
+// tcp://host:port with the TLS files) within timeout. A socket that is not
+// there fails at once, rather than after the reconnect backoff.
+func dial(ctx context.Context, socket string, files tlsFiles, timeout time.Duration, stderr io.Writer) (*sypas.Client, error) {
+	cfg := sypas.ClientConfig{}
+	if isTCP(socket) {
+		var err error
+		if cfg.TLS, err = files.client(); err != nil {
+			return nil, err
+		}
+	} else if files.set() {
+		return nil, errors.New("-cert, -key and -ca are for a tcp:// kernel")
+	} else if _, err := os.Stat(strings.TrimPrefix(socket, "unix://")); err != nil {
 		return nil, fmt.Errorf("no kernel at %s (start one with \"sypas serve\"): %w", socket, err)
 	}
-	cfg := sypas.ClientConfig{}
 	// The daemon side's audit records (a kernel refused, say) go to stderr.
 	cfg.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	ctx, cancel := context.WithTimeout(ctx, timeout)
@@ -31,8 +40,9 @@ func dial(ctx context.Context, socket string, timeout time.Duration, stderr io.W
 
 // callCmd is "sypas call": one call, its reply on stdout.
 func callCmd(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
-	fs := newFlags("call", "[-socket PATH] [-timeout D] OP [BODY|-]", stderr)
+	fs := newFlags("call", "[-socket PATH|tcp://HOST:PORT -cert F -key F -ca F] [-timeout D] OP [BODY|-]", stderr)
 	socket := socketFlag(fs)
+	files := tlsFlags(fs, "the kernel's certificate")
 	timeout := fs.Duration("timeout", 5*time.Second, "bound on connecting, and on the call")
 	if err := parse(fs, args, 1, 2); err != nil {
 		return err
@@ -45,7 +55,7 @@ func callCmd(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 		}
 	}
 	ctx := context.Background()
-	c, err := dial(ctx, *socket, *timeout, stderr)
+	c, err := dial(ctx, *socket, files, *timeout, stderr)
 	if err != nil {
 		return err
 	}
@@ -78,15 +88,16 @@ func describe(err error) string {
 
 // watchCmd is "sypas watch": the events of one topic, one a line.
 func watchCmd(args []string, _ io.Reader, stdout, stderr io.Writer) error {
-	fs := newFlags("watch", "[-socket PATH] [-n N] TOPIC", stderr)
+	fs := newFlags("watch", "[-socket PATH|tcp://HOST:PORT -cert F -key F -ca F] [-n N] TOPIC", stderr)
 	socket := socketFlag(fs)
+	files := tlsFlags(fs, "the kernel's certificate")
 	n := fs.Int("n", 0, "stop after N events (0: until interrupted)")
 	if err := parse(fs, args, 1, 1); err != nil {
 		return err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	c, err := dial(ctx, *socket, 5*time.Second, stderr)
+	c, err := dial(ctx, *socket, files, 5*time.Second, stderr)
 	if err != nil {
 		return err
 	}

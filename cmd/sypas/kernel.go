@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -160,6 +161,12 @@ type kernelOptions struct {
 	baseline string
 	// stop ends the kernel (it drains first); nil means SIGINT or SIGTERM.
 	stop <-chan struct{}
+	// tcp, if set, is a TCP address ("host:port") the kernel also serves
+	// daemons of other hosts on, with TLS 1.3 (tls) and client
+	// certificates that policy admits.
+	tcp    string
+	tls    *tls.Config
+	policy *control.Policy
 }
 
 // runKernel serves the example kernel until stop, logging audit records
@@ -185,13 +192,24 @@ func runKernel(o kernelOptions, stderr io.Writer) error {
 		}
 		defer b.Close()
 	}
-	served := make(chan error, 1)
+	served := make(chan error, 2)
 	go func() { served <- k.srv.Serve(l) }()
+	listening := []any{"socket", o.socket}
+	if o.tcp != "" {
+		tl, err := control.ListenTLS(o.tcp, o.tls, control.Config{Logger: log, Policy: o.policy})
+		if err != nil {
+			k.srv.Close()
+			return errors.Join(err, <-served)
+		}
+		defer tl.Close()
+		go func() { served <- k.srv.Serve(tl) }()
+		listening = append(listening, "tcp", tl.Addr().String())
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go k.ticks(ctx, o.tick)
-	log.Info("sypas: serving", "socket", o.socket, "pid", os.Getpid(), "ops", ops,
-		"topics", topicTicks+" (every "+o.tick.String()+"), "+topicKV+" (on kv.put)")
+	log.Info("sypas: serving", append(listening, "pid", os.Getpid(), "ops", ops,
+		"topics", topicTicks+" (every "+o.tick.String()+"), "+topicKV+" (on kv.put)")...)
 
 	stop := o.stop
 	if stop == nil {
@@ -213,7 +231,11 @@ func runKernel(o kernelOptions, stderr io.Writer) error {
 	st := k.srv.Stats()
 	log.Info("sypas: stopped", "ok", st.OK, "failed", st.Failed, "denied", st.Denied,
 		"panics", st.Panics, "published", st.Published, "dropped", st.Dropped)
-	return errors.Join(err, <-served)
+	errs := []error{err, <-served}
+	if o.tcp != "" {
+		errs = append(errs, <-served)
+	}
+	return errors.Join(errs...)
 }
 
 // privateDir creates the directory of the default socket under the
@@ -240,14 +262,30 @@ func privateDir(socket string) error {
 
 // serveCmd is "sypas serve".
 func serveCmd(args []string, _ io.Reader, _, stderr io.Writer) error {
-	fs := newFlags("serve", "[-socket PATH] [-tick D]", stderr)
-	socket := socketFlag(fs)
+	fs := newFlags("serve", "[-socket PATH] [-tick D] [-tcp HOST:PORT -cert F -key F -ca F -allow-uri URI,...]", stderr)
+	socket := fs.String("socket", defaultSocket(), "the kernel's Unix socket")
 	tick := fs.Duration("tick", time.Second, "period of the events on topic "+topicTicks)
+	tcp := fs.String("tcp", "", "also serve daemons of other hosts on this TCP address, with TLS 1.3 and client certificates")
+	files := tlsFlags(fs, "the daemons' certificates")
+	uris := fs.String("allow-uri", "", "comma-separated URI SANs of the daemon certificates -tcp admits")
 	if err := parse(fs, args, 0, 0); err != nil {
 		return err
 	}
 	if *tick <= 0 {
 		return fmt.Errorf("-tick %v: want a positive period", *tick)
 	}
-	return runKernel(kernelOptions{socket: *socket, tick: *tick}, stderr)
+	o := kernelOptions{socket: *socket, tick: *tick}
+	if *tcp != "" {
+		var err error
+		if o.tls, err = files.server(); err != nil {
+			return err
+		}
+		if *uris == "" {
+			return errors.New("-tcp needs -allow-uri: the certificates it admits")
+		}
+		o.tcp, o.policy = *tcp, &control.Policy{CertURIs: strings.Split(*uris, ",")}
+	} else if files.set() || *uris != "" {
+		return errors.New("-cert, -key, -ca and -allow-uri go with -tcp")
+	}
+	return runKernel(o, stderr)
 }

@@ -101,7 +101,7 @@ func parse(fs *flag.FlagSet, args []string, min, max int) error {
 
 // socketFlag adds -socket to fs.
 func socketFlag(fs *flag.FlagSet) *string {
-	return fs.String("socket", defaultSocket(), "the kernel's Unix socket")
+	return fs.String("socket", defaultSocket(), "the kernel's Unix socket, or tcp://HOST:PORT with -cert, -key and -ca")
 }
 
 // defaultSocket is where the kernel listens unless told otherwise: a place

@@ -131,15 +131,7 @@ func TestServeAndCall(t *testing.T) {
 	assert.Equal(t, 0, w.code, "stderr: %s", w.stderr)
 	assert.Equal(t, 2, strings.Count(w.stdout, " ticks tick "), "stdout: %s", w.stdout)
 
-	require.NoError(t, serve.Process.Signal(syscall.SIGTERM))
-	done := make(chan error, 1)
-	go func() { done <- serve.Wait() }()
-	select {
-	case err := <-done:
-		assert.NoError(t, err, "serve exits cleanly on SIGTERM: %s", log.String())
-	case <-time.After(time.Minute):
-		t.Fatal("serve did not stop on SIGTERM")
-	}
+	stopServe(t, serve, &log)
 	assert.Contains(t, log.String(), `msg="sypas: stopped"`)
 }
 
@@ -193,4 +185,19 @@ func TestWrapRecord(t *testing.T) {
 	assert.Equal(t, []string{`time=x level=WARN`, `msg="sypas: refused"`, `reason="a b \" c"`, `peer=1`}, wrapRecord(rec, 20))
 	assert.Equal(t, []string{rec}, wrapRecord(rec, 200))
 	assert.Equal(t, "level=WARN peer=1", attrs(rec, "peer", "level"), "in the record's order")
+}
+
+// stopServe sends SIGTERM to a "sypas serve" process, which must exit
+// cleanly within a minute.
+func stopServe(t *testing.T, serve *exec.Cmd, log *lockedBuffer) {
+	t.Helper()
+	require.NoError(t, serve.Process.Signal(syscall.SIGTERM))
+	done := make(chan error, 1)
+	go func() { done <- serve.Wait() }()
+	select {
+	case err := <-done:
+		assert.NoError(t, err, "serve exits cleanly on SIGTERM: %s", log.String())
+	case <-time.After(time.Minute):
+		t.Fatal("serve did not stop on SIGTERM")
+	}
 }

@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -89,13 +88,5 @@ func TestServeAndCallTCP(t *testing.T) {
 	assert.Equal(t, exitError, r.code)
 	assert.Contains(t, r.stderr, "-tcp needs -allow-uri")
 
-	require.NoError(t, serve.Process.Signal(syscall.SIGTERM))
-	done := make(chan error, 1)
-	go func() { done <- serve.Wait() }()
-	select {
-	case err := <-done:
-		assert.NoError(t, err, "serve exits cleanly on SIGTERM: %s", log.String())
-	case <-time.After(time.Minute):
-		t.Fatal("serve did not stop on SIGTERM")
-	}
+	stopServe(t, serve, &log)
 }

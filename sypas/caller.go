@@ -191,6 +191,10 @@ func (c *Caller) Call(ctx context.Context, op string, body []byte) ([]byte, erro
 		return nil, c.deny(ctx, cp, corr, rt.op, CodeResource, control.EventLimit, "more requests in flight than max_in_flight")
 	}
 	defer c.inFlight.Add(-1)
+	if !s.enter() {
+		return nil, &Error{Code: CodeUnavailable, Message: "the kernel is shutting down"}
+	}
+	defer s.streamed.Done()
 	if l := s.cfg.AuditGrants.Level(); s.log.Enabled(ctx, l) {
 		s.granted(ctx, l, c.auditAttrs(cp), rt.op, corr)
 	}

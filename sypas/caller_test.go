@@ -3,6 +3,7 @@ package sypas
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -156,4 +157,45 @@ func TestCallerFeedNeedsTheRight(t *testing.T) {
 	_, err = c.Subscribe(context.Background(), "ticks", 0)
 	assert.ErrorIs(t, err, ErrPermission)
 	a.expect(t, refused(control.EventPermission, CodePermission, 0))
+}
+
+// TestCallerShutdownWaitsForCalls: Shutdown and Close wait for a Caller's
+// handler as they wait for a session's (a handler that outlived Close could
+// use what its owner tears down after it), and a Caller's request after
+// they began is refused E_UNAVAILABLE.
+func TestCallerShutdownWaitsForCalls(t *testing.T) {
+	for _, stop := range []string{"Close", "Shutdown"} {
+		t.Run(stop, func(t *testing.T) {
+			srv, _, _ := callerServer(t, ServerConfig{})
+			inside := make(chan struct{})
+			var finished atomic.Bool
+			srv.Handle("slow", RightRequest, func(ctx context.Context, r *Request) ([]byte, error) {
+				close(inside)
+				<-ctx.Done()
+				time.Sleep(50 * time.Millisecond) // cleaning up after the cancel
+				finished.Store(true)
+				return nil, ctx.Err()
+			})
+			c, err := srv.NewCaller(certPeer)
+			require.NoError(t, err)
+			done := make(chan error, 1)
+			go func() {
+				_, err := c.Call(context.Background(), "slow", nil)
+				done <- err
+			}()
+			<-inside
+			if stop == "Close" {
+				require.NoError(t, srv.Close())
+			} else {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Millisecond)
+				defer cancel()
+				assert.ErrorIs(t, srv.Shutdown(ctx), context.DeadlineExceeded) // the handler ignores GOAWAY: Close
+			}
+			assert.True(t, finished.Load(), "%s returned while a Caller's handler ran", stop)
+			srv.Close() // ends the handler if Shutdown did not
+			assert.ErrorIs(t, <-done, ErrUnavailable)
+			_, err = c.Call(context.Background(), "echo", nil)
+			assert.ErrorIs(t, err, ErrUnavailable)
+		})
+	}
 }

@@ -179,6 +179,11 @@ func (c *Caller) Call(ctx context.Context, op string, body []byte) ([]byte, erro
 	if len(body) > c.maxPayload {
 		return nil, c.deny(ctx, cp, corr, "", CodeTooLarge, control.EventProtocol, "request payload above the session's max_payload")
 	}
+	if len(op) > wire.MaxNameLen {
+		// No route has such a name; the peer's bytes (up to gRPC's
+		// metadata limit, 16 MiB) are not copied into the audit log.
+		return nil, c.deny(ctx, cp, corr, "", CodeNotFound, control.EventProtocol, fmt.Sprintf("an operation name of %d bytes (at most %d)", len(op), wire.MaxNameLen))
+	}
 	rt := (*s.routes.Load())[op]
 	if rt == nil {
 		return nil, c.deny(ctx, cp, corr, op, CodeNotFound, control.EventProtocol, "no such operation")

@@ -2,6 +2,7 @@ package sypas
 
 import (
 	"context"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/sypas/go/control"
 	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/wire"
 )
 
 // callerServer is a Server (not serving any listener) with echo, an
@@ -198,4 +200,23 @@ func TestCallerShutdownWaitsForCalls(t *testing.T) {
 			assert.ErrorIs(t, err, ErrUnavailable)
 		})
 	}
+}
+
+// TestCallerLongOpNotAudited: an operation name longer than any route's
+// (a stock client's sypas-op metadata may be megabytes) is refused
+// E_NOT_FOUND without its bytes in the audit record.
+func TestCallerLongOpNotAudited(t *testing.T) {
+	srv, a, _ := callerServer(t, ServerConfig{})
+	c, err := srv.NewCaller(certPeer)
+	require.NoError(t, err)
+	op := strings.Repeat("x", wire.MaxNameLen+1)
+	_, err = c.Call(context.Background(), op, nil)
+	assert.ErrorIs(t, err, ErrNotFound)
+	r := a.expect(t, refused(control.EventProtocol, CodeNotFound, 1))
+	for k, v := range r {
+		assert.NotContains(t, v, op[:wire.MaxNameLen], "the op in audit key %s", k)
+	}
+	_, err = c.Call(context.Background(), op[:wire.MaxNameLen], nil) // as long as a name may be: looked up
+	assert.ErrorIs(t, err, ErrNotFound)
+	a.expect(t, map[string]string{control.LogKeyOp: op[:wire.MaxNameLen]})
 }

@@ -220,3 +220,40 @@ func TestCallerLongOpNotAudited(t *testing.T) {
 	assert.ErrorIs(t, err, ErrNotFound)
 	a.expect(t, map[string]string{control.LogKeyOp: op[:wire.MaxNameLen]})
 }
+
+// TestCallerCallFrom: a request of the Caller's identity from another
+// connection is audited, and handed to the handler, with that
+// connection's address, not the first one's; a peer of another identity
+// is refused.
+func TestCallerCallFrom(t *testing.T) {
+	srv, a, _ := callerServer(t, ServerConfig{})
+	srv.Handle("remote", RightRequest, func(_ context.Context, r *Request) ([]byte, error) { return []byte(r.Peer.Remote), nil })
+	first, second := certPeer, certPeer
+	first.Remote, second.Remote = "192.0.2.1:1000", "192.0.2.2:2000"
+	c, err := srv.NewCaller(first)
+	require.NoError(t, err)
+	ctx := context.Background()
+
+	got, err := c.CallFrom(ctx, second, "remote", nil)
+	require.NoError(t, err)
+	assert.Equal(t, second.Remote, string(got))
+	_, err = c.CallFrom(ctx, second, "admin", nil)
+	assert.ErrorIs(t, err, ErrPermission)
+	r := a.expect(t, refused(control.EventPermission, CodePermission, 2))
+	assert.Equal(t, second.Remote, r[control.LogKeyPeerAddr])
+	_, err = c.SubscribeFrom(ctx, second, strings.Repeat("t", wire.MaxNameLen+1), 0)
+	assert.ErrorIs(t, err, ErrProto)
+	r = a.expect(t, refused(control.EventProtocol, CodeProto, 3))
+	assert.Equal(t, second.Remote, r[control.LogKeyPeerAddr])
+
+	got, err = c.Call(ctx, "remote", nil)
+	require.NoError(t, err)
+	assert.Equal(t, first.Remote, string(got))
+
+	other := second
+	other.ExeSHA256[0]++ // another certificate
+	_, err = c.CallFrom(ctx, other, "echo", nil)
+	assert.ErrorIs(t, err, ErrPermission)
+	_, err = c.SubscribeFrom(ctx, other, "t", 0)
+	assert.ErrorIs(t, err, ErrPermission)
+}

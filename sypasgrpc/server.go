@@ -136,26 +136,28 @@ func (s *Service) attest(ctx context.Context) (control.PeerIdentity, error) {
 	return id, nil
 }
 
-// caller is the sypas.Caller of the peer of ctx, kept by certificate.
-func (s *Service) caller(ctx context.Context) (*sypas.Caller, error) {
+// caller is the sypas.Caller of the peer of ctx, kept by certificate, and
+// the peer itself (its address is this connection's, which the Caller's,
+// made for the certificate's first connection, may not be).
+func (s *Service) caller(ctx context.Context) (*sypas.Caller, control.PeerIdentity, error) {
 	id, err := s.attest(ctx)
 	if err != nil {
-		return nil, err
+		return nil, id, err
 	}
 	s.mu.RLock()
 	c := s.callers[id.Cert.SHA256]
 	s.mu.RUnlock()
 	if c != nil {
-		return c, nil
+		return c, id, nil
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if c := s.callers[id.Cert.SHA256]; c != nil {
-		return c, nil
+		return c, id, nil
 	}
 	c, err = s.srv.NewCaller(id)
 	if err != nil {
-		return nil, toStatus(err)
+		return nil, id, toStatus(err)
 	}
 	if len(s.callers) >= MaxCallers {
 		for k := range s.callers { // any one: its next call mints anew
@@ -164,7 +166,7 @@ func (s *Service) caller(ctx context.Context) (*sypas.Caller, error) {
 		}
 	}
 	s.callers[id.Cert.SHA256] = c
-	return c, nil
+	return c, id, nil
 }
 
 func callHandler(srv any, ctx context.Context, dec func(any) error, icpt grpc.UnaryServerInterceptor) (any, error) {
@@ -184,7 +186,7 @@ func callHandler(srv any, ctx context.Context, dec func(any) error, icpt grpc.Un
 
 // call serves Call: the op from MetaOp, the body from the request.
 func (s *Service) call(ctx context.Context, in *wrapperspb.BytesValue) (*wrapperspb.BytesValue, error) {
-	c, err := s.caller(ctx)
+	c, id, err := s.caller(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -194,7 +196,7 @@ func (s *Service) call(ctx context.Context, in *wrapperspb.BytesValue) (*wrapper
 			op = v[0]
 		}
 	}
-	reply, err := c.Call(ctx, op, in.GetValue())
+	reply, err := c.CallFrom(ctx, id, op, in.GetValue())
 	if err != nil {
 		grpc.SetTrailer(ctx, metadata.Pairs(MetaCode, sypas.CodeOf(err).String()))
 		return nil, toStatus(err)
@@ -216,11 +218,11 @@ func subscribeHandler(srv any, ss grpc.ServerStream) error {
 // Server stops (Unavailable).
 func (s *Service) subscribe(topic string, ss grpc.ServerStream) error {
 	ctx := ss.Context()
-	c, err := s.caller(ctx)
+	c, id, err := s.caller(ctx)
 	if err != nil {
 		return err
 	}
-	f, err := c.Subscribe(ctx, topic, s.cfg.Pending)
+	f, err := c.SubscribeFrom(ctx, id, topic, s.cfg.Pending)
 	if err != nil {
 		ss.SetTrailer(metadata.Pairs(MetaCode, sypas.CodeOf(err).String()))
 		return toStatus(err)

@@ -11,11 +11,15 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/sypas/go/control"
+	"github.com/sypas/go/internal/testtls"
 )
 
 // Two connections with the same certificate share its token (one Caller),
@@ -42,4 +46,21 @@ func TestCallAuditsEachConnection(t *testing.T) {
 		assert.NotNil(t, k.Log.Await(map[string]string{"event": "permission", control.LogKeyPeerAddr: local}, 5*time.Second),
 			"connection %d (%s): no refusal record with its address", i, local)
 	}
+}
+
+// Register on a grpc.Server that already has its own health and
+// reflection services leaves them alone (grpc exits the process on a
+// service registered twice), and a second Register is refused.
+func TestRegisterBesideOwnHealthAndReflection(t *testing.T) {
+	k := StartTestKernel(t) // for a sypas.Server
+	gs := grpc.NewServer()
+	own := health.NewServer()
+	healthpb.RegisterHealthServer(gs, own)
+	reflection.RegisterV1(gs)
+	policy := &control.Policy{CertURIs: []string{testtls.DaemonURI}}
+	_, err := Register(gs, k.Srv, ServerConfig{Policy: policy})
+	require.NoError(t, err)
+	assert.Contains(t, gs.GetServiceInfo(), ServiceName)
+	_, err = Register(gs, k.Srv, ServerConfig{Policy: policy})
+	assert.ErrorIs(t, err, control.ErrConfig)
 }

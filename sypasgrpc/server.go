@@ -68,7 +68,9 @@ type Service struct {
 // Register registers on gs, for srv: the sypas.v1.Sypas service, gRPC
 // health checking (grpc.health.v1.Health: "" and ServiceName SERVING,
 // NOT_SERVING once srv's Shutdown or Close begins) and server reflection
-// (v1 and v1alpha), so that grpcurl can list, describe and call it. gs
+// (v1 and v1alpha), so that grpcurl can list, describe and call it; a
+// health or reflection service gs already has is left as it is (the
+// program's own health service then says when sypas.v1.Sypas serves). gs
 // must use TLS credentials that require and verify a client certificate
 // (credentials.NewTLS with tls.RequireAndVerifyClientCert and TLS 1.3):
 // every method refuses a peer without one that cfg.Policy admits
@@ -83,21 +85,41 @@ func Register(gs *grpc.Server, srv *sypas.Server, cfg ServerConfig) (*Service, e
 	if cfg.Pending < 0 {
 		return nil, fmt.Errorf("%w: sypasgrpc.ServerConfig.Pending %d is negative", control.ErrConfig, cfg.Pending)
 	}
-	s := &Service{srv: srv, cfg: cfg, log: cfg.Logger, health: health.NewServer(), callers: make(map[[32]byte]*sypas.Caller)}
+	// grpc exits the process (log.Fatal) on a service registered twice:
+	// what gs already serves is looked at first.
+	have := gs.GetServiceInfo()
+	if _, dup := have[ServiceName]; dup {
+		return nil, fmt.Errorf("%w: sypasgrpc.Register: %s is already registered on this grpc.Server", control.ErrConfig, ServiceName)
+	}
+	s := &Service{srv: srv, cfg: cfg, log: cfg.Logger, callers: make(map[[32]byte]*sypas.Caller)}
 	if s.log == nil {
 		s.log = slog.Default()
 	}
 	gs.RegisterService(&serviceDesc, s)
-	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	s.health.SetServingStatus(ServiceName, healthpb.HealthCheckResponse_SERVING)
-	healthpb.RegisterHealthServer(gs, s.health)
-	reflection.Register(gs)
-	go func() {
-		<-srv.Stopping()
-		s.health.Shutdown() // NOT_SERVING for every service, and stays so
-	}()
+	if _, own := have[healthpb.Health_ServiceDesc.ServiceName]; !own {
+		s.health = health.NewServer()
+		s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+		s.health.SetServingStatus(ServiceName, healthpb.HealthCheckResponse_SERVING)
+		healthpb.RegisterHealthServer(gs, s.health)
+		go func() {
+			<-srv.Stopping()
+			s.health.Shutdown() // NOT_SERVING for every service, and stays so
+		}()
+	}
+	_, v1 := have[reflectionV1]
+	_, v1alpha := have[reflectionV1Alpha]
+	if !v1 && !v1alpha {
+		reflection.Register(gs)
+	}
 	return s, nil
 }
+
+// The services of gRPC server reflection, which Register leaves to the
+// program when it registered either.
+const (
+	reflectionV1      = "grpc.reflection.v1.ServerReflection"
+	reflectionV1Alpha = "grpc.reflection.v1alpha.ServerReflection"
+)
 
 // serviceDesc is sypas.v1.Sypas as grpc serves it; its methods are those
 // of fileDescriptorProto.

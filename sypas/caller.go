@@ -134,9 +134,10 @@ func (c *Caller) now() time.Time {
 	return time.Now()
 }
 
-// auditAttrs are the audit attributes of a request checked against cp.
-func (c *Caller) auditAttrs(cp *token.Capability) []slog.Attr {
-	a := append([]slog.Attr(nil), c.attrs...)
+// auditAttrs are the audit attributes of a request from the peer that
+// attrs describe, checked against cp.
+func (c *Caller) auditAttrs(attrs []slog.Attr, cp *token.Capability) []slog.Attr {
+	a := append([]slog.Attr(nil), attrs...)
 	if cp != nil {
 		a = append(a, slog.String(control.LogKeyTokenID, "0x"+strconv.FormatUint(cp.ID, 16)))
 	}
@@ -145,22 +146,22 @@ func (c *Caller) auditAttrs(cp *token.Capability) []slog.Attr {
 
 // deny refuses a request: counted, audited, and returned as the *Error the
 // caller is told.
-func (c *Caller) deny(ctx context.Context, cp *token.Capability, corr uint64, op string, code Code, event, reason string) error {
-	c.srv.refused(ctx, c.auditAttrs(cp), corr, op, code, event, reason)
+func (c *Caller) deny(ctx context.Context, attrs []slog.Attr, cp *token.Capability, corr uint64, op string, code Code, event, reason string) error {
+	c.srv.refused(ctx, c.auditAttrs(attrs, cp), corr, op, code, event, reason)
 	return &Error{Code: code, Message: reason}
 }
 
 // begin is the first checks of every request: the Server serving
 // (E_UNAVAILABLE, not a refusal) and the token (E_AUTH). It numbers the
 // request (corr) and returns the token it is checked against.
-func (c *Caller) begin(ctx context.Context, op string) (*token.Capability, uint64, error) {
+func (c *Caller) begin(ctx context.Context, attrs []slog.Attr, op string) (*token.Capability, uint64, error) {
 	if c.srv.notServing.Load() {
 		return nil, 0, &Error{Code: CodeUnavailable, Message: "the kernel is shutting down"}
 	}
 	corr := c.corr.Add(1)
 	cp, why := c.capability()
 	if cp == nil {
-		return nil, corr, c.deny(ctx, nil, corr, op, CodeAuth, control.EventAuth, why)
+		return nil, corr, c.deny(ctx, attrs, nil, corr, op, CodeAuth, control.EventAuth, why)
 	}
 	return cp, corr, nil
 }
@@ -171,28 +172,65 @@ func (c *Caller) begin(ctx context.Context, op string) (*token.Capability, uint6
 // when the Server closes; Request.Body is body itself (the caller's), and
 // Request.Correlation counts the Caller's calls.
 func (c *Caller) Call(ctx context.Context, op string, body []byte) ([]byte, error) {
+	return c.call(ctx, c.peer, c.attrs, op, body)
+}
+
+// CallFrom is Call for a request that peer made: the Caller's identity
+// (the same Subject: its certificate) on a connection of its own, which
+// Request.Peer and the audit records name (peer_addr) instead of the one
+// the Caller was made for. A peer of another Subject is refused with
+// E_PERMISSION: a Caller, its token and its limits are one identity's.
+func (c *Caller) CallFrom(ctx context.Context, peer control.PeerIdentity, op string, body []byte) ([]byte, error) {
+	attrs, err := c.from(peer)
+	if err != nil {
+		return nil, err
+	}
+	return c.call(ctx, peer, attrs, op, body)
+}
+
+// from is the audit attributes of peer, one of the Caller's identity.
+func (c *Caller) from(peer control.PeerIdentity) ([]slog.Attr, error) {
+	if peer.Subject() != c.peer.Subject() {
+		return nil, &Error{Code: CodePermission, Message: "the peer is not the Caller's identity"}
+	}
+	if peer.Remote == c.peer.Remote {
+		return c.attrs, nil
+	}
+	return control.PeerAttrs(peer), nil
+}
+
+func (c *Caller) call(ctx context.Context, peer control.PeerIdentity, attrs []slog.Attr, op string, body []byte) ([]byte, error) {
 	s := c.srv
-	cp, corr, err := c.begin(ctx, op)
+	cp, corr, err := c.begin(ctx, attrs, op)
 	if err != nil {
 		return nil, err
 	}
 	if len(body) > c.maxPayload {
-		return nil, c.deny(ctx, cp, corr, "", CodeTooLarge, control.EventProtocol, "request payload above the session's max_payload")
+		return nil, c.deny(ctx, attrs, cp, corr, "", CodeTooLarge, control.EventProtocol, "request payload above the session's max_payload")
+	}
+	if len(op) > wire.MaxNameLen {
+		// No route has such a name; the peer's bytes (up to gRPC's
+		// metadata limit, 16 MiB) are not copied into the audit log.
+		return nil, c.deny(ctx, attrs, cp, corr, "", CodeNotFound, control.EventProtocol, fmt.Sprintf("an operation name of %d bytes (at most %d)", len(op), wire.MaxNameLen))
 	}
 	rt := (*s.routes.Load())[op]
 	if rt == nil {
-		return nil, c.deny(ctx, cp, corr, op, CodeNotFound, control.EventProtocol, "no such operation")
+		return nil, c.deny(ctx, attrs, cp, corr, op, CodeNotFound, control.EventProtocol, "no such operation")
 	}
 	if need := rt.rights; need != 0 && cp.Rights&need != need {
-		return nil, c.deny(ctx, cp, corr, rt.op, CodePermission, control.EventPermission, "the token lacks the operation's rights")
+		return nil, c.deny(ctx, attrs, cp, corr, rt.op, CodePermission, control.EventPermission, "the token lacks the operation's rights")
 	}
 	if c.inFlight.Add(1) > c.maxInFlight {
 		c.inFlight.Add(-1)
-		return nil, c.deny(ctx, cp, corr, rt.op, CodeResource, control.EventLimit, "more requests in flight than max_in_flight")
+		return nil, c.deny(ctx, attrs, cp, corr, rt.op, CodeResource, control.EventLimit, "more requests in flight than max_in_flight")
 	}
 	defer c.inFlight.Add(-1)
+	if !s.enter() {
+		return nil, &Error{Code: CodeUnavailable, Message: "the kernel is shutting down"}
+	}
+	defer s.streamed.Done()
 	if l := s.cfg.AuditGrants.Level(); s.log.Enabled(ctx, l) {
-		s.granted(ctx, l, c.auditAttrs(cp), rt.op, corr)
+		s.granted(ctx, l, c.auditAttrs(attrs, cp), rt.op, corr)
 	}
 	s.stats.direct.Add(1)
 	defer s.stats.direct.Add(-1)
@@ -200,7 +238,7 @@ func (c *Caller) Call(ctx context.Context, op string, body []byte) ([]byte, erro
 	defer cancel()
 	stop := context.AfterFunc(s.base, cancel) // Close ends the handler's context
 	defer stop()
-	req := Request{Op: rt.op, Body: body, Peer: c.peer, Subject: cp.Subject, TokenID: cp.ID, Correlation: corr}
+	req := Request{Op: rt.op, Body: body, Peer: peer, Subject: cp.Subject, TokenID: cp.ID, Correlation: corr}
 	reply, err := s.run(ctx, rt, &req)
 	if err != nil {
 		s.stats.failed.Add(1)
@@ -237,20 +275,33 @@ type Feed struct {
 // events waiting on the Feed (zero: DefaultPending). Close the Feed when
 // done with it.
 func (c *Caller) Subscribe(ctx context.Context, topic string, pending int) (*Feed, error) {
+	return c.subscribe(ctx, c.attrs, topic, pending)
+}
+
+// SubscribeFrom is Subscribe for peer, as CallFrom is Call.
+func (c *Caller) SubscribeFrom(ctx context.Context, peer control.PeerIdentity, topic string, pending int) (*Feed, error) {
+	attrs, err := c.from(peer)
+	if err != nil {
+		return nil, err
+	}
+	return c.subscribe(ctx, attrs, topic, pending)
+}
+
+func (c *Caller) subscribe(ctx context.Context, attrs []slog.Attr, topic string, pending int) (*Feed, error) {
 	s := c.srv
-	cp, corr, err := c.begin(ctx, "")
+	cp, corr, err := c.begin(ctx, attrs, "")
 	if err != nil {
 		return nil, err
 	}
 	if cp.Rights&RightSubscribe == 0 {
-		return nil, c.deny(ctx, cp, corr, "", CodePermission, control.EventPermission, "the token lacks the subscribe right")
+		return nil, c.deny(ctx, attrs, cp, corr, "", CodePermission, control.EventPermission, "the token lacks the subscribe right")
 	}
 	if topic == "" || len(topic) > wire.MaxNameLen {
-		return nil, c.deny(ctx, cp, corr, "", CodeProto, control.EventProtocol, fmt.Sprintf("a topic is 1..%d bytes", wire.MaxNameLen))
+		return nil, c.deny(ctx, attrs, cp, corr, "", CodeProto, control.EventProtocol, fmt.Sprintf("a topic is 1..%d bytes", wire.MaxNameLen))
 	}
 	if c.subs.Add(1) > int64(s.cfg.MaxSubscriptions) {
 		c.subs.Add(-1)
-		return nil, c.deny(ctx, cp, corr, "", CodeResource, control.EventLimit, "more subscriptions than the kernel's MaxSubscriptions")
+		return nil, c.deny(ctx, attrs, cp, corr, "", CodeResource, control.EventLimit, "more subscriptions than the kernel's MaxSubscriptions")
 	}
 	ch := make(chan Event, cmp.Or(pending, DefaultPending))
 	f := &Feed{C: ch, c: ch, caller: c, done: make(chan struct{})}

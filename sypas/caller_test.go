@@ -2,7 +2,9 @@ package sypas
 
 import (
 	"context"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -11,6 +13,7 @@ import (
 
 	"github.com/sypas/go/control"
 	"github.com/sypas/go/control/token"
+	"github.com/sypas/go/wire"
 )
 
 // callerServer is a Server (not serving any listener) with echo, an
@@ -156,4 +159,101 @@ func TestCallerFeedNeedsTheRight(t *testing.T) {
 	_, err = c.Subscribe(context.Background(), "ticks", 0)
 	assert.ErrorIs(t, err, ErrPermission)
 	a.expect(t, refused(control.EventPermission, CodePermission, 0))
+}
+
+// TestCallerShutdownWaitsForCalls: Shutdown and Close wait for a Caller's
+// handler as they wait for a session's (a handler that outlived Close could
+// use what its owner tears down after it), and a Caller's request after
+// they began is refused E_UNAVAILABLE.
+func TestCallerShutdownWaitsForCalls(t *testing.T) {
+	for _, stop := range []string{"Close", "Shutdown"} {
+		t.Run(stop, func(t *testing.T) {
+			srv, _, _ := callerServer(t, ServerConfig{})
+			inside := make(chan struct{})
+			var finished atomic.Bool
+			srv.Handle("slow", RightRequest, func(ctx context.Context, r *Request) ([]byte, error) {
+				close(inside)
+				<-ctx.Done()
+				time.Sleep(50 * time.Millisecond) // cleaning up after the cancel
+				finished.Store(true)
+				return nil, ctx.Err()
+			})
+			c, err := srv.NewCaller(certPeer)
+			require.NoError(t, err)
+			done := make(chan error, 1)
+			go func() {
+				_, err := c.Call(context.Background(), "slow", nil)
+				done <- err
+			}()
+			<-inside
+			if stop == "Close" {
+				require.NoError(t, srv.Close())
+			} else {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Millisecond)
+				defer cancel()
+				assert.ErrorIs(t, srv.Shutdown(ctx), context.DeadlineExceeded) // the handler ignores GOAWAY: Close
+			}
+			assert.True(t, finished.Load(), "%s returned while a Caller's handler ran", stop)
+			srv.Close() // ends the handler if Shutdown did not
+			assert.ErrorIs(t, <-done, ErrUnavailable)
+			_, err = c.Call(context.Background(), "echo", nil)
+			assert.ErrorIs(t, err, ErrUnavailable)
+		})
+	}
+}
+
+// TestCallerLongOpNotAudited: an operation name longer than any route's
+// (a stock client's sypas-op metadata may be megabytes) is refused
+// E_NOT_FOUND without its bytes in the audit record.
+func TestCallerLongOpNotAudited(t *testing.T) {
+	srv, a, _ := callerServer(t, ServerConfig{})
+	c, err := srv.NewCaller(certPeer)
+	require.NoError(t, err)
+	op := strings.Repeat("x", wire.MaxNameLen+1)
+	_, err = c.Call(context.Background(), op, nil)
+	assert.ErrorIs(t, err, ErrNotFound)
+	r := a.expect(t, refused(control.EventProtocol, CodeNotFound, 1))
+	for k, v := range r {
+		assert.NotContains(t, v, op[:wire.MaxNameLen], "the op in audit key %s", k)
+	}
+	_, err = c.Call(context.Background(), op[:wire.MaxNameLen], nil) // as long as a name may be: looked up
+	assert.ErrorIs(t, err, ErrNotFound)
+	a.expect(t, map[string]string{control.LogKeyOp: op[:wire.MaxNameLen]})
+}
+
+// TestCallerCallFrom: a request of the Caller's identity from another
+// connection is audited, and handed to the handler, with that
+// connection's address, not the first one's; a peer of another identity
+// is refused.
+func TestCallerCallFrom(t *testing.T) {
+	srv, a, _ := callerServer(t, ServerConfig{})
+	srv.Handle("remote", RightRequest, func(_ context.Context, r *Request) ([]byte, error) { return []byte(r.Peer.Remote), nil })
+	first, second := certPeer, certPeer
+	first.Remote, second.Remote = "192.0.2.1:1000", "192.0.2.2:2000"
+	c, err := srv.NewCaller(first)
+	require.NoError(t, err)
+	ctx := context.Background()
+
+	got, err := c.CallFrom(ctx, second, "remote", nil)
+	require.NoError(t, err)
+	assert.Equal(t, second.Remote, string(got))
+	_, err = c.CallFrom(ctx, second, "admin", nil)
+	assert.ErrorIs(t, err, ErrPermission)
+	r := a.expect(t, refused(control.EventPermission, CodePermission, 2))
+	assert.Equal(t, second.Remote, r[control.LogKeyPeerAddr])
+	_, err = c.SubscribeFrom(ctx, second, strings.Repeat("t", wire.MaxNameLen+1), 0)
+	assert.ErrorIs(t, err, ErrProto)
+	r = a.expect(t, refused(control.EventProtocol, CodeProto, 3))
+	assert.Equal(t, second.Remote, r[control.LogKeyPeerAddr])
+
+	got, err = c.Call(ctx, "remote", nil)
+	require.NoError(t, err)
+	assert.Equal(t, first.Remote, string(got))
+
+	other := second
+	other.ExeSHA256[0]++ // another certificate
+	_, err = c.CallFrom(ctx, other, "echo", nil)
+	assert.ErrorIs(t, err, ErrPermission)
+	_, err = c.SubscribeFrom(ctx, other, "t", 0)
+	assert.ErrorIs(t, err, ErrPermission)
 }

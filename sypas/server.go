@@ -135,7 +135,7 @@ type Server struct {
 	streamsOnce sync.Once
 	streams     *control.Server // ServeConn's
 	streamsErr  error
-	streamed    sync.WaitGroup // ServeConn's calls; Add under mu while !stopping
+	streamed    sync.WaitGroup // ServeConn's calls and Callers' requests; Add under mu while !stopping (enter)
 }
 
 type route struct {
@@ -259,13 +259,7 @@ func (s *Server) ServeConn(ctx context.Context, conn net.Conn, peer control.Peer
 		conn.Close()
 		return err
 	}
-	s.mu.Lock()
-	stopping := s.stopping
-	if !stopping {
-		s.streamed.Add(1) // Shutdown and Close wait for it, as for Serve's sessions
-	}
-	s.mu.Unlock()
-	if stopping {
+	if !s.enter() { // Shutdown and Close wait for it, as for Serve's sessions
 		conn.Close()
 		return fmt.Errorf("%w: ServeConn: the server was shut down", ErrClosed)
 	}
@@ -281,6 +275,19 @@ func (s *Server) ServeConn(ctx context.Context, conn net.Conn, peer control.Peer
 	defer sess.Close()
 	s.serveSession(sess)
 	return nil
+}
+
+// enter counts a Caller's request among those Shutdown and Close wait
+// for, as a session's calls are: false once they began (the request is
+// refused, E_UNAVAILABLE). The caller calls s.streamed.Done when it ends.
+func (s *Server) enter() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopping {
+		return false
+	}
+	s.streamed.Add(1)
+	return true
 }
 
 // streamServer is the control-plane server of ServeConn, made at its
@@ -322,7 +329,9 @@ func (s *Server) serveSession(sess *control.Session) {
 // daemon is accepted, and each session gets GOAWAY (docs/PROTOCOL.md
 // §6.8): its daemon starts no new call, and once the calls it has in
 // flight are answered it sends GOAWAY back and the session closes; then
-// Serve returns, and Shutdown once ServeConn's sessions have ended too. A
+// Serve returns, and Shutdown once ServeConn's sessions and the Callers'
+// requests running have ended too (a Caller's new request is refused,
+// E_UNAVAILABLE). A
 // daemon that does not answer GOAWAY is closed after
 // DrainTimeout. When ctx ends first, Shutdown closes what is left (Close)
 // and returns ctx's error.
@@ -360,7 +369,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 
 // Close stops the server at once: every session ends, handlers' contexts
 // are cancelled, and Serve (and Close, and each ServeConn) returns once the
-// handlers running have returned (a handler that ignores its context
+// handlers running, a Caller's included, have returned (a handler that ignores its context
 // delays it). It is idempotent.
 func (s *Server) Close() error {
 	s.notServing.Store(true)

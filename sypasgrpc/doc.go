@@ -31,7 +31,10 @@
 //
 // To stop, Shutdown the sypas.Server first (health turns NOT_SERVING,
 // sessions drain through GOAWAY, Subscribe streams end), then
-// GracefulStop the grpc.Server.
+// GracefulStop the grpc.Server, bounded: a Subscribe client that has
+// stopped reading holds its stream's last messages, and GracefulStop,
+// until it reads or goes (grpc does not reset a stream the client
+// half-closed), so call Stop when the bound passes.
 //
 // # Daemon
 //

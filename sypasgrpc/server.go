@@ -68,7 +68,9 @@ type Service struct {
 // Register registers on gs, for srv: the sypas.v1.Sypas service, gRPC
 // health checking (grpc.health.v1.Health: "" and ServiceName SERVING,
 // NOT_SERVING once srv's Shutdown or Close begins) and server reflection
-// (v1 and v1alpha), so that grpcurl can list, describe and call it. gs
+// (v1 and v1alpha), so that grpcurl can list, describe and call it; a
+// health or reflection service gs already has is left as it is (the
+// program's own health service then says when sypas.v1.Sypas serves). gs
 // must use TLS credentials that require and verify a client certificate
 // (credentials.NewTLS with tls.RequireAndVerifyClientCert and TLS 1.3):
 // every method refuses a peer without one that cfg.Policy admits
@@ -83,21 +85,41 @@ func Register(gs *grpc.Server, srv *sypas.Server, cfg ServerConfig) (*Service, e
 	if cfg.Pending < 0 {
 		return nil, fmt.Errorf("%w: sypasgrpc.ServerConfig.Pending %d is negative", control.ErrConfig, cfg.Pending)
 	}
-	s := &Service{srv: srv, cfg: cfg, log: cfg.Logger, health: health.NewServer(), callers: make(map[[32]byte]*sypas.Caller)}
+	// grpc exits the process (log.Fatal) on a service registered twice:
+	// what gs already serves is looked at first.
+	have := gs.GetServiceInfo()
+	if _, dup := have[ServiceName]; dup {
+		return nil, fmt.Errorf("%w: sypasgrpc.Register: %s is already registered on this grpc.Server", control.ErrConfig, ServiceName)
+	}
+	s := &Service{srv: srv, cfg: cfg, log: cfg.Logger, callers: make(map[[32]byte]*sypas.Caller)}
 	if s.log == nil {
 		s.log = slog.Default()
 	}
 	gs.RegisterService(&serviceDesc, s)
-	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	s.health.SetServingStatus(ServiceName, healthpb.HealthCheckResponse_SERVING)
-	healthpb.RegisterHealthServer(gs, s.health)
-	reflection.Register(gs)
-	go func() {
-		<-srv.Stopping()
-		s.health.Shutdown() // NOT_SERVING for every service, and stays so
-	}()
+	if _, own := have[healthpb.Health_ServiceDesc.ServiceName]; !own {
+		s.health = health.NewServer()
+		s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+		s.health.SetServingStatus(ServiceName, healthpb.HealthCheckResponse_SERVING)
+		healthpb.RegisterHealthServer(gs, s.health)
+		go func() {
+			<-srv.Stopping()
+			s.health.Shutdown() // NOT_SERVING for every service, and stays so
+		}()
+	}
+	_, v1 := have[reflectionV1]
+	_, v1alpha := have[reflectionV1Alpha]
+	if !v1 && !v1alpha {
+		reflection.Register(gs)
+	}
 	return s, nil
 }
+
+// The services of gRPC server reflection, which Register leaves to the
+// program when it registered either.
+const (
+	reflectionV1      = "grpc.reflection.v1.ServerReflection"
+	reflectionV1Alpha = "grpc.reflection.v1alpha.ServerReflection"
+)
 
 // serviceDesc is sypas.v1.Sypas as grpc serves it; its methods are those
 // of fileDescriptorProto.
@@ -136,26 +158,28 @@ func (s *Service) attest(ctx context.Context) (control.PeerIdentity, error) {
 	return id, nil
 }
 
-// caller is the sypas.Caller of the peer of ctx, kept by certificate.
-func (s *Service) caller(ctx context.Context) (*sypas.Caller, error) {
+// caller is the sypas.Caller of the peer of ctx, kept by certificate, and
+// the peer itself (its address is this connection's, which the Caller's,
+// made for the certificate's first connection, may not be).
+func (s *Service) caller(ctx context.Context) (*sypas.Caller, control.PeerIdentity, error) {
 	id, err := s.attest(ctx)
 	if err != nil {
-		return nil, err
+		return nil, id, err
 	}
 	s.mu.RLock()
 	c := s.callers[id.Cert.SHA256]
 	s.mu.RUnlock()
 	if c != nil {
-		return c, nil
+		return c, id, nil
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if c := s.callers[id.Cert.SHA256]; c != nil {
-		return c, nil
+		return c, id, nil
 	}
 	c, err = s.srv.NewCaller(id)
 	if err != nil {
-		return nil, toStatus(err)
+		return nil, id, toStatus(err)
 	}
 	if len(s.callers) >= MaxCallers {
 		for k := range s.callers { // any one: its next call mints anew
@@ -164,7 +188,7 @@ func (s *Service) caller(ctx context.Context) (*sypas.Caller, error) {
 		}
 	}
 	s.callers[id.Cert.SHA256] = c
-	return c, nil
+	return c, id, nil
 }
 
 func callHandler(srv any, ctx context.Context, dec func(any) error, icpt grpc.UnaryServerInterceptor) (any, error) {
@@ -184,7 +208,7 @@ func callHandler(srv any, ctx context.Context, dec func(any) error, icpt grpc.Un
 
 // call serves Call: the op from MetaOp, the body from the request.
 func (s *Service) call(ctx context.Context, in *wrapperspb.BytesValue) (*wrapperspb.BytesValue, error) {
-	c, err := s.caller(ctx)
+	c, id, err := s.caller(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -194,7 +218,7 @@ func (s *Service) call(ctx context.Context, in *wrapperspb.BytesValue) (*wrapper
 			op = v[0]
 		}
 	}
-	reply, err := c.Call(ctx, op, in.GetValue())
+	reply, err := c.CallFrom(ctx, id, op, in.GetValue())
 	if err != nil {
 		grpc.SetTrailer(ctx, metadata.Pairs(MetaCode, sypas.CodeOf(err).String()))
 		return nil, toStatus(err)
@@ -216,11 +240,11 @@ func subscribeHandler(srv any, ss grpc.ServerStream) error {
 // Server stops (Unavailable).
 func (s *Service) subscribe(topic string, ss grpc.ServerStream) error {
 	ctx := ss.Context()
-	c, err := s.caller(ctx)
+	c, id, err := s.caller(ctx)
 	if err != nil {
 		return err
 	}
-	f, err := c.Subscribe(ctx, topic, s.cfg.Pending)
+	f, err := c.SubscribeFrom(ctx, id, topic, s.cfg.Pending)
 	if err != nil {
 		ss.SetTrailer(metadata.Pairs(MetaCode, sypas.CodeOf(err).String()))
 		return toStatus(err)

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/sypas/go/control"
+	"github.com/sypas/go/internal/testtls"
 	"github.com/sypas/go/sypas"
 )
 
@@ -235,4 +236,32 @@ func TestSessionAsFallback(t *testing.T) {
 	assert.NotEmpty(t, tr.Fallback, "why the Unix socket was passed over")
 	_, err = c.Call(ctx, "echo", nil)
 	assert.NoError(t, err)
+}
+
+// A TLS failure with a kernel that answered on grpc:// (its certificate
+// from a CA the daemon does not trust, or the daemon's refused by the
+// kernel's TLS) is a handshake failure, as on tcp://: Dial does not pass
+// it over for a fallback (a man in the middle must not silently send the
+// daemon elsewhere), and the error says TLS.
+func TestSessionTLSFailureNotAFallback(t *testing.T) {
+	k := StartTestKernel(t)
+	other, err := testtls.NewCA("not the kernel's CA")
+	require.NoError(t, err)
+	untrusted := k.Daemon.Clone()
+	untrusted.RootCAs = other.Pool
+	for name, tc := range map[string]*tls.Config{"kernel not trusted": untrusted, "daemon's CA refused": k.OtherCA} {
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			none := filepath.Join(t.TempDir(), "none.sock")
+			cfg := control.DialConfig{TLS: tc, Fallbacks: []string{none}}
+			cfg.Logger = slog.New(slog.DiscardHandler)
+			_, err := control.Dial(ctx, "grpc://"+k.Addr, cfg)
+			require.Error(t, err)
+			assert.False(t, control.Unreachable(err), "%v", err)
+			assert.ErrorIs(t, err, control.ErrHandshake)
+			assert.Contains(t, err.Error(), "TLS")
+			assert.NotContains(t, err.Error(), none, "the fallback was tried")
+		})
+	}
 }

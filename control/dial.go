@@ -144,6 +144,10 @@ func connectTCP(ctx context.Context, hostport string, cfg DialConfig) (net.Conn,
 		if err != nil {
 			return nil, fmt.Errorf("control: dial tcp://%s: %w", hostport, err)
 		}
+		if err := onLoopback("DialConfig.InsecurePlaintextLoopback", c.RemoteAddr()); err != nil {
+			c.Close()
+			return nil, err
+		}
 		return c, nil
 	}
 	host, _, _ := net.SplitHostPort(hostport)

@@ -129,6 +129,12 @@ func ListenTLS(addr string, tlsCfg *tls.Config, cfg Config) (*Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("control: listen tcp %s: %w", addr, err)
 	}
+	if tlsCfg == nil {
+		if err := onLoopback("ListenTLS", ln.Addr()); err != nil {
+			ln.Close()
+			return nil, err
+		}
+	}
 	l.tl = ln.(*net.TCPListener)
 	return l, nil
 }
@@ -184,6 +190,16 @@ func checkLoopback(field, addr string) error {
 		return nil
 	}
 	return configErr(field, "plaintext TCP refused on %q: only a loopback address (localhost, 127.0.0.0/8, ::1) may go without TLS", addr)
+}
+
+// onLoopback refuses a plaintext connection or listener whose address,
+// as the system resolved it, is not loopback: "localhost" passes
+// checkLoopback by name, and a hosts file may say otherwise.
+func onLoopback(field string, a net.Addr) error {
+	if ta, ok := a.(*net.TCPAddr); ok && ta.IP.IsLoopback() {
+		return nil
+	}
+	return configErr(field, "plaintext TCP refused: %v is not a loopback address", a)
 }
 
 // AttestTLS is the attestation of a peer on TLS (a Listener from ListenTLS

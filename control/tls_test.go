@@ -359,3 +359,14 @@ func TestTCPErrorSurvivesUnreadBytes(t *testing.T) {
 		assert.ErrorIs(t, ts.acceptErr(t), ErrHandshake)
 	}
 }
+
+// Plaintext is checked against the address the system resolved, not only
+// the name given: "localhost" that a hosts file maps elsewhere is refused.
+func TestOnLoopback(t *testing.T) {
+	for _, ip := range []string{"127.0.0.1", "127.3.2.1", "::1"} {
+		assert.NoError(t, onLoopback("f", &net.TCPAddr{IP: net.ParseIP(ip), Port: 1}), ip)
+	}
+	for _, a := range []net.Addr{&net.TCPAddr{IP: net.ParseIP("192.0.2.7"), Port: 1}, &net.TCPAddr{IP: net.IPv4zero, Port: 1}, &net.UnixAddr{Name: "x"}} {
+		assert.ErrorIs(t, onLoopback("f", a), ErrConfig, "%v", a)
+	}
+}

@@ -175,6 +175,9 @@ func bulkGive(zeroCopy bool) func(context.Context, *sypas.Request) ([]byte, erro
 		} else {
 			if uint64(cap(buf)) < size {
 				buf = make([]byte, size)
+				for i := range buf { // real pages, not the zero page
+					buf[i] = byte(i)
+				}
 			}
 			out = buf[:size]
 		}

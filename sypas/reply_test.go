@@ -228,3 +228,49 @@ func TestAllocReplyAllocs(t *testing.T) {
 	assert.Zero(t, testing.AllocsPerRun(200, call), "AllocReply, CallFunc")
 	require.Eventually(t, func() bool { return kernelSpans(k) == 0 }, 5*time.Second, time.Millisecond)
 }
+
+// A session that ends while its handler holds a reply span: the handler
+// still writes the slice (the region is closed: private memory, no
+// fault) and returns it; nothing is sent, nothing leaks, and the next
+// session is served.
+func TestAllocReplySessionEnds(t *testing.T) {
+	needRings(t, "bulk needs shared memory")
+	holding := make(chan struct{})
+	returned := make(chan error, 1)
+	k := startKernel(t, ServerConfig{}, func(s *Server) {
+		s.Handle("hold", RightRequest, func(ctx context.Context, r *Request) ([]byte, error) {
+			b, err := r.AllocReply(ctx, 1<<20)
+			if err != nil {
+				return nil, err
+			}
+			close(holding)
+			<-ctx.Done() // the session ends
+			fillBody(b, 1, 1)
+			returned <- nil
+			return b, nil
+		})
+		s.Handle("reply", RightRequest, func(ctx context.Context, r *Request) ([]byte, error) {
+			b, err := r.AllocReply(ctx, 1<<20)
+			if err != nil {
+				return nil, err
+			}
+			fillBody(b, 2, 2)
+			return b, nil
+		})
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c := bulkClient(t, k.path, 4<<20)
+	called := make(chan error, 1)
+	go func() { _, err := c.Call(ctx, "hold", nil); called <- err }()
+	<-holding
+	require.NoError(t, c.Close())
+	assert.Error(t, <-called)
+	require.NoError(t, <-returned)
+
+	c2 := bulkClient(t, k.path, 4<<20)
+	got, err := c2.Call(ctx, "reply", nil)
+	require.NoError(t, err)
+	assert.True(t, bytes.Equal(fillBody(make([]byte, 1<<20), 2, 2), got))
+	require.Eventually(t, func() bool { return kernelSpans(k) == 0 && k.srv.Stats().Sessions == 1 }, 5*time.Second, time.Millisecond)
+}

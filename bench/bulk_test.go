@@ -97,11 +97,8 @@ func benchBulk(b *testing.B, size int, zeroCopy bool) {
 		}
 		return nil
 	}
-	before := kernelMallocs(b, c)
-	b.SetBytes(int64(size))
-	timeRoundTrips(b, pinned, func(seq uint64) {
+	timeBulk(b, c, pinned, size, func(seq uint64) (err error) {
 		want = seq
-		var err error
 		if zeroCopy {
 			var sp sypas.Span
 			if sp, err = c.AllocSpan(bg, "bulk.take", size); err == nil {
@@ -112,11 +109,8 @@ func benchBulk(b *testing.B, size int, zeroCopy bool) {
 			binary.LittleEndian.PutUint64(body, seq)
 			err = c.CallFunc(bg, "bulk.take", body, check)
 		}
-		if err != nil {
-			b.Fatalf("transfer %d: %v", seq, err)
-		}
+		return err
 	})
-	b.ReportMetric(float64(kernelMallocs(b, c)-before)/float64(b.N), "kernel-allocs/op")
 	if st, ok := c.BulkStats(); !ok || st.Refused != 0 {
 		b.Fatalf("bulk stats %+v", st)
 	}
@@ -139,12 +133,20 @@ func benchBulkReply(b *testing.B, size int, zeroCopy bool) {
 		}
 		return nil
 	}
+	timeBulk(b, c, pinned, size, func(seq uint64) error {
+		want = seq
+		binary.LittleEndian.PutUint64(req[:], seq)
+		return c.CallFunc(bg, op, req[:], check)
+	})
+}
+
+// timeBulk times transfer, moving size bytes, with timeRoundTrips, and
+// reports the kernel's allocations per transfer.
+func timeBulk(b *testing.B, c *sypas.Client, pinned bool, size int, transfer func(seq uint64) error) {
 	before := kernelMallocs(b, c)
 	b.SetBytes(int64(size))
 	timeRoundTrips(b, pinned, func(seq uint64) {
-		want = seq
-		binary.LittleEndian.PutUint64(req[:], seq)
-		if err := c.CallFunc(bg, op, req[:], check); err != nil {
+		if err := transfer(seq); err != nil {
 			b.Fatalf("transfer %d: %v", seq, err)
 		}
 	})

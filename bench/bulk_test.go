@@ -35,6 +35,16 @@ import (
 //     by the other process, which answers 8 bytes: the same bytes moved
 //     the way a socket moves them.
 //
+// and the other way, a reply of that size to an 8-byte request, whose
+// handler ("bulk.give") writes the sequence number into the reply and
+// returns it; the daemon's CallFunc callback checks its first word and
+// reads its last byte in place:
+//
+//   - reply-zero-copy: the reply is a span Request.AllocReply reserved in
+//     the kernel's region, sent by descriptor as it lies.
+//   - reply-copy: the reply is the handler's private buffer, copied by the
+//     transport into a span (one memcpy), then as reply-zero-copy.
+//
 // Each reports allocs/op in the caller (the zero-copy path allocates
 // nothing), kernel-allocs/op, and p50/p99 per transfer.
 func BenchmarkBulk(b *testing.B) {
@@ -42,6 +52,8 @@ func BenchmarkBulk(b *testing.B) {
 		sz := fmt.Sprintf("%dMiB", size>>20)
 		b.Run("zero-copy/"+sz, func(b *testing.B) { benchBulk(b, size, true) })
 		b.Run("copy/"+sz, func(b *testing.B) { benchBulk(b, size, false) })
+		b.Run("reply-zero-copy/"+sz, func(b *testing.B) { benchBulkReply(b, size, true) })
+		b.Run("reply-copy/"+sz, func(b *testing.B) { benchBulkReply(b, size, false) })
 		b.Run("memcpy/"+sz, func(b *testing.B) { benchMemcpy(b, size) })
 		b.Run("unix-socket/"+sz, func(b *testing.B) { benchUnixBulk(b, size) })
 	}
@@ -51,8 +63,9 @@ func BenchmarkBulk(b *testing.B) {
 // largest body and its header.
 const bulkRegion = 128 << 20
 
-func benchBulk(b *testing.B, size int, zeroCopy bool) {
-	pinned := shouldPin(true)
+// dialBulk starts a kernel in another process and dials it with bulk
+// regions of bulkRegion bytes.
+func dialBulk(b *testing.B, pinned bool) *sypas.Client {
 	path := startKernel(b, futex.Config{}, pinned)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	cfg := sypas.ClientConfig{}
@@ -65,6 +78,12 @@ func benchBulk(b *testing.B, size int, zeroCopy bool) {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { c.Close() })
+	return c
+}
+
+func benchBulk(b *testing.B, size int, zeroCopy bool) {
+	pinned := shouldPin(true)
+	c := dialBulk(b, pinned)
 
 	bg := context.Background()
 	body := make([]byte, size)
@@ -78,11 +97,8 @@ func benchBulk(b *testing.B, size int, zeroCopy bool) {
 		}
 		return nil
 	}
-	before := kernelMallocs(b, c)
-	b.SetBytes(int64(size))
-	timeRoundTrips(b, pinned, func(seq uint64) {
+	timeBulk(b, c, pinned, size, func(seq uint64) (err error) {
 		want = seq
-		var err error
 		if zeroCopy {
 			var sp sypas.Span
 			if sp, err = c.AllocSpan(bg, "bulk.take", size); err == nil {
@@ -93,13 +109,83 @@ func benchBulk(b *testing.B, size int, zeroCopy bool) {
 			binary.LittleEndian.PutUint64(body, seq)
 			err = c.CallFunc(bg, "bulk.take", body, check)
 		}
-		if err != nil {
+		return err
+	})
+	if st, ok := c.BulkStats(); !ok || st.Refused != 0 {
+		b.Fatalf("bulk stats %+v", st)
+	}
+}
+
+func benchBulkReply(b *testing.B, size int, zeroCopy bool) {
+	pinned := shouldPin(true)
+	c := dialBulk(b, pinned)
+	op := "bulk.give.copy"
+	if zeroCopy {
+		op = "bulk.give"
+	}
+	bg := context.Background()
+	var req [16]byte
+	binary.LittleEndian.PutUint64(req[8:], uint64(size))
+	var want uint64
+	check := func(r []byte) error {
+		if len(r) != size || binary.LittleEndian.Uint64(r) != want || r[len(r)-1] != byte(want) {
+			return errors.New("the reply is not the request's sequence number")
+		}
+		return nil
+	}
+	timeBulk(b, c, pinned, size, func(seq uint64) error {
+		want = seq
+		binary.LittleEndian.PutUint64(req[:], seq)
+		return c.CallFunc(bg, op, req[:], check)
+	})
+}
+
+// timeBulk times transfer, moving size bytes, with timeRoundTrips, and
+// reports the kernel's allocations per transfer.
+func timeBulk(b *testing.B, c *sypas.Client, pinned bool, size int, transfer func(seq uint64) error) {
+	before := kernelMallocs(b, c)
+	b.SetBytes(int64(size))
+	timeRoundTrips(b, pinned, func(seq uint64) {
+		if err := transfer(seq); err != nil {
 			b.Fatalf("transfer %d: %v", seq, err)
 		}
 	})
 	b.ReportMetric(float64(kernelMallocs(b, c)-before)/float64(b.N), "kernel-allocs/op")
-	if st, ok := c.BulkStats(); !ok || st.Refused != 0 {
-		b.Fatalf("bulk stats %+v", st)
+}
+
+// bulkGive is the kernel's "bulk.give" (zeroCopy) or "bulk.give.copy": the
+// request is a sequence number and a size; the reply, of that size, starts
+// with the sequence number and ends with its low byte, written into a span
+// AllocReply reserved, or into a private buffer the transport copies.
+// Inline: one at a time, so one buffer does.
+func bulkGive(zeroCopy bool) func(context.Context, *sypas.Request) ([]byte, error) {
+	var buf []byte
+	return func(ctx context.Context, r *sypas.Request) ([]byte, error) {
+		if len(r.Body) != 16 {
+			return nil, &sypas.Error{Code: sypas.CodeProto, Message: "want a sequence number and a size"}
+		}
+		seq, size := binary.LittleEndian.Uint64(r.Body), binary.LittleEndian.Uint64(r.Body[8:])
+		if size < 8 || size > bulkRegion {
+			return nil, &sypas.Error{Code: sypas.CodeTooLarge, Message: "size"}
+		}
+		var out []byte
+		if zeroCopy {
+			var err error
+			if out, err = r.AllocReply(ctx, int(size)); err != nil {
+				return nil, err
+			}
+		} else {
+			if uint64(cap(buf)) < size {
+				buf = make([]byte, size)
+				for i := range buf { // real pages, not the zero page
+					buf[i] = byte(i)
+				}
+			}
+			out = buf[:size]
+		}
+		binary.LittleEndian.PutUint64(out, seq)
+		out[len(out)-1] = byte(seq)
+		return out, nil
 	}
 }
 

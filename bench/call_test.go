@@ -150,7 +150,8 @@ func kernelMallocs(b *testing.B, c *sypas.Client) uint64 {
 
 // sypasKernel serves on SYPAS_SOCK until killed: "echo" (Inline),
 // "echo.pool" (on the worker pool), "sink" and "sink.result" (Send's
-// receiver), "bulk.take" (BenchmarkBulk's receiver), "bench.mallocs".
+// receiver), "bulk.take", "bulk.give" and "bulk.give.copy" (BenchmarkBulk's
+// receiver and senders), "bench.mallocs".
 func sypasKernel() error {
 	// Resolved before GOMAXPROCS changes: one P turns the default spin
 	// phase off (futex.Config.Resolved: a peer in this process could not
@@ -178,6 +179,8 @@ func sypasKernel() error {
 	srv.Handle("echo", sypas.RightRequest, echo, sypas.Inline)
 	srv.Handle("echo.pool", sypas.RightRequest, echo)
 	srv.Handle("bulk.take", sypas.RightRequest, bulkTake(), sypas.Inline)
+	srv.Handle("bulk.give", sypas.RightRequest, bulkGive(true), sypas.Inline)
+	srv.Handle("bulk.give.copy", sypas.RightRequest, bulkGive(false), sypas.Inline)
 	var mallocs [8]byte
 	srv.Handle("bench.mallocs", 0, func(context.Context, *sypas.Request) ([]byte, error) {
 		var ms runtime.MemStats

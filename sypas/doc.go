@@ -28,7 +28,11 @@
 //     shared ring, which the daemon can rewrite while the handler reads
 //     it: copy what you validate before acting on it. Other handlers get a
 //     private copy. The reply a handler returns is copied before its caller
-//     returns, so it may be the handler's reusable memory.
+//     returns, so it may be the handler's reusable memory; except a slice
+//     from Request.AllocReply, a span of the kernel's bulk region that is
+//     sent in place and is the daemon's once the handler has returned it.
+//   - A Span from AllocSpan is the caller's until CallSpan or Free; its
+//     bytes are then the kernel's, and must not be touched.
 //   - Call returns a reply the caller owns; CallInto appends it to the
 //     caller's buffer; CallFunc hands a view to its callback, valid only
 //     until the callback returns. An Event's Body is the receiver's own.
@@ -87,7 +91,8 @@
 // 64 MiB by default, ClientConfig.BulkSize), and only a 40-byte
 // descriptor crosses the ring (docs/PROTOCOL.md §8.7). Call copies the body
 // into the span once; AllocSpan and CallSpan let the caller write it there
-// in place, with no copy. The kernel's handler reads the span where it
+// in place, with no copy, and a handler's Request.AllocReply does the same
+// for its reply. The kernel's handler reads the span where it
 // lies (Request.Body) and the span is released when the handler returns;
 // the daemon copies a reply for Call, or hands CallFunc's callback a view
 // until it returns. A payload larger than the region fails with
@@ -97,4 +102,7 @@
 // (RightBulk, in the default rights). The inline transport has no bulk
 // regions: there a body over max_payload fails with ErrTooLarge.
 // BulkStats and ServerStats.BulkSpans say how many spans are in use.
+// An event over max_payload is encoded into a span of each subscriber's
+// session: one copy per subscriber, since every session has a region of
+// its own (docs/DESIGN.md §9.1 says why there is no zero-copy Publish).
 package sypas

@@ -5,6 +5,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/sypas/go/bulk"
 	"github.com/sypas/go/control"
 	"github.com/sypas/go/control/token"
 )
@@ -30,6 +31,12 @@ type Request struct {
 	// Correlation is the request id; 0 for a one-way Send, which is never
 	// answered.
 	Correlation uint64
+
+	// conn is the session the request came on (nil for a Request made
+	// elsewhere); reply the span AllocReply reserved, if held.
+	conn  *serverConn
+	reply bulk.Span
+	held  bool
 }
 
 // reqContext is the context of a handler whose request has a deadline:

@@ -87,6 +87,9 @@ type call struct {
 	// once the handler has returned; spanned says there is one.
 	span    wire.Bulk
 	spanned bool
+	// replyDesc is the descriptor of a reply sent from a span AllocReply
+	// reserved (reply.go): here, not a local, so that it does not escape.
+	replyDesc wire.Bulk
 }
 
 // calls recycles the calls of pool handlers, with their body buffers.
@@ -278,7 +281,7 @@ func (c *serverConn) serveRequest(f *frame.Frame, p []byte, span *wire.Bulk) {
 		cl = calls.Get().(*call)
 	}
 	cl.rt = rt
-	cl.req = Request{Op: rt.op, Peer: c.sess.Peer(), TokenID: f.CapRef, Correlation: corr}
+	cl.req = Request{Op: rt.op, Peer: c.sess.Peer(), TokenID: f.CapRef, Correlation: corr, conn: c}
 	if cp := c.sess.Capability(); cp != nil {
 		cl.req.Subject = cp.Subject
 	}
@@ -368,6 +371,7 @@ func (c *serverConn) handle(cl *call) {
 	if cl.dl != nil {
 		cl.dl.end()
 	}
+	reply, inSpan := c.takeReply(cl, body, err)
 	if cl.spanned {
 		// Before the answer, so that a daemon that has read it has its
 		// span back; a reply that is part of the body (an echo) is copied
@@ -393,8 +397,12 @@ func (c *serverConn) handle(cl *call) {
 	// §8.1): counted after, that request would find max_in_flight taken.
 	c.finish(cl)
 	if err == nil {
-		cl.resp.Body = body
-		err = c.tr.send(c.ctx, frame.Header{Type: frame.TypeResponse, Flags: frame.FlagEndStream, Correlation: cl.req.Correlation}, nil, &cl.resp, false)
+		if inSpan {
+			err = c.sendReply(cl, reply)
+		} else {
+			cl.resp.Body = body
+			err = c.tr.send(c.ctx, frame.Header{Type: frame.TypeResponse, Flags: frame.FlagEndStream, Correlation: cl.req.Correlation}, nil, &cl.resp, false)
+		}
 		if err == nil {
 			s.ok.Add(1)
 		} else if errors.Is(err, ErrTooLarge) {

@@ -107,7 +107,7 @@ func (t *ringTransport) sendSpan(ctx context.Context, h frame.Header, ext []byte
 	}
 	if err := t.sendDesc(ctx, h, ext, &d, noWait); err != nil {
 		if !mayHaveSent(err) {
-			t.own.Free(sp) // the peer never saw it
+			t.own.Unsend(sp) // the peer never saw it
 		}
 		return err
 	}
@@ -315,7 +315,10 @@ func (s Span) Bytes() []byte {
 	return b[s.hdr:]
 }
 
-// Free gives back a span that will not be sent.
+// Free gives back a span that will not be sent. A span already passed to
+// CallSpan is the kernel's until it releases it, whatever the call's
+// outcome: Free then fails with an error matching os.ErrInvalid and
+// changes nothing (so a deferred Free after CallSpan is harmless).
 func (s Span) Free() error {
 	if s.cc == nil {
 		return fmt.Errorf("sypas: free of a zero Span: %w", bulk.ErrInvalid)
@@ -364,7 +367,7 @@ func (c *Client) CallSpan(ctx context.Context, s Span, fn func(reply []byte) err
 	}
 	_, sent, err := cc.call(ctx, sl, frame.TypeBulk, &sl.desc, false, fn)
 	if !sent {
-		cc.own.Free(s.sp) // the kernel never saw it
+		cc.own.Unsend(s.sp) // the kernel never saw it
 	}
 	return err
 }

@@ -679,3 +679,62 @@ func TestBulkKernelReplies(t *testing.T) {
 	assert.Len(t, got, 100000)
 	require.Eventually(t, func() bool { return k.srv.Stats().BulkSpans == 0 }, 5*time.Second, time.Millisecond)
 }
+
+// A Span given to CallSpan is the kernel's until its ACK, even when the
+// call gave up first (its context ended while the handler still reads the
+// body): Free then refuses it, as the documented "free twice" misuse
+// (defer sp.Free() after CallSpan) must. Freeing it handed the memory to
+// the next caller while the kernel's handler read it, and the kernel's ACK
+// then ended the session with E_PROTO.
+func TestBulkSpanFreeAfterAbandonedCall(t *testing.T) {
+	needRings(t, "bulk needs shared memory")
+	entered, proceed := make(chan struct{}), make(chan struct{})
+	intact := make(chan bool, 1)
+	k := startKernel(t, ServerConfig{}, func(s *Server) {
+		s.Handle("slow", RightRequest, func(_ context.Context, r *Request) ([]byte, error) {
+			close(entered)
+			<-proceed // whatever the caller's deadline says
+			intact <- bytes.Count(r.Body, []byte{0xaa}) == len(r.Body)
+			return nil, nil
+		})
+		s.Handle("echo", RightRequest, echo, Inline)
+	})
+	c := bulkClient(t, k.path, 1<<20)
+	bg := context.Background()
+
+	sp, err := c.AllocSpan(bg, "slow", 300<<10)
+	require.NoError(t, err)
+	for i := range sp.Bytes() {
+		sp.Bytes()[i] = 0xaa
+	}
+	ctx, cancel := context.WithCancel(bg)
+	done := make(chan error, 1)
+	go func() { done <- c.CallSpan(ctx, sp, nil) }()
+	<-entered
+	cancel()
+	require.ErrorIs(t, <-done, context.Canceled)
+
+	assert.ErrorIs(t, sp.Free(), os.ErrInvalid, "the kernel still holds the span")
+	assert.ErrorIs(t, c.CallSpan(bg, sp, nil), os.ErrInvalid, "sent already")
+	st, _ := c.BulkStats()
+	assert.Equal(t, int64(1), st.Spans, "still out")
+
+	// The next large body gets other memory than the span being read.
+	other := bytes.Repeat([]byte{0x55}, 300<<10)
+	got, err := c.Call(bg, "echo", other)
+	require.NoError(t, err)
+	assert.Equal(t, other, got)
+
+	close(proceed)
+	assert.True(t, <-intact, "the handler read the body it was sent")
+	require.Eventually(t, func() bool {
+		_, err := c.Call(bg, "echo", []byte("read the ACK")) // a reader for it
+		st, _ := c.BulkStats()
+		return err == nil && st.Spans == 0
+	}, 5*time.Second, time.Millisecond)
+	st, _ = c.BulkStats()
+	assert.Zero(t, st.Refused, "no ACK refused")
+	got, err = c.Call(bg, "echo", other)
+	require.NoError(t, err, "the session goes on")
+	assert.Equal(t, other, got)
+}

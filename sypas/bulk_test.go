@@ -738,3 +738,48 @@ func TestBulkSpanFreeAfterAbandonedCall(t *testing.T) {
 	require.NoError(t, err, "the session goes on")
 	assert.Equal(t, other, got)
 }
+
+// A call in bulk that gave up before its answer (its context ended while
+// the handler ran) leaves no caller to read the kernel's ACK of its span:
+// the Client reads it anyway, so the span comes back while the Client is
+// idle, and the next body that needs the room gets it. Unread, the ACK
+// left the region full, and every later bulk call waited for room that
+// only a reader could give back, then failed with E_RESOURCE.
+func TestBulkAbandonedCallReleased(t *testing.T) {
+	needRings(t, "bulk needs shared memory")
+	proceed, returned := make(chan struct{}), make(chan struct{}, 2)
+	k := startKernel(t, ServerConfig{}, func(s *Server) {
+		s.Handle("slow", RightRequest, func(context.Context, *Request) ([]byte, error) {
+			<-proceed
+			returned <- struct{}{}
+			return nil, nil
+		})
+		s.Handle("echo", RightRequest, echo, Inline)
+	})
+	c := bulkClient(t, k.path, 1<<20)
+	bg := context.Background()
+	for _, zeroCopy := range []bool{true, false} {
+		ctx, cancel := context.WithTimeout(bg, 50*time.Millisecond)
+		if zeroCopy {
+			sp, err := c.AllocSpan(bg, "slow", 600<<10)
+			require.NoError(t, err)
+			err = c.CallSpan(ctx, sp, nil)
+			require.ErrorIs(t, err, context.DeadlineExceeded)
+		} else {
+			_, err := c.Call(ctx, "slow", make([]byte, 600<<10))
+			require.ErrorIs(t, err, context.DeadlineExceeded)
+		}
+		cancel()
+		proceed <- struct{}{}
+		<-returned
+		require.Eventually(t, func() bool { st, _ := c.BulkStats(); return st.Spans == 0 }, 5*time.Second,
+			time.Millisecond, "the span comes back with no call waiting (zero-copy %v)", zeroCopy)
+
+		ctx, cancel = context.WithTimeout(bg, 5*time.Second)
+		body := bytes.Repeat([]byte{7}, 600<<10)
+		got, err := c.Call(ctx, "echo", body)
+		cancel()
+		require.NoError(t, err, "the region has room again")
+		assert.Equal(t, body, got)
+	}
+}

@@ -24,6 +24,9 @@ const (
 	stFree = 0 // not a span (a free block, or the inside of another)
 	stHeld = 1 // allocated, held by this process: being filled
 	stSent = 2 // its descriptor was sent: the peer holds it until its ACK
+	// stSending: Send is recording the length sent, between held and
+	// sent; no other transition starts from it.
+	stSending = 3
 )
 
 // A span's state word (Region.state, its first block's): gen<<32 |
@@ -395,15 +398,19 @@ func (r *Region) Send(s Span, inner frame.Type, flags wire.BulkFlags) (wire.Bulk
 	case s.r != r || s.idx < 0 || int(s.idx) >= r.nblocks:
 		return wire.Bulk{}, fmt.Errorf("%w: send of a span of another region", ErrInvalid)
 	}
+	// Claim the span before writing its length: a stale Span (sent, acked,
+	// its block another span's now) must not touch the block's tables.
+	if !r.transition(s, stHeld, stSending) {
+		return wire.Bulk{}, fmt.Errorf("%w: send of a span not held (lease %#x)", ErrInvalid, s.lease)
+	}
 	d := wire.Bulk{InnerType: inner, Flags: flags, Region: r.id, Offset: s.off, Length: uint64(s.n), Lease: s.lease}
 	if flags&wire.BulkChecksum != 0 {
 		d.Checksum = crc32.Checksum(r.mem[s.off:s.off+uint64(s.n)], castagnoli)
 	}
-	// The length first: Ack reads it only after it sees the span sent.
+	// The length before the state: Ack reads it only after it sees the
+	// span sent. Nothing else moves a span out of stSending.
 	r.sent[s.idx].Store(uint64(s.n))
-	if !r.transition(s, stHeld, stSent) {
-		return wire.Bulk{}, fmt.Errorf("%w: send of a span not held (lease %#x)", ErrInvalid, s.lease)
-	}
+	r.state[s.idx].Store(withState(r.state[s.idx].Load(), stSent))
 	return d, nil
 }
 

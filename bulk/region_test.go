@@ -596,3 +596,27 @@ func TestWaitersMergeOncePerRelease(t *testing.T) {
 	wg.Wait()
 	assert.Equal(t, int64(0), r.Stats().Spans)
 }
+
+// A stale Send (a span sent, acknowledged, and its block allocated again
+// by another sender) fails and leaves the block's new span alone: it once
+// wrote its length over the new span's, so the new span's ACK was refused
+// (and the bridge ended the session with E_PROTO).
+func TestStaleSendLeavesNewSpan(t *testing.T) {
+	r, _ := newPair(t, bulk.Config{Size: 1 << 16, BlockSize: 4096})
+	s := mustAlloc(t, r, 100)
+	d, err := r.Send(s, frame.TypeRequest, 0)
+	require.NoError(t, err)
+	require.NoError(t, r.Ack(&d))
+
+	s2 := mustAlloc(t, r, 200)
+	require.Equal(t, s.Offset(), s2.Offset(), "the same block again")
+	d2, err := r.Send(s2, frame.TypeRequest, 0)
+	require.NoError(t, err)
+	_, err = r.Send(s, frame.TypeRequest, 0)
+	assert.ErrorIs(t, err, bulk.ErrInvalid, "a stale span")
+	_, err = r.Send(s.Trim(300), frame.TypeRequest, 0)
+	assert.ErrorIs(t, err, bulk.ErrInvalid, "a stale span, trimmed")
+	require.NoError(t, r.Ack(&d2), "the new span's ACK")
+	assert.Zero(t, r.Stats().Refused)
+	assert.Zero(t, r.Stats().Spans)
+}

@@ -783,3 +783,49 @@ func TestBulkAbandonedCallReleased(t *testing.T) {
 		assert.Equal(t, body, got)
 	}
 }
+
+// Misuse of a Span (CallSpan after Free, or twice) is the caller's error,
+// reported at once: not the session's end. It was turned into one,
+// matching ErrUnavailable after waiting endGrace for a session that was
+// fine, which told retrying callers to reconnect.
+func TestBulkSpanMisuseIsNotUnavailable(t *testing.T) {
+	needRings(t, "bulk needs shared memory")
+	k := startKernel(t, ServerConfig{}, func(s *Server) { s.Handle("echo", RightRequest, echo, Inline) })
+	c := bulkClient(t, k.path, 1<<20)
+	bg := context.Background()
+	sp, err := c.AllocSpan(bg, "echo", 100<<10)
+	require.NoError(t, err)
+	require.NoError(t, sp.Free())
+	assert.ErrorIs(t, sp.Free(), os.ErrInvalid, "freed twice")
+	start := time.Now()
+	err = c.CallSpan(bg, sp, nil)
+	assert.ErrorIs(t, err, os.ErrInvalid, "CallSpan after Free")
+	assert.NotErrorIs(t, err, ErrUnavailable, "the session is fine")
+	assert.Less(t, time.Since(start), endGrace/2, "no wait for a session end")
+
+	// The freed span's block is the next span's: the stale CallSpan (with
+	// a deadline, so a timeout_ns to write) leaves its bytes alone.
+	next, err := c.AllocSpan(bg, "echo", 100<<10)
+	require.NoError(t, err)
+	require.Equal(t, sp.sp.Offset(), next.sp.Offset(), "the same block again")
+	mem := c.cur.Load().own.Bytes()[next.sp.Offset():]
+	copy(mem, "NEXT'S!!")
+	ctx, cancel := context.WithTimeout(bg, time.Minute)
+	err = c.CallSpan(ctx, sp, nil)
+	cancel()
+	assert.ErrorIs(t, err, os.ErrInvalid, "CallSpan after Free, with a deadline")
+	assert.Equal(t, "NEXT'S!!", string(mem[:8]), "another span's timeout_ns untouched")
+	require.NoError(t, next.Free())
+
+	sp, err = c.AllocSpan(bg, "echo", 100<<10)
+	require.NoError(t, err)
+	require.NoError(t, c.CallSpan(bg, sp, nil))
+	err = c.CallSpan(bg, sp, nil)
+	assert.ErrorIs(t, err, os.ErrInvalid, "CallSpan twice")
+	assert.NotErrorIs(t, err, ErrUnavailable)
+	_, err = c.Call(bg, "echo", []byte("still up"))
+	require.NoError(t, err)
+	st, _ := c.BulkStats()
+	assert.Zero(t, st.Spans)
+	assert.Zero(t, st.Refused)
+}

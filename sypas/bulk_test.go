@@ -19,6 +19,7 @@ import (
 
 	"github.com/sypas/go/control"
 	"github.com/sypas/go/frame"
+	"github.com/sypas/go/ring"
 	"github.com/sypas/go/wire"
 )
 
@@ -603,7 +604,10 @@ func TestBulkHostileKernel(t *testing.T) {
 				if err == nil {
 					_, err = ks.Producer().Write(b)
 				}
-				if err != nil {
+				// ErrPeerClosed: published, and the daemon read it, sent
+				// its ERROR and closed its ring before Write's wake-up
+				// looked; the session's reason is that ERROR.
+				if err != nil && !errors.Is(err, ring.ErrPeerClosed) {
 					kernel <- err
 					return
 				}
@@ -620,15 +624,20 @@ func TestBulkHostileKernel(t *testing.T) {
 			assert.ErrorIs(t, err, ErrProto)
 			select {
 			case kerr := <-kernel:
-				assert.ErrorIs(t, kerr, wire.ErrProto, "the kernel learns why")
+				assert.ErrorIs(t, kerr, wire.ErrProto, "the kernel learns why: %v", kerr)
 			case <-ctx.Done():
 				t.Fatal("the session did not end")
 			}
+			// ReleaseAll runs in the goroutine that ended the session first,
+			// which may be the socket's reader (the kernel hung up after
+			// the ERROR) rather than the call's: the span comes back soon
+			// after the call returns, not before.
+			assert.Eventually(t, func() bool { return cc.own.Stats().Spans == 0 }, 5*time.Second, time.Millisecond,
+				"the call's span is back (ReleaseAll)")
 			st := cc.own.Stats()
 			if tc.name == "forged-ack" {
 				assert.EqualValues(t, 1, st.Refused, "the forged ACK is counted")
 			}
-			assert.Zero(t, st.Spans, "the call's span is back (ReleaseAll)")
 			assert.Zero(t, st.Acks, "nothing was released by the kernel")
 		})
 	}

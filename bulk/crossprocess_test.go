@@ -322,7 +322,7 @@ func TestCrossProcessPeerKilled(t *testing.T) {
 				_, err = descW.Write(b)
 				descMu.Unlock()
 				if err != nil { // the peer is gone: the frame never left
-					assert.NoError(t, r.Free(s))
+					assert.NoError(t, r.Unsend(s))
 					return
 				}
 			}

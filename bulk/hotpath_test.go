@@ -105,7 +105,7 @@ func TestConcurrentSenders(t *testing.T) {
 						}
 					}
 					if i%7 == 0 {
-						err = r.Free(s) // as if the frame had not left
+						err = r.Unsend(s) // as if the frame had not left
 					} else {
 						err = r.Ack(&d)
 					}

@@ -24,6 +24,9 @@ const (
 	stFree = 0 // not a span (a free block, or the inside of another)
 	stHeld = 1 // allocated, held by this process: being filled
 	stSent = 2 // its descriptor was sent: the peer holds it until its ACK
+	// stSending: Send is recording the length sent, between held and
+	// sent; no other transition starts from it.
+	stSending = 3
 )
 
 // A span's state word (Region.state, its first block's): gen<<32 |
@@ -45,7 +48,7 @@ func withState(w, st uint64) uint64                 { return w&^(0xff<<8) | st<<
 // (Span.Bytes); Send marks it sent and returns its descriptor, after which
 // the peer owns it; Ack, given the peer's acknowledgement, or ReleaseAll, at
 // the end of the session, returns it to the allocator. Free returns a span
-// that was never sent (or whose descriptor could not be sent).
+// that was never sent, Unsend one whose descriptor could not be sent.
 //
 // All methods may be called concurrently, Close included. Close ends
 // waiting Allocs with ErrClosed and releases the shared memory without
@@ -340,19 +343,35 @@ func (r *Region) transition(s Span, from, to uint64) bool {
 	return r.state[s.idx].CompareAndSwap(w, withState(w, to))
 }
 
-// Free returns a span this process holds and the peer does not: one never
-// sent, or whose descriptor could not be sent (Send succeeded but the
-// frame carrying it did not leave). A span the peer may have seen comes
-// back with Ack or ReleaseAll instead: freeing it here would give its
-// memory to another caller while the peer may still read it. Free fails
-// with ErrInvalid for a span not held (freed, acknowledged, released), and
-// never changes the allocator then.
+// Free returns a span this process holds and never sent: one allocated
+// and then not needed. It fails with ErrInvalid, and changes nothing, for
+// a span not held: freed already, acknowledged, released, or sent. A sent
+// span is the peer's, which may be reading it: it comes back with Ack or
+// ReleaseAll, or with Unsend if the frame carrying its descriptor never
+// left. (Freeing it here would give its memory to another caller while the
+// peer reads it, and make the peer's ACK a protocol error.)
 func (r *Region) Free(s Span) error {
 	if r.closed.Load() {
 		return fmt.Errorf("bulk: free: region %w", ErrClosed)
 	}
-	if !r.transition(s, stHeld, stFree) && !r.transition(s, stSent, stFree) {
-		return fmt.Errorf("%w: free of a span not held (lease %#x)", ErrInvalid, s.lease)
+	if !r.transition(s, stHeld, stFree) {
+		return fmt.Errorf("%w: free of a span not held (lease %#x): freed, released, or sent", ErrInvalid, s.lease)
+	}
+	r.release(int(s.idx), int(s.order))
+	return nil
+}
+
+// Unsend returns a sent span whose descriptor never reached the peer: Send
+// succeeded but the frame carrying it could not be written. Only the
+// sender knows that the frame did not leave; a span the peer may have seen
+// comes back with Ack or ReleaseAll instead. Unsend fails with ErrInvalid,
+// and changes nothing, for a span not sent (held, or released already).
+func (r *Region) Unsend(s Span) error {
+	if r.closed.Load() {
+		return fmt.Errorf("bulk: unsend: region %w", ErrClosed)
+	}
+	if !r.transition(s, stSent, stFree) {
+		return fmt.Errorf("%w: unsend of a span not sent (lease %#x)", ErrInvalid, s.lease)
 	}
 	r.release(int(s.idx), int(s.order))
 	return nil
@@ -379,15 +398,19 @@ func (r *Region) Send(s Span, inner frame.Type, flags wire.BulkFlags) (wire.Bulk
 	case s.r != r || s.idx < 0 || int(s.idx) >= r.nblocks:
 		return wire.Bulk{}, fmt.Errorf("%w: send of a span of another region", ErrInvalid)
 	}
+	// Claim the span before writing its length: a stale Span (sent, acked,
+	// its block another span's now) must not touch the block's tables.
+	if !r.transition(s, stHeld, stSending) {
+		return wire.Bulk{}, fmt.Errorf("%w: send of a span not held (lease %#x)", ErrInvalid, s.lease)
+	}
 	d := wire.Bulk{InnerType: inner, Flags: flags, Region: r.id, Offset: s.off, Length: uint64(s.n), Lease: s.lease}
 	if flags&wire.BulkChecksum != 0 {
 		d.Checksum = crc32.Checksum(r.mem[s.off:s.off+uint64(s.n)], castagnoli)
 	}
-	// The length first: Ack reads it only after it sees the span sent.
+	// The length before the state: Ack reads it only after it sees the
+	// span sent. Nothing else moves a span out of stSending.
 	r.sent[s.idx].Store(uint64(s.n))
-	if !r.transition(s, stHeld, stSent) {
-		return wire.Bulk{}, fmt.Errorf("%w: send of a span not held (lease %#x)", ErrInvalid, s.lease)
-	}
+	r.state[s.idx].Store(withState(r.state[s.idx].Load(), stSent))
 	return d, nil
 }
 

@@ -329,8 +329,16 @@ func TestLocalMisuse(t *testing.T) {
 	require.NoError(t, err)
 	_, err = r.Send(s, frame.TypeRequest, 0)
 	assert.ErrorIs(t, err, bulk.ErrInvalid, "sent twice")
-	require.NoError(t, r.Free(s), "a span whose frame did not leave")
-	assert.ErrorIs(t, r.Free(s), bulk.ErrInvalid, "freed twice")
+	assert.ErrorIs(t, r.Free(s), bulk.ErrInvalid, "a sent span is the peer's: Free leaves it")
+	assert.Equal(t, int64(1), r.Stats().Spans)
+	assert.ErrorIs(t, other.Unsend(s), bulk.ErrInvalid, "another region's span")
+	require.NoError(t, r.Unsend(s), "a span whose frame did not leave")
+	assert.ErrorIs(t, r.Unsend(s), bulk.ErrInvalid, "unsent twice")
+	assert.ErrorIs(t, r.Free(s), bulk.ErrInvalid, "freed after Unsend")
+	held := mustAlloc(t, r, 100)
+	assert.ErrorIs(t, r.Unsend(held), bulk.ErrInvalid, "a held span was never sent")
+	require.NoError(t, r.Free(held))
+	assert.ErrorIs(t, r.Free(held), bulk.ErrInvalid, "freed twice")
 	assert.Equal(t, int64(0), r.Stats().Spans)
 	assert.Equal(t, int64(1<<16), r.Stats().FreeBytes)
 
@@ -587,4 +595,28 @@ func TestWaitersMergeOncePerRelease(t *testing.T) {
 	}
 	wg.Wait()
 	assert.Equal(t, int64(0), r.Stats().Spans)
+}
+
+// A stale Send (a span sent, acknowledged, and its block allocated again
+// by another sender) fails and leaves the block's new span alone: it once
+// wrote its length over the new span's, so the new span's ACK was refused
+// (and the bridge ended the session with E_PROTO).
+func TestStaleSendLeavesNewSpan(t *testing.T) {
+	r, _ := newPair(t, bulk.Config{Size: 1 << 16, BlockSize: 4096})
+	s := mustAlloc(t, r, 100)
+	d, err := r.Send(s, frame.TypeRequest, 0)
+	require.NoError(t, err)
+	require.NoError(t, r.Ack(&d))
+
+	s2 := mustAlloc(t, r, 200)
+	require.Equal(t, s.Offset(), s2.Offset(), "the same block again")
+	d2, err := r.Send(s2, frame.TypeRequest, 0)
+	require.NoError(t, err)
+	_, err = r.Send(s, frame.TypeRequest, 0)
+	assert.ErrorIs(t, err, bulk.ErrInvalid, "a stale span")
+	_, err = r.Send(s.Trim(300), frame.TypeRequest, 0)
+	assert.ErrorIs(t, err, bulk.ErrInvalid, "a stale span, trimmed")
+	require.NoError(t, r.Ack(&d2), "the new span's ACK")
+	assert.Zero(t, r.Stats().Refused)
+	assert.Zero(t, r.Stats().Spans)
 }

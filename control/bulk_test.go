@@ -184,3 +184,53 @@ func readWelcomeRegions(t *testing.T, c *net.UnixConn) []*os.File {
 	}
 	return files
 }
+
+// BULK was a feature bit before bulk regions existed (no kernel announced
+// one), so peers built then may offer or grant it. A daemon that offers
+// BULK without sending bulk_size (it predates it) gets the two rings and
+// no BULK; a kernel that grants BULK and announces no bulk region gets a
+// session without bulk regions. Before, each side refused the other's
+// REGIONS with E_PROTO, and such peers could never connect again.
+func TestBulkOlderPeers(t *testing.T) {
+	t.Run("older-daemon", func(t *testing.T) {
+		ts := startServer(t, "", ServerConfig{SessionConfig: SessionConfig{Features: bulkFeatures}})
+		c := rawDial(t, ts.path)
+		writeMsg(t, c, 1, &wire.Hello{MinVersion: 1, MaxVersion: 1, Features: bulkFeatures}) // no bulk_size
+		r := frame.NewReader(c, frame.Config{})
+		f, err := r.ReadFrame()
+		require.NoError(t, err)
+		require.Equal(t, frame.TypeWelcome, f.Type)
+		var w wire.Welcome
+		require.NoError(t, w.Decode(f.Payload))
+		assert.Zero(t, w.Features&wire.FeatureBulk, "BULK is not granted to a daemon that predates bulk regions")
+		f, err = r.ReadFrame()
+		require.NoError(t, err)
+		require.Equal(t, frame.TypeRegions, f.Type)
+		var m wire.Regions
+		require.NoError(t, m.Decode(f.Payload))
+		assert.Len(t, m.Entries, 2, "the two rings only")
+	})
+	t.Run("older-kernel", func(t *testing.T) {
+		a, b := socketPair(t)
+		done := make(chan struct{})
+		go func() { defer close(done); fakeKernel(t, b, fakeOpts{grant: bulkFeatures}) }()
+		s, err := dialConn(context.Background(), a, DialConfig{SessionConfig: SessionConfig{Features: bulkFeatures}})
+		require.NoError(t, err, "a kernel granting BULK with the rings only")
+		assert.Nil(t, s.Bulk())
+		assert.Nil(t, s.PeerBulk())
+		s.Close()
+		a.Close()
+		<-done
+	})
+	t.Run("hello", func(t *testing.T) {
+		// The reference daemon sends bulk_size whenever it offers BULK,
+		// 0 included: its presence says it knows bulk regions.
+		h := wire.Hello{MinVersion: 1, MaxVersion: 1, Features: bulkFeatures, HasBulkSize: true}
+		b, err := h.Append(nil)
+		require.NoError(t, err)
+		var got wire.Hello
+		require.NoError(t, got.Decode(b))
+		assert.True(t, got.HasBulkSize)
+		assert.Zero(t, got.BulkSize)
+	})
+}

@@ -265,7 +265,9 @@ func (s *Session) clientHandshake(cfg DialConfig) error {
 		MaxPayload: cfg.MaxPayload, MaxInFlight: cfg.MaxInFlight, Name: []byte(cfg.Name),
 	}
 	if features&wire.FeatureBulk != 0 {
-		hello.BulkSize = cfg.BulkSize
+		// Always sent with BULK, 0 included: it tells the kernel that
+		// this daemon knows bulk regions (§6.4).
+		hello.BulkSize, hello.HasBulkSize = cfg.BulkSize, true
 	}
 	if err := s.send(&hello, 0, 0, 0); err != nil {
 		// A kernel that refused us at once (E_RESOURCE) may have closed
@@ -311,7 +313,7 @@ func (s *Session) clientHandshake(cfg DialConfig) error {
 		if err := s.mapRegions(f, files, hello.BulkSize); err != nil {
 			return err
 		}
-		if s.bulkGranted() {
+		if s.peerBulk != nil {
 			if err := s.sendBulkRegion(); err != nil {
 				return err
 			}
@@ -373,7 +375,9 @@ func (s *Session) mapRegions(f *frame.Frame, files []*os.File, bulkAsked uint32)
 	}
 	caps := map[wire.RegionRole]uint32{wire.RoleRingTx: s.welcome.TxRingSize, wire.RoleRingRx: s.welcome.RxRingSize}
 	want := 2
-	if s.bulkGranted() {
+	if s.bulkGranted() && len(m.Entries) == 3 {
+		// Granted BULK with the rings only: a kernel that predates bulk
+		// regions, when BULK meant none. The session has no bulk (§6.4).
 		want = 3
 	}
 	if len(m.Entries) != want || m.Entries[0].Role != wire.RoleRingTx || m.Entries[1].Role != wire.RoleRingRx {

@@ -25,6 +25,9 @@ type fakeOpts struct {
 	// header, if set, edits the header of each handshake frame sent.
 	header   func(t frame.Type, h *frame.Header)
 	badToken bool // TOKEN's token_id disagrees with its token
+	// grant: features WELCOME grants among those HELLO offers (an older
+	// kernel granting BULK without bulk regions, say).
+	grant uint64
 }
 
 const fakeCap = 4096
@@ -43,6 +46,11 @@ func fakeKernel(t *testing.T, conn *net.UnixConn, o fakeOpts) {
 		t.Errorf("fake kernel: want HELLO, got %v %v", f, err)
 		return
 	}
+	var hello wire.Hello
+	if err := hello.Decode(f.Payload); err != nil {
+		t.Errorf("fake kernel: HELLO: %v", err)
+		return
+	}
 	if o.interval == 0 {
 		o.interval, o.misses = 1000, 3
 	}
@@ -56,7 +64,8 @@ func fakeKernel(t *testing.T, conn *net.UnixConn, o fakeOpts) {
 		return h
 	}
 	w := wire.Welcome{Version: 1, HeartbeatMisses: uint16(o.misses), HeartbeatIntervalMs: uint32(o.interval),
-		SessionID: 9, TxRingSize: fakeCap, RxRingSize: fakeCap, MaxPayload: 1024, MaxInFlight: 1}
+		SessionID: 9, TxRingSize: fakeCap, RxRingSize: fakeCap, MaxPayload: 1024, MaxInFlight: 1,
+		Features: hello.Features & o.grant}
 	wb, _ := wire.AppendFrame(nil, hdr(frame.TypeWelcome), &w)
 
 	var files []*os.File

@@ -361,6 +361,11 @@ func (s *Session) serverHandshake() error {
 		supported |= wire.FeatureInline
 	}
 	granted := h.Features & supported &^ wire.FeatureInlineOnly
+	if !h.HasBulkSize {
+		// A daemon that predates bulk regions (it sends no bulk_size)
+		// may offer the BULK bit, which then meant no regions (§6.4).
+		granted &^= wire.FeatureBulk
+	}
 	if miss := cfg.RequireFeatures &^ granted; miss != 0 {
 		return protoErr("daemon lacks required features %#x", miss)
 	}

@@ -31,7 +31,7 @@ func TestChecksumFeatureNeverGranted(t *testing.T) {
 	c := rawDial(t, ts.path)
 	// Every bit but INLINE_ONLY, which a kernel that does not go inline
 	// refuses (§8.6, TestInlineRefusedWhenOneSideCannot).
-	writeMsg(t, c, 1, &wire.Hello{MinVersion: 1, MaxVersion: 1, Features: ^wire.FeatureInlineOnly})
+	writeMsg(t, c, 1, &wire.Hello{MinVersion: 1, MaxVersion: 1, Features: ^wire.FeatureInlineOnly, HasBulkSize: true})
 	f, err := frame.NewReader(c, frame.Config{MaxPayload: controlMaxPayload}).ReadFrame()
 	require.NoError(t, err)
 	var w wire.Welcome

@@ -107,7 +107,7 @@ func (t *ringTransport) sendSpan(ctx context.Context, h frame.Header, ext []byte
 	}
 	if err := t.sendDesc(ctx, h, ext, &d, noWait); err != nil {
 		if !mayHaveSent(err) {
-			t.own.Free(sp) // the peer never saw it
+			t.own.Unsend(sp) // the peer never saw it
 		}
 		return err
 	}
@@ -315,7 +315,10 @@ func (s Span) Bytes() []byte {
 	return b[s.hdr:]
 }
 
-// Free gives back a span that will not be sent.
+// Free gives back a span that will not be sent. A span already passed to
+// CallSpan is the kernel's until it releases it, whatever the call's
+// outcome: Free then fails with an error matching os.ErrInvalid and
+// changes nothing (so a deferred Free after CallSpan is harmless).
 func (s Span) Free() error {
 	if s.cc == nil {
 		return fmt.Errorf("sypas: free of a zero Span: %w", bulk.ErrInvalid)
@@ -327,8 +330,10 @@ func (s Span) Free() error {
 // reply to fn as CallFunc does: a view valid until fn returns (nil fn:
 // the reply is dropped). The span is consumed whatever happens: sent (the
 // kernel releases it once its handler has returned) or freed. No retry:
-// a body sent may have been served. Made with a span, a call moves its
-// body with no copy and no allocation.
+// a body sent may have been served. A Span freed, or passed to CallSpan
+// before, fails with an error matching os.ErrInvalid, and nothing is
+// written or sent. Made with a span, a call moves its body with no copy
+// and no allocation.
 func (c *Client) CallSpan(ctx context.Context, s Span, fn func(reply []byte) error) error {
 	cc := s.cc
 	if cc == nil {
@@ -346,25 +351,33 @@ func (c *Client) CallSpan(ctx context.Context, s Span, fn func(reply []byte) err
 		s.Free()
 		return err
 	}
+	// Send first: it claims the span, and fails for one freed or sent
+	// already, whose memory may be another caller's now. The kernel reads
+	// nothing before the descriptor is on the ring, so timeout_ns can
+	// still be written after.
+	if sl.desc, err = cc.own.Send(s.sp, frame.TypeRequest, 0); err != nil {
+		cc.put(sl)
+		s.Free()
+		if errors.Is(err, bulk.ErrClosed) {
+			return cc.tr.sessionErr(nil) // the session ended: its region with it
+		}
+		return fmt.Errorf("sypas: CallSpan: %w", err) // the caller's misuse: ErrInvalid
+	}
+	b := s.sp.Bytes()
+	if b == nil { // closed since
+		cc.own.Unsend(s.sp)
+		cc.put(sl)
+		return cc.tr.sessionErr(nil)
+	}
 	var timeout uint64
 	if dl, ok := ctx.Deadline(); ok {
 		timeout = uint64(max(time.Until(dl), 1))
 	}
-	b := s.sp.Bytes()
-	if b == nil {
-		cc.put(sl)
-		return cc.tr.sessionErr(nil)
-	}
 	binary.LittleEndian.PutUint64(b, timeout)
 	sl.mode = modeView
-	if sl.desc, err = cc.own.Send(s.sp, frame.TypeRequest, 0); err != nil {
-		cc.put(sl)
-		s.Free()
-		return cc.tr.sessionErr(err)
-	}
 	_, sent, err := cc.call(ctx, sl, frame.TypeBulk, &sl.desc, false, fn)
 	if !sent {
-		cc.own.Free(s.sp) // the kernel never saw it
+		cc.own.Unsend(s.sp) // the kernel never saw it
 	}
 	return err
 }

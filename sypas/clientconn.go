@@ -514,6 +514,13 @@ func handView(s *slot, fn func([]byte) error, b []byte) (err error) {
 // being delivered) meanwhile wins: it is returned as usual, fn included.
 func (c *clientConn) abandon(s *slot, err error, fn func([]byte) error) ([]byte, error) {
 	if s.state.CompareAndSwap(slotWaiting, slotAbandoned) {
+		if c.own != nil {
+			// The request may hold a span of our bulk region, whose ACK
+			// comes once the handler returns, when perhaps no caller reads
+			// the ring any more: unread, it would keep the span, and a
+			// full region waits for nothing (bulk.go).
+			c.startSubReader()
+		}
 		return nil, err // the late reply frees the slot; or it dies with the session
 	}
 	for s.state.Load() == slotDelivering {

@@ -535,16 +535,22 @@ type Hello struct {
 	MaxInFlight uint32 // requests the daemon may have outstanding; 0 = kernel default
 	Name        []byte // daemon name for logs, 0..MaxNameLen bytes
 	// BulkSize is the size asked for each side's bulk region, with
-	// FeatureBulk: 0 (the kernel's default; then not encoded) or a power
-	// of two in [MinBulkSize, MaxBulkSize].
+	// FeatureBulk: 0 (the kernel's default) or a power of two in
+	// [MinBulkSize, MaxBulkSize].
 	BulkSize uint32
+	// HasBulkSize: the bulk_size field is present. Decode sets it when 4
+	// or more bytes follow Name; Append encodes the field when it is set
+	// or BulkSize is not 0. A daemon that offers FeatureBulk sets it:
+	// a HELLO without the field comes from a daemon that predates bulk
+	// regions, which a kernel does not grant BULK (docs/PROTOCOL.md §6.4).
+	HasBulkSize bool
 }
 
 const helloFixed = 34
 
 func (*Hello) Type() frame.Type { return frame.TypeHello }
 func (m *Hello) Len() int {
-	if m.BulkSize != 0 {
+	if m.BulkSize != 0 || m.HasBulkSize {
 		return helloFixed + len(m.Name) + 4
 	}
 	return helloFixed + len(m.Name)
@@ -597,7 +603,7 @@ func (m *Hello) Append(b []byte) ([]byte, error) {
 	b = le.AppendUint32(b, m.MaxInFlight)
 	b = le.AppendUint16(b, uint16(len(m.Name)))
 	b = append(b, m.Name...)
-	if m.BulkSize != 0 {
+	if m.BulkSize != 0 || m.HasBulkSize {
 		b = le.AppendUint32(b, m.BulkSize)
 	}
 	return b, nil
@@ -614,7 +620,7 @@ func (m *Hello) Decode(p []byte) error {
 	}
 	m.Name = d.bytes(n)
 	if d.err == nil && len(d.b)-d.off >= 4 {
-		m.BulkSize = d.u32()
+		m.BulkSize, m.HasBulkSize = d.u32(), true
 	}
 	if rsv != 0 {
 		d.invalid("reserved bytes not zero")

@@ -311,6 +311,18 @@ func TestHelloExtension(t *testing.T) {
 		require.NoError(t, got.Decode(append(p[:len(p):len(p)], bytes.Repeat([]byte{0xab}, n)...)))
 		assert.Equal(t, h, got)
 	}
+	assert.False(t, got.HasBulkSize)
+
+	// bulk_size 0 (the kernel's default) is encoded when HasBulkSize says
+	// so: a daemon that offers BULK sends it (§3.10).
+	h.HasBulkSize = true
+	p, err = h.Append(nil)
+	require.NoError(t, err)
+	assert.Len(t, p, h.Len())
+	assert.Equal(t, []byte{0, 0, 0, 0}, p[len(p)-4:])
+	require.NoError(t, got.Decode(p))
+	assert.Equal(t, h, got)
+
 	h.BulkSize = 16 << 20
 	p, err = h.Append(nil)
 	require.NoError(t, err)

@@ -1,6 +1,7 @@
 package bulk
 
 import (
+	"errors"
 	"fmt"
 	"os"
 
@@ -63,6 +64,9 @@ func (e *codedError) Is(target error) bool { return target == e.code }
 
 // fullError is what a waiting Alloc returns when its context ends: it
 // matches ErrFull and the context's error.
+// errNoWait is why a TryAlloc found no span: it does not wait.
+var errNoWait = errors.New("TryAlloc does not wait")
+
 func fullError(n int, cause error) error {
 	return fmt.Errorf("%w: no span of %d bytes free: %w", ErrFull, n, cause)
 }

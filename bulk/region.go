@@ -246,6 +246,20 @@ func nextPow2(n int) int {
 // Alloc takes no lock and allocates nothing while a block of the span's
 // size is free (a compare-and-swap on the free list of its size).
 func (r *Region) Alloc(ctx context.Context, n int) (Span, error) {
+	return r.alloc(ctx, n)
+}
+
+// TryAlloc is Alloc that never waits: it takes a free span (splitting or
+// merging blocks as Alloc does) or fails at once with an error matching
+// ErrFull, which it does not count in Stats.Full: a caller that goes on to
+// wait with Alloc, as one that needs a timer only when the region is full
+// does, is counted there.
+func (r *Region) TryAlloc(n int) (Span, error) {
+	return r.alloc(nil, n)
+}
+
+// alloc is Alloc, or TryAlloc for a nil ctx.
+func (r *Region) alloc(ctx context.Context, n int) (Span, error) {
 	o, err := r.orderOf(n)
 	if err != nil {
 		return Span{}, err
@@ -289,6 +303,8 @@ func (r *Region) allocSlow(ctx context.Context, o, n int) (int, error) {
 		case idx >= 0:
 		case r.closed.Load():
 			err = fmt.Errorf("bulk: alloc: region %w", ErrClosed)
+		case ctx == nil: // TryAlloc
+			err = fullError(n, errNoWait)
 		case ctx.Err() != nil:
 			r.full.Add(1)
 			err = fullError(n, context.Cause(ctx))

@@ -210,6 +210,29 @@ func TestAllocFullWaitsUntilDeadline(t *testing.T) {
 	require.NoError(t, r.Free(held))
 }
 
+// TryAlloc takes a free span, splitting and merging as Alloc does, and
+// fails at once on a full region, without counting in Stats.Full.
+func TestTryAlloc(t *testing.T) {
+	r, _ := newPair(t, bulk.Config{Size: 1 << 16, BlockSize: 4096})
+	a, err := r.TryAlloc(4096) // splits the region's one block
+	require.NoError(t, err)
+	require.NoError(t, r.Free(a))
+	held, err := r.TryAlloc(1 << 16) // merges them back
+	require.NoError(t, err)
+	start := time.Now()
+	_, err = r.TryAlloc(1)
+	require.ErrorIs(t, err, bulk.ErrFull)
+	assert.ErrorIs(t, err, wire.ErrResource)
+	assert.Less(t, time.Since(start), time.Second, "it does not wait")
+	st := r.Stats()
+	assert.Zero(t, st.Full)
+	assert.Zero(t, st.Waits)
+	require.NoError(t, r.Free(held))
+	r.Close()
+	_, err = r.TryAlloc(1)
+	assert.ErrorIs(t, err, bulk.ErrClosed)
+}
+
 // A waiting Alloc gets the span an acknowledgement releases.
 func TestAllocWokenByRelease(t *testing.T) {
 	r, p := newPair(t, bulk.Config{Size: 1 << 16, BlockSize: 4096})

@@ -78,18 +78,21 @@ func (t *ringTransport) sendDesc(ctx context.Context, h frame.Header, ext []byte
 // full fails with an error matching ErrResource; a payload larger than
 // the region with ErrTooLarge.
 func (t *ringTransport) sendSpan(ctx context.Context, h frame.Header, ext []byte, m wire.Message, n int, noWait bool) error {
-	actx := ctx
-	switch {
-	case noWait:
-		actx = doneCtx
-	case t.writeTimeout > 0:
-		if _, ok := ctx.Deadline(); !ok {
+	sp, err := t.own.TryAlloc(n)
+	if err != nil && errors.Is(err, bulk.ErrFull) {
+		// Wait for room: until ctx's deadline, or writeTimeout when ctx
+		// has none (a timer only now: the common case allocates nothing);
+		// with noWait not at all (Alloc, counting the failure).
+		actx := ctx
+		if noWait {
+			actx = doneCtx
+		} else if _, ok := ctx.Deadline(); !ok && t.writeTimeout > 0 {
 			var cancel context.CancelFunc
 			actx, cancel = context.WithTimeout(ctx, t.writeTimeout)
 			defer cancel()
 		}
+		sp, err = t.own.Alloc(actx, n)
 	}
-	sp, err := t.own.Alloc(actx, n)
 	if err != nil {
 		if noWait && errors.Is(err, bulk.ErrFull) {
 			return errFull

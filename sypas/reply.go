@@ -83,7 +83,7 @@ func (c *serverConn) sendReply(cl *call, sp bulk.Span) error {
 	h := frame.Header{Type: frame.TypeResponse, Flags: frame.FlagEndStream, Correlation: cl.req.Correlation}
 	if err := c.bc.sendDesc(c.ctx, h, nil, &cl.replyDesc, false); err != nil {
 		if !mayHaveSent(err) {
-			c.own.Free(sp) // the daemon never saw it
+			c.own.Unsend(sp) // the daemon never saw it: a sent span comes back with Unsend
 		}
 		return err
 	}

@@ -17,7 +17,7 @@ import (
 )
 
 // BenchmarkCallTCP: a Call over TCP loopback with TLS 1.3 and client
-// certificates (docs/PROTOCOL.md §10), its body echoed by an Inline
+// certificates (docs/PROTOCOL.md §9), its body echoed by an Inline
 // handler of a kernel in another process, beside, in the same run and at
 // the same size: the same Call on plain TCP loopback (what TLS costs),
 // a raw request/response through net.TCPConn on both sides (go-tcp: the

@@ -25,8 +25,10 @@ import (
 // returns, and must not be touched after.
 //
 // AllocReply waits for room until ctx ends (the handler's context, or a
-// shorter one), then fails with an error matching ErrResource: an *Error,
-// so a handler that returns it answers E_RESOURCE. An Inline handler's
+// shorter one; WriteTimeout when ctx has no deadline, as the ACKs that
+// make room may be queued behind requests waiting for a busy worker),
+// then fails with an error matching ErrResource: an *Error, so a handler
+// that returns it answers E_RESOURCE. An Inline handler's
 // AllocReply does not wait: it runs on the goroutine that reads the
 // daemon's ACKs, the releases it would wait for. It fails with one
 // matching ErrTooLarge when the session has no bulk region (the inline
@@ -47,6 +49,11 @@ func (r *Request) AllocReply(ctx context.Context, n int) ([]byte, error) {
 	}
 	sp, err := c.own.TryAlloc(n)
 	if errors.Is(err, bulk.ErrFull) && !r.inline {
+		if _, ok := ctx.Deadline(); !ok {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, c.srv.cfg.WriteTimeout)
+			defer cancel()
+		}
 		sp, err = c.own.Alloc(ctx, n)
 	}
 	if errors.Is(err, bulk.ErrFull) {

@@ -62,11 +62,11 @@ type codedError struct {
 func (e *codedError) Error() string        { return e.msg }
 func (e *codedError) Is(target error) bool { return target == e.code }
 
-// fullError is what a waiting Alloc returns when its context ends: it
-// matches ErrFull and the context's error.
 // errNoWait is why a TryAlloc found no span: it does not wait.
 var errNoWait = errors.New("TryAlloc does not wait")
 
+// fullError is what a waiting Alloc returns when its context ends, or
+// TryAlloc when no span is free: it matches ErrFull and cause.
 func fullError(n int, cause error) error {
 	return fmt.Errorf("%w: no span of %d bytes free: %w", ErrFull, n, cause)
 }

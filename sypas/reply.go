@@ -25,8 +25,12 @@ import (
 // returns, and must not be touched after.
 //
 // AllocReply waits for room until ctx ends (the handler's context, or a
-// shorter one), then fails with an error matching ErrResource: an *Error,
-// so a handler that returns it answers E_RESOURCE. It fails with one
+// shorter one; WriteTimeout when ctx has no deadline, as the ACKs that
+// make room may be queued behind requests waiting for a busy worker),
+// then fails with an error matching ErrResource: an *Error, so a handler
+// that returns it answers E_RESOURCE. An Inline handler's
+// AllocReply does not wait: it runs on the goroutine that reads the
+// daemon's ACKs, the releases it would wait for. It fails with one
 // matching ErrTooLarge when the session has no bulk region (the inline
 // transport, a daemon that did not grant BULK, a Caller in the kernel's
 // own process: allocate the reply the ordinary way then) or n is larger
@@ -43,7 +47,15 @@ func (r *Request) AllocReply(ctx context.Context, n int) ([]byte, error) {
 	case n > c.own.Size():
 		return nil, &Error{Code: CodeTooLarge, Message: fmt.Sprintf("reply of %d bytes, the kernel's bulk region holds %d", n, c.own.Size())}
 	}
-	sp, err := c.own.Alloc(ctx, n)
+	sp, err := c.own.TryAlloc(n)
+	if errors.Is(err, bulk.ErrFull) && !r.inline {
+		if _, ok := ctx.Deadline(); !ok {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, c.srv.cfg.WriteTimeout)
+			defer cancel()
+		}
+		sp, err = c.own.Alloc(ctx, n)
+	}
 	if errors.Is(err, bulk.ErrFull) {
 		// An *Error, so that a handler that returns it answers E_RESOURCE.
 		return nil, &Error{Code: CodeResource, Message: fmt.Sprintf("no room in the kernel's bulk region for a reply of %d bytes", n), Err: err}

@@ -288,3 +288,91 @@ func TestAllocReplySessionEnds(t *testing.T) {
 	assert.True(t, bytes.Equal(fillBody(make([]byte, 1<<20), 2, 2), got))
 	require.Eventually(t, func() bool { return kernelSpans(k) == 0 && k.srv.Stats().Sessions == 1 }, 5*time.Second, time.Millisecond)
 }
+
+// An Inline handler runs on the session's reader, the goroutine that reads
+// the daemon's ACKs: its AllocReply cannot wait for one. With the region
+// held by a reply whose ACK is queued behind the request, it fails at once
+// with ErrResource (the handler falls back to a plain reply) instead of
+// waiting, for ever without a deadline, for an ACK nobody reads.
+func TestAllocReplyInlineNoWait(t *testing.T) {
+	needRings(t, "bulk needs shared memory")
+	first := make(chan struct{})
+	k := startKernel(t, ServerConfig{}, func(s *Server) {
+		s.Handle("whole", RightRequest, func(ctx context.Context, r *Request) ([]byte, error) {
+			b, err := r.AllocReply(ctx, 4<<20) // the whole region
+			if errors.Is(err, ErrResource) {
+				return []byte("fallback"), nil
+			} else if err != nil {
+				return nil, err
+			}
+			if string(r.Body) == "first" {
+				close(first)
+				time.Sleep(100 * time.Millisecond) // the second request is in the ring first
+			}
+			return b[:5], nil
+		}, Inline)
+	})
+	c := bulkClient(t, k.path, 4<<20)
+	ctx := context.Background() // no deadline: the handler's is the session's
+	firstDone := make(chan error, 1)
+	go func() { _, err := c.Call(ctx, "whole", []byte("first")); firstDone <- err }()
+	<-first
+	second := make(chan []byte, 1)
+	go func() {
+		got, err := c.Call(ctx, "whole", []byte("second"))
+		assert.NoError(t, err)
+		second <- got
+	}()
+	select {
+	case got := <-second:
+		assert.Contains(t, []string{"fallback", "\x00\x00\x00\x00\x00"}, string(got))
+	case <-time.After(5 * time.Second):
+		c.Close() // unblock the session
+		t.Fatal("the Inline handler's AllocReply waits for an ACK its own reader must read")
+	}
+	require.NoError(t, <-firstDone)
+	require.Eventually(t, func() bool { return kernelSpans(k) == 0 }, 5*time.Second, time.Millisecond)
+}
+
+// A pool handler's AllocReply waits for room at most WriteTimeout when its
+// context has no deadline, as a reply copied into a span does: the ACKs
+// that would make room may be queued behind requests the reader cannot
+// hand to a busy worker, and it then waited for ever.
+func TestAllocReplyPoolBounded(t *testing.T) {
+	needRings(t, "bulk needs shared memory")
+	first := make(chan struct{})
+	k := startKernel(t, ServerConfig{Workers: 1, WriteTimeout: 200 * time.Millisecond}, func(s *Server) {
+		s.Handle("whole", RightRequest, func(ctx context.Context, r *Request) ([]byte, error) {
+			b, err := r.AllocReply(ctx, 4<<20) // the whole region
+			if errors.Is(err, ErrResource) {
+				return []byte("fallback"), nil
+			} else if err != nil {
+				return nil, err
+			}
+			if string(r.Body) == "first" {
+				close(first)
+				time.Sleep(100 * time.Millisecond) // the others are in the ring first
+			}
+			return b[:5], nil
+		})
+	})
+	c := bulkClient(t, k.path, 4<<20)
+	ctx := context.Background() // no deadline: the handler's is the session's
+	done := make(chan error, 4)
+	go func() { _, err := c.Call(ctx, "whole", []byte("first")); done <- err }()
+	<-first
+	for range 3 {
+		go func() { _, err := c.Call(ctx, "whole", nil); done <- err }()
+	}
+	deadline := time.After(10 * time.Second)
+	for range 4 {
+		select {
+		case err := <-done:
+			assert.NoError(t, err)
+		case <-deadline:
+			c.Close() // unblock the session
+			t.Fatal("a pool handler's AllocReply waits for an ACK behind the requests queued for it")
+		}
+	}
+	require.Eventually(t, func() bool { return kernelSpans(k) == 0 }, 5*time.Second, time.Millisecond)
+}

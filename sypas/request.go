@@ -33,10 +33,12 @@ type Request struct {
 	Correlation uint64
 
 	// conn is the session the request came on (nil for a Request made
-	// elsewhere); reply the span AllocReply reserved, if held.
-	conn  *serverConn
-	reply bulk.Span
-	held  bool
+	// elsewhere); reply the span AllocReply reserved, if held; inline
+	// says the handler runs on the session's reader.
+	conn   *serverConn
+	reply  bulk.Span
+	held   bool
+	inline bool
 }
 
 // reqContext is the context of a handler whose request has a deadline:

@@ -281,7 +281,7 @@ func (c *serverConn) serveRequest(f *frame.Frame, p []byte, span *wire.Bulk) {
 		cl = calls.Get().(*call)
 	}
 	cl.rt = rt
-	cl.req = Request{Op: rt.op, Peer: c.sess.Peer(), TokenID: f.CapRef, Correlation: corr, conn: c}
+	cl.req = Request{Op: rt.op, Peer: c.sess.Peer(), TokenID: f.CapRef, Correlation: corr, conn: c, inline: rt.inline}
 	if cp := c.sess.Capability(); cp != nil {
 		cl.req.Subject = cp.Subject
 	}

@@ -223,6 +223,7 @@ func runKernel(o kernelOptions, stderr io.Writer) error {
 	select {
 	case <-stop:
 	case err := <-served:
+		k.srv.Close() // the other listener's sessions too
 		return err
 	}
 	sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)

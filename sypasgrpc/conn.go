@@ -166,8 +166,11 @@ func (c *Conn) Read(p []byte) (int, error) {
 	}
 	n := copy(p, c.cur.b[c.off:])
 	if c.off += n; c.off == len(c.cur.b) {
-		if cap(c.cur.b) > 4*MaxChunk {
-			c.cur.b = nil // a peer's one huge message is not kept
+		if cap(c.cur.b) > MaxChunk {
+			// Our peers' messages are at most MaxChunk: a larger one
+			// (another implementation's) is not kept for the stream's
+			// life, so two chunks hold at most 2 × MaxChunk.
+			c.cur.b = nil
 		}
 		c.free <- c.cur // room: free holds both chunks
 		c.cur = nil

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net"
 	"strconv"
 	"sync/atomic"
 	"testing"
@@ -46,18 +47,43 @@ func (a *auditLog) expect(t *testing.T, want map[string]string) map[string]strin
 }
 
 // rawDaemon is a daemon that writes frames into its ring by hand: it can
-// break every rule the Client keeps.
+// break every rule the Client keeps. With conn set, its session is inline
+// (§8.6) and it writes the frames' bytes on the socket itself.
 type rawDaemon struct {
 	t    *testing.T
 	s    *control.Session
 	seq  uint64 // sequence of the last frame written
 	rseq uint64 // sequence of the last frame read
+	conn net.Conn
+}
+
+// dialRawInline is dialRaw for a session inline on the Unix socket: the
+// raw daemon's frames go on the socket it dialed, numbered after its HELLO
+// in the socket's one sequence, and it reads the kernel's data frames from
+// the session's queue. The kernel must send heartbeats rarely
+// (rawInlineKernel): the session's pongs would take sequence numbers too.
+func dialRawInline(t *testing.T, path string, cfg control.DialConfig) *rawDaemon {
+	t.Helper()
+	return rawDial(t, path, cfg, true)
+}
+
+// rawInlineKernel is hostileKernel with heartbeats a raw inline daemon's
+// session does not answer while a test runs.
+func rawInlineKernel(t *testing.T) (*kernel, *auditLog) {
+	cfg := ServerConfig{}
+	cfg.HeartbeatInterval = 15 * time.Second
+	return hostileKernel(t, cfg)
 }
 
 func dialRaw(t *testing.T, path string, cfg control.DialConfig) *rawDaemon {
 	t.Helper()
+	return rawDial(t, path, cfg, false)
+}
+
+func rawDial(t *testing.T, path string, cfg control.DialConfig, inline bool) *rawDaemon {
+	t.Helper()
 	if isTCP(path) {
-		t.Skip("the raw daemon writes ring records: it needs a Unix socket")
+		t.Skip("the raw daemon dials a Unix socket")
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = quiet
@@ -67,10 +93,20 @@ func dialRaw(t *testing.T, path string, cfg control.DialConfig) *rawDaemon {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	s, err := control.Dial(ctx, path, cfg)
+	if !inline {
+		s, err := control.Dial(ctx, path, cfg)
+		require.NoError(t, err)
+		t.Cleanup(func() { s.Close() })
+		return &rawDaemon{t: t, s: s}
+	}
+	cfg.NoSharedMemory = true
+	c, err := net.Dial("unix", path)
 	require.NoError(t, err)
+	s, err := control.DialConn(ctx, c, cfg)
+	require.NoError(t, err)
+	require.NotNil(t, s.Inline())
 	t.Cleanup(func() { s.Close() })
-	return &rawDaemon{t: t, s: s}
+	return &rawDaemon{t: t, s: s, conn: c, seq: 1} // HELLO was 1
 }
 
 // frame writes one frame with payload p. Unless h sets them, the stream is
@@ -94,9 +130,15 @@ func (d *rawDaemon) frame(h frame.Header, p []byte) {
 	d.seq = h.Sequence
 }
 
-// record writes rec as one ring record, frame or not.
+// record writes rec as one ring record, frame or not; inline, as bytes on
+// the socket.
 func (d *rawDaemon) record(rec []byte) {
 	d.t.Helper()
+	if d.conn != nil {
+		_, err := d.conn.Write(rec)
+		require.NoError(d.t, err)
+		return
+	}
 	_, err := d.s.Producer().Write(rec)
 	if errors.Is(err, ring.ErrPeerClosed) {
 		return // published: the kernel read it and closed before Write looked
@@ -116,6 +158,22 @@ func (d *rawDaemon) request(h frame.Header, op string, body []byte) {
 
 // next reads the kernel's next frame, a private copy.
 func (d *rawDaemon) next(timeout time.Duration) (frame.Frame, error) {
+	if in := d.s.Inline(); in != nil {
+		// One sequence for the socket: the control frames the session
+		// read took numbers too, so only the order is checked.
+		f, err := in.Next(time.Now().Add(timeout))
+		if err != nil {
+			return f, err
+		}
+		defer in.Release()
+		f.Payload = append([]byte(nil), f.Payload...)
+		f.Extension = append([]byte(nil), f.Extension...)
+		if f.Sequence <= d.rseq {
+			d.t.Errorf("the kernel's %v has sequence %d, after %d", f.Type, f.Sequence, d.rseq)
+		}
+		d.rseq = f.Sequence
+		return f, nil
+	}
 	c := d.s.Consumer()
 	c.SetWaitDeadline(time.Now().Add(timeout))
 	v, err := c.Next()
@@ -213,10 +271,23 @@ func refused(event string, code Code, corr uint64) map[string]string {
 // A hostile daemon's requests that break a rule but can be answered are
 // refused one by one, each with its code and the request's correlation,
 // and audited; its session and everybody else's go on.
+//
+// The same on a session inline on the Unix socket (§8.6), where the
+// enforcer sees the frames the kernel read from the socket: the same codes,
+// correlations and audit records.
 func TestHostileRequestsRefused(t *testing.T) {
-	k, log := hostileKernel(t, ServerConfig{})
+	t.Run("rings", func(t *testing.T) {
+		k, log := hostileKernel(t, ServerConfig{})
+		hostileRequests(t, k, log, dialRaw(t, k.path, control.DialConfig{}))
+	})
+	t.Run("inline", func(t *testing.T) {
+		k, log := rawInlineKernel(t)
+		hostileRequests(t, k, log, dialRawInline(t, k.path, control.DialConfig{}))
+	})
+}
+
+func hostileRequests(t *testing.T, k *kernel, log *auditLog, d *rawDaemon) {
 	good := dialT(t, k.path, ClientConfig{})
-	d := dialRaw(t, k.path, control.DialConfig{})
 
 	d.request(frame.Header{Correlation: 11}, "nope", nil)
 	d.expectError(11, CodeNotFound)
@@ -231,10 +302,14 @@ func TestHostileRequestsRefused(t *testing.T) {
 	r := log.expect(t, refused(control.EventPermission, CodePermission, 13))
 	assert.Equal(t, "admin", r[control.LogKeyOp])
 
-	// Above max_payload, yet a ring record holds it: read whole, refused.
-	d.request(frame.Header{Correlation: 14}, "echo", make([]byte, frame.DefaultMaxPayload))
-	d.expectError(14, CodeTooLarge)
-	log.expect(t, refused(control.EventProtocol, CodeTooLarge, 14))
+	if d.conn == nil {
+		// Above max_payload, yet a ring record holds it: read whole,
+		// refused. (Inline, such a frame ends the session: §8.6, and
+		// TestHostileFramesEndSession.)
+		d.request(frame.Header{Correlation: 14}, "echo", make([]byte, frame.DefaultMaxPayload))
+		d.expectError(14, CodeTooLarge)
+		log.expect(t, refused(control.EventProtocol, CodeTooLarge, 14))
+	}
 
 	// A refused one-way request is audited, never answered: the next
 	// frame the daemon reads answers the request after it.
@@ -256,14 +331,28 @@ func TestHostileRequestsRefused(t *testing.T) {
 
 	assert.Nil(t, d.s.Err(), "the session goes on")
 	stillServes(t, good)
-	assert.GreaterOrEqual(t, k.srv.Stats().Denied, uint64(6))
+	assert.GreaterOrEqual(t, k.srv.Stats().Denied, uint64(5))
 }
 
 // Frames that break the protocol end the daemon's session: the daemon
 // learns why from an ERROR (never a bare hang-up), the kernel audits it,
 // and other daemons are served on.
+//
+// Inline on the Unix socket (§8.6), the same frames end the session the
+// same way, and so does a frame announcing more than max_payload (a
+// stream cannot skip it: E_TOO_LARGE).
 func TestHostileFramesEndSession(t *testing.T) {
-	k, log := hostileKernel(t, ServerConfig{})
+	t.Run("rings", func(t *testing.T) {
+		k, log := hostileKernel(t, ServerConfig{})
+		hostileFrames(t, k, log, false)
+	})
+	t.Run("inline", func(t *testing.T) {
+		k, log := rawInlineKernel(t)
+		hostileFrames(t, k, log, true)
+	})
+}
+
+func hostileFrames(t *testing.T, k *kernel, log *auditLog, inline bool) {
 	good := dialT(t, k.path, ClientConfig{})
 	hb, err := (&wire.Heartbeat{Nonce: 1}).Append(nil)
 	require.NoError(t, err)
@@ -273,19 +362,19 @@ func TestHostileFramesEndSession(t *testing.T) {
 		send   func(d *rawDaemon)
 		reason string // in the ERROR's message
 	}{
-		"garbage": {func(d *rawDaemon) { d.record([]byte("this is not a frame, just some bytes in a record....")) }, "not a frame"},
+		"garbage": {func(d *rawDaemon) { d.record([]byte("this is not a frame, just some bytes in a record....")) }, "frame"},
 		"truncated": {func(d *rawDaemon) {
 			rec := make([]byte, frame.HeaderSize+8)
-			h := frame.Header{Type: frame.TypeRequest, StreamID: 1, Sequence: 1, CapRef: d.s.CapRef(), Correlation: 1, PayloadLen: 100}
+			h := frame.Header{Type: frame.TypeRequest, StreamID: 1, Sequence: d.seq + 1, CapRef: d.s.CapRef(), Correlation: 1, PayloadLen: 100}
 			require.NoError(t, h.Put(rec))
 			d.record(rec)
 		}, "not a frame"},
-		"sequence-skipped": {func(d *rawDaemon) { d.request(frame.Header{Correlation: 1, Sequence: 2}, "echo", nil) }, "sequence 2"},
+		"sequence-skipped": {func(d *rawDaemon) { d.request(frame.Header{Correlation: 1, Sequence: d.seq + 2}, "echo", nil) }, "sequence"},
 		"sequence-repeated": {func(d *rawDaemon) {
 			d.request(frame.Header{Correlation: 1}, "echo", nil)
 			d.expectResponse(1)
-			d.request(frame.Header{Correlation: 2, Sequence: 1}, "echo", nil)
-		}, "sequence 1"},
+			d.request(frame.Header{Correlation: 2, Sequence: d.seq}, "echo", nil)
+		}, "sequence"},
 		"heartbeat-on-ring": {func(d *rawDaemon) { d.frame(frame.Header{Type: frame.TypeHeartbeat}, hb) }, "HEARTBEAT"},
 		"response-on-ring": {func(d *rawDaemon) {
 			d.frame(frame.Header{Type: frame.TypeResponse, Correlation: 1, Flags: frame.FlagEndStream}, nil)
@@ -299,8 +388,15 @@ func TestHostileFramesEndSession(t *testing.T) {
 		}, "correlation"},
 	} {
 		t.Run(name, func(t *testing.T) {
-			d := dialRaw(t, k.path, control.DialConfig{})
-			d.t = t
+			if inline && name == "truncated" {
+				t.Skip("a stream has no records: a frame cut short waits for the rest of its bytes")
+			}
+			var d *rawDaemon
+			if inline {
+				d = dialRawInline(t, k.path, control.DialConfig{})
+			} else {
+				d = dialRaw(t, k.path, control.DialConfig{})
+			}
 			tc.send(d)
 			err := d.expectEnded()
 			require.ErrorIs(t, err, ErrProto, "the daemon learns why: %v", err)
@@ -310,6 +406,18 @@ func TestHostileFramesEndSession(t *testing.T) {
 			stillServes(t, good)
 		})
 	}
+	if !inline {
+		return // on a ring it is refused with its correlation: TestHostileRequestsRefused
+	}
+	t.Run("over-max-payload", func(t *testing.T) {
+		d := dialRawInline(t, k.path, control.DialConfig{})
+		d.request(frame.Header{Correlation: 1}, "echo", make([]byte, frame.DefaultMaxPayload))
+		err := d.expectEnded()
+		require.ErrorIs(t, err, ErrTooLarge, "the daemon learns why: %v", err)
+		log.expect(t, map[string]string{control.LogKeyCode: CodeTooLarge.String(),
+			control.LogKeySessionID: "0x" + strconv.FormatUint(d.s.Params().SessionID, 16)})
+		stillServes(t, good)
+	})
 }
 
 // cap_ref must name the session's current token or the one its last

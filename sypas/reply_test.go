@@ -220,26 +220,21 @@ func TestAllocReplyAllocs(t *testing.T) {
 		}
 		return nil
 	}
-	call := func() {
-		if err := c.CallFunc(ctx, "file", nil, check); err != nil {
-			t.Fatal(err)
+	allocs := func(op string) float64 {
+		call := func() {
+			if err := c.CallFunc(ctx, op, nil, check); err != nil {
+				t.Fatal(err)
+			}
 		}
+		for range 50 {
+			call()
+		}
+		return testing.AllocsPerRun(200, call)
 	}
-	for range 50 {
-		call()
-	}
-	assert.Zero(t, testing.AllocsPerRun(200, call), "AllocReply, CallFunc")
+	assert.Zero(t, allocs("file"), "AllocReply, CallFunc")
 	// A reply over the limit copied into a span by the kernel: no timer
 	// for the wait either while the region has room.
-	copied := func() {
-		if err := c.CallFunc(ctx, "copied", nil, check); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for range 50 {
-		copied()
-	}
-	assert.Zero(t, testing.AllocsPerRun(200, copied), "a reply copied into a span, CallFunc")
+	assert.Zero(t, allocs("copied"), "a reply copied into a span, CallFunc")
 	require.Eventually(t, func() bool { return kernelSpans(k) == 0 }, 5*time.Second, time.Millisecond)
 }
 

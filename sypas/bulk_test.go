@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"os"
 	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -51,22 +50,6 @@ func fillBody(b []byte, caller uint32, seq uint64) []byte {
 	return b
 }
 
-// openFDs counts this process's descriptors; bulkMappings its mappings of
-// a bulk memfd.
-func openFDs(t *testing.T) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	require.NoError(t, err)
-	return len(ents)
-}
-
-func bulkMappings(t *testing.T) int {
-	t.Helper()
-	b, err := os.ReadFile("/proc/self/maps")
-	require.NoError(t, err)
-	return strings.Count(string(b), "memfd:sypas-bulk")
-}
-
 // kernelProcStat asks the helper kernel what its process holds.
 func kernelProcStat(ctx context.Context, t *testing.T, c *Client) procStat {
 	t.Helper()
@@ -85,14 +68,14 @@ func kernelProcStat(ctx context.Context, t *testing.T, c *Client) procStat {
 // descriptor or mapping behind.
 func TestBulkCrossProcess(t *testing.T) {
 	needRings(t, "bulk needs shared memory")
-	fds0 := openFDs(t)
+	fds0 := readProcStat().FDs
 	h := startHelperKernel(t, sockPath(t))
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	watcher := dialT(t, h.path, ClientConfig{}) // asks the kernel what it holds
 	kernel0 := kernelProcStat(ctx, t, watcher)
 	c := bulkClient(t, h.path, 128<<20)
-	require.Equal(t, 4, bulkMappings(t), "ours and the kernel's, for each client")
+	require.Equal(t, 4, readProcStat().BulkMaps, "ours and the kernel's, for each client")
 	cc := c.cur.Load()
 
 	const caller = 1
@@ -245,11 +228,11 @@ func TestBulkCrossProcess(t *testing.T) {
 	assert.Equal(t, kernel1.FDs, kp.FDs, "the kernel holds the descriptors it held when the session began: %v, then %v", kernel1.Links, kp.Links)
 	assert.Equal(t, kernel1.BulkMaps, kp.BulkMaps, "and the same bulk mappings")
 	require.NoError(t, c.Close())
-	assert.Equal(t, 2, bulkMappings(t), "only the watcher's after Close")
+	assert.Equal(t, 2, readProcStat().BulkMaps, "only the watcher's after Close")
 	require.NoError(t, watcher.Close())
-	assert.Zero(t, bulkMappings(t), "no bulk mapping after Close")
+	assert.Zero(t, readProcStat().BulkMaps, "no bulk mapping after Close")
 	h.kill()
-	assert.Eventually(t, func() bool { return openFDs(t) <= fds0 }, 5*time.Second, 10*time.Millisecond, "every descriptor closed")
+	assert.Eventually(t, func() bool { return readProcStat().FDs <= fds0 }, 5*time.Second, 10*time.Millisecond, "every descriptor closed")
 }
 
 // A full bulk region makes a call wait for room until its deadline, then

@@ -35,7 +35,7 @@ func callerServer(t *testing.T, cfg ServerConfig) (*Server, *auditLog, *gate) {
 	return srv, a, g
 }
 
-var certPeer = control.PeerIdentity{UID: 1<<32 - 1, GID: 1<<32 - 1, ExeSHA256: [32]byte{1, 2, 3}}
+var certPeer = control.PeerIdentity{UID: control.NoUID, GID: control.NoUID, ExeSHA256: [32]byte{1, 2, 3}}
 
 func TestCallerCallsThroughTheEnforcer(t *testing.T) {
 	srv, a, _ := callerServer(t, ServerConfig{ServerConfig: control.ServerConfig{SessionConfig: control.SessionConfig{MaxInFlight: 2}}})

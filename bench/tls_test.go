@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"log/slog"
 	"net"
@@ -69,14 +70,30 @@ func startNetKernel(b *testing.B, withTLS bool) string {
 	l.Close()
 	env := []string{"SYPAS_SOCK=tcp://" + addr, "SYPAS_POLICY=0"}
 	if withTLS {
-		benchCA(b)
-		env = append(env, benchCAEnv+"="+benchTLS.pem)
+		env = append(env, benchCAVar(b))
 	}
 	startPeer(b, "sypas-kernel", false, nil, env...)
 	return "tcp://" + addr
 }
 
 const benchCAEnv = "SYPAS_BENCH_TLS_CA"
+
+// benchCAVar is the environment variable that hands the run's CA to a
+// kernel process.
+func benchCAVar(b *testing.B) string {
+	benchCA(b)
+	return benchCAEnv + "=" + benchTLS.pem
+}
+
+// benchDaemonTLS is a daemon's TLS configuration: a client certificate of
+// the run's CA with the URI the kernels' Policy admits.
+func benchDaemonTLS(b *testing.B) *tls.Config {
+	cert, err := benchCA(b).Client("bench", testtls.DaemonURI)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return benchTLS.ca.ClientConfig(cert)
+}
 
 // listenKernel listens where the benchmarks' kernel serves: a socket
 // path, or tcp:// with TLS when the parent passed its CA, else plaintext.
@@ -106,11 +123,7 @@ func dialNetKernel(b *testing.B, addr string, withTLS bool) *sypas.Client {
 	cfg := sypas.ClientConfig{}
 	cfg.Logger = slog.New(slog.DiscardHandler)
 	if withTLS {
-		cert, err := benchCA(b).Client("bench", testtls.DaemonURI)
-		if err != nil {
-			b.Fatal(err)
-		}
-		cfg.TLS = benchTLS.ca.ClientConfig(cert)
+		cfg.TLS = benchDaemonTLS(b)
 	} else {
 		cfg.InsecurePlaintextLoopback = true
 	}

@@ -78,12 +78,6 @@ func benchGRPCRTT(b *testing.B, size int, kind grpcKind) {
 // grpcCaller returns, for a body size, a maker of one caller's call
 // function: each echoes a body carrying seq and checks the reply.
 func grpcCaller(b *testing.B, k grpcKernel, kind grpcKind) func(size int) func(seq uint64) error {
-	check := func(seq uint64, out []byte, size int, err error) error {
-		if err == nil && (len(out) != size || binary.LittleEndian.Uint64(out) != seq) {
-			err = fmt.Errorf("call %d: a reply of %d bytes for another call", seq, len(out))
-		}
-		return err
-	}
 	ctx := context.Background()
 	if kind == grpcSession {
 		dctx, cancel := context.WithTimeout(ctx, 20*time.Second)
@@ -95,14 +89,7 @@ func grpcCaller(b *testing.B, k grpcKernel, kind grpcKind) func(size int) func(s
 			b.Fatal(err)
 		}
 		b.Cleanup(func() { c.Close() })
-		return func(size int) func(uint64) error {
-			msg, buf := make([]byte, size), make([]byte, 0, size)
-			return func(seq uint64) error {
-				binary.LittleEndian.PutUint64(msg, seq)
-				out, err := c.CallInto(ctx, "echo", msg, buf[:0])
-				return check(seq, out, size, err)
-			}
-		}
+		return func(size int) func(uint64) error { return echoCall(c, "echo", size) }
 	}
 	cc, err := grpc.NewClient(k.addr, grpc.WithTransportCredentials(credentials.NewTLS(k.tls)))
 	if err != nil {
@@ -122,7 +109,7 @@ func grpcCaller(b *testing.B, k grpcKernel, kind grpcKind) func(size int) func(s
 				if err == nil {
 					err = st.RecvMsg(out)
 				}
-				return check(seq, out.GetValue(), size, err)
+				return checkEcho(seq, out.GetValue(), size, err)
 			}
 		}
 	}
@@ -135,7 +122,7 @@ func grpcCaller(b *testing.B, k grpcKernel, kind grpcKind) func(size int) func(s
 		return func(seq uint64) error {
 			binary.LittleEndian.PutUint64(in.Value, seq)
 			err := cc.Invoke(cctx, method, in, out)
-			return check(seq, out.GetValue(), size, err)
+			return checkEcho(seq, out.GetValue(), size, err)
 		}
 	}
 }

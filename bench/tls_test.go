@@ -3,7 +3,6 @@ package bench
 import (
 	"context"
 	"crypto/tls"
-	"encoding/binary"
 	"log/slog"
 	"net"
 	"os"
@@ -146,19 +145,7 @@ func dialNetKernel(b *testing.B, addr string, withTLS bool) *sypas.Client {
 
 func benchCallNet(b *testing.B, size int, withTLS bool) {
 	c := dialNetKernel(b, startNetKernel(b, withTLS), withTLS)
-	ctx := context.Background()
-	msg := make([]byte, size)
-	buf := make([]byte, 0, size)
-	before := kernelMallocs(b, c)
-	b.SetBytes(int64(2 * size))
-	timeRoundTrips(b, false, func(seq uint64) {
-		binary.LittleEndian.PutUint64(msg, seq)
-		out, err := c.CallInto(ctx, "echo", msg, buf[:0])
-		if err != nil || len(out) != size || binary.LittleEndian.Uint64(out) != seq {
-			b.Fatalf("call %d: %d bytes, %v", seq, len(out), err)
-		}
-	})
-	b.ReportMetric(float64(kernelMallocs(b, c)-before)/float64(b.N), "kernel-allocs/op")
+	timeCalls(b, c, false, 2*size, echoCall(c, "echo", size))
 }
 
 // benchCallsInFlightNet is benchCallsInFlight over TCP loopback, with TLS

@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -133,10 +132,7 @@ func runInFlight(b *testing.B, callers int, call func(g int) func(seq uint64) er
 		b.Fatal(err)
 	}
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "calls/s")
-	slices.Sort(lat)
-	q := func(p float64) float64 { return float64(lat[int(p*float64(len(lat)-1))]) }
-	b.ReportMetric(q(0.50), "p50-ns")
-	b.ReportMetric(q(0.99), "p99-ns")
+	(&latencies{samples: lat}).report(b)
 }
 
 // The Unix-socket baseline for concurrent callers is the usual shape of a

@@ -358,14 +358,7 @@ func (c *Conn) linger() {
 	}
 }
 
-func (c *Conn) isClosed() bool {
-	select {
-	case <-c.closed:
-		return true
-	default:
-		return false
-	}
-}
+func (c *Conn) isClosed() bool { return isDone(c.closed) }
 
 // LocalAddr and RemoteAddr are the gRPC connection's, when known.
 func (c *Conn) LocalAddr() net.Addr  { return c.local }

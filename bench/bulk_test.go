@@ -97,7 +97,7 @@ func benchBulk(b *testing.B, size int, zeroCopy bool) {
 		}
 		return nil
 	}
-	timeBulk(b, c, pinned, size, func(seq uint64) (err error) {
+	timeCalls(b, c, pinned, size, func(seq uint64) (err error) {
 		want = seq
 		if zeroCopy {
 			var sp sypas.Span
@@ -133,24 +133,11 @@ func benchBulkReply(b *testing.B, size int, zeroCopy bool) {
 		}
 		return nil
 	}
-	timeBulk(b, c, pinned, size, func(seq uint64) error {
+	timeCalls(b, c, pinned, size, func(seq uint64) error {
 		want = seq
 		binary.LittleEndian.PutUint64(req[:], seq)
 		return c.CallFunc(bg, op, req[:], check)
 	})
-}
-
-// timeBulk times transfer, moving size bytes, with timeRoundTrips, and
-// reports the kernel's allocations per transfer.
-func timeBulk(b *testing.B, c *sypas.Client, pinned bool, size int, transfer func(seq uint64) error) {
-	before := kernelMallocs(b, c)
-	b.SetBytes(int64(size))
-	timeRoundTrips(b, pinned, func(seq uint64) {
-		if err := transfer(seq); err != nil {
-			b.Fatalf("transfer %d: %v", seq, err)
-		}
-	})
-	b.ReportMetric(float64(kernelMallocs(b, c)-before)/float64(b.N), "kernel-allocs/op")
 }
 
 // bulkGive is the kernel's "bulk.give" (zeroCopy) or "bulk.give.copy": the

@@ -110,30 +110,55 @@ func benchCall(b *testing.B, idle futex.Config, pinned bool, size int, kind call
 	if info, err := c.Transport(); err != nil || (info.Name == sypas.TransportInline) != (kind == callInline) {
 		b.Fatalf("transport %+v, %v", info, err)
 	}
-	ctx := context.Background()
-	msg := make([]byte, size)
-	buf := make([]byte, 0, size)
 	op := "echo"
 	if kind == callPool {
 		op = "echo.pool"
 	}
-	before := kernelMallocs(b, c)
-	b.SetBytes(int64(2 * size))
-	timeRoundTrips(b, pinned, func(seq uint64) {
-		binary.LittleEndian.PutUint64(msg, seq)
-		var out []byte
-		var err error
-		if kind == callOwn {
-			out, err = c.Call(ctx, op, msg)
-		} else {
-			out, err = c.CallInto(ctx, op, msg, buf[:0])
+	call := echoCall(c, op, size)
+	if kind == callOwn {
+		ctx, msg := context.Background(), make([]byte, size)
+		call = func(seq uint64) error {
+			binary.LittleEndian.PutUint64(msg, seq)
+			out, err := c.Call(ctx, op, msg)
+			return checkEcho(seq, out, size, err)
 		}
-		if err != nil || len(out) != size || binary.LittleEndian.Uint64(out) != seq {
-			b.Fatalf("call %d: %d bytes, %v", seq, len(out), err)
+	}
+	timeCalls(b, c, pinned, 2*size, call)
+}
+
+// echoCall is a call of op on c (CallInto, into a buffer of its own) with a
+// size-byte body carrying seq, checked with checkEcho.
+func echoCall(c *sypas.Client, op string, size int) func(seq uint64) error {
+	ctx := context.Background()
+	msg, buf := make([]byte, size), make([]byte, 0, size)
+	return func(seq uint64) error {
+		binary.LittleEndian.PutUint64(msg, seq)
+		out, err := c.CallInto(ctx, op, msg, buf[:0])
+		return checkEcho(seq, out, size, err)
+	}
+}
+
+// checkEcho is err, or an error if out is not the size-byte echo of the
+// body of call seq.
+func checkEcho(seq uint64, out []byte, size int, err error) error {
+	if err == nil && (len(out) != size || binary.LittleEndian.Uint64(out) != seq) {
+		err = fmt.Errorf("call %d: a reply of %d bytes for another call", seq, len(out))
+	}
+	return err
+}
+
+// timeCalls times call on c with timeRoundTrips, moving bytes bytes each,
+// and reports the kernel's allocations per call. The first call of
+// kernelMallocs and the one in timeRoundTrips' warm-up are counted too:
+// one each, spread over b.N.
+func timeCalls(b *testing.B, c *sypas.Client, pinned bool, bytes int, call func(seq uint64) error) {
+	before := kernelMallocs(b, c)
+	b.SetBytes(int64(bytes))
+	timeRoundTrips(b, pinned, func(seq uint64) {
+		if err := call(seq); err != nil {
+			b.Fatalf("call %d: %v", seq, err)
 		}
 	})
-	// The first call of kernelMallocs and the one in timeRoundTrips' warm-up
-	// are counted too: one each, spread over b.N.
 	b.ReportMetric(float64(kernelMallocs(b, c)-before)/float64(b.N), "kernel-allocs/op")
 }
 

@@ -3,9 +3,7 @@ package bench
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/binary"
-	"encoding/pem"
 	"fmt"
 	"log/slog"
 	"net"
@@ -80,12 +78,6 @@ func benchGRPCRTT(b *testing.B, size int, kind grpcKind) {
 // grpcCaller returns, for a body size, a maker of one caller's call
 // function: each echoes a body carrying seq and checks the reply.
 func grpcCaller(b *testing.B, k grpcKernel, kind grpcKind) func(size int) func(seq uint64) error {
-	check := func(seq uint64, out []byte, size int, err error) error {
-		if err == nil && (len(out) != size || binary.LittleEndian.Uint64(out) != seq) {
-			err = fmt.Errorf("call %d: a reply of %d bytes for another call", seq, len(out))
-		}
-		return err
-	}
 	ctx := context.Background()
 	if kind == grpcSession {
 		dctx, cancel := context.WithTimeout(ctx, 20*time.Second)
@@ -97,14 +89,7 @@ func grpcCaller(b *testing.B, k grpcKernel, kind grpcKind) func(size int) func(s
 			b.Fatal(err)
 		}
 		b.Cleanup(func() { c.Close() })
-		return func(size int) func(uint64) error {
-			msg, buf := make([]byte, size), make([]byte, 0, size)
-			return func(seq uint64) error {
-				binary.LittleEndian.PutUint64(msg, seq)
-				out, err := c.CallInto(ctx, "echo", msg, buf[:0])
-				return check(seq, out, size, err)
-			}
-		}
+		return func(size int) func(uint64) error { return echoCall(c, "echo", size) }
 	}
 	cc, err := grpc.NewClient(k.addr, grpc.WithTransportCredentials(credentials.NewTLS(k.tls)))
 	if err != nil {
@@ -124,7 +109,7 @@ func grpcCaller(b *testing.B, k grpcKernel, kind grpcKind) func(size int) func(s
 				if err == nil {
 					err = st.RecvMsg(out)
 				}
-				return check(seq, out.GetValue(), size, err)
+				return checkEcho(seq, out.GetValue(), size, err)
 			}
 		}
 	}
@@ -137,7 +122,7 @@ func grpcCaller(b *testing.B, k grpcKernel, kind grpcKind) func(size int) func(s
 		return func(seq uint64) error {
 			binary.LittleEndian.PutUint64(in.Value, seq)
 			err := cc.Invoke(cctx, method, in, out)
-			return check(seq, out.GetValue(), size, err)
+			return checkEcho(seq, out.GetValue(), size, err)
 		}
 	}
 }
@@ -152,25 +137,9 @@ type grpcKernel struct {
 func init() { peers["grpc-kernel"] = grpcKernelPeer }
 
 // startGRPCKernel starts grpcKernelPeer in another process, on a loopback
-// listener made here (fd 3), with TLS material made for this run and
-// handed over in its environment (never on disk).
+// listener made here (fd 3), with the run's CA (benchCA) handed over in its
+// environment (never on disk).
 func startGRPCKernel(b *testing.B) grpcKernel {
-	ca, err := testtls.NewCA("bench CA")
-	if err != nil {
-		b.Fatal(err)
-	}
-	server, err := ca.Server()
-	if err != nil {
-		b.Fatal(err)
-	}
-	daemon, err := ca.Client("daemon", testtls.DaemonURI)
-	if err != nil {
-		b.Fatal(err)
-	}
-	key, err := x509.MarshalPKCS8PrivateKey(server.PrivateKey)
-	if err != nil {
-		b.Fatal(err)
-	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
@@ -181,32 +150,26 @@ func startGRPCKernel(b *testing.B) grpcKernel {
 	}
 	addr := l.Addr().String()
 	l.Close() // f is a dup: the socket goes on listening for the peer
-	startPeer(b, "grpc-kernel", false, []*os.File{f},
-		"SYPAS_GRPC_CA="+pemOf("CERTIFICATE", ca.Cert.Raw),
-		"SYPAS_GRPC_CERT="+pemOf("CERTIFICATE", server.Certificate[0]),
-		"SYPAS_GRPC_KEY="+pemOf("PRIVATE KEY", key))
+	startPeer(b, "grpc-kernel", false, []*os.File{f}, benchCAVar(b))
 	f.Close()
-	tc := ca.ClientConfig(daemon)
+	tc := benchDaemonTLS(b)
 	tc.MinVersion = tls.VersionTLS13
 	return grpcKernel{addr: addr, tls: tc}
-}
-
-func pemOf(typ string, der []byte) string {
-	return string(pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}))
 }
 
 // grpcKernelPeer serves, on the listener of fd 3 with mutual TLS 1.3, a
 // sypas kernel's gRPC service ("echo", Inline) and a plain grpc-go echo
 // of BytesValue (bench.Echo/Echo), until killed.
 func grpcKernelPeer() error {
-	cert, err := tls.X509KeyPair([]byte(os.Getenv("SYPAS_GRPC_CERT")), []byte(os.Getenv("SYPAS_GRPC_KEY")))
+	ca, err := testtls.ParseCA(os.Getenv(benchCAEnv))
 	if err != nil {
 		return err
 	}
-	cas := x509.NewCertPool()
-	if !cas.AppendCertsFromPEM([]byte(os.Getenv("SYPAS_GRPC_CA"))) {
-		return fmt.Errorf("no CA in SYPAS_GRPC_CA")
+	tc, err := ca.ServerConfig()
+	if err != nil {
+		return err
 	}
+	tc.ClientAuth, tc.MinVersion = tls.RequireAndVerifyClientCert, tls.VersionTLS13
 	l, err := net.FileListener(os.NewFile(3, "listener"))
 	if err != nil {
 		return err
@@ -219,10 +182,7 @@ func grpcKernelPeer() error {
 		return err
 	}
 	srv.Handle("echo", sypas.RightRequest, func(_ context.Context, r *sypas.Request) ([]byte, error) { return r.Body, nil }, sypas.Inline)
-	gs := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{
-		Certificates: []tls.Certificate{cert}, ClientCAs: cas,
-		ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS13,
-	})))
+	gs := grpc.NewServer(grpc.Creds(credentials.NewTLS(tc)))
 	if _, err := sypasgrpc.Register(gs, srv, sypasgrpc.ServerConfig{
 		Policy: &control.Policy{CertURIs: []string{testtls.DaemonURI}}, Logger: cfg.Logger,
 	}); err != nil {

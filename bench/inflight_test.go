@@ -1,14 +1,12 @@
 package bench
 
 import (
-	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"os"
-	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -86,18 +84,7 @@ func benchCallsInFlight(b *testing.B, callers int, inline bool) {
 
 // callsInFlight runs runInFlight with CallInto of msgSize bytes on c.
 func callsInFlight(b *testing.B, c *sypas.Client, callers int) {
-	ctx := context.Background()
-	runInFlight(b, callers, func(g int) func(seq uint64) error {
-		msg, buf := make([]byte, msgSize), make([]byte, 0, msgSize)
-		return func(seq uint64) error {
-			binary.LittleEndian.PutUint64(msg, seq)
-			out, err := c.CallInto(ctx, "echo", msg, buf[:0])
-			if err == nil && (len(out) != msgSize || binary.LittleEndian.Uint64(out) != seq) {
-				err = fmt.Errorf("call %d: a reply of %d bytes for another call", seq, len(out))
-			}
-			return err
-		}
-	})
+	runInFlight(b, callers, func(int) func(seq uint64) error { return echoCall(c, "echo", msgSize) })
 }
 
 // runInFlight makes b.N calls from callers goroutines at once, each call
@@ -145,10 +132,7 @@ func runInFlight(b *testing.B, callers int, call func(g int) func(seq uint64) er
 		b.Fatal(err)
 	}
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "calls/s")
-	slices.Sort(lat)
-	q := func(p float64) float64 { return float64(lat[int(p*float64(len(lat)-1))]) }
-	b.ReportMetric(q(0.50), "p50-ns")
-	b.ReportMetric(q(0.99), "p99-ns")
+	(&latencies{samples: lat}).report(b)
 }
 
 // The Unix-socket baseline for concurrent callers is the usual shape of a
@@ -206,10 +190,7 @@ func benchSocketInFlight(b *testing.B, callers int, batch bool) {
 		return func(seq uint64) error {
 			binary.LittleEndian.PutUint64(msg, seq)
 			out, err := c.call(g, msg)
-			if err == nil && (len(out) != msgSize || binary.LittleEndian.Uint64(out) != seq) {
-				err = fmt.Errorf("call %d: a reply of %d bytes for another call", seq, len(out))
-			}
-			return err
+			return checkEcho(seq, out, msgSize, err)
 		}
 	})
 	conn.(*net.UnixConn).CloseWrite()

@@ -2,7 +2,7 @@ package bench
 
 import (
 	"context"
-	"encoding/binary"
+	"crypto/tls"
 	"log/slog"
 	"net"
 	"os"
@@ -69,14 +69,30 @@ func startNetKernel(b *testing.B, withTLS bool) string {
 	l.Close()
 	env := []string{"SYPAS_SOCK=tcp://" + addr, "SYPAS_POLICY=0"}
 	if withTLS {
-		benchCA(b)
-		env = append(env, benchCAEnv+"="+benchTLS.pem)
+		env = append(env, benchCAVar(b))
 	}
 	startPeer(b, "sypas-kernel", false, nil, env...)
 	return "tcp://" + addr
 }
 
 const benchCAEnv = "SYPAS_BENCH_TLS_CA"
+
+// benchCAVar is the environment variable that hands the run's CA to a
+// kernel process.
+func benchCAVar(b *testing.B) string {
+	benchCA(b)
+	return benchCAEnv + "=" + benchTLS.pem
+}
+
+// benchDaemonTLS is a daemon's TLS configuration: a client certificate of
+// the run's CA with the URI the kernels' Policy admits.
+func benchDaemonTLS(b *testing.B) *tls.Config {
+	cert, err := benchCA(b).Client("bench", testtls.DaemonURI)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return benchTLS.ca.ClientConfig(cert)
+}
 
 // listenKernel listens where the benchmarks' kernel serves: a socket
 // path, or tcp:// with TLS when the parent passed its CA, else plaintext.
@@ -106,11 +122,7 @@ func dialNetKernel(b *testing.B, addr string, withTLS bool) *sypas.Client {
 	cfg := sypas.ClientConfig{}
 	cfg.Logger = slog.New(slog.DiscardHandler)
 	if withTLS {
-		cert, err := benchCA(b).Client("bench", testtls.DaemonURI)
-		if err != nil {
-			b.Fatal(err)
-		}
-		cfg.TLS = benchTLS.ca.ClientConfig(cert)
+		cfg.TLS = benchDaemonTLS(b)
 	} else {
 		cfg.InsecurePlaintextLoopback = true
 	}
@@ -133,19 +145,7 @@ func dialNetKernel(b *testing.B, addr string, withTLS bool) *sypas.Client {
 
 func benchCallNet(b *testing.B, size int, withTLS bool) {
 	c := dialNetKernel(b, startNetKernel(b, withTLS), withTLS)
-	ctx := context.Background()
-	msg := make([]byte, size)
-	buf := make([]byte, 0, size)
-	before := kernelMallocs(b, c)
-	b.SetBytes(int64(2 * size))
-	timeRoundTrips(b, false, func(seq uint64) {
-		binary.LittleEndian.PutUint64(msg, seq)
-		out, err := c.CallInto(ctx, "echo", msg, buf[:0])
-		if err != nil || len(out) != size || binary.LittleEndian.Uint64(out) != seq {
-			b.Fatalf("call %d: %d bytes, %v", seq, len(out), err)
-		}
-	})
-	b.ReportMetric(float64(kernelMallocs(b, c)-before)/float64(b.N), "kernel-allocs/op")
+	timeCalls(b, c, false, 2*size, echoCall(c, "echo", size))
 }
 
 // benchCallsInFlightNet is benchCallsInFlight over TCP loopback, with TLS

@@ -8,6 +8,7 @@ import (
 	"google.golang.org/grpc/encoding"
 	gproto "google.golang.org/grpc/encoding/proto"
 	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/encoding/protowire"
 )
 
 // CodecName is the content subtype of the Session stream of SYPAS's own
@@ -49,7 +50,7 @@ func (codec) Marshal(v any) (mem.BufferSlice, error) {
 	if len(c.b) == 0 { // proto3 omits an empty value: an empty message
 		return nil, nil
 	}
-	n := 1 + varintLen(uint64(len(c.b))) + len(c.b)
+	n := 1 + protowire.SizeBytes(len(c.b))
 	pool := mem.DefaultBufferPool()
 	if mem.IsBelowBufferPoolingThreshold(n) {
 		return mem.BufferSlice{mem.SliceBuffer(appendChunk(make([]byte, 0, n), c.b))}, nil
@@ -59,18 +60,10 @@ func (codec) Marshal(v any) (mem.BufferSlice, error) {
 	return mem.BufferSlice{mem.NewBuffer(buf, pool)}, nil
 }
 
+// appendChunk appends b to dst as a BytesValue: the tag, then the bytes
+// length-prefixed.
 func appendChunk(dst, b []byte) []byte {
-	dst = append(dst, bytesValueTag)
-	dst = binary.AppendUvarint(dst, uint64(len(b)))
-	return append(dst, b...)
-}
-
-func varintLen(x uint64) int {
-	n := 1
-	for ; x >= 0x80; x >>= 7 {
-		n++
-	}
-	return n
+	return protowire.AppendBytes(append(dst, bytesValueTag), b)
 }
 
 // errNotBytesValue is a Session message that is not a BytesValue with at

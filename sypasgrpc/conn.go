@@ -184,8 +184,8 @@ func (c *Conn) readErr() error {
 	if c.isClosed() {
 		return c.opErr("read", net.ErrClosed)
 	}
-	if err := c.werr.Load(); err != nil {
-		return *err
+	if err := c.broken(); err != nil {
+		return err
 	}
 	if c.rerr == io.EOF {
 		return io.EOF
@@ -202,8 +202,8 @@ func (c *Conn) Write(p []byte) (int, error) {
 		if c.isClosed() {
 			return n, c.opErr("write", net.ErrClosed)
 		}
-		if err := c.werr.Load(); err != nil {
-			return n, *err
+		if err := c.broken(); err != nil {
+			return n, err
 		}
 		k := min(len(p)-n, MaxChunk)
 		if err := c.send(p[n : n+k]); err != nil {
@@ -241,8 +241,8 @@ func (c *Conn) send(b []byte) error {
 		c.wtimer.Stop()
 	}
 	c.wdlMu.Unlock()
-	if p := c.werr.Load(); p != nil {
-		return *p
+	if broken := c.broken(); broken != nil {
+		return broken
 	}
 	if err != nil {
 		if c.isClosed() {
@@ -358,14 +358,7 @@ func (c *Conn) linger() {
 	}
 }
 
-func (c *Conn) isClosed() bool {
-	select {
-	case <-c.closed:
-		return true
-	default:
-		return false
-	}
-}
+func (c *Conn) isClosed() bool { return isDone(c.closed) }
 
 // LocalAddr and RemoteAddr are the gRPC connection's, when known.
 func (c *Conn) LocalAddr() net.Addr  { return c.local }

@@ -21,7 +21,6 @@ import (
 
 	"github.com/sypas/go/control"
 	"github.com/sypas/go/sypas"
-	"github.com/sypas/go/wire"
 )
 
 // Metadata keys (docs/PROTOCOL.md §10.3).
@@ -144,18 +143,22 @@ func (s *Service) attest(ctx context.Context) (control.PeerIdentity, error) {
 	}
 	ti, ok := p.AuthInfo.(credentials.TLSInfo)
 	if !ok {
-		err := fmt.Errorf("%w: the connection is not TLS (%v)", control.ErrPeerRejected, p.AuthInfo)
 		id := control.PeerIdentity{UID: control.NoUID, GID: control.NoUID, Remote: p.Addr.String()}
-		control.Audit(ctx, s.log, slog.LevelWarn, "sypas: refused", control.EventAttestation, err.Error(), control.PeerAttrs(id)...)
-		return id, refusal(wire.CodePermission, err.Error())
+		return id, s.refuse(ctx, id, fmt.Errorf("%w: the connection is not TLS (%v)", control.ErrPeerRejected, p.AuthInfo))
 	}
 	id, err := control.AttestTLS(ti.State, p.Addr, s.cfg.Policy)
 	if err != nil {
 		grpc.SetTrailer(ctx, metadata.Pairs(MetaCode, sypas.CodePermission.String()))
-		control.Audit(ctx, s.log, slog.LevelWarn, "sypas: refused", control.EventAttestation, err.Error(), control.PeerAttrs(id)...)
-		return id, refusal(wire.CodePermission, err.Error())
+		return id, s.refuse(ctx, id, err)
 	}
 	return id, nil
+}
+
+// refuse audits the refusal of id for err, and returns it as the status
+// of a refusal made here, before any Caller: PermissionDenied.
+func (s *Service) refuse(ctx context.Context, id control.PeerIdentity, err error) error {
+	control.Audit(ctx, s.log, slog.LevelWarn, "sypas: refused", control.EventAttestation, err.Error(), control.PeerAttrs(id)...)
+	return status.Error(grpcCode(sypas.CodePermission), strings.TrimPrefix(err.Error(), "control: "))
 }
 
 // caller is the sypas.Caller of the peer of ctx, kept by certificate, and
@@ -355,9 +358,4 @@ func wireCode(c codes.Code) sypas.Code {
 		}
 	}
 	return sypas.CodeInternal
-}
-
-// refusal is a status for a refusal made here, before any Caller.
-func refusal(code sypas.Code, msg string) error {
-	return status.Error(grpcCode(code), strings.TrimPrefix(msg, "control: "))
 }

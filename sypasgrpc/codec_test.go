@@ -2,6 +2,8 @@ package sypasgrpc
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"os"
 	"strings"
 	"testing"
@@ -11,6 +13,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/mem"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -155,4 +158,12 @@ func FuzzSessionMessage(f *testing.F) {
 		}
 		assert.Equal(t, b, out.Materialize())
 	})
+}
+
+// A failure that is not a *sypas.Error (a deadline, say) gets the status
+// of the code its sypas-code trailer names, not Internal.
+func TestToStatusFollowsCodeOf(t *testing.T) {
+	for _, err := range []error{context.DeadlineExceeded, &sypas.Error{Code: sypas.CodePermission}, errors.New("boom")} {
+		assert.Equal(t, grpcCode(sypas.CodeOf(err)), status.Code(toStatus(err)), "%v", err)
+	}
 }

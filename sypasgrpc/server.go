@@ -308,15 +308,16 @@ func endStatus(c *Conn) error {
 
 // toStatus is the gRPC status of a SYPAS error (docs/PROTOCOL.md §10.5).
 func toStatus(err error) error {
+	code := sypas.CodeOf(err) // what the sypas-code trailer says too
 	var e *sypas.Error
 	if !errors.As(err, &e) {
-		return status.Error(codes.Internal, err.Error())
+		return status.Error(grpcCode(code), err.Error())
 	}
 	msg := e.Message
 	if msg == "" {
 		msg = e.Code.String()
 	}
-	return status.Error(grpcCode(e.Code), msg)
+	return status.Error(grpcCode(code), msg)
 }
 
 // codeMap pairs each SYPAS code with the gRPC status code a stock client

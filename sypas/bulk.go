@@ -40,6 +40,12 @@ type bulkCarrier interface {
 	// (h.Flags as the inner type's), or with FlagAck the release of a
 	// span of the peer's.
 	sendDesc(ctx context.Context, h frame.Header, ext []byte, d *wire.Bulk, noWait bool) error
+	// sendHeld sends sp, a span of this side's region it holds, as a
+	// frame of type h.Type by descriptor (sendDesc): sp is the peer's once
+	// the frame may have left, and comes back with its ACK or the
+	// session's end; before that it is given back here (Free if Send
+	// refuses it, Unsend if the frame never left).
+	sendHeld(ctx context.Context, h frame.Header, ext []byte, sp bulk.Span, noWait bool) error
 }
 
 // carrier returns tr as a bulkCarrier if its session has bulk regions.
@@ -103,6 +109,12 @@ func (t *ringTransport) sendSpan(ctx context.Context, h frame.Header, ext []byte
 		t.own.Free(sp)
 		return fmt.Errorf("sypas: encode %v into a bulk span: %w", h.Type, err)
 	}
+	return t.sendHeld(ctx, h, ext, sp, noWait)
+}
+
+// sendHeld: see bulkCarrier. d is a local: sendDesc, a method of
+// *ringTransport called as one, copies it, so it stays on the stack.
+func (t *ringTransport) sendHeld(ctx context.Context, h frame.Header, ext []byte, sp bulk.Span, noWait bool) error {
 	d, err := t.own.Send(sp, h.Type, 0)
 	if err != nil {
 		t.own.Free(sp)

@@ -83,21 +83,9 @@ func (c *serverConn) takeReply(cl *call, body []byte, err error) (sp bulk.Span, 
 	return bulk.Span{}, false
 }
 
-// sendReply answers cl with the span sp holding its reply, by descriptor.
-// The span is the daemon's once the frame may have left, and comes back
-// with its ACK or the session's end; before that it is freed here.
+// sendReply answers cl with the span sp holding its reply, by descriptor
+// (bulkCarrier.sendHeld).
 func (c *serverConn) sendReply(cl *call, sp bulk.Span) error {
-	var err error
-	if cl.replyDesc, err = c.own.Send(sp, frame.TypeResponse, 0); err != nil {
-		c.own.Free(sp)
-		return c.tr.sessionErr(err)
-	}
 	h := frame.Header{Type: frame.TypeResponse, Flags: frame.FlagEndStream, Correlation: cl.req.Correlation}
-	if err := c.bc.sendDesc(c.ctx, h, nil, &cl.replyDesc, false); err != nil {
-		if !mayHaveSent(err) {
-			c.own.Unsend(sp) // the daemon never saw it: a sent span comes back with Unsend
-		}
-		return err
-	}
-	return nil
+	return c.bc.sendHeld(c.ctx, h, nil, sp, false)
 }

@@ -87,9 +87,6 @@ type call struct {
 	// once the handler has returned; spanned says there is one.
 	span    wire.Bulk
 	spanned bool
-	// replyDesc is the descriptor of a reply sent from a span AllocReply
-	// reserved (reply.go): here, not a local, so that it does not escape.
-	replyDesc wire.Bulk
 }
 
 // calls recycles the calls of pool handlers, with their body buffers.

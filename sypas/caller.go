@@ -155,7 +155,7 @@ func (c *Caller) deny(ctx context.Context, attrs []slog.Attr, cp *token.Capabili
 // (E_UNAVAILABLE, not a refusal) and the token (E_AUTH). It numbers the
 // request (corr) and returns the token it is checked against.
 func (c *Caller) begin(ctx context.Context, attrs []slog.Attr, op string) (*token.Capability, uint64, error) {
-	if c.srv.notServing.Load() {
+	if c.srv.stopped() {
 		return nil, 0, &Error{Code: CodeUnavailable, Message: "the kernel is shutting down"}
 	}
 	corr := c.corr.Add(1)
@@ -225,10 +225,10 @@ func (c *Caller) call(ctx context.Context, peer control.PeerIdentity, attrs []sl
 		return nil, c.deny(ctx, attrs, cp, corr, rt.op, CodeResource, control.EventLimit, "more requests in flight than max_in_flight")
 	}
 	defer c.inFlight.Add(-1)
-	if !s.enter() {
+	if !s.enter(nil) {
 		return nil, &Error{Code: CodeUnavailable, Message: "the kernel is shutting down"}
 	}
-	defer s.streamed.Done()
+	defer s.active.Done()
 	if l := s.cfg.AuditGrants.Level(); s.log.Enabled(ctx, l) {
 		s.granted(ctx, l, c.auditAttrs(attrs, cp), rt.op, corr)
 	}

@@ -84,20 +84,12 @@ func (t *ringTransport) sendDesc(ctx context.Context, h frame.Header, ext []byte
 // full fails with an error matching ErrResource; a payload larger than
 // the region with ErrTooLarge.
 func (t *ringTransport) sendSpan(ctx context.Context, h frame.Header, ext []byte, m wire.Message, n int, noWait bool) error {
-	sp, err := t.own.TryAlloc(n)
-	if err != nil && errors.Is(err, bulk.ErrFull) {
-		// Wait for room: until ctx's deadline, or writeTimeout when ctx
-		// has none (a timer only now: the common case allocates nothing);
-		// with noWait not at all (Alloc, counting the failure).
-		actx := ctx
-		if noWait {
-			actx = doneCtx
-		} else if _, ok := ctx.Deadline(); !ok && t.writeTimeout > 0 {
-			var cancel context.CancelFunc
-			actx, cancel = context.WithTimeout(ctx, t.writeTimeout)
-			defer cancel()
-		}
-		sp, err = t.own.Alloc(actx, n)
+	var sp bulk.Span
+	var err error
+	if noWait {
+		sp, err = t.own.Alloc(doneCtx, n) // a free span, or a failure counted in Stats.Full
+	} else {
+		sp, err = allocWait(ctx, t.own, n, t.writeTimeout)
 	}
 	if err != nil {
 		if noWait && errors.Is(err, bulk.ErrFull) {
@@ -127,6 +119,22 @@ func (t *ringTransport) sendHeld(ctx context.Context, h frame.Header, ext []byte
 		return err
 	}
 	return nil
+}
+
+// allocWait takes a span of n bytes of own, waiting for room until ctx's
+// deadline, or for timeout when ctx has none (not 0). The timer is made
+// only when the region is full: the common case allocates nothing.
+func allocWait(ctx context.Context, own *bulk.Region, n int, timeout time.Duration) (bulk.Span, error) {
+	sp, err := own.TryAlloc(n)
+	if !errors.Is(err, bulk.ErrFull) {
+		return sp, err
+	}
+	if _, ok := ctx.Deadline(); !ok && timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, timeout)
+		defer cancel()
+	}
+	return own.Alloc(ctx, n)
 }
 
 // doneCtx is a context that is already done: Alloc with it takes a free

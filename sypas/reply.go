@@ -47,14 +47,12 @@ func (r *Request) AllocReply(ctx context.Context, n int) ([]byte, error) {
 	case n > c.own.Size():
 		return nil, &Error{Code: CodeTooLarge, Message: fmt.Sprintf("reply of %d bytes, the kernel's bulk region holds %d", n, c.own.Size())}
 	}
-	sp, err := c.own.TryAlloc(n)
-	if errors.Is(err, bulk.ErrFull) && !r.inline {
-		if _, ok := ctx.Deadline(); !ok {
-			var cancel context.CancelFunc
-			ctx, cancel = context.WithTimeout(ctx, c.srv.cfg.WriteTimeout)
-			defer cancel()
-		}
-		sp, err = c.own.Alloc(ctx, n)
+	var sp bulk.Span
+	var err error
+	if r.inline {
+		sp, err = c.own.TryAlloc(n)
+	} else {
+		sp, err = allocWait(ctx, c.own, n, c.srv.cfg.WriteTimeout)
 	}
 	if errors.Is(err, bulk.ErrFull) {
 		// An *Error, so that a handler that returns it answers E_RESOURCE.

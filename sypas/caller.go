@@ -80,10 +80,7 @@ const callerRights = token.RightRequest | token.RightSubscribe | token.RightPubl
 // Capability sees later revocations).
 func (c *Caller) mint() (*token.Capability, error) {
 	cfg := &c.srv.cfg
-	now := time.Now()
-	if cfg.Clock != nil {
-		now = cfg.Clock()
-	}
+	now := c.now()
 	b, err := cfg.Keys.Mint(token.Claims{
 		Subject: c.peer.Subject(), Rights: cmp.Or(cfg.Rights, callerRights), Scope: cfg.Scope,
 		Expiry: now.Add(cmp.Or(cfg.TokenTTL, control.DefaultTokenTTL)),

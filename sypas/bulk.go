@@ -40,6 +40,12 @@ type bulkCarrier interface {
 	// (h.Flags as the inner type's), or with FlagAck the release of a
 	// span of the peer's.
 	sendDesc(ctx context.Context, h frame.Header, ext []byte, d *wire.Bulk, noWait bool) error
+	// sendHeld sends sp, a span of this side's region it holds, as a
+	// frame of type h.Type by descriptor (sendDesc): sp is the peer's once
+	// the frame may have left, and comes back with its ACK or the
+	// session's end; before that it is given back here (Free if Send
+	// refuses it, Unsend if the frame never left).
+	sendHeld(ctx context.Context, h frame.Header, ext []byte, sp bulk.Span, noWait bool) error
 }
 
 // carrier returns tr as a bulkCarrier if its session has bulk regions.
@@ -78,20 +84,12 @@ func (t *ringTransport) sendDesc(ctx context.Context, h frame.Header, ext []byte
 // full fails with an error matching ErrResource; a payload larger than
 // the region with ErrTooLarge.
 func (t *ringTransport) sendSpan(ctx context.Context, h frame.Header, ext []byte, m wire.Message, n int, noWait bool) error {
-	sp, err := t.own.TryAlloc(n)
-	if err != nil && errors.Is(err, bulk.ErrFull) {
-		// Wait for room: until ctx's deadline, or writeTimeout when ctx
-		// has none (a timer only now: the common case allocates nothing);
-		// with noWait not at all (Alloc, counting the failure).
-		actx := ctx
-		if noWait {
-			actx = doneCtx
-		} else if _, ok := ctx.Deadline(); !ok && t.writeTimeout > 0 {
-			var cancel context.CancelFunc
-			actx, cancel = context.WithTimeout(ctx, t.writeTimeout)
-			defer cancel()
-		}
-		sp, err = t.own.Alloc(actx, n)
+	var sp bulk.Span
+	var err error
+	if noWait {
+		sp, err = t.own.Alloc(doneCtx, n) // a free span, or a failure counted in Stats.Full
+	} else {
+		sp, err = allocWait(ctx, t.own, n, t.writeTimeout)
 	}
 	if err != nil {
 		if noWait && errors.Is(err, bulk.ErrFull) {
@@ -103,6 +101,12 @@ func (t *ringTransport) sendSpan(ctx context.Context, h frame.Header, ext []byte
 		t.own.Free(sp)
 		return fmt.Errorf("sypas: encode %v into a bulk span: %w", h.Type, err)
 	}
+	return t.sendHeld(ctx, h, ext, sp, noWait)
+}
+
+// sendHeld: see bulkCarrier. d is a local: sendDesc, a method of
+// *ringTransport called as one, copies it, so it stays on the stack.
+func (t *ringTransport) sendHeld(ctx context.Context, h frame.Header, ext []byte, sp bulk.Span, noWait bool) error {
 	d, err := t.own.Send(sp, h.Type, 0)
 	if err != nil {
 		t.own.Free(sp)
@@ -115,6 +119,22 @@ func (t *ringTransport) sendSpan(ctx context.Context, h frame.Header, ext []byte
 		return err
 	}
 	return nil
+}
+
+// allocWait takes a span of n bytes of own, waiting for room until ctx's
+// deadline, or for timeout when ctx has none (not 0). The timer is made
+// only when the region is full: the common case allocates nothing.
+func allocWait(ctx context.Context, own *bulk.Region, n int, timeout time.Duration) (bulk.Span, error) {
+	sp, err := own.TryAlloc(n)
+	if !errors.Is(err, bulk.ErrFull) {
+		return sp, err
+	}
+	if _, ok := ctx.Deadline(); !ok && timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, timeout)
+		defer cancel()
+	}
+	return own.Alloc(ctx, n)
 }
 
 // doneCtx is a context that is already done: Alloc with it takes a free

@@ -80,10 +80,7 @@ const callerRights = token.RightRequest | token.RightSubscribe | token.RightPubl
 // Capability sees later revocations).
 func (c *Caller) mint() (*token.Capability, error) {
 	cfg := &c.srv.cfg
-	now := time.Now()
-	if cfg.Clock != nil {
-		now = cfg.Clock()
-	}
+	now := c.now()
 	b, err := cfg.Keys.Mint(token.Claims{
 		Subject: c.peer.Subject(), Rights: cmp.Or(cfg.Rights, callerRights), Scope: cfg.Scope,
 		Expiry: now.Add(cmp.Or(cfg.TokenTTL, control.DefaultTokenTTL)),
@@ -155,7 +152,7 @@ func (c *Caller) deny(ctx context.Context, attrs []slog.Attr, cp *token.Capabili
 // (E_UNAVAILABLE, not a refusal) and the token (E_AUTH). It numbers the
 // request (corr) and returns the token it is checked against.
 func (c *Caller) begin(ctx context.Context, attrs []slog.Attr, op string) (*token.Capability, uint64, error) {
-	if c.srv.notServing.Load() {
+	if c.srv.stopped() {
 		return nil, 0, &Error{Code: CodeUnavailable, Message: "the kernel is shutting down"}
 	}
 	corr := c.corr.Add(1)
@@ -225,10 +222,10 @@ func (c *Caller) call(ctx context.Context, peer control.PeerIdentity, attrs []sl
 		return nil, c.deny(ctx, attrs, cp, corr, rt.op, CodeResource, control.EventLimit, "more requests in flight than max_in_flight")
 	}
 	defer c.inFlight.Add(-1)
-	if !s.enter() {
+	if !s.enter(nil) {
 		return nil, &Error{Code: CodeUnavailable, Message: "the kernel is shutting down"}
 	}
-	defer s.streamed.Done()
+	defer s.active.Done()
 	if l := s.cfg.AuditGrants.Level(); s.log.Enabled(ctx, l) {
 		s.granted(ctx, l, c.auditAttrs(attrs, cp), rt.op, corr)
 	}

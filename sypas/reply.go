@@ -47,14 +47,12 @@ func (r *Request) AllocReply(ctx context.Context, n int) ([]byte, error) {
 	case n > c.own.Size():
 		return nil, &Error{Code: CodeTooLarge, Message: fmt.Sprintf("reply of %d bytes, the kernel's bulk region holds %d", n, c.own.Size())}
 	}
-	sp, err := c.own.TryAlloc(n)
-	if errors.Is(err, bulk.ErrFull) && !r.inline {
-		if _, ok := ctx.Deadline(); !ok {
-			var cancel context.CancelFunc
-			ctx, cancel = context.WithTimeout(ctx, c.srv.cfg.WriteTimeout)
-			defer cancel()
-		}
-		sp, err = c.own.Alloc(ctx, n)
+	var sp bulk.Span
+	var err error
+	if r.inline {
+		sp, err = c.own.TryAlloc(n)
+	} else {
+		sp, err = allocWait(ctx, c.own, n, c.srv.cfg.WriteTimeout)
 	}
 	if errors.Is(err, bulk.ErrFull) {
 		// An *Error, so that a handler that returns it answers E_RESOURCE.
@@ -83,21 +81,9 @@ func (c *serverConn) takeReply(cl *call, body []byte, err error) (sp bulk.Span, 
 	return bulk.Span{}, false
 }
 
-// sendReply answers cl with the span sp holding its reply, by descriptor.
-// The span is the daemon's once the frame may have left, and comes back
-// with its ACK or the session's end; before that it is freed here.
+// sendReply answers cl with the span sp holding its reply, by descriptor
+// (bulkCarrier.sendHeld).
 func (c *serverConn) sendReply(cl *call, sp bulk.Span) error {
-	var err error
-	if cl.replyDesc, err = c.own.Send(sp, frame.TypeResponse, 0); err != nil {
-		c.own.Free(sp)
-		return c.tr.sessionErr(err)
-	}
 	h := frame.Header{Type: frame.TypeResponse, Flags: frame.FlagEndStream, Correlation: cl.req.Correlation}
-	if err := c.bc.sendDesc(c.ctx, h, nil, &cl.replyDesc, false); err != nil {
-		if !mayHaveSent(err) {
-			c.own.Unsend(sp) // the daemon never saw it: a sent span comes back with Unsend
-		}
-		return err
-	}
-	return nil
+	return c.bc.sendHeld(c.ctx, h, nil, sp, false)
 }

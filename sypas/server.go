@@ -115,17 +115,18 @@ type Server struct {
 
 	routes atomic.Pointer[map[string]*route] // copied on write
 
-	mu       sync.Mutex
-	conns    map[*serverConn]struct{}
-	stopping bool
-	stops    []context.CancelFunc // one per Serve call: ends its accept loop
-	serves   sync.WaitGroup       // the Serve calls running
-	base     context.Context      // every session's context derives from it
-	cancel   context.CancelFunc   // Close's: cancels every session and handler
-
-	notServing atomic.Bool
-	quit       chan struct{} // closed when Shutdown or Close begins: Callers' feeds end
-	quitOnce   sync.Once
+	mu     sync.Mutex
+	conns  map[*serverConn]struct{}
+	stops  []context.CancelFunc // one per Serve call: ends its accept loop
+	base   context.Context      // every session's context derives from it
+	cancel context.CancelFunc   // Close's: cancels every session and handler
+	// quit is closed, under mu, when Shutdown or Close begins (stopped):
+	// Health answers NOT_SERVING, nothing new is served, Callers' feeds end.
+	quit chan struct{}
+	// active counts what Shutdown and Close wait for: Serve's and
+	// ServeConn's calls and Callers' requests; Add under mu while not
+	// stopped (enter).
+	active sync.WaitGroup
 
 	stats  serverStats
 	topics topics
@@ -135,7 +136,6 @@ type Server struct {
 	streamsOnce sync.Once
 	streams     *control.Server // ServeConn's
 	streamsErr  error
-	streamed    sync.WaitGroup // ServeConn's calls and Callers' requests; Add under mu while !stopping (enter)
 }
 
 type route struct {
@@ -203,7 +203,7 @@ func (s *Server) Handle(op string, rights Rights, h Handler, opts ...RouteOption
 }
 
 func (s *Server) health(context.Context, *Request) ([]byte, error) {
-	if s.notServing.Load() {
+	if s.stopped() {
 		return notServing, nil
 	}
 	return serving, nil
@@ -226,15 +226,10 @@ func (s *Server) Serve(l *control.Listener) error {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	s.mu.Lock()
-	if s.stopping {
-		s.mu.Unlock()
+	if !s.enter(cancel) {
 		return fmt.Errorf("%w: Serve: the server was shut down", ErrClosed)
 	}
-	s.stops = append(s.stops, cancel)
-	s.serves.Add(1)
-	s.mu.Unlock()
-	defer s.serves.Done()
+	defer s.active.Done()
 	err = cs.Serve(ctx, s.serveSession)
 	if errors.Is(err, context.Canceled) {
 		return nil
@@ -259,11 +254,11 @@ func (s *Server) ServeConn(ctx context.Context, conn net.Conn, peer control.Peer
 		conn.Close()
 		return err
 	}
-	if !s.enter() { // Shutdown and Close wait for it, as for Serve's sessions
+	if !s.enter(nil) { // Shutdown and Close wait for it, as for Serve's sessions
 		conn.Close()
 		return fmt.Errorf("%w: ServeConn: the server was shut down", ErrClosed)
 	}
-	defer s.streamed.Done()
+	defer s.active.Done()
 	hctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stop := context.AfterFunc(s.base, cancel) // Close stops the handshake
@@ -277,17 +272,43 @@ func (s *Server) ServeConn(ctx context.Context, conn net.Conn, peer control.Peer
 	return nil
 }
 
-// enter counts a Caller's request among those Shutdown and Close wait
-// for, as a session's calls are: false once they began (the request is
-// refused, E_UNAVAILABLE). The caller calls s.streamed.Done when it ends.
-func (s *Server) enter() bool {
+// enter counts a Serve or ServeConn call, or a Caller's request, among
+// those Shutdown and Close wait for (active): false once they began (the
+// request is refused, E_UNAVAILABLE). stop, if not nil, ends a Serve's
+// accept loop when they begin. The caller calls s.active.Done when it
+// ends.
+func (s *Server) enter(stop context.CancelFunc) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.stopping {
+	if s.stopped() {
 		return false
 	}
-	s.streamed.Add(1)
+	if stop != nil {
+		s.stops = append(s.stops, stop)
+	}
+	s.active.Add(1)
 	return true
+}
+
+// stopped reports whether Shutdown or Close began. It takes no lock.
+func (s *Server) stopped() bool {
+	select {
+	case <-s.quit:
+		return true
+	default:
+		return false
+	}
+}
+
+// beginStop marks the server stopped (once: quit) and returns the accept
+// loops to stop and the sessions to end.
+func (s *Server) beginStop() ([]context.CancelFunc, []*serverConn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.stopped() {
+		close(s.quit)
+	}
+	return s.stops, slices.Collect(maps.Keys(s.conns))
 }
 
 // streamServer is the control-plane server of ServeConn, made at its
@@ -307,7 +328,7 @@ func (s *Server) Stopping() <-chan struct{} { return s.quit }
 func (s *Server) serveSession(sess *control.Session) {
 	c := newServerConn(s, sess)
 	s.mu.Lock()
-	if s.stopping {
+	if s.stopped() {
 		s.mu.Unlock()
 		sess.Shutdown(context.Background())
 		return
@@ -336,13 +357,7 @@ func (s *Server) serveSession(sess *control.Session) {
 // DrainTimeout. When ctx ends first, Shutdown closes what is left (Close)
 // and returns ctx's error.
 func (s *Server) Shutdown(ctx context.Context) error {
-	s.notServing.Store(true)
-	s.quitOnce.Do(func() { close(s.quit) })
-	s.mu.Lock()
-	s.stopping = true
-	stops := s.stops
-	conns := slices.Collect(maps.Keys(s.conns))
-	s.mu.Unlock()
+	stops, conns := s.beginStop()
 	var wg sync.WaitGroup
 	for _, c := range conns {
 		wg.Add(1)
@@ -356,10 +371,10 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	for _, stop := range stops {
 		stop()
 	}
-	streamed := make(chan struct{})
-	go func() { s.serves.Wait(); s.streamed.Wait(); close(streamed) }()
+	ended := make(chan struct{})
+	go func() { s.active.Wait(); close(ended) }()
 	select {
-	case <-streamed:
+	case <-ended:
 	case <-ctx.Done():
 		s.Close()
 		return ctx.Err()
@@ -372,21 +387,14 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // handlers running, a Caller's included, have returned (a handler that ignores its context
 // delays it). It is idempotent.
 func (s *Server) Close() error {
-	s.notServing.Store(true)
-	s.quitOnce.Do(func() { close(s.quit) })
-	s.mu.Lock()
-	s.stopping = true
+	stops, conns := s.beginStop()
 	s.cancel()
-	stops := s.stops
-	conns := slices.Collect(maps.Keys(s.conns))
-	s.mu.Unlock()
 	for _, c := range conns {
 		c.closeSession()
 	}
 	for _, stop := range stops {
 		stop()
 	}
-	s.serves.Wait()
-	s.streamed.Wait()
+	s.active.Wait()
 	return nil
 }

@@ -87,9 +87,6 @@ type call struct {
 	// once the handler has returned; spanned says there is one.
 	span    wire.Bulk
 	spanned bool
-	// replyDesc is the descriptor of a reply sent from a span AllocReply
-	// reserved (reply.go): here, not a local, so that it does not escape.
-	replyDesc wire.Bulk
 }
 
 // calls recycles the calls of pool handlers, with their body buffers.
@@ -291,26 +288,23 @@ func (c *serverConn) serveRequest(f *frame.Frame, p []byte, span *wire.Bulk) {
 		cl.dl.parent, cl.dl.deadline = c.ctx, time.Now().Add(m.Timeout)
 		cl.ctx = cl.dl
 	}
-	if span != nil {
+	switch {
+	case span != nil:
 		// The span is not the ring: a handler that holds it pins only
 		// the daemon's bulk memory, released when it returns.
 		cl.span, cl.spanned = *span, true
 		cl.req.Body = m.Body
-		if rt.inline {
-			c.handle(cl)
-		} else {
-			c.dispatch(cl)
-		}
-		return
+	case rt.inline:
+		cl.req.Body = m.Body
+	default:
+		cl.body = append(cl.body[:0], m.Body...)
+		cl.req.Body = cl.body
 	}
 	if rt.inline {
-		cl.req.Body = m.Body
 		c.handle(cl)
-		return
+	} else {
+		c.dispatch(cl)
 	}
-	cl.body = append(cl.body[:0], m.Body...)
-	cl.req.Body = cl.body
-	c.dispatch(cl)
 }
 
 // newReqContext returns a fresh reqContext, never one used before: a

@@ -96,12 +96,21 @@ func (c *Client) Transport() (TransportInfo, error) {
 	return transportInfo(cc.sess), nil
 }
 
+// fellBack is the inline data plane of a session whose frames could have
+// been in shared memory (a Unix socket) and are not, else nil. A session on
+// TCP or gRPC is inline by nature, not by a fallback.
+func fellBack(s *control.Session) *control.Inline {
+	if s.Network() != control.NetworkUnix {
+		return nil
+	}
+	return s.Inline()
+}
+
 // logInline logs, once per Client or Server (once), that a session's data
-// plane fell back to the socket, and why: never a silent fallback. A
-// session on TCP or gRPC is inline by nature, not by a fallback.
+// plane fell back to the socket, and why: never a silent fallback.
 func logInline(log *slog.Logger, once *atomic.Bool, side string, s *control.Session) {
-	in := s.Inline()
-	if in == nil || s.Network() != control.NetworkUnix || once.Swap(true) {
+	in := fellBack(s)
+	if in == nil || once.Swap(true) {
 		return
 	}
 	if log == nil {
@@ -120,7 +129,7 @@ func (c *Client) newTransport(s *control.Session) transport {
 
 // newTransport is the Server's transport for a new session.
 func (s *Server) newTransport(sess *control.Session) transport {
-	if sess.Inline() != nil && sess.Network() == control.NetworkUnix {
+	if fellBack(sess) != nil {
 		s.stats.inline.Add(1)
 	}
 	logInline(s.log, &s.inlineLogged, "kernel", sess)

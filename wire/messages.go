@@ -550,11 +550,14 @@ const helloFixed = 34
 
 func (*Hello) Type() frame.Type { return frame.TypeHello }
 func (m *Hello) Len() int {
-	if m.BulkSize != 0 || m.HasBulkSize {
+	if m.bulkField() {
 		return helloFixed + len(m.Name) + 4
 	}
 	return helloFixed + len(m.Name)
 }
+
+// bulkField reports whether Append encodes bulk_size.
+func (m *Hello) bulkField() bool { return m.BulkSize != 0 || m.HasBulkSize }
 
 // BulkSizeOK reports whether n is a bulk region size: a power of two in
 // [MinBulkSize, MaxBulkSize] (0 only if zeroOK: the default).
@@ -603,7 +606,7 @@ func (m *Hello) Append(b []byte) ([]byte, error) {
 	b = le.AppendUint32(b, m.MaxInFlight)
 	b = le.AppendUint16(b, uint16(len(m.Name)))
 	b = append(b, m.Name...)
-	if m.BulkSize != 0 || m.HasBulkSize {
+	if m.bulkField() {
 		b = le.AppendUint32(b, m.BulkSize)
 	}
 	return b, nil

@@ -72,7 +72,8 @@ func (s *Server) NewCaller(peer control.PeerIdentity) (*Caller, error) {
 func (c *Caller) Peer() control.PeerIdentity { return c.peer }
 
 // callerRights is what a token grants when ServerConfig.Rights is zero:
-// control's default for sessions.
+// control's default for sessions less the bulk right, which a Caller has
+// no use for (its requests and replies are gRPC messages, never spans).
 const callerRights = token.RightRequest | token.RightSubscribe | token.RightPublish
 
 // mint mints and verifies a token for the peer, as control does for a

@@ -224,7 +224,7 @@ func (srv *Server) serveConn(ctx context.Context, uc net.Conn, sl *slot, accepte
 func (srv *Server) admit(c net.Conn) (*slot, error) {
 	uc, ok := c.(*net.UnixConn)
 	if !ok {
-		peer := PeerIdentity{UID: NoUID, GID: NoUID, Remote: c.RemoteAddr().String()}
+		peer := netPeer(c.RemoteAddr())
 		sl, err := srv.adm.admit(principalOf(peer))
 		if err != nil {
 			srv.refuse(c, peer, err)

@@ -211,10 +211,7 @@ func onLoopback(field string, a net.Addr) error {
 // refused with an error wrapping ErrPeerRejected (which matches
 // wire.ErrPermission). A nil p admits no certificate.
 func AttestTLS(state tls.ConnectionState, remote net.Addr, p *Policy) (PeerIdentity, error) {
-	id := PeerIdentity{UID: NoUID, GID: NoUID}
-	if remote != nil {
-		id.Remote = remote.String()
-	}
+	id := netPeer(remote)
 	if !state.HandshakeComplete {
 		return id, reject("TLS handshake not complete")
 	}
@@ -234,6 +231,16 @@ func AttestTLS(state tls.ConnectionState, remote net.Addr, p *Policy) (PeerIdent
 		p = &Policy{}
 	}
 	return id, p.admitCert(ci)
+}
+
+// netPeer is the identity of a network peer at remote (nil: unknown)
+// before TLS says more: no uid, gid or pid.
+func netPeer(remote net.Addr) PeerIdentity {
+	id := PeerIdentity{UID: NoUID, GID: NoUID}
+	if remote != nil {
+		id.Remote = remote.String()
+	}
+	return id
 }
 
 // admitCert checks a verified certificate's identity against the
@@ -259,7 +266,7 @@ func (p *Policy) admitCert(c *CertIdentity) error {
 // loopback). A certificate the CA vouches for that the policy does not
 // admit is told so with ERROR E_PERMISSION; other refusals just close.
 func (l *Listener) attestNet(ctx context.Context, c net.Conn, log *slog.Logger) (*Conn, error) {
-	id := PeerIdentity{UID: NoUID, GID: NoUID, Remote: c.RemoteAddr().String()}
+	id := netPeer(c.RemoteAddr())
 	if l.tlsCfg == nil {
 		return &Conn{Conn: c, Peer: id, attested: true}, nil
 	}

@@ -301,7 +301,7 @@ func (srv *Server) HandshakeConn(ctx context.Context, conn net.Conn, peer PeerId
 	if conn == nil {
 		return nil, fmt.Errorf("%w: HandshakeConn: conn is nil", ErrConfig)
 	}
-	if peer.Local() || peer.UID != NoUID || peer.GID != NoUID {
+	if peer.UID != NoUID || peer.GID != NoUID { // a local peer has a uid
 		closeConn(conn)
 		return nil, fmt.Errorf("%w: %w: HandshakeConn takes a network peer (UID NoUID, Remote or Cert set); a local one is attested by a Listener", ErrHandshake, ErrPeerRejected)
 	}

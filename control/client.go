@@ -64,7 +64,7 @@ func newClient(path string, cfg DialConfig, rnd func() float64) *Client {
 	}
 	for _, a := range append([]string{path}, cfg.Fallbacks...) {
 		if err == nil {
-			err = cfg.checkAddress(a)
+			_, err = cfg.checkAddress(a)
 		}
 	}
 	if err != nil {

@@ -154,9 +154,9 @@ func (c SessionConfig) validate(owner string) error {
 		if !wire.BulkSizeOK(uint64(r.v), true) {
 			return configErr(field(r.name), "%d: want 0 or a power of two in [%d, %d]", r.v, wire.MinBulkSize, wire.MaxBulkSize)
 		}
-		if r.name == "BulkSize" && c.MaxBulkSize != 0 && r.v > c.MaxBulkSize {
-			return configErr(field(r.name), "%d above MaxBulkSize %d", r.v, c.MaxBulkSize)
-		}
+	}
+	if c.MaxBulkSize != 0 && c.BulkSize > c.MaxBulkSize {
+		return configErr(field("BulkSize"), "%d above MaxBulkSize %d", c.BulkSize, c.MaxBulkSize)
 	}
 	for _, r := range []struct {
 		name string

@@ -65,26 +65,28 @@ func Unreachable(err error) bool {
 
 // checkAddress refuses, with ErrConfig, an address c cannot dial whatever
 // the network does: malformed, or tcp:// without TLS (or the plaintext
-// loopback exception), or with a TLS configuration that cannot work.
-func (c DialConfig) checkAddress(addr string) error {
+// loopback exception), or with a TLS configuration that cannot work. A
+// tcp:// address is dialed with the TLS configuration it returns (nil:
+// plaintext loopback).
+func (c DialConfig) checkAddress(addr string) (*tls.Config, error) {
 	network, where, err := ParseAddress(addr)
 	if err != nil || network != "tcp" {
-		return err
+		return nil, err
 	}
 	if c.TLS == nil {
 		if !c.InsecurePlaintextLoopback {
-			return configErr("DialConfig.TLS", "is nil: %s needs TLS (plain TCP: InsecurePlaintextLoopback, loopback only)", addr)
+			return nil, configErr("DialConfig.TLS", "is nil: %s needs TLS (plain TCP: InsecurePlaintextLoopback, loopback only)", addr)
 		}
-		return checkLoopback("DialConfig.InsecurePlaintextLoopback", where)
+		return nil, checkLoopback("DialConfig.InsecurePlaintextLoopback", where)
 	}
 	host, _, _ := net.SplitHostPort(where)
-	_, err = clientTLS(c.TLS, host)
-	return err
+	return clientTLS(c.TLS, host)
 }
 
 // dialAddr dials one address within HandshakeTimeout.
 func dialAddr(ctx context.Context, addr string, cfg DialConfig) (*Session, error) {
-	if err := cfg.checkAddress(addr); err != nil {
+	tlsCfg, err := cfg.checkAddress(addr)
+	if err != nil {
 		return nil, err
 	}
 	network, where, _ := ParseAddress(addr)
@@ -94,7 +96,7 @@ func dialAddr(ctx context.Context, addr string, cfg DialConfig) (*Session, error
 	case NetworkUnix:
 		return dialUnix(ctx, where, cfg)
 	case "tcp":
-		c, err := connectTCP(ctx, where, cfg)
+		c, err := connectTCP(ctx, where, tlsCfg)
 		if err != nil {
 			return nil, err
 		}
@@ -133,31 +135,22 @@ func dialUnix(ctx context.Context, path string, cfg DialConfig) (*Session, error
 	return s, err
 }
 
-// connectTCP connects to host:port and runs the TLS handshake (cfg.TLS),
-// or, with cfg.InsecurePlaintextLoopback and no cfg.TLS, connects in
-// plaintext to a loopback address only. A failed TLS handshake wraps
-// ErrHandshake: the kernel answered.
-func connectTCP(ctx context.Context, hostport string, cfg DialConfig) (net.Conn, error) {
+// connectTCP connects to host:port and runs the TLS handshake with tc
+// (checkAddress's), or, with a nil tc (DialConfig.InsecurePlaintextLoopback),
+// stays in plaintext on a loopback address only. A failed TLS handshake
+// wraps ErrHandshake: the kernel answered.
+func connectTCP(ctx context.Context, hostport string, tc *tls.Config) (net.Conn, error) {
 	var d net.Dialer
-	if cfg.TLS == nil { // checkAddress: plaintext loopback
-		c, err := d.DialContext(ctx, "tcp", hostport)
-		if err != nil {
-			return nil, fmt.Errorf("control: dial tcp://%s: %w", hostport, err)
-		}
+	c, err := d.DialContext(ctx, "tcp", hostport)
+	if err != nil {
+		return nil, fmt.Errorf("control: dial tcp://%s: %w", hostport, err)
+	}
+	if tc == nil {
 		if err := onLoopback("DialConfig.InsecurePlaintextLoopback", c.RemoteAddr()); err != nil {
 			c.Close()
 			return nil, err
 		}
 		return c, nil
-	}
-	host, _, _ := net.SplitHostPort(hostport)
-	tc, err := clientTLS(cfg.TLS, host)
-	if err != nil {
-		return nil, err
-	}
-	c, err := d.DialContext(ctx, "tcp", hostport)
-	if err != nil {
-		return nil, fmt.Errorf("control: dial tcp://%s: %w", hostport, err)
 	}
 	t := tls.Client(c, tc)
 	if err := t.HandshakeContext(ctx); err != nil {

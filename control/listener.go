@@ -297,17 +297,9 @@ func (l *Listener) Accept() (*Conn, error) {
 // acceptConn accepts the next connection, attesting nothing.
 func (l *Listener) acceptConn() (net.Conn, error) {
 	if l.tl != nil {
-		c, err := l.tl.AcceptTCP()
-		if err != nil {
-			return nil, err
-		}
-		return c, nil
+		return l.tl.Accept()
 	}
-	c, err := l.ul.AcceptUnix()
-	if err != nil {
-		return nil, err
-	}
-	return c, nil
+	return l.ul.Accept()
 }
 
 // attest attests an accepted connection under ctx; it owns c. A refusal is

@@ -222,26 +222,21 @@ func (srv *Server) serveConn(ctx context.Context, uc net.Conn, sl *slot, accepte
 // under its remote host (TLS has not said who it is yet) and refused
 // without a word: it cannot be spoken to before TLS.
 func (srv *Server) admit(c net.Conn) (*slot, error) {
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		peer := PeerIdentity{UID: NoUID, GID: NoUID, Remote: c.RemoteAddr().String()}
-		sl, err := srv.adm.admit(principalOf(peer))
+	var peer PeerIdentity
+	if uc, ok := c.(*net.UnixConn); !ok {
+		peer = netPeer(c.RemoteAddr())
+	} else {
+		cred, err := peerCred(uc)
 		if err != nil {
-			srv.refuse(c, peer, err)
+			uc.Close()
+			Audit(context.Background(), srv.cfg.Logger, slog.LevelWarn, refusedMsg, EventAttestation, err.Error())
 			return nil, err
 		}
-		return sl, nil
+		peer = PeerIdentity{UID: cred.Uid, GID: cred.Gid, PID: int(cred.Pid)}
 	}
-	cred, err := peerCred(uc)
-	if err != nil {
-		uc.Close()
-		Audit(context.Background(), srv.cfg.Logger, slog.LevelWarn, refusedMsg, EventAttestation, err.Error())
-		return nil, err
-	}
-	peer := PeerIdentity{UID: cred.Uid, GID: cred.Gid, PID: int(cred.Pid)}
 	sl, err := srv.adm.admit(principalOf(peer))
 	if err != nil {
-		srv.refuse(uc, peer, err)
+		srv.refuse(c, peer, err)
 		return nil, err
 	}
 	return sl, nil
@@ -306,7 +301,7 @@ func (srv *Server) HandshakeConn(ctx context.Context, conn net.Conn, peer PeerId
 	if conn == nil {
 		return nil, fmt.Errorf("%w: HandshakeConn: conn is nil", ErrConfig)
 	}
-	if peer.Local() || peer.UID != NoUID || peer.GID != NoUID {
+	if peer.UID != NoUID || peer.GID != NoUID { // a local peer has a uid
 		closeConn(conn)
 		return nil, fmt.Errorf("%w: %w: HandshakeConn takes a network peer (UID NoUID, Remote or Cert set); a local one is attested by a Listener", ErrHandshake, ErrPeerRejected)
 	}

@@ -46,11 +46,15 @@ func networkOf(c net.Conn) string {
 // close_notify, waiting up to 5 s for a peer that does not read; a session
 // ends in order with its GOAWAY exchange (§6.8) instead, so the socket
 // under it is closed.
-func closeConn(c net.Conn) error {
+func closeConn(c net.Conn) error { return socketOf(c).Close() }
+
+// socketOf is the stream under c: the socket of a TLS connection, c
+// itself otherwise.
+func socketOf(c net.Conn) net.Conn {
 	if tc, ok := c.(*tls.Conn); ok {
-		return tc.NetConn().Close()
+		return tc.NetConn()
 	}
-	return c.Close()
+	return c
 }
 
 // errorLinger is how long a TCP stream stays open after the ERROR that
@@ -67,13 +71,10 @@ const errorLinger = 250 * time.Millisecond
 // blocked on c are woken by a deadline in the past, and the socket itself
 // is closed errorLinger later. Any other stream is closed at once.
 func lingerAfterError(c net.Conn) {
-	raw := c
-	if tc, ok := c.(*tls.Conn); ok {
-		raw = tc.NetConn()
-	}
+	raw := socketOf(c)
 	tcp, ok := raw.(*net.TCPConn)
 	if !ok {
-		closeConn(c)
+		raw.Close()
 		return
 	}
 	tcp.CloseWrite()
@@ -211,10 +212,7 @@ func onLoopback(field string, a net.Addr) error {
 // refused with an error wrapping ErrPeerRejected (which matches
 // wire.ErrPermission). A nil p admits no certificate.
 func AttestTLS(state tls.ConnectionState, remote net.Addr, p *Policy) (PeerIdentity, error) {
-	id := PeerIdentity{UID: NoUID, GID: NoUID}
-	if remote != nil {
-		id.Remote = remote.String()
-	}
+	id := netPeer(remote)
 	if !state.HandshakeComplete {
 		return id, reject("TLS handshake not complete")
 	}
@@ -234,6 +232,16 @@ func AttestTLS(state tls.ConnectionState, remote net.Addr, p *Policy) (PeerIdent
 		p = &Policy{}
 	}
 	return id, p.admitCert(ci)
+}
+
+// netPeer is the identity of a network peer at remote (nil: unknown)
+// before TLS says more: no uid, gid or pid.
+func netPeer(remote net.Addr) PeerIdentity {
+	id := PeerIdentity{UID: NoUID, GID: NoUID}
+	if remote != nil {
+		id.Remote = remote.String()
+	}
+	return id
 }
 
 // admitCert checks a verified certificate's identity against the
@@ -259,7 +267,7 @@ func (p *Policy) admitCert(c *CertIdentity) error {
 // loopback). A certificate the CA vouches for that the policy does not
 // admit is told so with ERROR E_PERMISSION; other refusals just close.
 func (l *Listener) attestNet(ctx context.Context, c net.Conn, log *slog.Logger) (*Conn, error) {
-	id := PeerIdentity{UID: NoUID, GID: NoUID, Remote: c.RemoteAddr().String()}
+	id := netPeer(c.RemoteAddr())
 	if l.tlsCfg == nil {
 		return &Conn{Conn: c, Peer: id, attested: true}, nil
 	}
@@ -269,7 +277,7 @@ func (l *Listener) attestNet(ctx context.Context, c net.Conn, log *slog.Logger) 
 		err = reject("TLS handshake: %w", herr)
 	} else if id, err = AttestTLS(tc.ConnectionState(), c.RemoteAddr(), &l.policy); err != nil && id.Cert != nil {
 		tellRefusal(tc, &wire.Error{Code: wire.CodePermission, Message: "the kernel's policy does not admit this certificate's identity"})
-		lingerClose(tc, c)
+		lingerClose(tc)
 	}
 	if err != nil {
 		closeConn(tc)
@@ -291,12 +299,13 @@ func tellRefusal(c net.Conn, err error) {
 	}
 }
 
-// lingerClose ends the writing side of tc, whose socket is c, and reads
-// what the peer sent for up to 100 ms before the caller closes it: a TCP
-// socket closed with unread bytes (the daemon's HELLO, sent on the heels
-// of its TLS handshake) resets the connection, and the reset can destroy
-// the ERROR just written before the daemon reads it.
-func lingerClose(tc *tls.Conn, c net.Conn) {
+// lingerClose ends the writing side of tc's socket and reads what the
+// peer sent for up to 100 ms before the caller closes it: a TCP socket
+// closed with unread bytes (the daemon's HELLO, sent on the heels of its
+// TLS handshake) resets the connection, and the reset can destroy the
+// ERROR just written before the daemon reads it.
+func lingerClose(tc *tls.Conn) {
+	c := socketOf(tc)
 	if cw, ok := c.(interface{ CloseWrite() error }); ok {
 		cw.CloseWrite()
 	}

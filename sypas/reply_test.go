@@ -284,6 +284,26 @@ func TestAllocReplySessionEnds(t *testing.T) {
 	require.Eventually(t, func() bool { return kernelSpans(k) == 0 && k.srv.Stats().Sessions == 1 }, 5*time.Second, time.Millisecond)
 }
 
+// wholeRegionReply is a handler whose reply takes the whole 4 MiB region
+// (AllocReply), or "fallback" when the region stays full; for the body
+// "first" it closes first and holds its span 100 ms, so that later
+// requests are in the ring before its ACK.
+func wholeRegionReply(first chan struct{}) Handler {
+	return func(ctx context.Context, r *Request) ([]byte, error) {
+		b, err := r.AllocReply(ctx, 4<<20)
+		if errors.Is(err, ErrResource) {
+			return []byte("fallback"), nil
+		} else if err != nil {
+			return nil, err
+		}
+		if string(r.Body) == "first" {
+			close(first)
+			time.Sleep(100 * time.Millisecond)
+		}
+		return b[:5], nil
+	}
+}
+
 // An Inline handler runs on the session's reader, the goroutine that reads
 // the daemon's ACKs: its AllocReply cannot wait for one. With the region
 // held by a reply whose ACK is queued behind the request, it fails at once
@@ -293,19 +313,7 @@ func TestAllocReplyInlineNoWait(t *testing.T) {
 	needRings(t, "bulk needs shared memory")
 	first := make(chan struct{})
 	k := startKernel(t, ServerConfig{}, func(s *Server) {
-		s.Handle("whole", RightRequest, func(ctx context.Context, r *Request) ([]byte, error) {
-			b, err := r.AllocReply(ctx, 4<<20) // the whole region
-			if errors.Is(err, ErrResource) {
-				return []byte("fallback"), nil
-			} else if err != nil {
-				return nil, err
-			}
-			if string(r.Body) == "first" {
-				close(first)
-				time.Sleep(100 * time.Millisecond) // the second request is in the ring first
-			}
-			return b[:5], nil
-		}, Inline)
+		s.Handle("whole", RightRequest, wholeRegionReply(first), Inline)
 	})
 	c := bulkClient(t, k.path, 4<<20)
 	ctx := context.Background() // no deadline: the handler's is the session's
@@ -337,19 +345,7 @@ func TestAllocReplyPoolBounded(t *testing.T) {
 	needRings(t, "bulk needs shared memory")
 	first := make(chan struct{})
 	k := startKernel(t, ServerConfig{Workers: 1, WriteTimeout: 200 * time.Millisecond}, func(s *Server) {
-		s.Handle("whole", RightRequest, func(ctx context.Context, r *Request) ([]byte, error) {
-			b, err := r.AllocReply(ctx, 4<<20) // the whole region
-			if errors.Is(err, ErrResource) {
-				return []byte("fallback"), nil
-			} else if err != nil {
-				return nil, err
-			}
-			if string(r.Body) == "first" {
-				close(first)
-				time.Sleep(100 * time.Millisecond) // the others are in the ring first
-			}
-			return b[:5], nil
-		})
+		s.Handle("whole", RightRequest, wholeRegionReply(first))
 	})
 	c := bulkClient(t, k.path, 4<<20)
 	ctx := context.Background() // no deadline: the handler's is the session's

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -117,5 +118,24 @@ func TestGRPCurl(t *testing.T) {
 		assert.True(t, strings.HasPrefix(string(body), "tick "), "%q", body)
 	}
 
+	// A health Watch open when the kernel stops: NOT_SERVING, then the
+	// stream ends, and serve exits (stopServe) without waiting for it.
+	watch := exec.Command(bin, "-cacert", p.ca, "-cert", p.daemonCert, "-key", p.daemonKey, "-max-time", "30",
+		"-d", `{"service":"sypas.v1.Sypas"}`, addr, "grpc.health.v1.Health/Watch")
+	var watchOut, watchErr lockedBuffer
+	watch.Stdout, watch.Stderr = &watchOut, &watchErr
+	require.NoError(t, watch.Start())
+	t.Cleanup(func() {
+		if watch.ProcessState == nil {
+			watch.Process.Kill()
+			watch.Wait()
+		}
+	})
+	require.Eventually(t, func() bool { return strings.Contains(watchOut.String(), `"SERVING"`) },
+		10*time.Second, 10*time.Millisecond, "watch: %s", watchErr.String())
 	stopServe(t, serve, log)
+	assert.Error(t, watch.Wait())
+	assert.Contains(t, watchOut.String(), `"NOT_SERVING"`)
+	assert.Contains(t, watchErr.String(), "Code: Unavailable")
+	assert.Contains(t, watchErr.String(), "the kernel is shutting down")
 }

@@ -8,7 +8,7 @@ BENCHTIME ?= 1s
 BENCH     ?= .
 PKGS      := ./...
 
-.PHONY: all demo test test-race test-stress bench fuzz lint tidy clean
+.PHONY: all demo test test-race test-stress bench fuzz grpcurl-check lint tidy clean
 
 all: lint test
 
@@ -41,6 +41,19 @@ fuzz:
 			$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $(FUZZFLAGS) $$p; \
 		done; \
 	done
+
+## grpcurl-check: the gRPC service as grpcurl sees it (list, describe, calls,
+## health, a subscription) against "sypas serve -grpc" with mutual TLS: builds
+## grpcurl GRPCURL_VERSION into a temporary directory (go install, which leaves
+## this module's go.mod alone; needs the network or a module cache that holds
+## it) and runs cmd/sypas's TestGRPCurl with it. Not part of make test, where
+## that test skips unless grpcurl is on PATH.
+GRPCURL_VERSION ?= v1.9.4
+grpcurl-check:
+	@set -e; bin=$$(mktemp -d); trap 'rm -rf "$$bin"' EXIT; \
+		GOBIN=$$bin $(GO) install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION); \
+		$(GO) version -m $$bin/grpcurl | awk '$$1 == "mod" { print "built", $$2, $$3 }'; \
+		GRPCURL=$$bin/grpcurl $(GO) test -count=1 -v -run '^TestGRPCurl$$' ./cmd/sypas/
 
 ## lint: formatting and vet
 lint:

@@ -29,8 +29,9 @@
 //	sypasgrpc.Register(gs, srv, sypasgrpc.ServerConfig{Policy: &control.Policy{CertURIs: uris}})
 //	go gs.Serve(l)
 //
-// To stop, Shutdown the sypas.Server first (health turns NOT_SERVING,
-// sessions drain through GOAWAY, Subscribe streams end), then
+// To stop, Shutdown the sypas.Server first (health turns NOT_SERVING and
+// its Watch streams end, sessions drain through GOAWAY, Subscribe streams
+// end), then
 // GracefulStop the grpc.Server, bounded: a Subscribe client that has
 // stopped reading holds its stream's last messages, and GracefulStop,
 // until it reads or goes (grpc does not reset a stream the client

@@ -11,7 +11,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
@@ -58,7 +57,7 @@ type Service struct {
 	srv    *sypas.Server
 	cfg    ServerConfig
 	log    *slog.Logger
-	health *health.Server
+	health *healthServer
 
 	mu      sync.RWMutex
 	callers map[[32]byte]*sypas.Caller // by certificate digest
@@ -66,7 +65,8 @@ type Service struct {
 
 // Register registers on gs, for srv: the sypas.v1.Sypas service, gRPC
 // health checking (grpc.health.v1.Health: "" and ServiceName SERVING,
-// NOT_SERVING once srv's Shutdown or Close begins) and server reflection
+// NOT_SERVING once srv's Shutdown or Close begins, when Watch streams end
+// with Unavailable) and server reflection
 // (v1 and v1alpha), so that grpcurl can list, describe and call it; a
 // health or reflection service gs already has is left as it is (the
 // program's own health service then says when sypas.v1.Sypas serves). gs
@@ -96,14 +96,8 @@ func Register(gs *grpc.Server, srv *sypas.Server, cfg ServerConfig) (*Service, e
 	}
 	gs.RegisterService(&serviceDesc, s)
 	if _, own := have[healthpb.Health_ServiceDesc.ServiceName]; !own {
-		s.health = health.NewServer()
-		s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-		s.health.SetServingStatus(ServiceName, healthpb.HealthCheckResponse_SERVING)
+		s.health = newHealthServer(srv.Stopping())
 		healthpb.RegisterHealthServer(gs, s.health)
-		go func() {
-			<-srv.Stopping()
-			s.health.Shutdown() // NOT_SERVING for every service, and stays so
-		}()
 	}
 	_, v1 := have[reflectionV1]
 	_, v1alpha := have[reflectionV1Alpha]

@@ -131,3 +131,47 @@ func TestStockClientHealth(t *testing.T) {
 		return err == nil && r.GetStatus() == healthpb.HealthCheckResponse_NOT_SERVING
 	}, 5*time.Second, time.Millisecond, "NOT_SERVING once the kernel shuts down")
 }
+
+// A Watch of grpc.health.v1.Health open when the kernel shuts down gets
+// NOT_SERVING and then ends (UNAVAILABLE), as a Subscribe stream does, so
+// that it does not hold the grpc.Server's GracefulStop until its bound
+// (grpc-go's own health service leaves Watch streams open); so does a
+// Watch of a service the kernel does not know, and one begun after.
+func TestStockClientHealthWatchEndsOnShutdown(t *testing.T) {
+	k := sypasgrpc.StartTestKernel(t)
+	h := healthpb.NewHealthClient(stockClient(t, k.Addr, k.Daemon))
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	watch := func(svc string, want healthpb.HealthCheckResponse_ServingStatus) healthpb.Health_WatchClient {
+		t.Helper()
+		w, err := h.Watch(ctx, &healthpb.HealthCheckRequest{Service: svc})
+		require.NoError(t, err)
+		r, err := w.Recv()
+		require.NoError(t, err)
+		require.Equal(t, want, r.GetStatus(), "%q", svc)
+		return w
+	}
+	ended := func(w healthpb.Health_WatchClient, svc string) {
+		t.Helper()
+		_, err := w.Recv()
+		assert.Equal(t, codes.Unavailable, status.Code(err), "%q: %v", svc, err)
+	}
+	served := watch("sypas.v1.Sypas", healthpb.HealthCheckResponse_SERVING)
+	unknown := watch("nope", healthpb.HealthCheckResponse_SERVICE_UNKNOWN)
+
+	require.NoError(t, k.Srv.Shutdown(ctx))
+	r, err := served.Recv()
+	require.NoError(t, err)
+	assert.Equal(t, healthpb.HealthCheckResponse_NOT_SERVING, r.GetStatus())
+	ended(served, "sypas.v1.Sypas")
+	ended(unknown, "nope")
+	ended(watch("", healthpb.HealthCheckResponse_NOT_SERVING), "")
+
+	stopped := make(chan struct{})
+	go func() { k.GS.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-ctx.Done():
+		t.Fatal("GracefulStop waited for a Watch after Shutdown")
+	}
+}

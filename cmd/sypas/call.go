@@ -17,7 +17,8 @@ import (
 )
 
 // dial connects to the kernel at socket (a Unix socket's path, or
-// tcp://host:port with the TLS files) within timeout. A socket that is not
+// tcp://host:port or grpc://host:port with the TLS files; the grpc
+// transport is registered by the import of sypasgrpc) within timeout. A socket that is not
 // there fails at once, rather than after the reconnect backoff.
 func dial(ctx context.Context, socket string, files tlsFiles, timeout time.Duration, stderr io.Writer) (*sypas.Client, error) {
 	cfg := sypas.ClientConfig{}
@@ -27,7 +28,7 @@ func dial(ctx context.Context, socket string, files tlsFiles, timeout time.Durat
 			return nil, err
 		}
 	} else if files.set() {
-		return nil, errors.New("-cert, -key and -ca are for a tcp:// kernel")
+		return nil, errors.New("-cert, -key and -ca are for a tcp:// or grpc:// kernel")
 	} else if _, err := os.Stat(strings.TrimPrefix(socket, "unix://")); err != nil {
 		return nil, fmt.Errorf("no kernel at %s (start one with \"sypas serve\"): %w", socket, err)
 	}
@@ -40,7 +41,7 @@ func dial(ctx context.Context, socket string, files tlsFiles, timeout time.Durat
 
 // callCmd is "sypas call": one call, its reply on stdout.
 func callCmd(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
-	fs := newFlags("call", "[-socket PATH|tcp://HOST:PORT -cert F -key F -ca F] [-timeout D] OP [BODY|-]", stderr)
+	fs := newFlags("call", "[-socket PATH|tcp://HOST:PORT|grpc://HOST:PORT -cert F -key F -ca F] [-timeout D] OP [BODY|-]", stderr)
 	socket := socketFlag(fs)
 	files := tlsFlags(fs, "the kernel's certificate")
 	timeout := fs.Duration("timeout", 5*time.Second, "bound on connecting, and on the call")
@@ -88,7 +89,7 @@ func describe(err error) string {
 
 // watchCmd is "sypas watch": the events of one topic, one a line.
 func watchCmd(args []string, _ io.Reader, stdout, stderr io.Writer) error {
-	fs := newFlags("watch", "[-socket PATH|tcp://HOST:PORT -cert F -key F -ca F] [-n N] TOPIC", stderr)
+	fs := newFlags("watch", "[-socket PATH|tcp://HOST:PORT|grpc://HOST:PORT -cert F -key F -ca F] [-n N] TOPIC", stderr)
 	socket := socketFlag(fs)
 	files := tlsFlags(fs, "the kernel's certificate")
 	n := fs.Int("n", 0, "stop after N events (0: until interrupted)")

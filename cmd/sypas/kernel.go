@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -16,9 +17,13 @@ import (
 	"syscall"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+
 	"github.com/sypas/go/control"
 	"github.com/sypas/go/control/token"
 	"github.com/sypas/go/sypas"
+	"github.com/sypas/go/sypasgrpc"
 )
 
 // The example kernel's topics.
@@ -164,7 +169,11 @@ type kernelOptions struct {
 	// tcp, if set, is a TCP address ("host:port") the kernel also serves
 	// daemons of other hosts on, with TLS 1.3 (tls) and client
 	// certificates that policy admits.
-	tcp    string
+	tcp string
+	// grpc, if set, is a TCP address the kernel also serves the gRPC
+	// service sypas.v1.Sypas on (package sypasgrpc, with health checking
+	// and reflection), with the same TLS and policy as tcp.
+	grpc   string
 	tls    *tls.Config
 	policy *control.Policy
 }
@@ -192,18 +201,40 @@ func runKernel(o kernelOptions, stderr io.Writer) error {
 		}
 		defer b.Close()
 	}
-	served := make(chan error, 2)
+	served := make(chan error, 3)
+	listeners := 1
+	// wait joins errs and the end of every listener's Serve.
+	wait := func(errs ...error) error {
+		for range listeners {
+			errs = append(errs, <-served)
+		}
+		return errors.Join(errs...)
+	}
 	go func() { served <- k.srv.Serve(l) }()
 	listening := []any{"socket", o.socket}
 	if o.tcp != "" {
 		tl, err := control.ListenTLS(o.tcp, o.tls, control.Config{Logger: log, Policy: o.policy})
 		if err != nil {
 			k.srv.Close()
-			return errors.Join(err, <-served)
+			return wait(err)
 		}
 		defer tl.Close()
 		go func() { served <- k.srv.Serve(tl) }()
+		listeners++
 		listening = append(listening, "tcp", tl.Addr().String())
+	}
+	var gs *grpc.Server
+	if o.grpc != "" {
+		var gl net.Listener
+		gs, gl, err = listenGRPC(o, k.srv, log)
+		if err != nil {
+			k.srv.Close()
+			return wait(err)
+		}
+		defer gs.Stop()
+		go func() { served <- gs.Serve(gl) }()
+		listeners++
+		listening = append(listening, "grpc", gl.Addr().String())
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -229,14 +260,41 @@ func runKernel(o kernelOptions, stderr io.Writer) error {
 	sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer scancel()
 	err = k.srv.Shutdown(sctx)
+	if gs != nil {
+		stopGRPC(sctx, gs)
+	}
 	st := k.srv.Stats()
 	log.Info("sypas: stopped", "ok", st.OK, "failed", st.Failed, "denied", st.Denied,
 		"panics", st.Panics, "published", st.Published, "dropped", st.Dropped)
-	errs := []error{err, <-served}
-	if o.tcp != "" {
-		errs = append(errs, <-served)
+	return wait(err)
+}
+
+// listenGRPC is the gRPC server of o.grpc, with sypas.v1.Sypas registered
+// for srv, and its listener.
+func listenGRPC(o kernelOptions, srv *sypas.Server, log *slog.Logger) (*grpc.Server, net.Listener, error) {
+	gs := grpc.NewServer(grpc.Creds(credentials.NewTLS(o.tls)))
+	if _, err := sypasgrpc.Register(gs, srv, sypasgrpc.ServerConfig{Policy: o.policy, Logger: log}); err != nil {
+		return nil, nil, err
 	}
-	return errors.Join(errs...)
+	l, err := net.Listen("tcp", o.grpc)
+	if err != nil {
+		return nil, nil, err
+	}
+	return gs, l, nil
+}
+
+// stopGRPC stops gs once the sypas.Server's Shutdown has ended its
+// streams: gracefully until ctx ends (a Subscribe client that stopped
+// reading would hold GracefulStop), then at once.
+func stopGRPC(ctx context.Context, gs *grpc.Server) {
+	done := make(chan struct{})
+	go func() { gs.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		gs.Stop()
+		<-done
+	}
 }
 
 // privateDir creates the directory of the default socket under the
@@ -263,12 +321,13 @@ func privateDir(socket string) error {
 
 // serveCmd is "sypas serve".
 func serveCmd(args []string, _ io.Reader, _, stderr io.Writer) error {
-	fs := newFlags("serve", "[-socket PATH] [-tick D] [-tcp HOST:PORT -cert F -key F -ca F -allow-uri URI,...]", stderr)
+	fs := newFlags("serve", "[-socket PATH] [-tick D] [-tcp HOST:PORT] [-grpc HOST:PORT] [-cert F -key F -ca F -allow-uri URI,...]", stderr)
 	socket := fs.String("socket", defaultSocket(), "the kernel's Unix socket")
 	tick := fs.Duration("tick", time.Second, "period of the events on topic "+topicTicks)
 	tcp := fs.String("tcp", "", "also serve daemons of other hosts on this TCP address, with TLS 1.3 and client certificates")
+	grpcAddr := fs.String("grpc", "", "also serve the gRPC service sypas.v1.Sypas (with health checking and reflection) on this TCP address, with the TLS flags and -allow-uri of -tcp")
 	files := tlsFlags(fs, "the daemons' certificates")
-	uris := fs.String("allow-uri", "", "comma-separated URI SANs of the daemon certificates -tcp admits")
+	uris := fs.String("allow-uri", "", "comma-separated URI SANs of the daemon certificates -tcp and -grpc admit")
 	if err := parse(fs, args, 0, 0); err != nil {
 		return err
 	}
@@ -276,17 +335,17 @@ func serveCmd(args []string, _ io.Reader, _, stderr io.Writer) error {
 		return fmt.Errorf("-tick %v: want a positive period", *tick)
 	}
 	o := kernelOptions{socket: *socket, tick: *tick}
-	if *tcp != "" {
+	if *tcp != "" || *grpcAddr != "" {
 		var err error
 		if o.tls, err = files.server(); err != nil {
 			return err
 		}
 		if *uris == "" {
-			return errors.New("-tcp needs -allow-uri: the certificates it admits")
+			return errors.New("-tcp and -grpc need -allow-uri: the certificates they admit")
 		}
-		o.tcp, o.policy = *tcp, &control.Policy{CertURIs: strings.Split(*uris, ",")}
+		o.tcp, o.grpc, o.policy = *tcp, *grpcAddr, &control.Policy{CertURIs: strings.Split(*uris, ",")}
 	} else if files.set() || *uris != "" {
-		return errors.New("-cert, -key, -ca and -allow-uri go with -tcp")
+		return errors.New("-cert, -key, -ca and -allow-uri go with -tcp or -grpc")
 	}
 	return runKernel(o, stderr)
 }

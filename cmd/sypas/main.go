@@ -8,6 +8,12 @@
 //	sypas demo                                 a kernel and two daemon processes, then a
 //	                                           benchmark against a Unix socket
 //
+// serve -tcp HOST:PORT and -grpc HOST:PORT also serve daemons of other
+// hosts, with mutual TLS (-cert, -key, -ca) and the certificates -allow-uri
+// admits: the control plane on TCP, and the gRPC service sypas.v1.Sypas
+// (package sypasgrpc: with health checking and server reflection, for
+// grpcurl). call and watch reach them at tcp:// and grpc:// addresses.
+//
 // The socket defaults to $SYPAS_SOCKET, else $XDG_RUNTIME_DIR/sypas.sock,
 // else sypas.sock in a private directory under the temporary directory.
 package main
@@ -42,7 +48,7 @@ var commands = map[string]func(args []string, stdin io.Reader, stdout, stderr io
 }
 
 const usage = `usage:
-  sypas serve [-socket PATH]               run an example kernel
+  sypas serve [-socket PATH]               run an example kernel (-tcp, -grpc: for other hosts)
   sypas call  [-socket PATH] OP [BODY|-]   call an op (BODY "-" reads stdin)
   sypas watch [-socket PATH] [-n N] TOPIC  print the events published on TOPIC
   sypas demo                               a kernel and two daemons, then a benchmark
@@ -101,7 +107,7 @@ func parse(fs *flag.FlagSet, args []string, min, max int) error {
 
 // socketFlag adds -socket to fs.
 func socketFlag(fs *flag.FlagSet) *string {
-	return fs.String("socket", defaultSocket(), "the kernel's Unix socket, or tcp://HOST:PORT with -cert, -key and -ca")
+	return fs.String("socket", defaultSocket(), "the kernel's Unix socket, or tcp://HOST:PORT or grpc://HOST:PORT with -cert, -key and -ca")
 }
 
 // defaultSocket is where the kernel listens unless told otherwise: a place

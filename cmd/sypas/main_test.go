@@ -96,12 +96,7 @@ func (b *lockedBuffer) String() string {
 
 func TestServeAndCall(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "k.sock")
-	serve := sypasCmd(t, "serve", "-socket", sock, "-tick", "20ms")
-	var log lockedBuffer
-	serve.Stderr = &log
-	require.NoError(t, serve.Start())
-	require.Eventually(t, func() bool { return strings.Contains(log.String(), `msg="sypas: serving"`) },
-		30*time.Second, 10*time.Millisecond, "serve did not start: %s", log.String())
+	serve, log := startServe(t, "-socket", sock, "-tick", "20ms")
 
 	call := func(stdin string, args ...string) result {
 		return runSypas(t, stdin, append([]string{"call", "-socket", sock}, args...)...)
@@ -131,7 +126,7 @@ func TestServeAndCall(t *testing.T) {
 	assert.Equal(t, 0, w.code, "stderr: %s", w.stderr)
 	assert.Equal(t, 2, strings.Count(w.stdout, " ticks tick "), "stdout: %s", w.stdout)
 
-	stopServe(t, serve, &log)
+	stopServe(t, serve, log)
 	assert.Contains(t, log.String(), `msg="sypas: stopped"`)
 }
 
@@ -185,6 +180,19 @@ func TestWrapRecord(t *testing.T) {
 	assert.Equal(t, []string{`time=x level=WARN`, `msg="sypas: refused"`, `reason="a b \" c"`, `peer=1`}, wrapRecord(rec, 20))
 	assert.Equal(t, []string{rec}, wrapRecord(rec, 200))
 	assert.Equal(t, "level=WARN peer=1", attrs(rec, "peer", "level"), "in the record's order")
+}
+
+// startServe starts "sypas serve args..." and waits until it serves; its
+// log is the buffer.
+func startServe(t *testing.T, args ...string) (*exec.Cmd, *lockedBuffer) {
+	t.Helper()
+	serve := sypasCmd(t, append([]string{"serve"}, args...)...)
+	log := new(lockedBuffer)
+	serve.Stderr = log
+	require.NoError(t, serve.Start())
+	require.Eventually(t, func() bool { return strings.Contains(log.String(), `msg="sypas: serving"`) },
+		30*time.Second, 10*time.Millisecond, "serve did not start: %s", log.String())
+	return serve, log
 }
 
 // stopServe sends SIGTERM to a "sypas serve" process, which must exit

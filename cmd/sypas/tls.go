@@ -14,10 +14,10 @@ import (
 // certificate and key, and the CA that signs the other side's.
 type tlsFiles struct{ cert, key, ca *string }
 
-// tlsFlags adds -cert, -key and -ca to fs, for tcp:// addresses.
+// tlsFlags adds -cert, -key and -ca to fs, for tcp:// and grpc://.
 func tlsFlags(fs *flag.FlagSet, signs string) tlsFiles {
 	return tlsFiles{
-		cert: fs.String("cert", "", "PEM certificate of this side, for tcp:// (TLS 1.3)"),
+		cert: fs.String("cert", "", "PEM certificate of this side, for tcp:// and grpc:// (TLS 1.3)"),
 		key:  fs.String("key", "", "PEM private key of -cert"),
 		ca:   fs.String("ca", "", "PEM CA certificates that sign "+signs),
 	}
@@ -29,7 +29,7 @@ func (f tlsFiles) set() bool { return *f.cert != "" || *f.key != "" || *f.ca != 
 // daemon's certificate, and the daemon the kernel's.
 func (f tlsFiles) load() (tls.Certificate, *x509.CertPool, error) {
 	if *f.cert == "" || *f.key == "" || *f.ca == "" {
-		return tls.Certificate{}, nil, errors.New("tcp:// needs -cert, -key and -ca (mutual TLS)")
+		return tls.Certificate{}, nil, errors.New("tcp:// or grpc:// needs -cert, -key and -ca (mutual TLS)")
 	}
 	cert, err := tls.LoadX509KeyPair(*f.cert, *f.key)
 	if err != nil {
@@ -57,14 +57,19 @@ func (f tlsFiles) client() (*tls.Config, error) {
 }
 
 // server is the kernel's TLS configuration: its certificate, and the CA
-// of the daemons'. control.ListenTLS requires and verifies theirs.
+// of the daemons', whose certificates it requires and verifies (as
+// control.ListenTLS would anyway; the gRPC server needs to be told).
 func (f tlsFiles) server() (*tls.Config, error) {
 	cert, pool, err := f.load()
 	if err != nil {
 		return nil, err
 	}
-	return &tls.Config{Certificates: []tls.Certificate{cert}, ClientCAs: pool, MinVersion: tls.VersionTLS13}, nil
+	return &tls.Config{Certificates: []tls.Certificate{cert}, ClientCAs: pool,
+		ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS13}, nil
 }
 
-// isTCP reports whether addr names a kernel on TCP.
-func isTCP(addr string) bool { return strings.HasPrefix(addr, "tcp://") }
+// isTCP reports whether addr names a kernel on TCP, with TLS: tcp:// or
+// the gRPC service at grpc://.
+func isTCP(addr string) bool {
+	return strings.HasPrefix(addr, "tcp://") || strings.HasPrefix(addr, "grpc://")
+}

@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -29,6 +28,48 @@ func writePEM(t *testing.T, dir, name string, cert tls.Certificate) (certFile, k
 	return certFile, keyFile
 }
 
+// pki is the TLS material of a test, as PEM files in its temporary
+// directory: a CA, the kernel's certificate, a daemon's the kernel admits
+// (testtls.DaemonURI) and a stranger's it does not (same CA).
+type pki struct {
+	ca                        string
+	kernelCert, kernelKey     string
+	daemonCert, daemonKey     string
+	strangerCert, strangerKey string
+}
+
+func newPKI(t *testing.T, dir string) pki {
+	t.Helper()
+	ca, err := testtls.NewCA("cmd test CA")
+	require.NoError(t, err)
+	p := pki{ca: filepath.Join(dir, "ca.crt")}
+	require.NoError(t, os.WriteFile(p.ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Cert.Raw}), 0o600))
+	server, err := ca.Server()
+	require.NoError(t, err)
+	p.kernelCert, p.kernelKey = writePEM(t, dir, "kernel", server)
+	daemon, err := ca.Client("daemon", testtls.DaemonURI)
+	require.NoError(t, err)
+	p.daemonCert, p.daemonKey = writePEM(t, dir, "daemon", daemon)
+	stranger, err := ca.Client("stranger", "spiffe://sypas.test/stranger")
+	require.NoError(t, err)
+	p.strangerCert, p.strangerKey = writePEM(t, dir, "stranger", stranger)
+	return p
+}
+
+// serverFlags are serve's TLS flags for p, admitting the daemon.
+func (p pki) serverFlags() []string {
+	return []string{"-cert", p.kernelCert, "-key", p.kernelKey, "-ca", p.ca, "-allow-uri", testtls.DaemonURI}
+}
+
+// freeAddr is a loopback address whose port was free a moment ago.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer l.Close()
+	return l.Addr().String()
+}
+
 // "sypas serve -tcp" and "sypas call tcp://": one kernel serves its Unix
 // socket and TCP with TLS; a daemon of another host calls with a
 // certificate the kernel admits by its URI SAN; one it does
@@ -36,44 +77,22 @@ func writePEM(t *testing.T, dir, name string, cert tls.Certificate) (certFile, k
 // they mean nothing. The certificates are made for the test.
 func TestServeAndCallTCP(t *testing.T) {
 	dir := t.TempDir()
-	ca, err := testtls.NewCA("cmd test CA")
-	require.NoError(t, err)
-	caFile := filepath.Join(dir, "ca.crt")
-	require.NoError(t, os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Cert.Raw}), 0o600))
-	server, err := ca.Server()
-	require.NoError(t, err)
-	kcert, kkey := writePEM(t, dir, "kernel", server)
-	daemon, err := ca.Client("daemon", testtls.DaemonURI)
-	require.NoError(t, err)
-	dcert, dkey := writePEM(t, dir, "daemon", daemon)
-	stranger, err := ca.Client("stranger", "spiffe://sypas.test/stranger")
-	require.NoError(t, err)
-	scert, skey := writePEM(t, dir, "stranger", stranger)
-
-	l, err := net.Listen("tcp", "127.0.0.1:0") // a port free a moment ago
-	require.NoError(t, err)
-	addr := l.Addr().String()
-	l.Close()
-	serve := sypasCmd(t, "serve", "-socket", filepath.Join(dir, "k.sock"), "-tcp", addr,
-		"-cert", kcert, "-key", kkey, "-ca", caFile, "-allow-uri", testtls.DaemonURI)
-	var log lockedBuffer
-	serve.Stderr = &log
-	require.NoError(t, serve.Start())
-	require.Eventually(t, func() bool { return strings.Contains(log.String(), `msg="sypas: serving"`) },
-		30*time.Second, 10*time.Millisecond, "serve did not start: %s", log.String())
+	p := newPKI(t, dir)
+	addr := freeAddr(t)
+	serve, log := startServe(t, append([]string{"-socket", filepath.Join(dir, "k.sock"), "-tcp", addr}, p.serverFlags()...)...)
 	assert.Contains(t, log.String(), "tcp="+addr)
 
-	r := runSypas(t, "", "call", "-socket", "tcp://"+addr, "-cert", dcert, "-key", dkey, "-ca", caFile, "echo", "over TLS")
+	r := runSypas(t, "", "call", "-socket", "tcp://"+addr, "-cert", p.daemonCert, "-key", p.daemonKey, "-ca", p.ca, "echo", "over TLS")
 	assert.Equal(t, 0, r.code, "stderr: %s", r.stderr)
 	assert.Equal(t, "over TLS\n", r.stdout)
-	r = runSypas(t, "", "call", "-socket", "tcp://"+addr, "-cert", dcert, "-key", dkey, "-ca", caFile, "whoami")
+	r = runSypas(t, "", "call", "-socket", "tcp://"+addr, "-cert", p.daemonCert, "-key", p.daemonKey, "-ca", p.ca, "whoami")
 	assert.Equal(t, 0, r.code, "stderr: %s", r.stderr)
 
 	r = runSypas(t, "", "call", "-socket", filepath.Join(dir, "k.sock"), "echo", "and on the Unix socket")
 	assert.Equal(t, 0, r.code, "one kernel serves both: stderr: %s", r.stderr)
 	assert.Equal(t, "and on the Unix socket\n", r.stdout)
 
-	r = runSypas(t, "", "call", "-socket", "tcp://"+addr, "-cert", scert, "-key", skey, "-ca", caFile, "echo", "x")
+	r = runSypas(t, "", "call", "-socket", "tcp://"+addr, "-cert", p.strangerCert, "-key", p.strangerKey, "-ca", p.ca, "echo", "x")
 	assert.Equal(t, exitError, r.code)
 	assert.Contains(t, r.stderr, "E_PERMISSION")
 	assert.Contains(t, log.String(), `msg="sypas: refused" event=attestation`, "the refusal is audited")
@@ -81,12 +100,52 @@ func TestServeAndCallTCP(t *testing.T) {
 	r = runSypas(t, "", "call", "-socket", "tcp://"+addr, "echo", "x")
 	assert.Equal(t, exitError, r.code)
 	assert.Contains(t, r.stderr, "needs -cert, -key and -ca")
-	r = runSypas(t, "", "call", "-socket", filepath.Join(dir, "k.sock"), "-cert", dcert, "echo", "x")
+	r = runSypas(t, "", "call", "-socket", filepath.Join(dir, "k.sock"), "-cert", p.daemonCert, "echo", "x")
 	assert.Equal(t, exitError, r.code)
-	assert.Contains(t, r.stderr, "for a tcp:// kernel")
-	r = runSypas(t, "", "serve", "-socket", filepath.Join(dir, "other.sock"), "-tcp", "127.0.0.1:0", "-cert", kcert, "-key", kkey, "-ca", caFile)
+	assert.Contains(t, r.stderr, "for a tcp:// or grpc:// kernel")
+	r = runSypas(t, "", "serve", "-socket", filepath.Join(dir, "other.sock"), "-tcp", "127.0.0.1:0", "-cert", p.kernelCert, "-key", p.kernelKey, "-ca", p.ca)
 	assert.Equal(t, exitError, r.code)
-	assert.Contains(t, r.stderr, "-tcp needs -allow-uri")
+	assert.Contains(t, r.stderr, "need -allow-uri")
 
-	stopServe(t, serve, &log)
+	stopServe(t, serve, log)
+}
+
+// "sypas serve -grpc" and "sypas call/watch grpc://": the same kernel
+// serves the gRPC service (package sypasgrpc) beside its Unix socket, with
+// the TLS flags and -allow-uri of -tcp; our client calls and subscribes
+// through it, a certificate the kernel does not admit is refused and
+// audited, and the kernel stops cleanly on SIGTERM. TestGRPCurl calls the
+// same listener with a stock client.
+func TestServeAndCallGRPC(t *testing.T) {
+	dir := t.TempDir()
+	p := newPKI(t, dir)
+	addr := freeAddr(t)
+	serve, log := startServe(t, append([]string{"-socket", filepath.Join(dir, "k.sock"), "-grpc", addr, "-tick", "20ms"}, p.serverFlags()...)...)
+	assert.Contains(t, log.String(), "grpc="+addr)
+	daemon := []string{"-socket", "grpc://" + addr, "-cert", p.daemonCert, "-key", p.daemonKey, "-ca", p.ca}
+
+	r := runSypas(t, "", append(append([]string{"call"}, daemon...), "echo", "over gRPC")...)
+	assert.Equal(t, 0, r.code, "stderr: %s", r.stderr)
+	assert.Equal(t, "over gRPC\n", r.stdout)
+	r = runSypas(t, "", append(append([]string{"watch"}, daemon...), "-n", "2", "ticks")...)
+	assert.Equal(t, 0, r.code, "stderr: %s", r.stderr)
+	assert.Equal(t, 2, strings.Count(r.stdout, " ticks tick "), "stdout: %s", r.stdout)
+
+	r = runSypas(t, "", "call", "-socket", "grpc://"+addr, "-cert", p.strangerCert, "-key", p.strangerKey, "-ca", p.ca, "echo", "x")
+	assert.Equal(t, exitError, r.code)
+	assert.Contains(t, r.stderr, "E_PERMISSION")
+	assert.Contains(t, log.String(), `msg="sypas: refused" event=attestation`, "the refusal is audited")
+
+	r = runSypas(t, "", append([]string{"serve", "-socket", filepath.Join(dir, "other.sock"), "-grpc", addr}, p.serverFlags()...)...)
+	assert.Equal(t, exitError, r.code)
+	assert.Contains(t, r.stderr, "address already in use")
+	r = runSypas(t, "", "serve", "-socket", filepath.Join(dir, "other.sock"), "-grpc", "127.0.0.1:0", "-cert", p.kernelCert, "-key", p.kernelKey, "-ca", p.ca)
+	assert.Equal(t, exitError, r.code)
+	assert.Contains(t, r.stderr, "-grpc need -allow-uri")
+	r = runSypas(t, "", "serve", "-socket", filepath.Join(dir, "other.sock"), "-grpc", "127.0.0.1:0", "-allow-uri", testtls.DaemonURI)
+	assert.Equal(t, exitError, r.code)
+	assert.Contains(t, r.stderr, "needs -cert, -key and -ca")
+
+	stopServe(t, serve, log)
+	assert.Contains(t, log.String(), `msg="sypas: stopped"`)
 }

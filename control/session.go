@@ -168,6 +168,11 @@ type Session struct {
 	// errorSent: failProto wrote its ERROR, which the close must not
 	// destroy (lingerAfterError).
 	errorSent atomic.Bool
+	// A daemon's inline reader: HEARTBEAT nonces it owes an answer, which
+	// the heartbeat goroutine writes (ackHeartbeat).
+	acksMu    sync.Mutex
+	acks      []uint64
+	ackKick   chan struct{} // cap 1
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 	closeErr  error
@@ -184,6 +189,7 @@ func newSession(kernel bool, conn net.Conn, cfg SessionConfig) *Session {
 		tokenUp:    make(chan struct{}, 1),
 		tokenSet:   make(chan struct{}, 1),
 		revoked:    make(chan struct{}, 1),
+		ackKick:    make(chan struct{}, 1),
 	}
 	s.fr = frame.NewReader(s.fdr, frame.Config{MaxPayload: controlMaxPayload})
 	s.fw = frame.NewWriter(conn, frame.Config{MaxPayload: controlMaxPayload})
@@ -780,8 +786,7 @@ func (s *Session) handle(f *frame.Frame) error {
 			return protoErr("HEARTBEAT: %v", err)
 		}
 		if !f.Flags.Has(frame.FlagAck) {
-			m.SentAt = monotonic()
-			if err := s.send(&m, frame.FlagAck, 0, 0); err != nil {
+			if err := s.ackHeartbeat(m.Nonce); err != nil {
 				return s.goneErr("heartbeat reply", err)
 			}
 		}
@@ -826,19 +831,58 @@ func (s *Session) handle(f *frame.Frame) error {
 	return nil
 }
 
+// ackHeartbeat answers the peer's HEARTBEAT nonce. A daemon's inline
+// reader must not wait for the socket to write it: the data frames ahead
+// of the answer may wait for a kernel that is itself writing to us, which
+// only our reading lets finish (docs/PROTOCOL.md §8.6). There the answer
+// is the heartbeat goroutine's to write, as soon as the socket takes it.
+func (s *Session) ackHeartbeat(nonce uint64) error {
+	if s.inline == nil || s.kernel {
+		return s.send(&wire.Heartbeat{Nonce: nonce, SentAt: monotonic()}, frame.FlagAck, 0, 0)
+	}
+	s.acksMu.Lock()
+	defer s.acksMu.Unlock()
+	if len(s.acks) >= maxOwedAcks {
+		return &wire.Error{Code: wire.CodeResource, Message: fmt.Sprintf("more than %d HEARTBEATs wait for their answer: the peer sends without reading", maxOwedAcks)}
+	}
+	s.acks = append(s.acks, nonce)
+	select {
+	case s.ackKick <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// maxOwedAcks bounds the HEARTBEAT answers a daemon's inline session owes
+// while its socket does not take them: the kernel sends one per interval,
+// and a write blocked for interval × misses ends the session.
+const maxOwedAcks = 64
+
 func (s *Session) heartbeatLoop() {
 	defer s.wg.Done()
 	t := time.NewTicker(s.cfg.HeartbeatInterval)
 	defer t.Stop()
-	for nonce := uint64(1); ; nonce++ {
+	var acks []uint64
+	for nonce := uint64(1); ; {
 		select {
 		case <-s.done:
 			return
 		case <-t.C:
-		}
-		if err := s.send(&wire.Heartbeat{Nonce: nonce, SentAt: monotonic()}, 0, 0, 0); err != nil {
-			s.fail(s.goneErr("heartbeat", err))
-			return
+			if err := s.send(&wire.Heartbeat{Nonce: nonce, SentAt: monotonic()}, 0, 0, 0); err != nil {
+				s.fail(s.goneErr("heartbeat", err))
+				return
+			}
+			nonce++
+		case <-s.ackKick:
+			s.acksMu.Lock()
+			acks, s.acks = s.acks, acks[:0]
+			s.acksMu.Unlock()
+			for _, n := range acks {
+				if err := s.send(&wire.Heartbeat{Nonce: n, SentAt: monotonic()}, frame.FlagAck, 0, 0); err != nil {
+					s.fail(s.goneErr("heartbeat reply", err))
+					return
+				}
+			}
 		}
 	}
 }

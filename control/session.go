@@ -115,8 +115,8 @@ type Session struct {
 	// Kernel, readLoop only: the daemon's control frames and refreshes.
 	frames, refreshes bucket
 
-	// Read side: the handshake, then readLoop alone (or, kernel inline,
-	// Inline.Next under rmu).
+	// Read side: the handshake, then readLoop alone, or inline
+	// Inline.Next and a daemon's idle reader, under rmu.
 	rmu      sync.Mutex
 	fdr      *fdReader
 	fr       *frame.Reader
@@ -679,6 +679,7 @@ func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error)
 		return fmt.Errorf("%w in state %v: %w", ErrHandshake, st, err)
 	}
 	s.conn.SetDeadline(time.Time{})
+	s.detachInline()
 	s.wmu.Lock()
 	s.live = true
 	s.wmu.Unlock()
@@ -700,10 +701,14 @@ func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error)
 	s.wg.Add(2)
 	go s.heartbeatLoop()
 	go s.expiryLoop()
-	if s.inline == nil || !s.inline.direct {
+	switch {
+	case s.inline == nil:
 		s.wg.Add(1)
 		go s.readLoop()
-	} // else Inline.Next is the socket's reader
+	case !s.kernel:
+		s.wg.Add(1)
+		go s.inline.idleReader()
+	} // else Inline.Next is the socket's only reader
 	if s.kernel {
 		if s.ctl.pidfd != nil { // a Unix peer
 			s.wg.Add(1)
@@ -716,6 +721,24 @@ func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error)
 	return nil
 }
 
+// detachInline moves an inline session's Unix socket out of the Go
+// runtime's poller once the handshake is over (pollConn says why), before
+// any goroutine but the handshake's uses it. If that fails the session
+// keeps the socket as it is: slower, not wrong.
+func (s *Session) detachInline() {
+	uc, ok := s.conn.(*net.UnixConn)
+	if s.inline == nil || !ok {
+		return
+	}
+	pc, err := detach(uc)
+	if err != nil {
+		return
+	}
+	s.conn = pc
+	s.fw = frame.NewWriter(pc, frame.Config{MaxPayload: controlMaxPayload})
+	s.fdr.rc, _ = pc.SyscallConn()
+}
+
 // errPeerSent marks errors that came from the peer's ERROR frame, which are
 // not answered with another ERROR.
 var errPeerSent = errors.New("control: peer sent ERROR")
@@ -726,15 +749,8 @@ func (s *Session) readLoop() {
 	defer s.wg.Done()
 	defer s.fdr.close()
 	for {
-		f, err := s.readOne()
-		if err != nil {
-			return
-		}
-		if f != nil {
-			if err := s.inline.push(f); err != nil { // readFrame admits it only inline
-				s.endRead(err)
-				return
-			}
+		if _, err := s.readOne(); err != nil {
+			return // readFrame admits data frames only inline
 		}
 	}
 }

@@ -69,9 +69,9 @@ type Waiter struct {
 	// the peer may store anything here.
 	word *atomic.Uint32
 	cfg  Config // resolved; read-only after NewWaiter
-	// poller: a Poller's, whose polls are system calls: the spin phase
-	// reads the clock after every poll, makes no bursts, and the budgets
-	// do not adapt (see Poller).
+	// poller: a Poller's, whose polls are system calls: no clock-free
+	// first polls, the spin phase reads the clock after every poll, and
+	// the budgets do not shrink (see Poller).
 	poller bool
 
 	// base is a monotonic reading taken by NewWaiter; deadlines and budgets are
@@ -218,7 +218,7 @@ func (w *Waiter) busy(ready func() bool) (bool, error) {
 	// a machine so loaded that the peer rarely runs while we spin, we stop
 	// burning the budget before parking.
 	if w.poller {
-		return w.busyWait(ready, now, cfg.Spin, cfg.Yield, false, polled)
+		return w.busyWait(ready, now, cfg.Spin, cfg.Yield, true, polled) // bursts, as below
 	}
 	shift := w.backoff.Load()
 	spin, yield := cfg.Spin>>shift, cfg.Yield>>shift // Off stays negative

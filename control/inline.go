@@ -249,6 +249,9 @@ func (d *Inline) Next(deadline time.Time) (frame.Frame, error) {
 		return d.read(deadline)
 	}
 	d.active.Add(1) // before the looks below: the idle reader stops for it
+	if d.inPlace.Swap(false) {
+		d.leave() // this call ends the hold of the frame the last one returned in place
+	}
 	if f, ok := d.pop(); ok {
 		d.leave()
 		return f, nil

@@ -82,3 +82,26 @@ func TestInlineOwedAcksWithinLiveness(t *testing.T) {
 	assert.NoError(t, d.Err())
 	assert.NoError(t, k.Err())
 }
+
+// Next invalidates the frame the previous Next returned (valid "until
+// Release and the next call"), so that hold ends with the call: a daemon
+// that calls Next twice before Release must not leave the idle reader
+// stopped for good, with nothing reading its socket between calls.
+func TestInlineNextTwiceThenRelease(t *testing.T) {
+	ts := startServer(t, "", ServerConfig{SessionConfig: SessionConfig{Features: inlineFeatures, NoSharedMemory: true}})
+	d := dialT(t, ts.path, DialConfig{SessionConfig: SessionConfig{Features: inlineFeatures}})
+	k := ts.session(t)
+	di, ki := d.Inline(), k.Inline()
+	resp := wire.Response{Body: []byte("x")}
+	for corr := uint64(1); corr <= 2; corr++ {
+		require.NoError(t, ki.Write(frame.Header{Type: frame.TypeResponse, Flags: frame.FlagEndStream, Correlation: corr}, nil, &resp, true))
+		f, err := di.Next(time.Now().Add(5 * time.Second))
+		require.NoError(t, err)
+		require.Equal(t, corr, f.Correlation)
+	}
+	di.Release()
+	assert.True(t, di.Drained())
+	// No Next from here on: the idle reader reads what comes.
+	require.NoError(t, ki.Write(frame.Header{Type: frame.TypeResponse, Flags: frame.FlagEndStream, Correlation: 3}, nil, &resp, true))
+	assert.Eventually(t, di.Buffered, 5*time.Second, time.Millisecond, "the idle reader never read again")
+}

@@ -99,11 +99,15 @@ type Inline struct {
 	// Daemon: active counts Next calls in progress, plus a frame returned
 	// in place and not yet released (inPlace); lastRead is when the last
 	// of them ended (since base). The idle reader reads only while
-	// active is 0 and lastRead is idleRead old.
+	// active is 0 and lastRead is idleRead old. While one Next (or hold)
+	// lasts, the idle reader parks (parked) until the leave that brings
+	// active to 0 signals idle, rather than look again every idleRead.
 	base     time.Time
 	active   atomic.Int32
 	lastRead atomic.Int64
 	inPlace  atomic.Bool
+	parked   atomic.Bool
+	idle     chan struct{} // cap 1
 }
 
 // idleRead is how long a daemon's socket goes unread by Next before the
@@ -131,7 +135,7 @@ const (
 func newInline(s *Session, budget uint32, reason string) *Inline {
 	d := &Inline{
 		s: s, reason: reason, budget: int(budget), kernel: s.kernel,
-		room: make(chan struct{}, 1), base: time.Now(),
+		room: make(chan struct{}, 1), idle: make(chan struct{}, 1), base: time.Now(),
 	}
 	d.wfn = func(fd uintptr) bool {
 		for {
@@ -245,6 +249,9 @@ func (d *Inline) Next(deadline time.Time) (frame.Frame, error) {
 		return d.read(deadline)
 	}
 	d.active.Add(1) // before the looks below: the idle reader stops for it
+	if d.inPlace.Swap(false) {
+		d.leave() // this call ends the hold of the frame the last one returned in place
+	}
 	if f, ok := d.pop(); ok {
 		d.leave()
 		return f, nil
@@ -277,7 +284,12 @@ func (d *Inline) Next(deadline time.Time) (frame.Frame, error) {
 // place.
 func (d *Inline) leave() {
 	d.lastRead.Store(int64(time.Since(d.base)))
-	d.active.Add(-1)
+	if d.active.Add(-1) == 0 && d.parked.Load() {
+		select {
+		case d.idle <- struct{}{}:
+		default:
+		}
+	}
 }
 
 // read is Next reading the socket itself, under Session.rmu: it serves
@@ -355,10 +367,28 @@ func (d *Inline) idleReader() {
 	defer s.wg.Done()
 	t := time.NewTimer(idleRead)
 	defer t.Stop()
+	seen := int64(-1) // lastRead at the previous look, while active
 	for {
 		wait := idleRead
 		if d.active.Load() == 0 {
 			wait -= time.Since(d.base) - time.Duration(d.lastRead.Load())
+		} else if last := d.lastRead.Load(); last != seen {
+			seen = last // Nexts come and go: look again in idleRead
+		} else {
+			// One Next (or a frame held in place) has lasted idleRead:
+			// a subscriber waiting for events, a caller for a slow
+			// reply. Park until it ends: a look every idleRead would
+			// wake this process a thousand times a second for nothing.
+			d.parked.Store(true)
+			if d.active.Load() != 0 { // after parked: leave sees one or the other
+				select {
+				case <-d.idle:
+				case <-s.done:
+					return
+				}
+			}
+			d.parked.Store(false)
+			continue
 		}
 		if wait > 0 {
 			t.Reset(wait)

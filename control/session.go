@@ -858,8 +858,8 @@ func (s *Session) ackHeartbeat(nonce uint64) error {
 	}
 	s.acksMu.Lock()
 	defer s.acksMu.Unlock()
-	if len(s.acks) >= maxOwedAcks {
-		return &wire.Error{Code: wire.CodeResource, Message: fmt.Sprintf("more than %d HEARTBEATs wait for their answer: the peer sends without reading", maxOwedAcks)}
+	if limit := maxOwedAcks + s.cfg.HeartbeatMisses; len(s.acks) >= limit {
+		return &wire.Error{Code: wire.CodeResource, Message: fmt.Sprintf("more than %d HEARTBEATs wait for their answer: the peer sends without reading", limit)}
 	}
 	s.acks = append(s.acks, nonce)
 	select {
@@ -869,9 +869,12 @@ func (s *Session) ackHeartbeat(nonce uint64) error {
 	return nil
 }
 
-// maxOwedAcks bounds the HEARTBEAT answers a daemon's inline session owes
-// while its socket does not take them: the kernel sends one per interval,
-// and a write blocked for interval × misses ends the session.
+// maxOwedAcks, plus heartbeat_misses, bounds the HEARTBEAT answers a
+// daemon's inline session owes while its socket does not take them: the
+// kernel sends one per interval, and a write blocked for interval × misses
+// ends the session, so a live kernel makes us owe at most misses + 1 that
+// way; maxOwedAcks leaves room for HEARTBEATs that waited in the socket
+// while we did not read.
 const maxOwedAcks = 64
 
 func (s *Session) heartbeatLoop() {

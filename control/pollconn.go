@@ -40,6 +40,9 @@ type pollConn struct {
 	closing atomic.Bool
 	dl      [2]atomic.Int64 // read and write deadlines, UnixNano; 0: none
 	drain   [2][8]byte      // where each direction's wait reads its eventfd
+	// sleeping: direction d's wait is in ppoll, or about to be: only
+	// then does a deadline moved earlier wake it (an eventfd write).
+	sleeping [2]atomic.Bool
 
 	laddr, raddr net.Addr
 	once         sync.Once
@@ -153,7 +156,8 @@ func (c *pollConn) do(d int, op func(fd uintptr) (done bool)) error {
 			return net.ErrClosed
 		}
 		var timeout *unix.Timespec
-		if dl := c.dl[d].Load(); dl != 0 {
+		dl := c.dl[d].Load()
+		if dl != 0 {
 			left := dl - time.Now().UnixNano()
 			if left <= 0 {
 				return os.ErrDeadlineExceeded
@@ -164,7 +168,16 @@ func (c *pollConn) do(d int, op func(fd uintptr) (done bool)) error {
 		if op(uintptr(c.fd)) {
 			return nil
 		}
-		if _, err := unix.Ppoll(pfd[:], timeout, nil); err != nil && err != unix.EINTR {
+		// sleeping, then a look at the deadline again; setDeadline stores
+		// it, then looks at sleeping: one of the two sees the other.
+		c.sleeping[d].Store(true)
+		if c.dl[d].Load() != dl {
+			c.sleeping[d].Store(false)
+			continue
+		}
+		_, err := unix.Ppoll(pfd[:], timeout, nil)
+		c.sleeping[d].Store(false)
+		if err != nil && err != unix.EINTR {
 			return os.NewSyscallError("ppoll", err)
 		}
 		if pfd[1].Revents != 0 {
@@ -243,15 +256,16 @@ func (c *pollConn) SetDeadline(t time.Time) error {
 func (c *pollConn) SetReadDeadline(t time.Time) error  { c.setDeadline(dirRead, t); return nil }
 func (c *pollConn) SetWriteDeadline(t time.Time) error { c.setDeadline(dirWrite, t); return nil }
 
-// setDeadline sets direction d's deadline; a wait under way looks at it
-// again only when it moved earlier (a later one it meets on its own when
-// it next looks, which any event makes it do).
+// setDeadline sets direction d's deadline; a wait asleep in ppoll is woken
+// to look at it only when it moved earlier (a later one it meets on its own
+// when it next looks, which any event makes it do), and a deadline set
+// while nothing sleeps costs no system call.
 func (c *pollConn) setDeadline(d int, t time.Time) {
 	var v int64
 	if !t.IsZero() {
 		v = max(t.UnixNano(), 1)
 	}
-	if old := c.dl[d].Swap(v); old == 0 && v != 0 || v != 0 && v < old {
+	if old := c.dl[d].Swap(v); (old == 0 && v != 0 || v != 0 && v < old) && c.sleeping[d].Load() {
 		c.wake(d)
 	}
 }

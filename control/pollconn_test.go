@@ -174,3 +174,16 @@ func TestPollConnRaw(t *testing.T) {
 	assert.Equal(t, 1, got)
 	assert.GreaterOrEqual(t, calls, 2, "the first try found nothing and waited")
 }
+
+// A deadline moved earlier while no call waits costs no wake-up (no
+// eventfd write): every await with a caller's deadline does that.
+func TestPollConnDeadlineWithoutWaiterWakesNothing(t *testing.T) {
+	pc, _ := detachedPair(t)
+	pc.SetReadDeadline(time.Now().Add(time.Hour))
+	pc.SetReadDeadline(time.Now().Add(time.Millisecond))
+	pc.SetReadDeadline(time.Unix(1, 0))
+	pfd := []unix.PollFd{{Fd: int32(pc.kicks[dirRead]), Events: unix.POLLIN}}
+	n, err := unix.Poll(pfd, 0)
+	require.NoError(t, err)
+	assert.Zero(t, n, "the read side's eventfd was written with nobody waiting")
+}

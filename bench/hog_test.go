@@ -28,12 +28,16 @@ func BenchmarkRoundTripHog(b *testing.B) {
 }
 
 // BenchmarkCallHog is BenchmarkCall at 64 B under the same hog, unpinned: the
-// bridge's default idle policy against park mode, with the ring's own round
-// trip in both modes beside them.
+// bridge's default idle policy against park mode, on the rings and inline on
+// the socket (whose reader polls under the same policy), with the ring's own
+// round trip and the raw socket's in both modes beside them.
 func BenchmarkCallHog(b *testing.B) {
 	auto, park := futex.Config{}, futex.Config{Policy: futex.PolicyPark}
 	b.Run("default", func(b *testing.B) { startHog(b); benchCall(b, auto, false, msgSize, callInto) })
 	b.Run("park", func(b *testing.B) { startHog(b); benchCall(b, park, false, msgSize, callInto) })
+	b.Run("inline-default", func(b *testing.B) { startHog(b); benchCall(b, auto, false, msgSize, callInline) })
+	b.Run("inline-park", func(b *testing.B) { startHog(b); benchCall(b, park, false, msgSize, callInline) })
+	b.Run("unix-socket", func(b *testing.B) { startHog(b); benchUnixRTT(b, msgSize) })
 	b.Run("ring-default", func(b *testing.B) { startHog(b); benchRingRTT(b, auto, false, msgSize) })
 	b.Run("ring-park", func(b *testing.B) { startHog(b); benchRingRTT(b, park, false, msgSize) })
 }

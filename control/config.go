@@ -96,7 +96,9 @@ type SessionConfig struct {
 	// so refusals are visible out of the box; use
 	// slog.New(slog.DiscardHandler) to drop them.
 	Logger *slog.Logger
-	// Ring configures the ring ends the session attaches.
+	// Ring configures the ring ends the session attaches. Its Idle is
+	// also how an inline session's reader polls a Unix socket before it
+	// sleeps in ppoll(2).
 	Ring ring.Config
 }
 

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sypas/go/frame"
+	"github.com/sypas/go/futex"
 	"github.com/sypas/go/wire"
 )
 
@@ -25,44 +26,45 @@ const DataStream = 1
 // frames of docs/PROTOCOL.md §8 travel on stream 1, interleaved with the
 // control frames and numbered in the socket's one sequence.
 //
-// On a daemon, the session's reader goroutine, which reads every frame of
-// the socket, checks each data-plane frame's header (sequence, stream, type
-// for this side) and copies it into a queue bounded in bytes by the ring
-// the session would have had (WELCOME's rx size; one frame is always
-// admitted): a full queue stops the reading of the socket, the
-// backpressure of a full ring. Next takes frames from the queue (one
-// goroutine at a time, as a ring Consumer). The daemon needs that reader:
-// between calls nothing else reads, and heartbeats, GOAWAY and refreshed
-// tokens must still be read.
+// Next is the socket's reader: it serves the control frames it meets
+// (heartbeats, TOKEN_REFRESH, GOAWAY) and returns each data-plane frame in
+// place, with no copy and no goroutine hand-off. On a Unix socket, which
+// the session has taken out of the Go runtime's poller (pollConn), it
+// first polls the socket for a while (the session's Ring.Idle policy:
+// spin, then yield; futex.Poller) before it sleeps in ppoll(2): a call
+// answered within that while costs no sleep and no wake-up on either
+// side.
 //
-// On the kernel there is no reader goroutine: Next is the socket's reader.
-// It serves the control frames it meets (heartbeats, TOKEN_REFRESH,
-// GOAWAY) and returns each data-plane frame in place, with no copy and no
-// goroutine hand-off (a quarter of an inline call's round trip). So the
-// kernel's owner MUST keep calling Next for as long as the session lives,
-// as sypas.Server's reader does: while it does not, the daemon's control
-// frames wait in the socket. The same holds on any stream (TLS, gRPC): the
-// session is inline there from the handshake on, and the control socket
-// of these comments is that stream.
+// On the kernel there is nothing else: its owner MUST keep calling Next
+// for as long as the session lives, as sypas.Server's reader does; while
+// it does not, the daemon's control frames wait in the socket. A daemon
+// may read nothing between calls while heartbeats, GOAWAY and refreshed
+// tokens still need reading, so when no Next has been reading for
+// idleRead an idle reader goroutine reads the socket instead, copying the
+// data-plane frames into a queue bounded in bytes by the ring the session
+// would have had (WELCOME's rx size; one frame is always admitted): a full
+// queue stops the reading, the backpressure of a full ring. Next returns
+// the queued frames first, stopping the idle reader if it waits for
+// bytes. The same holds on any stream (TLS, gRPC): the session is inline
+// there from the handshake on, and the control socket of these comments
+// is that stream.
 //
 // Write appends frames to a buffer written to the socket by Flush, or by
 // the session's next control frame, in sequence order.
 type Inline struct {
 	s      *Session
 	reason string
-	budget int // bytes queued and held admitted before the reader waits
+	budget int // bytes queued and held admitted before the idle reader waits
 
-	mu    sync.Mutex
-	q     []*inlineFrame // received, not yet returned by Next
-	head  int            // q[head:] are waiting
-	held  []*inlineFrame // returned by Next, not yet released
-	free  []*inlineFrame
-	bytes int           // of q[head:] and held
-	ready chan struct{} // cap 1: a frame was queued
-	room  chan struct{} // cap 1: bytes were released
-	wake  chan struct{} // cap 1: Wake
-
-	timer *time.Timer // Next's: one goroutine at a time
+	// The idle reader's queue (a daemon's): frames it read, copied.
+	mu   sync.Mutex
+	q    []*inlineFrame // received, not yet returned by Next
+	head int            // q[head:] are waiting
+	held []*inlineFrame // returned by Next, not yet released
+	free []*inlineFrame
+	// bytes of q[head:] and held
+	bytes int
+	room  chan struct{} // cap 1: bytes were released, or a Next came
 
 	buf []byte // under Session.wmu: frames written, not yet flushed
 	// backlog: a TryWrite left part of buf unwritten (the socket was
@@ -77,20 +79,42 @@ type Inline struct {
 	wn      int
 	werr    error
 
-	// direct (the kernel): there is no queue and no reader goroutine:
-	// Next reads the socket itself, serving the control frames it meets,
-	// and returns a data-plane frame in place, with no copy and no
-	// goroutine hand-off. The kernel's owner reads all the time (a
-	// sypas.Server does); a daemon keeps the queue, as it may read
-	// nothing between calls while heartbeats, GOAWAY and refreshed
-	// tokens still need reading.
-	direct  bool
+	// The reader. kernel: nothing but Next reads (no idle reader).
+	kernel  bool
 	peekBuf [1]byte
 	peek    func(fd uintptr) bool // whether the socket has bytes (or an end) to read
-	dmu     sync.Mutex            // Wake versus the reader's deadline
-	peeking bool                  // under dmu: the reader waits for bytes (Wake may interrupt it)
-	woken   bool                  // under dmu
+	// poller polls the socket before Next parks (nil off a Unix socket);
+	// polled runs peek through the socket's Control (no read lock, and
+	// the descriptor stays open meanwhile), and says whether to stop.
+	poller  *futex.Poller
+	polled  func() bool
+	ctlPeek func(fd uintptr)
+	peekOK  bool
+
+	dmu       sync.Mutex  // Wake and Next versus a reader's deadline
+	woken     atomic.Bool // Wake was called; set under dmu, taken by Next
+	peeking   bool        // under dmu: Next waits for bytes (Wake may interrupt it)
+	idlePeeks bool        // under dmu: the idle reader waits for bytes (Next interrupts it)
+
+	// Daemon: active counts Next calls in progress, plus a frame returned
+	// in place and not yet released (inPlace); lastRead is when the last
+	// of them ended (since base). The idle reader reads only while
+	// active is 0 and lastRead is idleRead old. While one Next (or hold)
+	// lasts, the idle reader parks (parked) until the leave that brings
+	// active to 0 signals idle, rather than look again every idleRead.
+	base     time.Time
+	active   atomic.Int32
+	lastRead atomic.Int64
+	inPlace  atomic.Bool
+	parked   atomic.Bool
+	idle     chan struct{} // cap 1
 }
+
+// idleRead is how long a daemon's socket goes unread by Next before the
+// idle reader reads it: far below any heartbeat deadline, and far above
+// the pause between two calls of a busy daemon, which therefore never
+// meets the idle reader on its way.
+const idleRead = time.Millisecond
 
 type inlineFrame struct {
 	h   frame.Header
@@ -109,11 +133,9 @@ const (
 )
 
 func newInline(s *Session, budget uint32, reason string) *Inline {
-	t := time.NewTimer(time.Hour)
-	t.Stop()
 	d := &Inline{
-		s: s, reason: reason, budget: int(budget), timer: t, direct: s.kernel,
-		ready: make(chan struct{}, 1), room: make(chan struct{}, 1), wake: make(chan struct{}, 1),
+		s: s, reason: reason, budget: int(budget), kernel: s.kernel,
+		room: make(chan struct{}, 1), idle: make(chan struct{}, 1), base: time.Now(),
 	}
 	d.wfn = func(fd uintptr) bool {
 		for {
@@ -135,6 +157,20 @@ func newInline(s *Session, budget uint32, reason string) *Inline {
 			return true // bytes, the end, or an error that readFrame will meet
 		}
 	}
+	if s.fdr.c != nil {
+		d.poller = futex.NewPoller(s.cfg.Ring.Idle)
+		d.ctlPeek = func(fd uintptr) { d.peekOK = d.peek(fd) }
+		d.polled = func() bool {
+			if d.woken.Load() {
+				return true
+			}
+			d.peekOK = false
+			if s.fdr.rc.Control(d.ctlPeek) != nil {
+				return true // closed: the read meets it
+			}
+			return d.peekOK
+		}
+	}
 	// Data frames carry up to max_payload; control frames are still held
 	// to the control limit (readFrame).
 	s.fr.SetConfig(frame.Config{MaxPayload: max(controlMaxPayload, int(s.welcome.MaxPayload))})
@@ -150,13 +186,13 @@ func (d *Inline) Reason() string { return d.reason }
 // MaxPayload is the session's max_payload, which both directions obey.
 func (d *Inline) MaxPayload() int { return int(d.s.welcome.MaxPayload) }
 
-// push queues a data-plane frame read from the socket (the reader only),
-// waiting while the queue is over its budget.
+// push queues a data-plane frame the idle reader read, waiting while the
+// queue is over its budget and no Next waits.
 func (d *Inline) push(f *frame.Frame) error {
 	n := len(f.Extension) + len(f.Payload)
 	for {
 		d.mu.Lock()
-		if d.bytes == 0 || d.bytes+n <= d.budget {
+		if d.bytes == 0 || d.bytes+n <= d.budget || d.active.Load() != 0 {
 			break
 		}
 		d.mu.Unlock()
@@ -183,107 +219,93 @@ func (d *Inline) push(f *frame.Frame) error {
 	d.q = append(d.q, fr)
 	d.bytes += n
 	d.mu.Unlock()
-	select {
-	case d.ready <- struct{}{}:
-	default:
-	}
 	return nil
+}
+
+// pop takes the next queued frame, if any.
+func (d *Inline) pop() (frame.Frame, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.head == len(d.q) {
+		return frame.Frame{}, false
+	}
+	fr := d.q[d.head]
+	d.q[d.head] = nil
+	d.head++
+	d.held = append(d.held, fr)
+	return frame.Frame{Header: fr.h, Extension: fr.b[:fr.ext:fr.ext], Payload: fr.b[fr.ext:]}, true
 }
 
 // Next returns the next data-plane frame the peer sent, waiting until
 // deadline (zero: none; a past one: only a frame already there) or Wake.
-// Its Extension and Payload are valid until Release and the next call
-// (daemon: private copies; kernel: the socket reader's buffer). On a
-// daemon, frames received before the session ended are still returned;
+// Its Extension and Payload are valid until Release and the next call. On
+// a daemon, frames received before the session ended are still returned;
 // then Next fails with why it ended. One goroutine at a time.
 func (d *Inline) Next(deadline time.Time) (frame.Frame, error) {
-	if d.direct {
-		return d.nextDirect(deadline)
+	s := d.s
+	if d.kernel {
+		s.rmu.Lock()
+		defer s.rmu.Unlock()
+		return d.read(deadline)
 	}
-	for {
-		d.mu.Lock()
-		if d.head < len(d.q) {
-			fr := d.q[d.head]
-			d.q[d.head] = nil
-			d.head++
-			d.held = append(d.held, fr)
-			d.mu.Unlock()
-			return frame.Frame{Header: fr.h, Extension: fr.b[:fr.ext:fr.ext], Payload: fr.b[fr.ext:]}, nil
-		}
-		d.mu.Unlock()
+	d.active.Add(1) // before the looks below: the idle reader stops for it
+	if d.inPlace.Swap(false) {
+		d.leave() // this call ends the hold of the frame the last one returned in place
+	}
+	if f, ok := d.pop(); ok {
+		d.leave()
+		return f, nil
+	}
+	d.dmu.Lock()
+	if d.idlePeeks {
+		s.conn.SetReadDeadline(time.Unix(1, 0)) // leave the socket to us
+	}
+	d.dmu.Unlock()
+	select {
+	case d.room <- struct{}{}: // or the queue's room, over budget if need be
+	default:
+	}
+	s.rmu.Lock()
+	f, queued := d.pop() // queued by the idle reader before it stopped
+	var err error
+	if !queued {
+		f, err = d.read(deadline)
+	}
+	s.rmu.Unlock()
+	if queued || err != nil {
+		d.leave()
+		return f, err
+	}
+	d.inPlace.Store(true) // in the reader's buffer: no reading until Release
+	return f, nil
+}
+
+// leave ends a Next on a daemon, or the hold of the frame it returned in
+// place.
+func (d *Inline) leave() {
+	d.lastRead.Store(int64(time.Since(d.base)))
+	if d.active.Add(-1) == 0 && d.parked.Load() {
 		select {
-		case <-d.s.done:
-			return frame.Frame{}, d.endErr()
-		case <-d.wake:
-			return frame.Frame{}, os.ErrDeadlineExceeded
+		case d.idle <- struct{}{}:
 		default:
-		}
-		var expired <-chan time.Time
-		if !deadline.IsZero() {
-			wait := time.Until(deadline)
-			if wait <= 0 {
-				return frame.Frame{}, os.ErrDeadlineExceeded
-			}
-			d.timer.Reset(wait)
-			expired = d.timer.C
-		}
-		select {
-		case <-d.ready:
-			d.timer.Stop()
-		case <-d.wake:
-			d.timer.Stop()
-			return frame.Frame{}, os.ErrDeadlineExceeded
-		case <-expired:
-			return frame.Frame{}, os.ErrDeadlineExceeded
-		case <-d.s.done:
-			d.timer.Stop()
 		}
 	}
 }
 
-// nextDirect is Next on the kernel: it reads the socket itself, serving
-// control frames as the session's reader would, until a data-plane frame,
-// which stays in the reader's buffer until the next call. The liveness
-// deadline of the socket (heartbeat interval × misses) applies while it
-// waits; a wait that ends at deadline or by Wake reads nothing, so the
-// stream stays whole.
-func (d *Inline) nextDirect(deadline time.Time) (frame.Frame, error) {
+// read is Next reading the socket itself, under Session.rmu: it serves
+// control frames as the session's reader, until a data-plane frame, which
+// stays in the reader's buffer until the next read. The liveness deadline
+// of the socket (heartbeat interval × misses) applies while it waits; a
+// wait that ends at deadline or by Wake reads nothing, so the stream stays
+// whole.
+func (d *Inline) read(deadline time.Time) (frame.Frame, error) {
 	s := d.s
-	s.rmu.Lock()
-	defer s.rmu.Unlock()
 	for {
 		if err := s.Err(); err != nil {
 			return frame.Frame{}, err
 		}
 		if s.fr.Buffered() == 0 {
-			if !deadline.IsZero() && !time.Now().Before(deadline) {
-				return frame.Frame{}, os.ErrDeadlineExceeded
-			}
-			live := time.Now().Add(s.deadAfter())
-			wait := live
-			if !deadline.IsZero() && deadline.Before(live) {
-				wait = deadline
-			}
-			d.dmu.Lock()
-			woken := d.woken
-			d.woken, d.peeking = false, !woken
-			if !woken {
-				s.conn.SetReadDeadline(wait)
-			}
-			d.dmu.Unlock()
-			if woken {
-				return frame.Frame{}, os.ErrDeadlineExceeded
-			}
-			err := d.waitBytes()
-			d.dmu.Lock()
-			woken, d.woken, d.peeking = d.woken, false, false
-			d.dmu.Unlock()
-			if errors.Is(err, os.ErrDeadlineExceeded) && (woken || wait.Before(live)) {
-				return frame.Frame{}, os.ErrDeadlineExceeded
-			}
-			if err != nil {
-				err = s.readErr(err)
-				s.endRead(err)
+			if err := d.await(deadline); err != nil {
 				return frame.Frame{}, err
 			}
 		}
@@ -293,6 +315,136 @@ func (d *Inline) nextDirect(deadline time.Time) (frame.Frame, error) {
 		}
 		if f != nil {
 			return *f, nil
+		}
+	}
+}
+
+// await waits until the socket has bytes to read, polling it first (a
+// Unix socket), then sleeping until they come; it fails at deadline, after
+// Wake, or when the peer has been silent too long (ending the session).
+func (d *Inline) await(deadline time.Time) error {
+	s := d.s
+	if !deadline.IsZero() && !time.Now().Before(deadline) {
+		return os.ErrDeadlineExceeded
+	}
+	live := time.Now().Add(s.deadAfter())
+	wait := live
+	if !deadline.IsZero() && deadline.Before(live) {
+		wait = deadline
+	}
+	if d.poller != nil && !d.woken.Load() && d.poller.Poll(d.polled, wait) && !d.woken.Load() {
+		return nil // bytes, or an end that the read meets
+	}
+	d.dmu.Lock()
+	woken := d.woken.Swap(false)
+	d.peeking = !woken
+	if !woken {
+		s.conn.SetReadDeadline(wait)
+	}
+	d.dmu.Unlock()
+	if woken {
+		return os.ErrDeadlineExceeded
+	}
+	err := d.waitBytes()
+	d.dmu.Lock()
+	woken = d.woken.Swap(false)
+	d.peeking = false
+	d.dmu.Unlock()
+	if errors.Is(err, os.ErrDeadlineExceeded) && (woken || wait.Before(live)) {
+		return os.ErrDeadlineExceeded
+	}
+	if err != nil {
+		err = s.readErr(err)
+		s.endRead(err)
+	}
+	return err
+}
+
+// idleReader reads a daemon's socket while no Next does (see Inline),
+// until the session ends.
+func (d *Inline) idleReader() {
+	s := d.s
+	defer s.wg.Done()
+	t := time.NewTimer(idleRead)
+	defer t.Stop()
+	seen := int64(-1) // lastRead at the previous look, while active
+	for {
+		wait := idleRead
+		if d.active.Load() == 0 {
+			wait -= time.Since(d.base) - time.Duration(d.lastRead.Load())
+		} else if last := d.lastRead.Load(); last != seen {
+			seen = last // Nexts come and go: look again in idleRead
+		} else {
+			// One Next (or a frame held in place) has lasted idleRead:
+			// a subscriber waiting for events, a caller for a slow
+			// reply. Park until it ends: a look every idleRead would
+			// wake this process a thousand times a second for nothing.
+			d.parked.Store(true)
+			if d.active.Load() != 0 { // after parked: leave sees one or the other
+				select {
+				case <-d.idle:
+				case <-s.done:
+					return
+				}
+			}
+			d.parked.Store(false)
+			continue
+		}
+		if wait > 0 {
+			t.Reset(wait)
+			select {
+			case <-t.C:
+			case <-s.done:
+				return
+			}
+			continue
+		}
+		if err := d.readIdle(); err != nil {
+			return // the session has ended
+		}
+	}
+}
+
+// readIdle reads frames, queueing the data-plane ones, until a Next
+// comes; an error has ended the session.
+func (d *Inline) readIdle() error {
+	s := d.s
+	s.rmu.Lock()
+	defer s.rmu.Unlock()
+	for {
+		if s.fr.Buffered() == 0 {
+			d.dmu.Lock()
+			if d.active.Load() != 0 {
+				d.dmu.Unlock()
+				return nil
+			}
+			d.idlePeeks = true
+			s.conn.SetReadDeadline(time.Now().Add(s.deadAfter()))
+			d.dmu.Unlock()
+			err := d.waitBytes()
+			d.dmu.Lock()
+			d.idlePeeks = false
+			d.dmu.Unlock()
+			if err != nil {
+				if errors.Is(err, os.ErrDeadlineExceeded) && d.active.Load() != 0 {
+					return nil // a Next stopped us
+				}
+				err = s.readErr(err)
+				s.endRead(err)
+				return err
+			}
+		} else if d.active.Load() != 0 {
+			return nil
+		}
+		f, err := s.readOne()
+		if err != nil {
+			return err
+		}
+		if f != nil {
+			if err := d.push(f); err != nil {
+				s.endRead(err)
+				return err
+			}
 		}
 	}
 }
@@ -311,8 +463,11 @@ func (d *Inline) waitBytes() error {
 
 // Release hands back every frame Next returned.
 func (d *Inline) Release() {
-	if d.direct {
+	if d.kernel {
 		return // the frame lives in the reader's buffer until the next Next
+	}
+	if d.inPlace.Swap(false) {
+		d.leave()
 	}
 	d.mu.Lock()
 	if len(d.held) == 0 {
@@ -335,10 +490,11 @@ func (d *Inline) Release() {
 	}
 }
 
-// Buffered reports whether Next has a frame without waiting.
+// Buffered reports whether Next has a frame without waiting: a hint, as
+// perhaps only part of a frame is there.
 func (d *Inline) Buffered() bool {
-	if d.direct {
-		return d.s.fr.Buffered() > 0 // a hint: perhaps only part of a frame
+	if d.kernel {
+		return d.s.fr.Buffered() > 0
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -347,11 +503,13 @@ func (d *Inline) Buffered() bool {
 
 // Drained reports whether every data-plane frame read from the socket so
 // far has been returned by Next and released. Any goroutine may call it.
-// On the kernel's direct reader it is always true: a frame is read only
-// by Next.
+// On the kernel it is always true: a frame is read only by Next.
 func (d *Inline) Drained() bool {
-	if d.direct {
+	if d.kernel {
 		return true
+	}
+	if d.inPlace.Load() {
+		return false
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -360,23 +518,15 @@ func (d *Inline) Drained() bool {
 
 // Wake makes a Next waiting in another goroutine return at once with
 // os.ErrDeadlineExceeded (or the next call, if none waits and no frame is
-// there).
+// there). Only a wait for bytes is interrupted: a deadline landing inside
+// a frame would break the stream.
 func (d *Inline) Wake() {
-	if d.direct {
-		// Only a wait for bytes is interrupted: a deadline landing inside
-		// a frame would break the stream.
-		d.dmu.Lock()
-		d.woken = true
-		if d.peeking {
-			d.s.conn.SetReadDeadline(time.Unix(1, 0))
-		}
-		d.dmu.Unlock()
-		return
+	d.dmu.Lock()
+	d.woken.Store(true)
+	if d.peeking {
+		d.s.conn.SetReadDeadline(time.Unix(1, 0))
 	}
-	select {
-	case d.wake <- struct{}{}:
-	default:
-	}
+	d.dmu.Unlock()
 }
 
 // Write appends one data-plane frame carrying m, with ext (nil, or a

@@ -115,8 +115,8 @@ type Session struct {
 	// Kernel, readLoop only: the daemon's control frames and refreshes.
 	frames, refreshes bucket
 
-	// Read side: the handshake, then readLoop alone (or, kernel inline,
-	// Inline.Next under rmu).
+	// Read side: the handshake, then readLoop alone, or inline
+	// Inline.Next and a daemon's idle reader, under rmu.
 	rmu      sync.Mutex
 	fdr      *fdReader
 	fr       *frame.Reader
@@ -168,6 +168,11 @@ type Session struct {
 	// errorSent: failProto wrote its ERROR, which the close must not
 	// destroy (lingerAfterError).
 	errorSent atomic.Bool
+	// A daemon's inline reader: HEARTBEAT nonces it owes an answer, which
+	// the heartbeat goroutine writes (ackHeartbeat).
+	acksMu    sync.Mutex
+	acks      []uint64
+	ackKick   chan struct{} // cap 1
 	wg        sync.WaitGroup
 	closeOnce sync.Once
 	closeErr  error
@@ -184,6 +189,7 @@ func newSession(kernel bool, conn net.Conn, cfg SessionConfig) *Session {
 		tokenUp:    make(chan struct{}, 1),
 		tokenSet:   make(chan struct{}, 1),
 		revoked:    make(chan struct{}, 1),
+		ackKick:    make(chan struct{}, 1),
 	}
 	s.fr = frame.NewReader(s.fdr, frame.Config{MaxPayload: controlMaxPayload})
 	s.fw = frame.NewWriter(conn, frame.Config{MaxPayload: controlMaxPayload})
@@ -673,6 +679,7 @@ func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error)
 		return fmt.Errorf("%w in state %v: %w", ErrHandshake, st, err)
 	}
 	s.conn.SetDeadline(time.Time{})
+	s.detachInline()
 	s.wmu.Lock()
 	s.live = true
 	s.wmu.Unlock()
@@ -694,10 +701,14 @@ func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error)
 	s.wg.Add(2)
 	go s.heartbeatLoop()
 	go s.expiryLoop()
-	if s.inline == nil || !s.inline.direct {
+	switch {
+	case s.inline == nil:
 		s.wg.Add(1)
 		go s.readLoop()
-	} // else Inline.Next is the socket's reader
+	case !s.kernel:
+		s.wg.Add(1)
+		go s.inline.idleReader()
+	} // else Inline.Next is the socket's only reader
 	if s.kernel {
 		if s.ctl.pidfd != nil { // a Unix peer
 			s.wg.Add(1)
@@ -710,6 +721,24 @@ func (s *Session) endHandshake(ctx context.Context, stop func() bool, err error)
 	return nil
 }
 
+// detachInline moves an inline session's Unix socket out of the Go
+// runtime's poller once the handshake is over (pollConn says why), before
+// any goroutine but the handshake's uses it. If that fails the session
+// keeps the socket as it is: slower, not wrong.
+func (s *Session) detachInline() {
+	uc, ok := s.conn.(*net.UnixConn)
+	if s.inline == nil || !ok {
+		return
+	}
+	pc, err := detach(uc)
+	if err != nil {
+		return
+	}
+	s.conn = pc
+	s.fw = frame.NewWriter(pc, frame.Config{MaxPayload: controlMaxPayload})
+	s.fdr.rc, _ = pc.SyscallConn()
+}
+
 // errPeerSent marks errors that came from the peer's ERROR frame, which are
 // not answered with another ERROR.
 var errPeerSent = errors.New("control: peer sent ERROR")
@@ -720,15 +749,8 @@ func (s *Session) readLoop() {
 	defer s.wg.Done()
 	defer s.fdr.close()
 	for {
-		f, err := s.readOne()
-		if err != nil {
-			return
-		}
-		if f != nil {
-			if err := s.inline.push(f); err != nil { // readFrame admits it only inline
-				s.endRead(err)
-				return
-			}
+		if _, err := s.readOne(); err != nil {
+			return // readFrame admits data frames only inline
 		}
 	}
 }
@@ -780,8 +802,7 @@ func (s *Session) handle(f *frame.Frame) error {
 			return protoErr("HEARTBEAT: %v", err)
 		}
 		if !f.Flags.Has(frame.FlagAck) {
-			m.SentAt = monotonic()
-			if err := s.send(&m, frame.FlagAck, 0, 0); err != nil {
+			if err := s.ackHeartbeat(m.Nonce); err != nil {
 				return s.goneErr("heartbeat reply", err)
 			}
 		}
@@ -826,19 +847,61 @@ func (s *Session) handle(f *frame.Frame) error {
 	return nil
 }
 
+// ackHeartbeat answers the peer's HEARTBEAT nonce. A daemon's inline
+// reader must not wait for the socket to write it: the data frames ahead
+// of the answer may wait for a kernel that is itself writing to us, which
+// only our reading lets finish (docs/PROTOCOL.md §8.6). There the answer
+// is the heartbeat goroutine's to write, as soon as the socket takes it.
+func (s *Session) ackHeartbeat(nonce uint64) error {
+	if s.inline == nil || s.kernel {
+		return s.send(&wire.Heartbeat{Nonce: nonce, SentAt: monotonic()}, frame.FlagAck, 0, 0)
+	}
+	s.acksMu.Lock()
+	defer s.acksMu.Unlock()
+	if limit := maxOwedAcks + s.cfg.HeartbeatMisses; len(s.acks) >= limit {
+		return &wire.Error{Code: wire.CodeResource, Message: fmt.Sprintf("more than %d HEARTBEATs wait for their answer: the peer sends without reading", limit)}
+	}
+	s.acks = append(s.acks, nonce)
+	select {
+	case s.ackKick <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// maxOwedAcks, plus heartbeat_misses, bounds the HEARTBEAT answers a
+// daemon's inline session owes while its socket does not take them: the
+// kernel sends one per interval, and a write blocked for interval × misses
+// ends the session, so a live kernel makes us owe at most misses + 1 that
+// way; maxOwedAcks leaves room for HEARTBEATs that waited in the socket
+// while we did not read.
+const maxOwedAcks = 64
+
 func (s *Session) heartbeatLoop() {
 	defer s.wg.Done()
 	t := time.NewTicker(s.cfg.HeartbeatInterval)
 	defer t.Stop()
-	for nonce := uint64(1); ; nonce++ {
+	var acks []uint64
+	for nonce := uint64(1); ; {
 		select {
 		case <-s.done:
 			return
 		case <-t.C:
-		}
-		if err := s.send(&wire.Heartbeat{Nonce: nonce, SentAt: monotonic()}, 0, 0, 0); err != nil {
-			s.fail(s.goneErr("heartbeat", err))
-			return
+			if err := s.send(&wire.Heartbeat{Nonce: nonce, SentAt: monotonic()}, 0, 0, 0); err != nil {
+				s.fail(s.goneErr("heartbeat", err))
+				return
+			}
+			nonce++
+		case <-s.ackKick:
+			s.acksMu.Lock()
+			acks, s.acks = s.acks, acks[:0]
+			s.acksMu.Unlock()
+			for _, n := range acks {
+				if err := s.send(&wire.Heartbeat{Nonce: n, SentAt: monotonic()}, frame.FlagAck, 0, 0); err != nil {
+					s.fail(s.goneErr("heartbeat reply", err))
+					return
+				}
+			}
 		}
 	}
 }

@@ -29,7 +29,7 @@ const (
 // LocalAddr.
 func networkOf(c net.Conn) string {
 	switch c.(type) {
-	case *net.UnixConn:
+	case *net.UnixConn, *pollConn:
 		return NetworkUnix
 	case *tls.Conn:
 		return NetworkTLS

@@ -69,6 +69,10 @@ type Waiter struct {
 	// the peer may store anything here.
 	word *atomic.Uint32
 	cfg  Config // resolved; read-only after NewWaiter
+	// poller: a Poller's, whose polls are system calls: no clock-free
+	// first polls, the spin phase reads the clock after every poll, and
+	// the budgets do not shrink (see Poller).
+	poller bool
 
 	// base is a monotonic reading taken by NewWaiter; deadlines and budgets are
 	// durations since base, so wall-clock jumps do not affect them.
@@ -140,9 +144,14 @@ func NewWaiter(word *atomic.Uint32, cfg Config) *Waiter {
 	if err := cfg.Validate(); err != nil {
 		panic(err)
 	}
-	w := &Waiter{word: word, cfg: cfg.Resolved(), base: time.Now()}
-	w.burst.Store(maxBurst)
+	w := &Waiter{word: word}
+	w.init(cfg, false)
 	return w
+}
+
+func (w *Waiter) init(cfg Config, poller bool) {
+	w.cfg, w.base, w.poller = cfg.Resolved(), time.Now(), poller
+	w.burst.Store(maxBurst)
 }
 
 // Config returns the Waiter's resolved configuration.
@@ -163,34 +172,43 @@ func (w *Waiter) Config() Config { return w.cfg }
 // and must not block. Passing a method value made once keeps Wait free of
 // allocations.
 func (w *Waiter) Wait(ready func() bool) error {
-	if err := w.stopErr(); err != nil {
+	ok, err := w.busy(ready)
+	if ok || err != nil {
 		return err
 	}
+	return w.park(ready)
+}
+
+// busy runs Wait's phases before the park: it reports whether ready became
+// true, or the error that ended the wait; false and nil mean park now.
+func (w *Waiter) busy(ready func() bool) (bool, error) {
+	if err := w.stopErr(); err != nil {
+		return false, err
+	}
 	if ready() {
-		return nil
+		return true, nil
 	}
 	cfg := &w.cfg
 	hogged := cfg.Policy == PolicyAuto && w.hoggedRecently()
 	polled := uint32(0) // polls of the spin phase already made
-	if cfg.Policy != PolicyPark && !hogged && cfg.Spin > 0 && w.deadline.Load() == 0 {
+	if cfg.Policy != PolicyPark && !hogged && cfg.Spin > 0 && w.deadline.Load() == 0 && !w.poller {
 		polled = quickPolls
 		if cfg.Policy == PolicyAuto {
 			polled = w.burst.Load() // the first burst, then a yield
 		}
 		if w.quickPoll(ready, polled) {
-			return nil
+			return true, nil
 		}
 	}
 	now := w.now()
 	if err := w.checkDeadline(now); err != nil {
-		return err
+		return false, err
 	}
 	if cfg.Policy == PolicyPark || hogged {
-		return w.park(ready)
+		return false, nil
 	}
 	if cfg.Policy == PolicySpin {
-		_, err := w.busyWait(ready, now, cfg.Spin, Off, false, polled) // returns only when done
-		return err
+		return w.busyWait(ready, now, cfg.Spin, Off, false, polled) // returns only when done
 	}
 	// PolicyAuto's busy budgets adapt (PolicySpin's stay whole): a Wait that
 	// the busy phases satisfy faster than a park would have (parkCost)
@@ -199,25 +217,25 @@ func (w *Waiter) Wait(ready func() bool) error {
 	// 1/2^maxBackoff). A peer that answers quickly keeps the budget whole; on
 	// a machine so loaded that the peer rarely runs while we spin, we stop
 	// burning the budget before parking.
+	if w.poller {
+		return w.busyWait(ready, now, cfg.Spin, cfg.Yield, true, polled) // bursts, as below
+	}
 	shift := w.backoff.Load()
 	spin, yield := cfg.Spin>>shift, cfg.Yield>>shift // Off stays negative
 	ok, err := w.busyWait(ready, now, spin, yield, true, polled)
 	if err != nil {
-		return err
+		return false, err
 	}
 	if ok && w.now()-now <= parkCost {
 		if shift > 0 {
 			w.backoff.Store(shift - 1)
 		}
-		return nil
+		return true, nil
 	}
 	if shift < maxBackoff && (spin > 0 || yield > 0) {
 		w.backoff.Store(shift + 1)
 	}
-	if ok {
-		return nil
-	}
-	return w.park(ready)
+	return ok, nil
 }
 
 // quickPolls bounds the first, clock-free part of PolicySpin's spin phase: a
@@ -343,7 +361,7 @@ func (w *Waiter) spinPhase(ready func() bool, now, end time.Duration, burst, pol
 			if ready() {
 				return true, burst, now, nil
 			}
-			if polls%spinCheckEvery != 0 {
+			if polls%spinCheckEvery != 0 && !w.poller {
 				continue
 			}
 		} else {

@@ -102,11 +102,20 @@ func rawDial(t *testing.T, path string, cfg control.DialConfig, inline bool) *ra
 	cfg.NoSharedMemory = true
 	c, err := net.Dial("unix", path)
 	require.NoError(t, err)
+	// The raw frames go through a descriptor of our own on the same
+	// socket: the session owns c, and takes its socket out of the
+	// runtime's poller after the handshake (closing c).
+	f, err := c.(*net.UnixConn).File()
+	require.NoError(t, err)
+	raw, err := net.FileConn(f)
+	f.Close()
+	require.NoError(t, err)
+	t.Cleanup(func() { raw.Close() })
 	s, err := control.DialConn(ctx, c, cfg)
 	require.NoError(t, err)
 	require.NotNil(t, s.Inline())
 	t.Cleanup(func() { s.Close() })
-	return &rawDaemon{t: t, s: s, conn: c, seq: 1} // HELLO was 1
+	return &rawDaemon{t: t, s: s, conn: raw, seq: 1} // HELLO was 1
 }
 
 // frame writes one frame with payload p. Unless h sets them, the stream is

@@ -147,11 +147,14 @@ func sockPath(t testing.TB) string {
 // helperKernel serves the test operations at sock until killed. Settings
 // come from the environment: SYPAS_K_INFLIGHT (max_in_flight),
 // SYPAS_K_RXRING (the daemon's receiving ring), SYPAS_K_TAG (put in every
-// event body, to tell kernels apart).
+// event body, to tell kernels apart), SYPAS_K_LOG (log to stderr).
 func helperKernel(sock string) error {
 	cfg := ServerConfig{Topics: map[string]SlowPolicy{"block": Block}}
 	cfg.Keys = keyring()
 	cfg.Logger = slog.New(slog.DiscardHandler)
+	if os.Getenv("SYPAS_K_LOG") != "" { // its refusals and failures, shown when a test fails
+		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
 	if n, _ := strconv.Atoi(os.Getenv("SYPAS_K_INFLIGHT")); n > 0 {
 		cfg.MaxInFlight = uint32(n)
 	}

@@ -14,10 +14,11 @@ import (
 
 // socketTransport carries the data plane inline on the session's control
 // socket (docs/PROTOCOL.md §8.6), when shared memory is off or could not be
-// set up. control.Inline does the work: the session's reader, which reads
-// every frame of the socket, hands the data-plane frames to a bounded
-// queue that recv takes from (the frames are private copies, so a view
-// never changes under its reader); send appends to a buffer that Flush
+// set up. control.Inline does the work: recv (Inline.Next) reads the
+// socket itself, serving the control frames it meets, and returns each
+// data-plane frame in place, valid until release; between recvs a
+// daemon's idle reader reads instead, into a bounded queue of private
+// copies that recv takes first. send appends to a buffer that Flush
 // writes, in the socket's one sequence with the control frames.
 //
 // Senders take turns (turns) and write once per burst, as on the rings.
@@ -240,9 +241,9 @@ func (t *socketTransport) buffered() bool { return t.in.Buffered() }
 
 // drained: the socket is one ordered stream, so a peer's frames sent
 // before its GOAWAY have all been read by the time the GOAWAY is seen:
-// returned by recv already where Inline.Next reads the socket itself (a
-// kernel on a Unix socket), else queued, and then drained once the queue
-// is empty and released (a kernel on TLS).
+// returned by recv already where Inline.Next read them (always on a
+// kernel), else queued by a daemon's idle reader, and then drained once
+// the queue is empty and released.
 func (t *socketTransport) drained() bool { return t.in.Drained() }
 
 func (t *socketTransport) nudge() { t.in.Wake() }

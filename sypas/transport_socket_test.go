@@ -270,3 +270,59 @@ func TestInlinePublishDropNewestNeverWaits(t *testing.T) {
 	assert.NotZero(t, k.srv.Stats().Dropped)
 	assert.NoError(t, s.Err(), "the subscriber's session lives on")
 }
+
+// Both directions of the socket full at once, while heartbeats come: 64
+// callers send bodies near max_payload to an Inline echo, so the kernel's
+// reader waits to write answers the daemon has not read while the daemon's
+// senders wait to write requests the kernel has not read. The daemon's
+// reader must go on reading meanwhile; when it waited to write a
+// HEARTBEAT's answer behind the blocked senders, both sides waited for
+// each other until the write timeout ended the session (seen as "data-plane
+// write: i/o timeout" or a broken pipe). A short heartbeat interval makes
+// the HEARTBEATs land in those moments.
+func TestInlineBothDirectionsFull(t *testing.T) {
+	scfg := ServerConfig{}
+	scfg.HeartbeatInterval = 5 * time.Millisecond
+	scfg.HeartbeatMisses = 20 // a write may wait 100 ms for a reader that reads
+	k := startKernel(t, scfg, func(s *Server) { s.Handle("echo", RightRequest, echo, Inline) })
+	cfg := ClientConfig{}
+	cfg.NoSharedMemory = true
+	c := dialT(t, k.path, cfg)
+	p, err := c.Params()
+	require.NoError(t, err)
+	body := make([]byte, int(p.MaxPayload)-64)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	end := time.Now().Add(2 * time.Second)
+	if testing.Short() {
+		end = time.Now().Add(500 * time.Millisecond)
+	}
+	var wg sync.WaitGroup
+	var calls atomic.Int64
+	errs := make(chan error, 64)
+	for range 64 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			reply := make([]byte, 0, len(body))
+			for time.Now().Before(end) {
+				got, err := c.CallInto(ctx, "echo", body, reply[:0])
+				if err != nil {
+					errs <- err
+					return
+				}
+				if len(got) != len(body) {
+					errs <- errors.New("a short reply")
+					return
+				}
+				calls.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	t.Logf("%d calls of %d bytes each way", calls.Load(), len(body))
+}

@@ -17,11 +17,13 @@ all: lint test
 demo:
 	$(GO) run ./cmd/sypas demo
 
-## test: vet, the race-enabled suite, the bridge's suite again over TCP with TLS
-## (about 20 s; tests that need rings skip), the full-size cross-process stress
-## tests, and one iteration of every benchmark so none of them rots
+## test: vet, the race-enabled suite, the bridge's suite again inline on the
+## Unix socket and over TCP with TLS (about 20 s each; tests that need rings
+## skip), the full-size cross-process stress tests, and one iteration of every
+## benchmark so none of them rots
 test: lint
 	$(GO) test -race -count=1 -timeout 10m $(PKGS)
+	SYPAS_TRANSPORT=inline $(GO) test -race -count=1 -timeout 5m ./sypas/
 	SYPAS_TRANSPORT=tls $(GO) test -race -count=1 -timeout 5m ./sypas/
 	SYPAS_STRESS=full $(GO) test -count=1 -timeout 10m -run 'Stress|CrossProcess' ./ring/ ./futex/
 	$(GO) test -count=1 -timeout 5m -run '^$$' -bench . -benchtime 1x $(PKGS) > /dev/null

@@ -16,17 +16,7 @@ import (
 // detachedPair is a pollConn and the *net.UnixConn at the other end.
 func detachedPair(t *testing.T) (*pollConn, *net.UnixConn) {
 	t.Helper()
-	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	require.NoError(t, err)
-	conn := func(fd int) *net.UnixConn {
-		f := os.NewFile(uintptr(fd), "pair")
-		defer f.Close()
-		c, err := net.FileConn(f)
-		require.NoError(t, err)
-		return c.(*net.UnixConn)
-	}
-	mine, peer := conn(fds[0]), conn(fds[1])
-	t.Cleanup(func() { peer.Close() })
+	mine, peer := socketPair(t)
 	pc, err := detach(mine)
 	require.NoError(t, err)
 	t.Cleanup(func() { pc.Close() })

@@ -47,9 +47,11 @@ fuzz:
 ## grpcurl-check: the gRPC service as grpcurl sees it (list, describe, calls,
 ## health, a subscription) against "sypas serve -grpc" with mutual TLS: builds
 ## grpcurl GRPCURL_VERSION into a temporary directory (go install, which leaves
-## this module's go.mod alone; needs the network or a module cache that holds
-## it) and runs cmd/sypas's TestGRPCurl with it. Not part of make test, where
-## that test skips unless grpcurl is on PATH.
+## this module's go.mod alone; needs the network, or offline a module cache
+## that holds it and GOPROXY=file://$(go env GOMODCACHE)/cache/download:
+## GOPROXY=off fails looking up the module's deprecation) and runs cmd/sypas's
+## TestGRPCurl with it. Not part of make test, where that test skips unless
+## grpcurl is on PATH.
 GRPCURL_VERSION ?= v1.9.4
 grpcurl-check:
 	@set -e; bin=$$(mktemp -d); trap 'rm -rf "$$bin"' EXIT; \

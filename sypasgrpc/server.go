@@ -72,8 +72,9 @@ type Service struct {
 // program's own health service then says when sypas.v1.Sypas serves). gs
 // must use TLS credentials that require and verify a client certificate
 // (credentials.NewTLS with tls.RequireAndVerifyClientCert and TLS 1.3):
-// every method refuses a peer without one that cfg.Policy admits
-// (PermissionDenied, audited).
+// every method of sypas.v1.Sypas refuses a peer without one that
+// cfg.Policy admits (PermissionDenied, audited); health and reflection
+// answer any peer the handshake lets in (docs/SECURITY.md §14).
 func Register(gs *grpc.Server, srv *sypas.Server, cfg ServerConfig) (*Service, error) {
 	if gs == nil || srv == nil {
 		return nil, fmt.Errorf("%w: sypasgrpc.Register: nil grpc.Server or sypas.Server", control.ErrConfig)

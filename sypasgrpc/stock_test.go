@@ -175,3 +175,18 @@ func TestStockClientHealthWatchEndsOnShutdown(t *testing.T) {
 		t.Fatal("GracefulStop waited for a Watch after Shutdown")
 	}
 }
+
+// Health answers every peer the TLS handshake lets in, the Policy guarding
+// sypas.v1.Sypas alone (docs/SECURITY.md §14): a certificate the Policy
+// does not admit and, with tls.VerifyClientCertIfGiven (StartTestKernel's),
+// no certificate at all.
+func TestStockClientHealthWithoutAdmission(t *testing.T) {
+	k := sypasgrpc.StartTestKernel(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for name, tc := range map[string]*tls.Config{"intruder": k.Intruder, "no certificate": k.NoCert} {
+		r, err := healthpb.NewHealthClient(stockClient(t, k.Addr, tc)).Check(ctx, &healthpb.HealthCheckRequest{Service: "sypas.v1.Sypas"})
+		require.NoError(t, err, name)
+		assert.Equal(t, healthpb.HealthCheckResponse_SERVING, r.GetStatus(), name)
+	}
+}

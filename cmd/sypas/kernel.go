@@ -203,10 +203,14 @@ func runKernel(o kernelOptions, stderr io.Writer) error {
 	}
 	served := make(chan error, 3)
 	listeners := 1
-	// wait joins errs and the end of every listener's Serve.
+	// wait joins errs and the end of every listener's Serve. A Serve that
+	// had not begun when the kernel was stopped (a stop at once, or a
+	// listener that failed) returns only that it was stopped: no error.
 	wait := func(errs ...error) error {
 		for range listeners {
-			errs = append(errs, <-served)
+			if err := <-served; !errors.Is(err, sypas.ErrClosed) && !errors.Is(err, grpc.ErrServerStopped) {
+				errs = append(errs, err)
+			}
 		}
 		return errors.Join(errs...)
 	}
@@ -216,7 +220,7 @@ func runKernel(o kernelOptions, stderr io.Writer) error {
 		tl, err := control.ListenTLS(o.tcp, o.tls, control.Config{Logger: log, Policy: o.policy})
 		if err != nil {
 			k.srv.Close()
-			return wait(err)
+			return wait(fmt.Errorf("-tcp %s: %w", o.tcp, err))
 		}
 		defer tl.Close()
 		go func() { served <- k.srv.Serve(tl) }()
@@ -229,7 +233,7 @@ func runKernel(o kernelOptions, stderr io.Writer) error {
 		gs, gl, err = listenGRPC(o, k.srv, log)
 		if err != nil {
 			k.srv.Close()
-			return wait(err)
+			return wait(fmt.Errorf("-grpc %s: %w", o.grpc, err))
 		}
 		defer gs.Stop()
 		go func() { served <- gs.Serve(gl) }()

@@ -4,15 +4,18 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/sypas/go/control"
 	"github.com/sypas/go/internal/testtls"
 )
 
@@ -148,4 +151,32 @@ func TestServeAndCallGRPC(t *testing.T) {
 
 	stopServe(t, serve, log)
 	assert.Contains(t, log.String(), `msg="sypas: stopped"`)
+}
+
+// A kernel told to stop as soon as it serves (SIGTERM right after start)
+// stops cleanly: a listener whose Serve had not yet begun when Shutdown
+// came says only that the server was stopped (sypas.ErrClosed,
+// grpc.ErrServerStopped), which is no failure of serve's. And a listener
+// that cannot listen is named by its flag, without that noise.
+func TestServeStopsAtOnce(t *testing.T) {
+	ca, err := testtls.NewCA("cmd test CA")
+	require.NoError(t, err)
+	cfg, err := ca.ServerConfig()
+	require.NoError(t, err)
+	o := kernelOptions{tick: time.Second, tls: cfg, policy: &control.Policy{CertURIs: []string{testtls.DaemonURI}},
+		tcp: "127.0.0.1:0", grpc: "127.0.0.1:0"}
+	stopped := make(chan struct{})
+	close(stopped)
+	for i := range 20 {
+		o.socket, o.stop = filepath.Join(t.TempDir(), "k.sock"), stopped
+		require.NoError(t, runKernel(o, io.Discard), "stop %d", i)
+	}
+	o.socket, o.grpc = filepath.Join(t.TempDir(), "k.sock"), "nope"
+	err = runKernel(o, io.Discard)
+	require.Error(t, err)
+	assert.Equal(t, "-grpc nope: listen tcp: address nope: missing port in address", err.Error())
+	o.socket, o.tcp = filepath.Join(t.TempDir(), "k.sock"), "nope"
+	err = runKernel(o, io.Discard)
+	require.Error(t, err)
+	assert.Equal(t, "-tcp nope: control: listen tcp nope: listen tcp: address nope: missing port in address", err.Error())
 }

@@ -247,12 +247,16 @@ func netPeer(remote net.Addr) PeerIdentity {
 // admitCert checks a verified certificate's identity against the
 // certificate rules: one URI SAN in CertURIs, or the subject in
 // CertSubjects.
+//
+// An empty subject or URI never matches, not even an empty rule (an
+// "-allow-uri ," typed by mistake): certificates without a subject are
+// common (SPIFFE's), and an empty rule admitting them all would be a hole.
 func (p *Policy) admitCert(c *CertIdentity) error {
-	if slices.Contains(p.CertSubjects, c.Subject) {
+	if c.Subject != "" && slices.Contains(p.CertSubjects, c.Subject) {
 		return nil
 	}
 	for _, u := range c.URIs {
-		if slices.Contains(p.CertURIs, u) {
+		if u != "" && slices.Contains(p.CertURIs, u) {
 			return nil
 		}
 	}

@@ -370,3 +370,13 @@ func TestOnLoopback(t *testing.T) {
 		assert.ErrorIs(t, onLoopback("f", a), ErrConfig, "%v", a)
 	}
 }
+
+// An empty rule admits nobody: not a certificate without a subject, nor
+// one with an empty URI SAN.
+func TestPolicyEmptyRulesAdmitNothing(t *testing.T) {
+	p := &Policy{CertURIs: []string{"", ""}, CertSubjects: []string{""}}
+	assert.Error(t, p.admitCert(&CertIdentity{}))
+	assert.Error(t, p.admitCert(&CertIdentity{URIs: []string{""}}))
+	p.CertURIs = append(p.CertURIs, "spiffe://x/d")
+	assert.NoError(t, p.admitCert(&CertIdentity{URIs: []string{"", "spiffe://x/d"}}))
+}

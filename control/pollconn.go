@@ -33,13 +33,12 @@ import (
 type pollConn struct {
 	fd    int
 	kicks [2]int // eventfds: wake the reader's wait, the writer's
-	// users counts the goroutines inside a call on fd; closing is set
-	// once Close began, and the last user to leave then closes the
+	// users counts the goroutines inside a call on fd, and has the bit
+	// closed once Close began; the last user to leave then closes the
 	// descriptors (never while a system call may still use them).
-	users   atomic.Int64
-	closing atomic.Bool
-	dl      [2]atomic.Int64 // read and write deadlines, UnixNano; 0: none
-	drain   [2][8]byte      // where each direction's wait reads its eventfd
+	users atomic.Int64
+	dl    [2]atomic.Int64 // read and write deadlines, UnixNano; 0: none
+	drain [2][8]byte      // where each direction's wait reads its eventfd
 	// sleeping: direction d's wait is in ppoll, or about to be: only
 	// then does a deadline moved earlier wake it (an eventfd write).
 	sleeping [2]atomic.Bool
@@ -58,13 +57,8 @@ const (
 // it duplicates the descriptor and closes uc, which removes the socket
 // from the runtime's epoll. No other goroutine may use uc meanwhile.
 func detach(uc *net.UnixConn) (*pollConn, error) {
-	rc, err := uc.SyscallConn()
+	fd, err := dupFD(uc)
 	if err != nil {
-		return nil, err
-	}
-	fd := -1
-	cerr := rc.Control(func(p uintptr) { fd, err = unix.FcntlInt(p, unix.F_DUPFD_CLOEXEC, 0) })
-	if err = errors.Join(cerr, err); err != nil {
 		return nil, fmt.Errorf("control: dup the socket: %w", err)
 	}
 	c := &pollConn{fd: fd, kicks: [2]int{-1, -1}, laddr: uc.LocalAddr(), raddr: uc.RemoteAddr()}
@@ -74,12 +68,26 @@ func detach(uc *net.UnixConn) (*pollConn, error) {
 			return nil, fmt.Errorf("control: eventfd: %w", err)
 		}
 	}
-	if err := unix.SetNonblock(fd, true); err != nil {
-		c.release()
-		return nil, fmt.Errorf("control: socket: %w", err)
-	}
 	uc.Close()
 	return c, nil
+}
+
+// dupFD duplicates sc's descriptor, close-on-exec and non-blocking.
+func dupFD(sc syscall.Conn) (int, error) {
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	cerr := rc.Control(func(p uintptr) { fd, err = unix.FcntlInt(p, unix.F_DUPFD_CLOEXEC, 0) })
+	if err = errors.Join(cerr, err); err != nil {
+		return -1, err
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
 }
 
 // release closes the descriptors.
@@ -112,11 +120,12 @@ func (c *pollConn) leave() {
 // (the waits it woke leave at once), as a net.Conn's is. Later calls fail
 // with net.ErrClosed.
 func (c *pollConn) Close() error {
-	if !c.closing.CompareAndSwap(false, true) {
+	c.users.Add(1) // our own use while we wake the waits
+	if c.users.Or(closed)&closed != 0 {
+		c.leave()
 		return c.opErr("close", net.ErrClosed)
 	}
-	c.users.Add(1)      // our own use while we wake the waits
-	c.users.Add(closed) // from here on enter fails, and the waits see it
+	// From here on enter fails, and the waits see closed.
 	c.kick(dirRead)
 	c.kick(dirWrite)
 	c.leave() // the last user out closes the descriptors
@@ -265,7 +274,7 @@ func (c *pollConn) setDeadline(d int, t time.Time) {
 	if !t.IsZero() {
 		v = max(t.UnixNano(), 1)
 	}
-	if old := c.dl[d].Swap(v); (old == 0 && v != 0 || v != 0 && v < old) && c.sleeping[d].Load() {
+	if old := c.dl[d].Swap(v); v != 0 && (old == 0 || v < old) && c.sleeping[d].Load() {
 		c.wake(d)
 	}
 }

@@ -918,17 +918,8 @@ func monotonic() uint64 {
 // parked in poll(2) per session.
 func (s *Session) watchPidfd() {
 	defer s.wg.Done()
-	rc, err := s.ctl.pidfd.SyscallConn()
+	fd, err := dupFD(s.ctl.pidfd)
 	if err != nil {
-		return
-	}
-	fd := -1
-	rc.Control(func(p uintptr) { fd, err = unix.FcntlInt(p, unix.F_DUPFD_CLOEXEC, 0) })
-	if err != nil || fd < 0 {
-		return
-	}
-	if err := unix.SetNonblock(fd, true); err != nil {
-		unix.Close(fd)
 		return
 	}
 	f := os.NewFile(uintptr(fd), "pidfd-watch")

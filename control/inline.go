@@ -79,8 +79,7 @@ type Inline struct {
 	wn      int
 	werr    error
 
-	// The reader. kernel: nothing but Next reads (no idle reader).
-	kernel  bool
+	// The reader. On the kernel nothing but Next reads (no idle reader).
 	peekBuf [1]byte
 	peek    func(fd uintptr) bool // whether the socket has bytes (or an end) to read
 	// poller polls the socket before Next parks (nil off a Unix socket);
@@ -134,7 +133,7 @@ const (
 
 func newInline(s *Session, budget uint32, reason string) *Inline {
 	d := &Inline{
-		s: s, reason: reason, budget: int(budget), kernel: s.kernel,
+		s: s, reason: reason, budget: int(budget),
 		room: make(chan struct{}, 1), idle: make(chan struct{}, 1), base: time.Now(),
 	}
 	d.wfn = func(fd uintptr) bool {
@@ -243,7 +242,7 @@ func (d *Inline) pop() (frame.Frame, bool) {
 // then Next fails with why it ended. One goroutine at a time.
 func (d *Inline) Next(deadline time.Time) (frame.Frame, error) {
 	s := d.s
-	if d.kernel {
+	if d.s.kernel {
 		s.rmu.Lock()
 		defer s.rmu.Unlock()
 		return d.read(deadline)
@@ -324,10 +323,11 @@ func (d *Inline) read(deadline time.Time) (frame.Frame, error) {
 // Wake, or when the peer has been silent too long (ending the session).
 func (d *Inline) await(deadline time.Time) error {
 	s := d.s
-	if !deadline.IsZero() && !time.Now().Before(deadline) {
+	now := time.Now()
+	if !deadline.IsZero() && !now.Before(deadline) {
 		return os.ErrDeadlineExceeded
 	}
-	live := time.Now().Add(s.deadAfter())
+	live := now.Add(s.deadAfter())
 	wait := live
 	if !deadline.IsZero() && deadline.Before(live) {
 		wait = deadline
@@ -335,21 +335,11 @@ func (d *Inline) await(deadline time.Time) error {
 	if d.poller != nil && !d.woken.Load() && d.poller.Poll(d.polled, wait) && !d.woken.Load() {
 		return nil // bytes, or an end that the read meets
 	}
-	d.dmu.Lock()
-	woken := d.woken.Swap(false)
-	d.peeking = !woken
-	if !woken {
-		s.conn.SetReadDeadline(wait)
+	stopped, err := d.waitMarked(&d.peeking, wait, d.takeWoken)
+	if stopped {
+		return os.ErrDeadlineExceeded // woken before the wait
 	}
-	d.dmu.Unlock()
-	if woken {
-		return os.ErrDeadlineExceeded
-	}
-	err := d.waitBytes()
-	d.dmu.Lock()
-	woken = d.woken.Swap(false)
-	d.peeking = false
-	d.dmu.Unlock()
+	woken := d.takeWoken()
 	if errors.Is(err, os.ErrDeadlineExceeded) && (woken || wait.Before(live)) {
 		return os.ErrDeadlineExceeded
 	}
@@ -413,27 +403,19 @@ func (d *Inline) readIdle() error {
 	defer s.rmu.Unlock()
 	for {
 		if s.fr.Buffered() == 0 {
-			d.dmu.Lock()
-			if d.active.Load() != 0 {
-				d.dmu.Unlock()
+			stopped, err := d.waitMarked(&d.idlePeeks, time.Now().Add(s.deadAfter()), d.nextCame)
+			if stopped {
 				return nil
 			}
-			d.idlePeeks = true
-			s.conn.SetReadDeadline(time.Now().Add(s.deadAfter()))
-			d.dmu.Unlock()
-			err := d.waitBytes()
-			d.dmu.Lock()
-			d.idlePeeks = false
-			d.dmu.Unlock()
 			if err != nil {
-				if errors.Is(err, os.ErrDeadlineExceeded) && d.active.Load() != 0 {
+				if errors.Is(err, os.ErrDeadlineExceeded) && d.nextCame() {
 					return nil // a Next stopped us
 				}
 				err = s.readErr(err)
 				s.endRead(err)
 				return err
 			}
-		} else if d.active.Load() != 0 {
+		} else if d.nextCame() {
 			return nil
 		}
 		f, err := s.readOne()
@@ -449,6 +431,34 @@ func (d *Inline) readIdle() error {
 	}
 }
 
+// waitMarked is waitBytes until until, unless stop (looked at under dmu
+// first) says not to wait at all: meanwhile *mark (peeking, idlePeeks) is
+// set under dmu, so that the goroutine that may interrupt this wait (Wake,
+// a Next) knows to move the read deadline into the past.
+func (d *Inline) waitMarked(mark *bool, until time.Time, stop func() bool) (stopped bool, err error) {
+	d.dmu.Lock()
+	if stop() {
+		d.dmu.Unlock()
+		return true, nil
+	}
+	*mark = true
+	d.s.conn.SetReadDeadline(until)
+	d.dmu.Unlock()
+	err = d.waitBytes()
+	d.dmu.Lock()
+	*mark = false
+	d.dmu.Unlock()
+	return false, err
+}
+
+// takeWoken reports whether Wake was called since the last look, and
+// forgets it.
+func (d *Inline) takeWoken() bool { return d.woken.Swap(false) }
+
+// nextCame reports whether a Next is under way or holds a frame: the idle
+// reader leaves the socket to it.
+func (d *Inline) nextCame() bool { return d.active.Load() != 0 }
+
 // waitBytes waits, within the socket's read deadline, until the stream
 // has a byte to read (or has ended) without taking part of a frame: a
 // deadline or Wake that ends the wait leaves the stream whole. A Unix
@@ -463,7 +473,7 @@ func (d *Inline) waitBytes() error {
 
 // Release hands back every frame Next returned.
 func (d *Inline) Release() {
-	if d.kernel {
+	if d.s.kernel {
 		return // the frame lives in the reader's buffer until the next Next
 	}
 	if d.inPlace.Swap(false) {
@@ -493,7 +503,7 @@ func (d *Inline) Release() {
 // Buffered reports whether Next has a frame without waiting: a hint, as
 // perhaps only part of a frame is there.
 func (d *Inline) Buffered() bool {
-	if d.kernel {
+	if d.s.kernel {
 		return d.s.fr.Buffered() > 0
 	}
 	d.mu.Lock()
@@ -505,7 +515,7 @@ func (d *Inline) Buffered() bool {
 // far has been returned by Next and released. Any goroutine may call it.
 // On the kernel it is always true: a frame is read only by Next.
 func (d *Inline) Drained() bool {
-	if d.kernel {
+	if d.s.kernel {
 		return true
 	}
 	if d.inPlace.Load() {

@@ -182,7 +182,6 @@ func newSession(kernel bool, conn net.Conn, cfg SessionConfig) *Session {
 	s := &Session{
 		kernel:     kernel,
 		cfg:        cfg,
-		conn:       conn,
 		fdr:        newFDReader(conn, !kernel), // only a daemon receives descriptors (REGIONS)
 		done:       make(chan struct{}),
 		goAwayRecv: make(chan struct{}),
@@ -192,7 +191,7 @@ func newSession(kernel bool, conn net.Conn, cfg SessionConfig) *Session {
 		ackKick:    make(chan struct{}, 1),
 	}
 	s.fr = frame.NewReader(s.fdr, frame.Config{MaxPayload: controlMaxPayload})
-	s.fw = frame.NewWriter(conn, frame.Config{MaxPayload: controlMaxPayload})
+	s.useConn(conn)
 	return s
 }
 
@@ -734,9 +733,15 @@ func (s *Session) detachInline() {
 	if err != nil {
 		return
 	}
-	s.conn = pc
-	s.fw = frame.NewWriter(pc, frame.Config{MaxPayload: controlMaxPayload})
+	s.useConn(pc)
 	s.fdr.rc, _ = pc.SyscallConn()
+}
+
+// useConn makes conn the session's socket, control frames written whole
+// to it.
+func (s *Session) useConn(conn net.Conn) {
+	s.conn = conn
+	s.fw = frame.NewWriter(conn, frame.Config{MaxPayload: controlMaxPayload})
 }
 
 // errPeerSent marks errors that came from the peer's ERROR frame, which are
@@ -854,7 +859,7 @@ func (s *Session) handle(f *frame.Frame) error {
 // is the heartbeat goroutine's to write, as soon as the socket takes it.
 func (s *Session) ackHeartbeat(nonce uint64) error {
 	if s.inline == nil || s.kernel {
-		return s.send(&wire.Heartbeat{Nonce: nonce, SentAt: monotonic()}, frame.FlagAck, 0, 0)
+		return s.sendHeartbeat(nonce, frame.FlagAck)
 	}
 	s.acksMu.Lock()
 	defer s.acksMu.Unlock()
@@ -887,7 +892,7 @@ func (s *Session) heartbeatLoop() {
 		case <-s.done:
 			return
 		case <-t.C:
-			if err := s.send(&wire.Heartbeat{Nonce: nonce, SentAt: monotonic()}, 0, 0, 0); err != nil {
+			if err := s.sendHeartbeat(nonce, 0); err != nil {
 				s.fail(s.goneErr("heartbeat", err))
 				return
 			}
@@ -897,13 +902,19 @@ func (s *Session) heartbeatLoop() {
 			acks, s.acks = s.acks, acks[:0]
 			s.acksMu.Unlock()
 			for _, n := range acks {
-				if err := s.send(&wire.Heartbeat{Nonce: n, SentAt: monotonic()}, frame.FlagAck, 0, 0); err != nil {
+				if err := s.sendHeartbeat(n, frame.FlagAck); err != nil {
 					s.fail(s.goneErr("heartbeat reply", err))
 					return
 				}
 			}
 		}
 	}
+}
+
+// sendHeartbeat sends a HEARTBEAT (flags: FlagAck for an answer) stamped
+// with our clock.
+func (s *Session) sendHeartbeat(nonce uint64, flags frame.Flags) error {
+	return s.send(&wire.Heartbeat{Nonce: nonce, SentAt: monotonic()}, flags, 0, 0)
 }
 
 func monotonic() uint64 {
